@@ -1,0 +1,485 @@
+//! The fused AdamS step on contiguous `f32` slices (the CPU fast path).
+//!
+//! One pass over memory per tensor: each tile of a few thousand elements (whole N:M blocks)
+//! first refreshes or unpacks its mask bits, then runs one vectorisable element loop that
+//! updates μ, v and θ. The tile stays in L1/L2 between the two, so θ is read from RAM once.
+//!
+//! Per element, with keep flag m (always 1 in a dense tensor), step s, α = min(1, s / T):
+//!
+//! ```text
+//! θ  ← θ · (1 − γ·wd)                                  (decoupled weight decay, AdamW)
+//! μ  ← μ + (1 − β1)·(g − μ)                            (= β1·μ + (1 − β1)·g, as torch's lerp_)
+//! μ̃  = μ                        if m = 1
+//! μ̃  = (1 − α)·μ + α·λ·sign(θ)  if m = 0
+//! v  ← β2·v + (1 − β2)·x²,  x = μ̃ for sparse tensors, x = g for dense ones (plain AdamW)
+//! θ  ← θ − (γ / (1 − β1^s)) · μ̃ / (sqrt(v) / sqrt(1 − β2^s) + ε)
+//! ```
+//!
+//! The operation order mirrors `torch.optim.AdamW`'s single-tensor code so dense tensors agree
+//! with it to rounding. The mask of a sparse tensor is recomputed from θ (before any update of
+//! this step) when `refresh` is set.
+
+use rayon::prelude::*;
+
+use crate::error::{CastError, Result};
+use crate::nm::{keep_flags, pack_bits, packed_len, unpack_bits, GroupLayout};
+
+/// Hyper-parameters shared by every tensor of one call (one param group).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamsHyper {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// λ, the L1 decay target of masked-out weights.
+    pub l1_decay: f64,
+}
+
+impl AdamsHyper {
+    pub fn validate(&self) -> Result<()> {
+        let finite_nonneg = |name: &str, x: f64| {
+            if x.is_finite() && x >= 0.0 {
+                Ok(())
+            } else {
+                Err(CastError::value(name, format!("expected a finite value >= 0, got {x}")))
+            }
+        };
+        finite_nonneg("lr", self.lr)?;
+        finite_nonneg("eps", self.eps)?;
+        finite_nonneg("weight_decay", self.weight_decay)?;
+        finite_nonneg("l1_decay", self.l1_decay)?;
+        for (name, b) in [("betas[0]", self.beta1), ("betas[1]", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return Err(CastError::value(name, format!("expected a value in [0, 1), got {b}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Per-tensor scalars of one step, derived once from the step number.
+#[derive(Debug, Clone, Copy)]
+pub struct StepScalars {
+    pub step_size: f32,
+    pub bc2_sqrt: f32,
+    pub wd_factor: f32,
+    /// α·λ and 1 − α for the decay of masked-out weights.
+    pub alpha_l1: f32,
+    pub one_minus_alpha: f32,
+    pub refresh: bool,
+}
+
+impl StepScalars {
+    /// `step` is s (already incremented, ≥ 1). `total_steps`/`mask_interval` matter only for
+    /// sparse tensors.
+    pub fn new(h: &AdamsHyper, step: f64, total_steps: Option<f64>, mask_interval: u64) -> Self {
+        let bc1 = 1.0 - h.beta1.powf(step);
+        let bc2 = 1.0 - h.beta2.powf(step);
+        let alpha = match total_steps {
+            Some(t) if t > 0.0 => (step / t).min(1.0),
+            _ => 1.0,
+        };
+        let s = step.max(1.0) as u64;
+        StepScalars {
+            step_size: (h.lr / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            wd_factor: (1.0 - h.lr * h.weight_decay) as f32,
+            alpha_l1: (alpha * h.l1_decay) as f32,
+            one_minus_alpha: (1.0 - alpha) as f32,
+            refresh: mask_interval > 0 && (s - 1) % mask_interval == 0,
+        }
+    }
+}
+
+/// One tensor's buffers for the fast path.
+pub struct AdamsTensor<'a> {
+    pub theta: &'a mut [f32],
+    pub grad: &'a [f32],
+    pub exp_avg: &'a mut [f32],
+    pub exp_avg_sq: &'a mut [f32],
+    /// Packed mask and layout of a sparse tensor; `None` for a dense one.
+    pub mask: Option<(&'a mut [u8], GroupLayout)>,
+    pub scalars: StepScalars,
+}
+
+impl AdamsTensor<'_> {
+    pub fn validate(&self, index: usize) -> Result<()> {
+        let n = self.theta.len();
+        let check = |what: &str, len: usize| {
+            if len != n {
+                Err(CastError::value(
+                    format!("{what}[{index}]"),
+                    format!("expected {n} elements (the parameter's), got {len}"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        check("grads", self.grad.len())?;
+        check("exp_avgs", self.exp_avg.len())?;
+        check("exp_avg_sqs", self.exp_avg_sq.len())?;
+        if let Some((bits, layout)) = &self.mask {
+            check("layout", layout.numel)?;
+            if bits.len() != packed_len(n) {
+                return Err(CastError::value(
+                    format!("masks[{index}]"),
+                    format!("expected {} packed bytes for {n} weights, got {}", packed_len(n), bits.len()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+const TILE_TARGET: usize = 4096;
+
+#[inline(always)]
+fn sign(x: f32) -> f32 {
+    // torch.sign: +1, -1, 0 for ±0 (and NaN stays NaN).
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        x * 0.0
+    }
+}
+
+/// Element loop of a dense tensor: plain AdamW.
+#[inline(always)]
+fn dense_tile(
+    theta: &mut [f32],
+    grad: &[f32],
+    mu: &mut [f32],
+    v: &mut [f32],
+    sc: &StepScalars,
+    b1c: f32,
+    b2: f32,
+    b2c: f32,
+    eps: f32,
+    decay: bool,
+) {
+    let n = theta.len();
+    let (grad, mu, v) = (&grad[..n], &mut mu[..n], &mut v[..n]);
+    for i in 0..n {
+        let mut th = theta[i];
+        if decay {
+            th *= sc.wd_factor;
+        }
+        let g = grad[i];
+        let m_old = mu[i];
+        let m = m_old + b1c * (g - m_old);
+        mu[i] = m;
+        let vv = v[i] * b2 + (b2c * g) * g;
+        v[i] = vv;
+        let denom = vv.sqrt() / sc.bc2_sqrt + eps;
+        theta[i] = th + (-sc.step_size * m) / denom;
+    }
+}
+
+/// Element loop of a sparse tensor: AdamS with keep flags (1.0 / 0.0) for this tile.
+#[inline(always)]
+fn sparse_tile(
+    theta: &mut [f32],
+    grad: &[f32],
+    mu: &mut [f32],
+    v: &mut [f32],
+    keep: &[f32],
+    sc: &StepScalars,
+    b1c: f32,
+    b2: f32,
+    b2c: f32,
+    eps: f32,
+    decay: bool,
+) {
+    let n = theta.len();
+    let (grad, mu, v, keep) = (&grad[..n], &mut mu[..n], &mut v[..n], &keep[..n]);
+    for i in 0..n {
+        let mut th = theta[i];
+        if decay {
+            th *= sc.wd_factor;
+        }
+        let g = grad[i];
+        let m_old = mu[i];
+        let m = m_old + b1c * (g - m_old);
+        mu[i] = m;
+        let decayed = sc.one_minus_alpha * m + sc.alpha_l1 * sign(th);
+        let mt = if keep[i] != 0.0 { m } else { decayed };
+        let vv = v[i] * b2 + (b2c * mt) * mt;
+        v[i] = vv;
+        let denom = vv.sqrt() / sc.bc2_sqrt + eps;
+        theta[i] = th + (-sc.step_size * mt) / denom;
+    }
+}
+
+/// A contiguous piece of one tensor, processed by one rayon task.
+struct Piece<'a> {
+    theta: &'a mut [f32],
+    grad: &'a [f32],
+    mu: &'a mut [f32],
+    v: &'a mut [f32],
+    mask: Option<(&'a mut [u8], GroupLayout)>,
+    tile: usize,
+    scalars: StepScalars,
+}
+
+fn run_piece(p: Piece<'_>, h: &AdamsHyper) {
+    let b1c = (1.0 - h.beta1) as f32;
+    let b2 = h.beta2 as f32;
+    let b2c = (1.0 - h.beta2) as f32;
+    let eps = h.eps as f32;
+    let decay = h.weight_decay != 0.0;
+    let sc = p.scalars;
+    match p.mask {
+        None => {
+            // Dense: no tiling needed, the loop is purely element-wise.
+            dense_tile(p.theta, p.grad, p.mu, p.v, &sc, b1c, b2, b2c, eps, decay)
+        }
+        Some((bits, layout)) => {
+            let tile = p.tile;
+            let mut flags = vec![0u8; tile];
+            let mut keep = vec![0f32; tile];
+            let tiles = p
+                .theta
+                .chunks_mut(tile)
+                .zip(p.grad.chunks(tile))
+                .zip(p.mu.chunks_mut(tile))
+                .zip(p.v.chunks_mut(tile))
+                .zip(bits.chunks_mut(tile / 8));
+            for ((((th, g), mu), v), b) in tiles {
+                let len = th.len();
+                if sc.refresh {
+                    keep_flags(th, &layout, &mut flags[..len]);
+                    pack_bits(&flags[..len], b);
+                    for (k, &f) in keep[..len].iter_mut().zip(&flags[..len]) {
+                        *k = f as f32;
+                    }
+                } else {
+                    unpack_bits(b, &mut keep[..len], 1.0f32, 0.0f32);
+                }
+                sparse_tile(th, g, mu, v, &keep[..len], &sc, b1c, b2, b2c, eps, decay);
+            }
+        }
+    }
+}
+
+/// One AdamS step over several tensors (one param group), in parallel across all of them.
+///
+/// Everything is validated before anything is written: on `Err`, no buffer has changed.
+pub fn adams_step_f32(tensors: Vec<AdamsTensor<'_>>, h: &AdamsHyper) -> Result<()> {
+    h.validate()?;
+    for (i, t) in tensors.iter().enumerate() {
+        t.validate(i)?;
+    }
+    let mut pieces: Vec<Piece<'_>> = Vec::new();
+    for t in tensors {
+        let n = t.theta.len();
+        if n == 0 {
+            continue;
+        }
+        match t.mask {
+            None => {
+                let c = crate::nm::chunk_len(8, n);
+                let it = t
+                    .theta
+                    .chunks_mut(c)
+                    .zip(t.grad.chunks(c))
+                    .zip(t.exp_avg.chunks_mut(c))
+                    .zip(t.exp_avg_sq.chunks_mut(c));
+                for (((theta, grad), mu), v) in it {
+                    pieces.push(Piece { theta, grad, mu, v, mask: None, tile: c, scalars: t.scalars });
+                }
+            }
+            Some((bits, layout)) => {
+                let unit = layout.unit();
+                let tile = (TILE_TARGET / unit).max(1) * unit;
+                let c = crate::nm::chunk_len(tile, n);
+                let it = t
+                    .theta
+                    .chunks_mut(c)
+                    .zip(t.grad.chunks(c))
+                    .zip(t.exp_avg.chunks_mut(c))
+                    .zip(t.exp_avg_sq.chunks_mut(c))
+                    .zip(bits.chunks_mut(c / 8));
+                for ((((theta, grad), mu), v), b) in it {
+                    pieces.push(Piece {
+                        theta,
+                        grad,
+                        mu,
+                        v,
+                        mask: Some((b, layout)),
+                        tile,
+                        scalars: t.scalars,
+                    });
+                }
+            }
+        }
+    }
+    pieces.into_par_iter().for_each(|p| run_piece(p, h));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nm::{GroupDim, NmPattern};
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// Straightforward scalar reference in f64 arithmetic, one element at a time.
+    #[allow(clippy::too_many_arguments)]
+    fn reference_step(
+        th: &mut [f64],
+        g: &[f64],
+        mu: &mut [f64],
+        v: &mut [f64],
+        keep: Option<&[u8]>,
+        h: &AdamsHyper,
+        s: f64,
+        t: f64,
+    ) {
+        let alpha = (s / t).min(1.0);
+        for i in 0..th.len() {
+            th[i] *= 1.0 - h.lr * h.weight_decay;
+            mu[i] = h.beta1 * mu[i] + (1.0 - h.beta1) * g[i];
+            let (mt, x) = match keep {
+                None => (mu[i], g[i]),
+                Some(k) if k[i] == 1 => (mu[i], mu[i]),
+                Some(_) => {
+                    let sg = if th[i] > 0.0 { 1.0 } else if th[i] < 0.0 { -1.0 } else { 0.0 };
+                    let d = (1.0 - alpha) * mu[i] + alpha * h.l1_decay * sg;
+                    (d, d)
+                }
+            };
+            v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * x * x;
+            let denom = (v[i] / (1.0 - h.beta2.powf(s))).sqrt() + h.eps;
+            th[i] -= h.lr * (mt / (1.0 - h.beta1.powf(s))) / denom;
+        }
+    }
+
+    fn run(sparse: bool, shape: [usize; 2], dim: GroupDim, steps: usize) {
+        let h = AdamsHyper { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, l1_decay: 0.05 };
+        let total = 20.0;
+        let interval = 3;
+        let n = shape[0] * shape[1];
+        let mut seed = 42u64;
+        let mut th: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
+        let mut mu = vec![0f32; n];
+        let mut v = vec![0f32; n];
+        let mut bits = vec![0u8; packed_len(n)];
+        let mut th64: Vec<f64> = th.iter().map(|&x| x as f64).collect();
+        let mut mu64 = vec![0f64; n];
+        let mut v64 = vec![0f64; n];
+        // Dense tensors need no layout; any divisible shape serves for the type.
+        let layout = if sparse {
+            GroupLayout::new(NmPattern::new(2, 4).unwrap(), &[shape[0] as i64, shape[1] as i64], dim, "w").unwrap()
+        } else {
+            GroupLayout::new(NmPattern::new(2, 4).unwrap(), &[n as i64 * 4], GroupDim::Last, "w").unwrap()
+        };
+        let mut keep_ref = vec![0u8; n];
+        for s in 1..=steps {
+            let g: Vec<f32> = (0..n).map(|_| lcg(&mut seed) * 0.1).collect();
+            let g64: Vec<f64> = g.iter().map(|&x| x as f64).collect();
+            let scalars = StepScalars::new(&h, s as f64, Some(total), interval);
+            if sparse && scalars.refresh {
+                // The reference mask comes from the fast path's own f32 θ so that both
+                // sides decay the same weights; mask correctness is tested in nm.rs.
+                crate::nm::nm_keep(&th, &layout, &mut keep_ref).unwrap();
+            }
+            let t = AdamsTensor {
+                theta: &mut th,
+                grad: &g,
+                exp_avg: &mut mu,
+                exp_avg_sq: &mut v,
+                mask: if sparse { Some((&mut bits, layout)) } else { None },
+                scalars,
+            };
+            adams_step_f32(vec![t], &h).unwrap();
+            reference_step(&mut th64, &g64, &mut mu64, &mut v64, sparse.then_some(&keep_ref[..]), &h, s as f64, total);
+        }
+        // A masked weight's μ̃ = (1 − α)μ + αλ·sign(θ) can cancel to ~0, where sqrt(v) is
+        // comparable to ε and f32 vs f64 rounding changes the step (by at most ~lr/(1 − β1)).
+        // So: almost every element must agree tightly, and every element within a few lr.
+        let mut loose = 0;
+        for i in 0..n {
+            let d = (th[i] as f64 - th64[i]).abs();
+            let tight = d <= 1e-5 + 1e-4 * th64[i].abs()
+                && (mu[i] as f64 - mu64[i]).abs() <= 1e-6 + 1e-4 * mu64[i].abs()
+                && (v[i] as f64 - v64[i]).abs() <= 1e-12 + 1e-3 * v64[i].abs();
+            loose += !tight as usize;
+            assert!(d <= 30.0 * h.lr, "θ[{i}] {} vs {}", th[i], th64[i]);
+        }
+        assert!(loose * 1000 <= n, "{loose} of {n} elements differ beyond rounding");
+        if sparse {
+            let mut unpacked = vec![0u8; n];
+            unpack_bits(&bits, &mut unpacked, 1, 0);
+            assert_eq!(unpacked, keep_ref);
+        }
+    }
+
+    #[test]
+    fn dense_matches_reference() {
+        run(false, [37, 53], GroupDim::Last, 30);
+    }
+
+    #[test]
+    fn sparse_last_dim_matches_reference() {
+        run(true, [33, 64], GroupDim::Last, 30);
+        run(true, [300, 1024], GroupDim::Last, 12);
+    }
+
+    #[test]
+    fn sparse_dim0_matches_reference() {
+        run(true, [64, 33], GroupDim::First, 30);
+    }
+
+    #[test]
+    fn masked_weights_shrink_late_in_training() {
+        // With α = 1 and no gradient, a masked weight moves towards 0 by about lr per step.
+        let h = AdamsHyper { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, l1_decay: 1e-3 };
+        let mut th = vec![1.0f32, 0.5, -0.5, -1.0];
+        let (mut mu, mut v, mut bits) = (vec![0f32; 4], vec![0f32; 4], vec![0u8; 1]);
+        let layout = GroupLayout::new(NmPattern::new(2, 4).unwrap(), &[1, 4], GroupDim::Last, "w").unwrap();
+        for s in 1..=10 {
+            let t = AdamsTensor {
+                theta: &mut th,
+                grad: &[0.0; 4],
+                exp_avg: &mut mu,
+                exp_avg_sq: &mut v,
+                mask: Some((&mut bits, layout)),
+                scalars: StepScalars::new(&h, s as f64, Some(1.0), 10),
+            };
+            adams_step_f32(vec![t], &h).unwrap();
+        }
+        assert_eq!(bits[0], 0b1001);
+        assert_eq!((th[0], th[3]), (1.0, -1.0), "kept weights without gradient stay put");
+        // μ = 0, so μ̃ = λ·sign(θ) and v̂ = λ²: each step moves a masked weight by
+        // lr / (1 − β1^s) (the spec applies μ's bias correction to μ̃ as well).
+        let travel: f32 = (1..=10).map(|s| 1e-2 / (1.0 - 0.9f32.powi(s))).sum();
+        assert!((th[1] - (0.5 - travel)).abs() < 1e-4 && (th[2] + 0.5 - travel).abs() < 1e-4, "{th:?}");
+    }
+
+    #[test]
+    fn bad_lengths_leave_buffers_untouched() {
+        let h = AdamsHyper { lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, l1_decay: 0.0 };
+        let mut th = vec![1.0f32; 8];
+        let (mut mu, mut v) = (vec![0f32; 8], vec![0f32; 7]);
+        let good = AdamsTensor {
+            theta: &mut th,
+            grad: &[1.0; 8],
+            exp_avg: &mut mu,
+            exp_avg_sq: &mut v,
+            mask: None,
+            scalars: StepScalars::new(&h, 1.0, None, 10),
+        };
+        let err = adams_step_f32(vec![good], &h).unwrap_err();
+        assert!(err.to_string().contains("exp_avg_sqs[0]"), "{err}");
+        assert_eq!(th, vec![1.0; 8]);
+        let bad = AdamsHyper { beta1: 1.0, ..h };
+        assert!(bad.validate().unwrap_err().to_string().contains("betas[0]"));
+    }
+}
