@@ -1,0 +1,33 @@
+"""cast-rs: CAST (Continuous Adaptive Sparse Trainer) for PyTorch, with a Rust core.
+
+Turn a dense model into an N:M (2:4) semi-structured sparse one inside your own training loop::
+
+    import cast_rs
+    optimizer = cast_rs.AdamS(model.parameters(), lr=2e-4, total_steps=T, pattern="2:4")
+
+See ``cast_rs.AdamS`` for the algorithm and ``cast_rs.nm_mask`` for the N:M rule.
+"""
+
+# libtorch must be loaded (by importing torch) before the extension that links against it.
+import torch  # noqa: F401
+
+from . import _cast_rs
+from ._cast_rs import CastError
+from ._config import force_generic_path, generic_path_forced
+from .nm import nm_mask, nm_mask_packed, parse_pattern, unpack_mask
+from .optim import DEFAULT_L1_DECAY, AdamS
+
+__version__: str = _cast_rs.__version__
+
+__all__ = [
+    "AdamS",
+    "CastError",
+    "DEFAULT_L1_DECAY",
+    "force_generic_path",
+    "generic_path_forced",
+    "nm_mask",
+    "nm_mask_packed",
+    "parse_pattern",
+    "unpack_mask",
+    "__version__",
+]

@@ -1,0 +1,38 @@
+"""Type stubs of the Rust extension ``cast_rs._cast_rs`` (private: use the ``cast_rs`` API)."""
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+__version__: str
+
+class CastError(Exception):
+    """Errors from cast-rs that are neither ValueError nor TypeError (libtorch failures,
+    internal errors)."""
+
+def nm_mask_tensor(x: torch.Tensor, n: int, m: int, dim: int = -1, force_generic: bool = False) -> torch.Tensor: ...
+def nm_mask_packed(x: torch.Tensor, n: int, m: int, dim: int = -1, force_generic: bool = False) -> torch.Tensor: ...
+def unpack_mask(bits: torch.Tensor, shape: Sequence[int]) -> torch.Tensor: ...
+def nm_mask_numpy(x: npt.NDArray[np.floating], n: int, m: int, dim: int = -1) -> npt.NDArray[np.bool_]: ...
+def adams_step(
+    params: List[torch.Tensor],
+    grads: List[torch.Tensor],
+    exp_avgs: List[torch.Tensor],
+    exp_avg_sqs: List[torch.Tensor],
+    masks: List[Optional[torch.Tensor]],
+    patterns: List[Optional[Tuple[int, int, int]]],
+    steps: List[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    l1_decay: float,
+    total_steps: Optional[float],
+    mask_interval: int,
+    force_generic: bool = False,
+) -> Tuple[int, int]: ...
+def num_threads() -> int: ...

@@ -1,0 +1,347 @@
+"""AdamS: the sparsity-aware optimizer of CAST, as a drop-in ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch.optim import Optimizer
+
+from . import _cast_rs
+from ._config import generic_path_forced
+from .nm import format_pattern, group_dim_size, nm_mask_packed, parse_pattern
+
+__all__ = ["AdamS", "DEFAULT_L1_DECAY", "NM_ATTR"]
+
+#: Attribute that :func:`cast_rs.sparsify` sets on a parameter to mark it N:M: a tuple
+#: ``(n, m, dim)`` with ``dim`` -1 (groups along the last dimension) or 0.
+NM_ATTR = "_cast_rs_nm"
+
+#: Default λ (``l1_decay``). The paper's LLaMA2-7B value is 4e-7 with the advice "the same
+#: order of magnitude as the gradient"; small models have far larger gradients. This default
+#: is the one chosen for small models (see the README's tuning notes); tune it per model.
+DEFAULT_L1_DECAY = 1e-3
+
+_ParamsT = Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]], Iterable[Tuple[str, torch.Tensor]]]
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class AdamS(Optimizer):
+    r"""AdamS (CAST, arXiv 2509.25996): Adam that pulls masked-out weights of N:M sparse
+    tensors to zero with an L1 decay ramped in over training.
+
+    Dense parameters (groups without a ``pattern``, parameters not marked by
+    :func:`cast_rs.sparsify`) get exactly :class:`torch.optim.AdamW`. For a sparse tensor,
+    with learning rate :math:`\gamma`, L1 decay :math:`\lambda`, step :math:`s` and
+    :math:`T` = ``total_steps``:
+
+    .. code-block:: text
+
+        if (s - 1) % mask_interval == 0:
+            m ← N:M mask of θ (per group of M along the group dim: the N largest |θ|)
+        θ  ← θ · (1 − γ·weight_decay)                   (decoupled, as AdamW; default 0)
+        μ  ← β1·μ + (1 − β1)·g                          (stored: average of raw gradients)
+        α  = min(1, s / T)                              (decay ramp 0 → 1)
+        μ̃  = μ                          where m = 1
+        μ̃  = (1 − α)·μ + α·λ·sign(θ)    where m = 0    (sign(0) = 0)
+        v  ← β2·v + (1 − β2)·μ̃²                         (from μ̃, every element)
+        θ  ← θ − γ · (μ̃ / (1 − β1^s)) / (sqrt(v / (1 − β2^s)) + ε)
+
+    μ̃ is used for this step only. Kept weights follow Adam; masked-out weights are driven to
+    zero, at about ``lr`` per step late in training whatever their gradient, so the learning
+    rate schedule decides how far they can travel. The forward pass stays dense: the mask is
+    optimizer metadata. Call :meth:`cast_rs.SparseModel.finalize` (or multiply by
+    :func:`cast_rs.nm_mask`) at the end to make the weights exactly N:M.
+
+    Args:
+        params: parameters, named parameters, or param-group dicts. A group may set any of
+            the keyword arguments below, ``pattern`` included.
+        lr: learning rate γ (default 1e-3). A float or a 0-d tensor.
+        betas: (β1, β2), default (0.9, 0.999).
+        eps: ε, default 1e-8.
+        weight_decay: decoupled (AdamW) weight decay, applied to every parameter of the group,
+            default 0.
+        l1_decay: λ, the decay target of masked-out weights (default
+            :data:`DEFAULT_L1_DECAY`). Pick it around the magnitude of the gradient
+            moments of the sparse weights: it sets *when* the decay overtakes the gradient.
+        total_steps: T, the planned number of optimizer steps; required when any parameter is
+            sparse. Steps beyond T keep α = 1.
+        mask_interval: refresh masks every this many steps (default 10), at steps 1,
+            1 + interval, ...
+        pattern: ``"N:M"`` / ``(N, M)`` to make every parameter of the group N:M along its
+            last dimension, or None (dense). A parameter marked by :func:`cast_rs.sparsify`
+            is sparse along its marked dimension whatever the group says.
+
+    State per parameter: ``step`` (0-d float32 tensor), ``exp_avg`` (μ), ``exp_avg_sq`` (v),
+    and for a sparse parameter ``mask``: a ``uint8`` tensor of ``ceil(numel/8)`` bytes, one
+    bit per weight (see :func:`cast_rs.nm_mask_packed`). All of it is in ``state_dict()``, so
+    a resumed run is bit-identical to an uninterrupted one.
+
+    Kernels: contiguous float32 CPU tensors take the Rust fast path (one fused pass, parallel,
+    GIL released); everything else (bf16/fp16/fp64, non-contiguous, CUDA) takes the generic
+    path built from tensor ops. Both implement the same arithmetic in the same order.
+    """
+
+    def __init__(
+        self,
+        params: _ParamsT,
+        lr: Union[float, torch.Tensor] = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        l1_decay: float = DEFAULT_L1_DECAY,
+        total_steps: Optional[int] = None,
+        mask_interval: int = 10,
+        pattern: Union[str, Tuple[int, int], None] = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            l1_decay=l1_decay,
+            total_steps=total_steps,
+            mask_interval=mask_interval,
+            pattern=pattern,
+        )
+        self._validate_hyper(defaults, where="")
+        super().__init__(params, defaults)
+        if not any(self._param_spec(p, g) is not None for g in self.param_groups for p in g["params"]):
+            warnings.warn(
+                "cast_rs.AdamS: no parameter is sparse (no group has a `pattern` and none was "
+                "marked by cast_rs.sparsify), so AdamS acts as plain AdamW.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    # ----------------------------------------------------------------- validation
+    @staticmethod
+    def _validate_hyper(group: Dict[str, Any], where: str) -> None:
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            if lr.numel() != 1:
+                raise ValueError(f"{where}lr: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+            lr = float(lr)
+        if not _is_number(lr) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"{where}lr: expected a finite number >= 0, got {group['lr']!r}")
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"{where}betas: expected a pair (beta1, beta2), got {betas!r}")
+        for i, b in enumerate(betas):
+            if isinstance(b, torch.Tensor):
+                b = float(b)
+            if not _is_number(b) or not 0.0 <= b < 1.0:
+                raise ValueError(f"{where}betas[{i}]: expected a number in [0, 1), got {betas[i]!r}")
+        for key in ("eps", "weight_decay", "l1_decay"):
+            v = group[key]
+            if not _is_number(v) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{where}{key}: expected a finite number >= 0, got {v!r}")
+        t = group["total_steps"]
+        if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 1):
+            raise ValueError(f"{where}total_steps: expected a positive int or None, got {t!r}")
+        k = group["mask_interval"]
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"{where}mask_interval: expected a positive int, got {k!r}")
+        if group["pattern"] is not None:
+            parse_pattern(group["pattern"], param=f"{where}pattern")
+
+    @staticmethod
+    def _param_spec(p: torch.Tensor, group: Dict[str, Any]) -> Optional[Tuple[int, int, int]]:
+        """(n, m, dim) of a sparse parameter, None for a dense one."""
+        marked = getattr(p, NM_ATTR, None)
+        if marked is not None:
+            return marked
+        if group.get("pattern") is not None:
+            n, m = parse_pattern(group["pattern"])
+            return (n, m, -1)
+        return None
+
+    @staticmethod
+    def _param_name(group: Dict[str, Any], gi: int, i: int) -> str:
+        names = group.get("param_names")
+        if names is not None and i < len(names):
+            return f"parameter {names[i]!r}"
+        return f"param_groups[{gi}]['params'][{i}]"
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
+        try:
+            where = f"param_groups[{gi}]: " if gi else ""
+            self._validate_hyper(group, where)
+            if group["pattern"] is not None:
+                group["pattern"] = format_pattern(parse_pattern(group["pattern"]))
+            any_sparse = False
+            for i, p in enumerate(group["params"]):
+                name = self._param_name(group, gi, i)
+                if not p.is_floating_point():
+                    raise TypeError(f"{name}: AdamS needs floating-point parameters, got dtype {p.dtype}")
+                spec = self._param_spec(p, group)
+                if spec is None:
+                    continue
+                any_sparse = True
+                n, m, dim = spec
+                size = group_dim_size(tuple(p.shape), dim)
+                where_dim = "last dimension" if dim == -1 else "dimension 0"
+                if size is None:
+                    raise ValueError(f"{name}: a {n}:{m} parameter needs at least one dimension, got a 0-d tensor")
+                if size % m:
+                    raise ValueError(
+                        f"{name}: {n}:{m} groups run along the {where_dim}, whose size {size} is not "
+                        f"divisible by M={m} (shape {tuple(p.shape)}); put it in a group with pattern=None"
+                    )
+            if any_sparse and group["total_steps"] is None:
+                raise ValueError(
+                    f"{where}total_steps: required when a group has sparse (N:M) parameters "
+                    "(the L1 decay ramps in over total_steps); pass total_steps=<planned optimizer steps>"
+                )
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    # ----------------------------------------------------------------- state
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts every non-"step" state tensor of a float parameter to the parameter's
+        # dtype; the packed mask is bytes, so restore it (0..255 survive float exactly).
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                st = self.state.get(p)
+                if not st or "mask" not in st:
+                    continue
+                bits = st["mask"]
+                expected = (p.numel() + 7) // 8
+                if bits.numel() != expected:
+                    raise ValueError(
+                        f"state_dict: mask of {self._param_name(group, gi, i)} has {bits.numel()} bytes, "
+                        f"expected {expected} for {p.numel()} weights"
+                    )
+                st["mask"] = bits.to(dtype=torch.uint8, device=p.device).reshape(expected)
+
+    def _init_group(
+        self, group: Dict[str, Any], gi: int
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[Optional[Tuple[int, int, int]]]]:
+        """Collect and validate the parameters with gradients. Writes nothing."""
+        params, grads, specs = [], [], []
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            name = self._param_name(group, gi, i)
+            g = p.grad
+            if g.is_sparse:
+                raise TypeError(f"{name}: AdamS does not support sparse gradients (got a {g.layout} gradient)")
+            if g.dtype != p.dtype:
+                raise TypeError(f"{name}: gradient dtype {g.dtype} differs from the parameter's {p.dtype}")
+            if g.shape != p.shape:
+                raise ValueError(f"{name}: gradient shape {tuple(g.shape)} differs from the parameter's {tuple(p.shape)}")
+            if g.device != p.device:
+                raise ValueError(f"{name}: gradient is on {g.device}, the parameter on {p.device}")
+            if torch.is_complex(p):
+                raise TypeError(f"{name}: complex parameters are not supported")
+            spec = self._param_spec(p, group)
+            if spec is not None:
+                n, m, dim = spec
+                size = group_dim_size(tuple(p.shape), dim)
+                if size is None or size % m:
+                    raise ValueError(f"{name}: shape {tuple(p.shape)} cannot hold {n}:{m} groups along dim {dim}")
+                if group["total_steps"] is None:
+                    raise ValueError(
+                        "total_steps: required when a group has sparse (N:M) parameters; "
+                        "pass total_steps=<planned optimizer steps>"
+                    )
+            st = self.state.get(p)
+            if st:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in st and (st[key].shape != p.shape or st[key].dtype != p.dtype):
+                        raise ValueError(f"{name}: optimizer state {key!r} does not match the parameter (shape/dtype)")
+            params.append(p)
+            grads.append(g)
+            specs.append(spec)
+        return params, grads, specs
+
+    def _state_for(self, p: torch.Tensor, spec: Optional[Tuple[int, int, int]]) -> Dict[str, Any]:
+        st = self.state[p]
+        if len(st) == 0:
+            st["step"] = torch.tensor(0.0, dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if spec is not None and "mask" not in st:
+            n, m, dim = spec
+            if float(st["step"]) == 0.0:
+                # Step 1 is always a refresh step: the kernel fills it.
+                st["mask"] = torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8, device=p.device)
+            else:
+                # Became sparse mid-run (marked after some steps): start from its current mask.
+                st["mask"] = nm_mask_packed(p.detach(), (n, m), dim)
+        return st
+
+    # ----------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss.
+
+        All groups are validated before any parameter or state is written, so an error leaves
+        the model and the optimizer as they were.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        plans = []
+        for gi, group in enumerate(self.param_groups):
+            self._validate_hyper(group, f"param_groups[{gi}]: ")
+            plans.append(self._init_group(group, gi))
+
+        force_generic = generic_path_forced()
+        for group, (params, grads, specs) in zip(self.param_groups, plans):
+            if not params:
+                continue
+            states = [self._state_for(p, spec) for p, spec in zip(params, specs)]
+            steps = [float(st["step"]) + 1.0 for st in states]
+            beta1, beta2 = (float(b) for b in group["betas"])
+            total = group["total_steps"]
+            _cast_rs.adams_step(
+                params,
+                grads,
+                [st["exp_avg"] for st in states],
+                [st["exp_avg_sq"] for st in states],
+                [st.get("mask") if spec is not None else None for st, spec in zip(states, specs)],
+                [spec for spec in specs],
+                steps,
+                lr=float(group["lr"]),
+                beta1=beta1,
+                beta2=beta2,
+                eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]),
+                l1_decay=float(group["l1_decay"]),
+                total_steps=None if total is None else float(total),
+                mask_interval=int(group["mask_interval"]),
+                force_generic=force_generic,
+            )
+            for st in states:
+                st["step"] += 1.0
+        return loss
+
+    # ----------------------------------------------------------------- helpers
+    def masks(self) -> Dict[torch.Tensor, torch.Tensor]:
+        """Current boolean masks of the sparse parameters that have state, keyed by parameter.
+
+        These are the masks of the last refresh (not recomputed now).
+        """
+        from .nm import unpack_mask
+
+        out = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and "mask" in st:
+                    out[p] = unpack_mask(st["mask"], p.shape)
+        return out

@@ -1,0 +1,424 @@
+//! The Python binding layer (`cast_rs._cast_rs`): argument checking, tensor extraction,
+//! path selection (fast slice kernels vs generic tch ops), GIL release and error mapping.
+//! No numerics live here.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3_tch::PyTensor;
+use tch::{Device, Kind, Tensor};
+
+use crate::adams::{adams_step_f32, AdamsHyper, AdamsTensor, StepScalars};
+use crate::error::CastError;
+use crate::generic::{self, GenericScalars};
+use crate::nm::{self, GroupDim, GroupLayout, MaskKey, NmPattern};
+
+create_exception!(_cast_rs, CastRsError, PyException, "Base class of cast-rs errors that are not ValueError or TypeError.");
+
+impl From<CastError> for PyErr {
+    fn from(e: CastError) -> PyErr {
+        match e {
+            CastError::Value { .. } => PyValueError::new_err(e.to_string()),
+            CastError::Type { .. } => PyTypeError::new_err(e.to_string()),
+            _ => CastRsError::new_err(e.to_string()),
+        }
+    }
+}
+
+/// Runs `f`, turning a panic into `CastError::Internal` so none crosses into Python.
+fn guarded<T>(f: impl FnOnce() -> Result<T, CastError>) -> Result<T, CastError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".to_string());
+            Err(CastError::Internal(msg))
+        }
+    }
+}
+
+fn is_float(k: Kind) -> bool {
+    matches!(k, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16)
+}
+
+/// The torch spelling of a dtype, as users see it.
+fn kind_name(k: Kind) -> String {
+    let s = match k {
+        Kind::Float => "torch.float32",
+        Kind::Double => "torch.float64",
+        Kind::Half => "torch.float16",
+        Kind::BFloat16 => "torch.bfloat16",
+        Kind::Uint8 => "torch.uint8",
+        Kind::Int8 => "torch.int8",
+        Kind::Int16 => "torch.int16",
+        Kind::Int => "torch.int32",
+        Kind::Int64 => "torch.int64",
+        Kind::Bool => "torch.bool",
+        other => return format!("{other:?}"),
+    };
+    s.to_string()
+}
+
+/// Byte range of a tensor's data, for the aliasing check.
+fn byte_range(t: &Tensor) -> (usize, usize) {
+    let start = t.data_ptr() as usize;
+    let len = t.numel() * t.kind().elt_size_in_bytes();
+    (start, start + len)
+}
+
+fn overlaps(a: (usize, usize), b: (usize, usize)) -> bool {
+    a.0 < b.1 && b.0 < a.1 && a.0 != a.1 && b.0 != b.1
+}
+
+/// # Safety
+/// `t` must be a contiguous CPU tensor of element type `T`, and no other live slice may
+/// cover its memory while the returned one is used.
+unsafe fn slice_mut<'a, T>(t: &'a Tensor) -> &'a mut [T] {
+    let n = t.numel();
+    if n == 0 {
+        return &mut [];
+    }
+    // SAFETY: the caller guarantees contiguity, type and exclusivity; `t` keeps the storage
+    // alive for 'a; `numel > 0` so the pointer is non-null and aligned for T.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, n) }
+}
+
+fn pattern_layout(n: i64, m: i64, dim: i64, shape: &[i64], param: &str) -> Result<(NmPattern, GroupDim, GroupLayout), CastError> {
+    let pattern = NmPattern::new(n, m)?;
+    let gdim = GroupDim::from_dim(dim, shape.len()).map_err(|e| match e {
+        CastError::Value { msg, .. } => CastError::value(param, msg),
+        other => other,
+    })?;
+    let layout = GroupLayout::new(pattern, shape, gdim, param)?;
+    Ok((pattern, gdim, layout))
+}
+
+fn fast_eligible(ts: &[&Tensor], kind: Kind) -> bool {
+    ts.iter().all(|t| t.device() == Device::Cpu && t.kind() == kind && t.is_contiguous())
+}
+
+/// Boolean N:M mask of a torch tensor (same shape, `torch.bool`).
+#[pyfunction]
+#[pyo3(signature = (x, n, m, dim=-1, force_generic=false))]
+fn nm_mask_tensor(py: Python<'_>, x: PyTensor, n: i64, m: i64, dim: i64, force_generic: bool) -> PyResult<PyTensor> {
+    let x = x.0;
+    if !is_float(x.kind()) {
+        return Err(CastError::type_("x", format!("expected a floating-point tensor, got dtype {}", kind_name(x.kind()))).into());
+    }
+    let shape = x.size();
+    let (pattern, gdim, layout) = pattern_layout(n, m, dim, &shape, "x")?;
+    let out = py.allow_threads(move || {
+        guarded(|| {
+            if !force_generic && fast_eligible(&[&x], Kind::Float) {
+                let out = Tensor::f_empty(shape.as_slice(), (Kind::Bool, Device::Cpu)).map_err(generic::torch_err("nm_mask"))?;
+                // SAFETY: `x` is a contiguous CPU f32 tensor (checked) and `out` a fresh
+                // contiguous bool tensor (1 byte, written as 0/1 only); they are distinct.
+                let (xs, os) = unsafe { (slice_mut::<f32>(&x), slice_mut::<u8>(&out)) };
+                nm::nm_keep(xs, &layout, os)?;
+                Ok(out)
+            } else {
+                generic::nm_keep_tensor(&x, pattern, gdim)
+            }
+        })
+    })?;
+    Ok(PyTensor(out))
+}
+
+/// Packed N:M mask of a torch tensor: `uint8` of `ceil(numel / 8)` bytes.
+#[pyfunction]
+#[pyo3(signature = (x, n, m, dim=-1, force_generic=false))]
+fn nm_mask_packed(py: Python<'_>, x: PyTensor, n: i64, m: i64, dim: i64, force_generic: bool) -> PyResult<PyTensor> {
+    let x = x.0;
+    if !is_float(x.kind()) {
+        return Err(CastError::type_("x", format!("expected a floating-point tensor, got dtype {}", kind_name(x.kind()))).into());
+    }
+    let shape = x.size();
+    let (pattern, gdim, layout) = pattern_layout(n, m, dim, &shape, "x")?;
+    let out = py.allow_threads(move || {
+        guarded(|| {
+            if !force_generic && fast_eligible(&[&x], Kind::Float) {
+                let out = Tensor::f_zeros([nm::packed_len(layout.numel) as i64], (Kind::Uint8, Device::Cpu))
+                    .map_err(generic::torch_err("nm_mask_packed"))?;
+                // SAFETY: contiguous CPU f32 input (checked), fresh contiguous uint8 output.
+                let (xs, os) = unsafe { (slice_mut::<f32>(&x), slice_mut::<u8>(&out)) };
+                nm::nm_mask_packed(xs, &layout, os)?;
+                Ok(out)
+            } else {
+                generic::pack_mask(&generic::nm_keep_tensor(&x, pattern, gdim)?)
+            }
+        })
+    })?;
+    Ok(PyTensor(out))
+}
+
+/// Unpacks a packed mask into a boolean tensor of `shape`.
+#[pyfunction]
+fn unpack_mask(py: Python<'_>, bits: PyTensor, shape: Vec<i64>) -> PyResult<PyTensor> {
+    let bits = bits.0;
+    if bits.kind() != Kind::Uint8 {
+        return Err(CastError::type_("bits", format!("expected a uint8 tensor, got {}", kind_name(bits.kind()))).into());
+    }
+    if shape.iter().any(|&d| d < 0) {
+        return Err(CastError::value("shape", format!("dimensions must be >= 0, got {shape:?}")).into());
+    }
+    let numel: i64 = shape.iter().product();
+    if bits.size() != [nm::packed_len(numel as usize) as i64] {
+        return Err(CastError::value(
+            "bits",
+            format!("expected a 1-d tensor of {} bytes for shape {shape:?}, got shape {:?}", nm::packed_len(numel as usize), bits.size()),
+        )
+        .into());
+    }
+    let out = py.allow_threads(move || guarded(|| generic::unpack_mask(&bits, &shape)))?;
+    Ok(PyTensor(out))
+}
+
+fn keep_numpy<'py, T: MaskKey + numpy::Element>(
+    py: Python<'py>,
+    x: PyReadonlyArrayDyn<'py, T>,
+    n: i64,
+    m: i64,
+    dim: i64,
+) -> PyResult<Bound<'py, PyArrayDyn<bool>>> {
+    let shape: Vec<i64> = x.shape().iter().map(|&d| d as i64).collect();
+    let (_, _, layout) = pattern_layout(n, m, dim, &shape, "x")?;
+    let xs = x.as_slice().map_err(|_| CastError::value("x", "expected a C-contiguous array"))?;
+    let out = unsafe { PyArrayDyn::<bool>::new(py, x.shape(), false) };
+    {
+        // SAFETY: `out` was just created, is C-contiguous and not shared yet; bool is one byte
+        // and the kernel writes only 0 and 1, which are valid bools.
+        let os: &mut [bool] = unsafe { out.as_slice_mut() }.map_err(|_| CastError::Internal("new array not contiguous".into()))?;
+        let os: &mut [u8] = unsafe { std::slice::from_raw_parts_mut(os.as_mut_ptr() as *mut u8, os.len()) };
+        py.allow_threads(|| guarded(|| nm::nm_keep(xs, &layout, os)))?;
+    }
+    Ok(out)
+}
+
+/// Boolean N:M mask of a C-contiguous float32/float64 numpy array.
+#[pyfunction]
+#[pyo3(signature = (x, n, m, dim=-1))]
+fn nm_mask_numpy<'py>(py: Python<'py>, x: &Bound<'py, PyAny>, n: i64, m: i64, dim: i64) -> PyResult<Bound<'py, PyArrayDyn<bool>>> {
+    if let Ok(a) = x.extract::<PyReadonlyArrayDyn<'py, f32>>() {
+        keep_numpy(py, a, n, m, dim)
+    } else if let Ok(a) = x.extract::<PyReadonlyArrayDyn<'py, f64>>() {
+        keep_numpy(py, a, n, m, dim)
+    } else {
+        Err(CastError::type_("x", "expected a float32 or float64 numpy array").into())
+    }
+}
+
+/// One AdamS / AdamW step over a param group. See `cast_rs.AdamS` for the algorithm.
+///
+/// `patterns[i]` is `(n, m, dim)` for a sparse tensor (then `masks[i]` is its packed mask)
+/// or `None` for a dense one. Everything is validated before anything is written.
+/// Returns `(tensors on the fast path, tensors on the generic path)`.
+#[pyfunction]
+#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, masks, patterns, steps, *, lr, beta1, beta2, eps, weight_decay, l1_decay, total_steps, mask_interval, force_generic=false))]
+#[allow(clippy::too_many_arguments)]
+fn adams_step(
+    py: Python<'_>,
+    params: Vec<PyTensor>,
+    grads: Vec<PyTensor>,
+    exp_avgs: Vec<PyTensor>,
+    exp_avg_sqs: Vec<PyTensor>,
+    masks: Vec<Option<PyTensor>>,
+    patterns: Vec<Option<(i64, i64, i64)>>,
+    steps: Vec<f64>,
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    l1_decay: f64,
+    total_steps: Option<f64>,
+    mask_interval: u64,
+    force_generic: bool,
+) -> PyResult<(usize, usize)> {
+    let k = params.len();
+    for (name, len) in [("grads", grads.len()), ("exp_avgs", exp_avgs.len()), ("exp_avg_sqs", exp_avg_sqs.len()), ("masks", masks.len()), ("patterns", patterns.len()), ("steps", steps.len())] {
+        if len != k {
+            return Err(CastError::value(name, format!("expected {k} entries (one per parameter), got {len}")).into());
+        }
+    }
+    let h = AdamsHyper { lr, beta1, beta2, eps, weight_decay, l1_decay };
+    h.validate()?;
+    if mask_interval == 0 {
+        return Err(CastError::value("mask_interval", "expected an integer >= 1, got 0").into());
+    }
+    if let Some(t) = total_steps {
+        if !(t.is_finite() && t >= 1.0) {
+            return Err(CastError::value("total_steps", format!("expected a number >= 1, got {t}")).into());
+        }
+    }
+
+    struct Job {
+        p: Tensor,
+        g: Tensor,
+        mu: Tensor,
+        v: Tensor,
+        mask: Option<(Tensor, NmPattern, GroupDim, GroupLayout)>,
+        step: f64,
+        fast: bool,
+    }
+    let mut jobs = Vec::with_capacity(k);
+    let it = params.into_iter().zip(grads).zip(exp_avgs).zip(exp_avg_sqs).zip(masks).zip(patterns).zip(steps);
+    for (i, ((((((p, g), mu), v), mask), pattern), step)) in it.enumerate() {
+        let (p, g, mu, v) = (p.0, g.0, mu.0, v.0);
+        let pk = p.kind();
+        if !is_float(pk) {
+            return Err(CastError::type_(format!("params[{i}]"), format!("expected a floating-point parameter, got dtype {}", kind_name(pk))).into());
+        }
+        let shape = p.size();
+        for (name, t) in [("grads", &g), ("exp_avgs", &mu), ("exp_avg_sqs", &v)] {
+            if t.is_sparse() {
+                return Err(CastError::type_(format!("{name}[{i}]"), "sparse gradients are not supported (use a dense gradient)").into());
+            }
+            if t.kind() != pk {
+                return Err(CastError::type_(format!("{name}[{i}]"), format!("expected dtype {} (the parameter's), got {}", kind_name(pk), kind_name(t.kind()))).into());
+            }
+            if t.size() != shape {
+                return Err(CastError::value(format!("{name}[{i}]"), format!("expected shape {shape:?} (the parameter's), got {:?}", t.size())).into());
+            }
+            if t.device() != p.device() {
+                return Err(CastError::value(format!("{name}[{i}]"), format!("expected device {:?} (the parameter's), got {:?}", p.device(), t.device())).into());
+            }
+        }
+        if !(step.is_finite() && step >= 1.0) {
+            return Err(CastError::value(format!("steps[{i}]"), format!("expected a step number >= 1, got {step}")).into());
+        }
+        let mask = match (pattern, mask) {
+            (None, None) => None,
+            (Some((n, m, dim)), Some(bits)) => {
+                let bits = bits.0;
+                let (pat, gdim, layout) = pattern_layout(n, m, dim, &shape, &format!("params[{i}]"))?;
+                if total_steps.is_none() {
+                    return Err(CastError::value("total_steps", "required for sparse (N:M) parameters: the decay ramps up over total_steps").into());
+                }
+                if bits.kind() != Kind::Uint8 || bits.size() != [nm::packed_len(layout.numel) as i64] || bits.device() != p.device() {
+                    return Err(CastError::value(
+                        format!("masks[{i}]"),
+                        format!(
+                            "expected a uint8 tensor of shape [{}] on {:?}, got {} {:?} on {:?}",
+                            nm::packed_len(layout.numel),
+                            p.device(),
+                            kind_name(bits.kind()),
+                            bits.size(),
+                            bits.device()
+                        ),
+                    )
+                    .into());
+                }
+                Some((bits, pat, gdim, layout))
+            }
+            (Some(_), None) => return Err(CastError::value(format!("masks[{i}]"), "a sparse parameter needs a packed mask tensor").into()),
+            (None, Some(_)) => return Err(CastError::value(format!("masks[{i}]"), "a dense parameter takes no mask (pass None)").into()),
+        };
+        // Aliasing between any two buffers of one parameter would make the update depend on
+        // evaluation order (and break the fast path's exclusive slices).
+        let mut ranges = vec![("params", byte_range(&p)), ("grads", byte_range(&g)), ("exp_avgs", byte_range(&mu)), ("exp_avg_sqs", byte_range(&v))];
+        if let Some((bits, ..)) = &mask {
+            ranges.push(("masks", byte_range(bits)));
+        }
+        for a in 0..ranges.len() {
+            for b in a + 1..ranges.len() {
+                if overlaps(ranges[a].1, ranges[b].1) {
+                    return Err(CastError::value(
+                        format!("{}[{i}]", ranges[b].0),
+                        format!("shares memory with {}[{i}]; each buffer must be its own tensor", ranges[a].0),
+                    )
+                    .into());
+                }
+            }
+        }
+        let fast = !force_generic
+            && fast_eligible(&[&p, &g, &mu, &v], Kind::Float)
+            && mask.as_ref().is_none_or(|(b, ..)| b.is_contiguous() && b.device() == Device::Cpu);
+        jobs.push(Job { p, g, mu, v, mask, step, fast });
+    }
+    // Across parameters too: the fast path hands out one `&mut` slice per buffer, so no two
+    // buffers of the whole call may overlap (a sweep over ranges sorted by start).
+    let mut fast_ranges: Vec<(usize, usize, String)> = Vec::new();
+    for (i, j) in jobs.iter().enumerate().filter(|(_, j)| j.fast) {
+        for (name, t) in [("params", &j.p), ("grads", &j.g), ("exp_avgs", &j.mu), ("exp_avg_sqs", &j.v)] {
+            let r = byte_range(t);
+            fast_ranges.push((r.0, r.1, format!("{name}[{i}]")));
+        }
+        if let Some((b, ..)) = &j.mask {
+            let r = byte_range(b);
+            fast_ranges.push((r.0, r.1, format!("masks[{i}]")));
+        }
+    }
+    fast_ranges.retain(|r| r.0 != r.1);
+    fast_ranges.sort();
+    let mut reach: Option<&(usize, usize, String)> = None;
+    for r in &fast_ranges {
+        if let Some(prev) = reach {
+            if r.0 < prev.1 {
+                return Err(CastError::value(r.2.clone(), format!("shares memory with {}; each buffer must be its own tensor", prev.2)).into());
+            }
+        }
+        if reach.is_none_or(|p| r.1 > p.1) {
+            reach = Some(r);
+        }
+    }
+
+    let n_fast = jobs.iter().filter(|j| j.fast).count();
+    let n_generic = k - n_fast;
+    py.allow_threads(move || {
+        guarded(|| {
+            let mut fast_tensors = Vec::with_capacity(n_fast);
+            for j in jobs.iter().filter(|j| j.fast) {
+                // SAFETY: each tensor is a contiguous CPU tensor of the right type (checked
+                // above); the buffers of one parameter were checked pairwise disjoint and the
+                // parameters of the call pairwise disjoint; state tensors are per parameter.
+                let t = unsafe {
+                    AdamsTensor {
+                        theta: slice_mut::<f32>(&j.p),
+                        grad: slice_mut::<f32>(&j.g),
+                        exp_avg: slice_mut::<f32>(&j.mu),
+                        exp_avg_sq: slice_mut::<f32>(&j.v),
+                        mask: j.mask.as_ref().map(|(b, _, _, layout)| (slice_mut::<u8>(b), *layout)),
+                        scalars: StepScalars::new(&h, j.step, total_steps, mask_interval),
+                    }
+                };
+                fast_tensors.push(t);
+            }
+            adams_step_f32(fast_tensors, &h)?;
+            for j in jobs.iter_mut().filter(|j| !j.fast) {
+                let sc = GenericScalars::new(&h, j.step, total_steps, mask_interval);
+                let mask = j.mask.as_mut().map(|(b, pat, gdim, _)| (b, *pat, *gdim));
+                generic::adams_step_tensor(&mut j.p, &j.g, &mut j.mu, &mut j.v, mask, &h, &sc)?;
+            }
+            Ok(())
+        })
+    })?;
+    Ok((n_fast, n_generic))
+}
+
+/// Number of threads the fast path uses.
+#[pyfunction]
+fn num_threads() -> usize {
+    rayon::current_num_threads()
+}
+
+#[pymodule]
+fn _cast_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Importing torch first makes libtorch's Python bindings ready before any tensor is
+    // wrapped (tch-rs PR #723: without it, wrapping tensors can segfault).
+    m.py().import("torch")?;
+    m.add("CastError", m.py().get_type::<CastRsError>())?;
+    m.add_function(wrap_pyfunction!(nm_mask_tensor, m)?)?;
+    m.add_function(wrap_pyfunction!(nm_mask_packed, m)?)?;
+    m.add_function(wrap_pyfunction!(unpack_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(nm_mask_numpy, m)?)?;
+    m.add_function(wrap_pyfunction!(adams_step, m)?)?;
+    m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
