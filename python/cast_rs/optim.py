@@ -111,6 +111,8 @@ class AdamS(Optimizer):
             pattern=pattern,
         )
         self._validate_hyper(defaults, where="")
+        # Tensors stepped on the (fast, generic) kernel path so far: for tests and diagnostics.
+        self._kernel_calls = [0, 0]
         super().__init__(params, defaults)
         if not any(self._param_spec(p, g) is not None for g in self.param_groups for p in g["params"]):
             warnings.warn(
@@ -308,7 +310,7 @@ class AdamS(Optimizer):
             steps = [float(st["step"]) + 1.0 for st in states]
             beta1, beta2 = (float(b) for b in group["betas"])
             total = group["total_steps"]
-            _cast_rs.adams_step(
+            fast, generic = _cast_rs.adams_step(
                 params,
                 grads,
                 [st["exp_avg"] for st in states],
@@ -326,6 +328,8 @@ class AdamS(Optimizer):
                 mask_interval=int(group["mask_interval"]),
                 force_generic=force_generic,
             )
+            self._kernel_calls[0] += fast
+            self._kernel_calls[1] += generic
             for st in states:
                 st["step"] += 1.0
         return loss
