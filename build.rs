@@ -7,7 +7,9 @@
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     let python = std::env::var_os("CARGO_FEATURE_PYTHON").is_some();
-    let linux = std::env::var("CARGO_CFG_TARGET_OS").map(|os| os == "linux").unwrap_or(false);
+    let linux = std::env::var("CARGO_CFG_TARGET_OS")
+        .map(|os| os == "linux")
+        .unwrap_or(false);
     if python && linux {
         println!("cargo:rustc-link-arg-cdylib=-Wl,-rpath,$ORIGIN/../torch/lib");
     }

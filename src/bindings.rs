@@ -16,7 +16,12 @@ use crate::error::CastError;
 use crate::generic::{self, GenericScalars};
 use crate::nm::{self, GroupDim, GroupLayout, MaskKey, NmPattern};
 
-create_exception!(_cast_rs, CastRsError, PyException, "Base class of cast-rs errors that are not ValueError or TypeError.");
+create_exception!(
+    _cast_rs,
+    CastRsError,
+    PyException,
+    "Base class of cast-rs errors that are not ValueError or TypeError."
+);
 
 impl From<CastError> for PyErr {
     fn from(e: CastError) -> PyErr {
@@ -89,7 +94,13 @@ unsafe fn slice_mut<'a, T>(t: &'a Tensor) -> &'a mut [T] {
     unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut T, n) }
 }
 
-fn pattern_layout(n: i64, m: i64, dim: i64, shape: &[i64], param: &str) -> Result<(NmPattern, GroupDim, GroupLayout), CastError> {
+fn pattern_layout(
+    n: i64,
+    m: i64,
+    dim: i64,
+    shape: &[i64],
+    param: &str,
+) -> Result<(NmPattern, GroupDim, GroupLayout), CastError> {
     let pattern = NmPattern::new(n, m)?;
     let gdim = GroupDim::from_dim(dim, shape.len()).map_err(|e| match e {
         CastError::Value { msg, .. } => CastError::value(param, msg),
@@ -100,23 +111,39 @@ fn pattern_layout(n: i64, m: i64, dim: i64, shape: &[i64], param: &str) -> Resul
 }
 
 fn fast_eligible(ts: &[&Tensor], kind: Kind) -> bool {
-    ts.iter().all(|t| t.device() == Device::Cpu && t.kind() == kind && t.is_contiguous())
+    ts.iter()
+        .all(|t| t.device() == Device::Cpu && t.kind() == kind && t.is_contiguous())
 }
 
 /// Boolean N:M mask of a torch tensor (same shape, `torch.bool`).
 #[pyfunction]
 #[pyo3(signature = (x, n, m, dim=-1, force_generic=false))]
-fn nm_mask_tensor(py: Python<'_>, x: PyTensor, n: i64, m: i64, dim: i64, force_generic: bool) -> PyResult<PyTensor> {
+fn nm_mask_tensor(
+    py: Python<'_>,
+    x: PyTensor,
+    n: i64,
+    m: i64,
+    dim: i64,
+    force_generic: bool,
+) -> PyResult<PyTensor> {
     let x = x.0;
     if !is_float(x.kind()) {
-        return Err(CastError::type_("x", format!("expected a floating-point tensor, got dtype {}", kind_name(x.kind()))).into());
+        return Err(CastError::type_(
+            "x",
+            format!(
+                "expected a floating-point tensor, got dtype {}",
+                kind_name(x.kind())
+            ),
+        )
+        .into());
     }
     let shape = x.size();
     let (pattern, gdim, layout) = pattern_layout(n, m, dim, &shape, "x")?;
     let out = py.allow_threads(move || {
         guarded(|| {
             if !force_generic && fast_eligible(&[&x], Kind::Float) {
-                let out = Tensor::f_empty(shape.as_slice(), (Kind::Bool, Device::Cpu)).map_err(generic::torch_err("nm_mask"))?;
+                let out = Tensor::f_empty(shape.as_slice(), (Kind::Bool, Device::Cpu))
+                    .map_err(generic::torch_err("nm_mask"))?;
                 // SAFETY: `x` is a contiguous CPU f32 tensor (checked) and `out` a fresh
                 // contiguous bool tensor (1 byte, written as 0/1 only); they are distinct.
                 let (xs, os) = unsafe { (slice_mut::<f32>(&x), slice_mut::<u8>(&out)) };
@@ -133,18 +160,35 @@ fn nm_mask_tensor(py: Python<'_>, x: PyTensor, n: i64, m: i64, dim: i64, force_g
 /// Packed N:M mask of a torch tensor: `uint8` of `ceil(numel / 8)` bytes.
 #[pyfunction]
 #[pyo3(signature = (x, n, m, dim=-1, force_generic=false))]
-fn nm_mask_packed(py: Python<'_>, x: PyTensor, n: i64, m: i64, dim: i64, force_generic: bool) -> PyResult<PyTensor> {
+fn nm_mask_packed(
+    py: Python<'_>,
+    x: PyTensor,
+    n: i64,
+    m: i64,
+    dim: i64,
+    force_generic: bool,
+) -> PyResult<PyTensor> {
     let x = x.0;
     if !is_float(x.kind()) {
-        return Err(CastError::type_("x", format!("expected a floating-point tensor, got dtype {}", kind_name(x.kind()))).into());
+        return Err(CastError::type_(
+            "x",
+            format!(
+                "expected a floating-point tensor, got dtype {}",
+                kind_name(x.kind())
+            ),
+        )
+        .into());
     }
     let shape = x.size();
     let (pattern, gdim, layout) = pattern_layout(n, m, dim, &shape, "x")?;
     let out = py.allow_threads(move || {
         guarded(|| {
             if !force_generic && fast_eligible(&[&x], Kind::Float) {
-                let out = Tensor::f_zeros([nm::packed_len(layout.numel) as i64], (Kind::Uint8, Device::Cpu))
-                    .map_err(generic::torch_err("nm_mask_packed"))?;
+                let out = Tensor::f_zeros(
+                    [nm::packed_len(layout.numel) as i64],
+                    (Kind::Uint8, Device::Cpu),
+                )
+                .map_err(generic::torch_err("nm_mask_packed"))?;
                 // SAFETY: contiguous CPU f32 input (checked), fresh contiguous uint8 output.
                 let (xs, os) = unsafe { (slice_mut::<f32>(&x), slice_mut::<u8>(&out)) };
                 nm::nm_mask_packed(xs, &layout, os)?;
@@ -162,16 +206,26 @@ fn nm_mask_packed(py: Python<'_>, x: PyTensor, n: i64, m: i64, dim: i64, force_g
 fn unpack_mask(py: Python<'_>, bits: PyTensor, shape: Vec<i64>) -> PyResult<PyTensor> {
     let bits = bits.0;
     if bits.kind() != Kind::Uint8 {
-        return Err(CastError::type_("bits", format!("expected a uint8 tensor, got {}", kind_name(bits.kind()))).into());
+        return Err(CastError::type_(
+            "bits",
+            format!("expected a uint8 tensor, got {}", kind_name(bits.kind())),
+        )
+        .into());
     }
     if shape.iter().any(|&d| d < 0) {
-        return Err(CastError::value("shape", format!("dimensions must be >= 0, got {shape:?}")).into());
+        return Err(
+            CastError::value("shape", format!("dimensions must be >= 0, got {shape:?}")).into(),
+        );
     }
     let numel: i64 = shape.iter().product();
     if bits.size() != [nm::packed_len(numel as usize) as i64] {
         return Err(CastError::value(
             "bits",
-            format!("expected a 1-d tensor of {} bytes for shape {shape:?}, got shape {:?}", nm::packed_len(numel as usize), bits.size()),
+            format!(
+                "expected a 1-d tensor of {} bytes for shape {shape:?}, got shape {:?}",
+                nm::packed_len(numel as usize),
+                bits.size()
+            ),
         )
         .into());
     }
@@ -188,13 +242,17 @@ fn keep_numpy<'py, T: MaskKey + numpy::Element>(
 ) -> PyResult<Bound<'py, PyArrayDyn<bool>>> {
     let shape: Vec<i64> = x.shape().iter().map(|&d| d as i64).collect();
     let (_, _, layout) = pattern_layout(n, m, dim, &shape, "x")?;
-    let xs = x.as_slice().map_err(|_| CastError::value("x", "expected a C-contiguous array"))?;
+    let xs = x
+        .as_slice()
+        .map_err(|_| CastError::value("x", "expected a C-contiguous array"))?;
     let out = unsafe { PyArrayDyn::<bool>::new(py, x.shape(), false) };
     {
         // SAFETY: `out` was just created, is C-contiguous and not shared yet; bool is one byte
         // and the kernel writes only 0 and 1, which are valid bools.
-        let os: &mut [bool] = unsafe { out.as_slice_mut() }.map_err(|_| CastError::Internal("new array not contiguous".into()))?;
-        let os: &mut [u8] = unsafe { std::slice::from_raw_parts_mut(os.as_mut_ptr() as *mut u8, os.len()) };
+        let os: &mut [bool] = unsafe { out.as_slice_mut() }
+            .map_err(|_| CastError::Internal("new array not contiguous".into()))?;
+        let os: &mut [u8] =
+            unsafe { std::slice::from_raw_parts_mut(os.as_mut_ptr() as *mut u8, os.len()) };
         py.allow_threads(|| guarded(|| nm::nm_keep(xs, &layout, os)))?;
     }
     Ok(out)
@@ -203,7 +261,13 @@ fn keep_numpy<'py, T: MaskKey + numpy::Element>(
 /// Boolean N:M mask of a C-contiguous float32/float64 numpy array.
 #[pyfunction]
 #[pyo3(signature = (x, n, m, dim=-1))]
-fn nm_mask_numpy<'py>(py: Python<'py>, x: &Bound<'py, PyAny>, n: i64, m: i64, dim: i64) -> PyResult<Bound<'py, PyArrayDyn<bool>>> {
+fn nm_mask_numpy<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    n: i64,
+    m: i64,
+    dim: i64,
+) -> PyResult<Bound<'py, PyArrayDyn<bool>>> {
     if let Ok(a) = x.extract::<PyReadonlyArrayDyn<'py, f32>>() {
         keep_numpy(py, a, n, m, dim)
     } else if let Ok(a) = x.extract::<PyReadonlyArrayDyn<'py, f64>>() {
@@ -229,7 +293,7 @@ fn adams_step(
     exp_avg_sqs: Vec<PyTensor>,
     masks: Vec<Option<PyTensor>>,
     patterns: Vec<Option<(i64, i64, i64)>>,
-    steps: Vec<f64>,
+    steps: Vec<PyTensor>,
     lr: f64,
     beta1: f64,
     beta2: f64,
@@ -241,19 +305,41 @@ fn adams_step(
     force_generic: bool,
 ) -> PyResult<(usize, usize)> {
     let k = params.len();
-    for (name, len) in [("grads", grads.len()), ("exp_avgs", exp_avgs.len()), ("exp_avg_sqs", exp_avg_sqs.len()), ("masks", masks.len()), ("patterns", patterns.len()), ("steps", steps.len())] {
+    for (name, len) in [
+        ("grads", grads.len()),
+        ("exp_avgs", exp_avgs.len()),
+        ("exp_avg_sqs", exp_avg_sqs.len()),
+        ("masks", masks.len()),
+        ("patterns", patterns.len()),
+        ("steps", steps.len()),
+    ] {
         if len != k {
-            return Err(CastError::value(name, format!("expected {k} entries (one per parameter), got {len}")).into());
+            return Err(CastError::value(
+                name,
+                format!("expected {k} entries (one per parameter), got {len}"),
+            )
+            .into());
         }
     }
-    let h = AdamsHyper { lr, beta1, beta2, eps, weight_decay, l1_decay };
+    let h = AdamsHyper {
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        l1_decay,
+    };
     h.validate()?;
     if mask_interval == 0 {
         return Err(CastError::value("mask_interval", "expected an integer >= 1, got 0").into());
     }
     if let Some(t) = total_steps {
         if !(t.is_finite() && t >= 1.0) {
-            return Err(CastError::value("total_steps", format!("expected a number >= 1, got {t}")).into());
+            return Err(CastError::value(
+                "total_steps",
+                format!("expected a number >= 1, got {t}"),
+            )
+            .into());
         }
     }
 
@@ -263,44 +349,108 @@ fn adams_step(
         mu: Tensor,
         v: Tensor,
         mask: Option<(Tensor, NmPattern, GroupDim, GroupLayout)>,
+        /// The state's step counter (completed steps) and s, the step being taken.
+        step_t: Tensor,
         step: f64,
         fast: bool,
     }
     let mut jobs = Vec::with_capacity(k);
-    let it = params.into_iter().zip(grads).zip(exp_avgs).zip(exp_avg_sqs).zip(masks).zip(patterns).zip(steps);
-    for (i, ((((((p, g), mu), v), mask), pattern), step)) in it.enumerate() {
-        let (p, g, mu, v) = (p.0, g.0, mu.0, v.0);
+    let it = params
+        .into_iter()
+        .zip(grads)
+        .zip(exp_avgs)
+        .zip(exp_avg_sqs)
+        .zip(masks)
+        .zip(patterns)
+        .zip(steps);
+    for (i, ((((((p, g), mu), v), mask), pattern), step_t)) in it.enumerate() {
+        let (p, g, mu, v, step_t) = (p.0, g.0, mu.0, v.0, step_t.0);
+        let step = read_step(&step_t).map(|done| done + 1.0).ok_or_else(|| {
+            CastError::value(
+                format!("steps[{i}]"),
+                format!(
+                    "expected a one-element step counter, got shape {:?}",
+                    step_t.size()
+                ),
+            )
+        })?;
         let pk = p.kind();
         if !is_float(pk) {
-            return Err(CastError::type_(format!("params[{i}]"), format!("expected a floating-point parameter, got dtype {}", kind_name(pk))).into());
+            return Err(CastError::type_(
+                format!("params[{i}]"),
+                format!(
+                    "expected a floating-point parameter, got dtype {}",
+                    kind_name(pk)
+                ),
+            )
+            .into());
         }
         let shape = p.size();
         for (name, t) in [("grads", &g), ("exp_avgs", &mu), ("exp_avg_sqs", &v)] {
             if t.is_sparse() {
-                return Err(CastError::type_(format!("{name}[{i}]"), "sparse gradients are not supported (use a dense gradient)").into());
+                return Err(CastError::type_(
+                    format!("{name}[{i}]"),
+                    "sparse gradients are not supported (use a dense gradient)",
+                )
+                .into());
             }
             if t.kind() != pk {
-                return Err(CastError::type_(format!("{name}[{i}]"), format!("expected dtype {} (the parameter's), got {}", kind_name(pk), kind_name(t.kind()))).into());
+                return Err(CastError::type_(
+                    format!("{name}[{i}]"),
+                    format!(
+                        "expected dtype {} (the parameter's), got {}",
+                        kind_name(pk),
+                        kind_name(t.kind())
+                    ),
+                )
+                .into());
             }
             if t.size() != shape {
-                return Err(CastError::value(format!("{name}[{i}]"), format!("expected shape {shape:?} (the parameter's), got {:?}", t.size())).into());
+                return Err(CastError::value(
+                    format!("{name}[{i}]"),
+                    format!(
+                        "expected shape {shape:?} (the parameter's), got {:?}",
+                        t.size()
+                    ),
+                )
+                .into());
             }
             if t.device() != p.device() {
-                return Err(CastError::value(format!("{name}[{i}]"), format!("expected device {:?} (the parameter's), got {:?}", p.device(), t.device())).into());
+                return Err(CastError::value(
+                    format!("{name}[{i}]"),
+                    format!(
+                        "expected device {:?} (the parameter's), got {:?}",
+                        p.device(),
+                        t.device()
+                    ),
+                )
+                .into());
             }
         }
         if !(step.is_finite() && step >= 1.0) {
-            return Err(CastError::value(format!("steps[{i}]"), format!("expected a step number >= 1, got {step}")).into());
+            return Err(CastError::value(
+                format!("steps[{i}]"),
+                format!("expected a step number >= 1, got {step}"),
+            )
+            .into());
         }
         let mask = match (pattern, mask) {
             (None, None) => None,
             (Some((n, m, dim)), Some(bits)) => {
                 let bits = bits.0;
-                let (pat, gdim, layout) = pattern_layout(n, m, dim, &shape, &format!("params[{i}]"))?;
+                let (pat, gdim, layout) =
+                    pattern_layout(n, m, dim, &shape, &format!("params[{i}]"))?;
                 if total_steps.is_none() {
-                    return Err(CastError::value("total_steps", "required for sparse (N:M) parameters: the decay ramps up over total_steps").into());
+                    return Err(CastError::value(
+                        "total_steps",
+                        "required for sparse (N:M) parameters: the decay ramps up over total_steps",
+                    )
+                    .into());
                 }
-                if bits.kind() != Kind::Uint8 || bits.size() != [nm::packed_len(layout.numel) as i64] || bits.device() != p.device() {
+                if bits.kind() != Kind::Uint8
+                    || bits.size() != [nm::packed_len(layout.numel) as i64]
+                    || bits.device() != p.device()
+                {
                     return Err(CastError::value(
                         format!("masks[{i}]"),
                         format!(
@@ -316,12 +466,29 @@ fn adams_step(
                 }
                 Some((bits, pat, gdim, layout))
             }
-            (Some(_), None) => return Err(CastError::value(format!("masks[{i}]"), "a sparse parameter needs a packed mask tensor").into()),
-            (None, Some(_)) => return Err(CastError::value(format!("masks[{i}]"), "a dense parameter takes no mask (pass None)").into()),
+            (Some(_), None) => {
+                return Err(CastError::value(
+                    format!("masks[{i}]"),
+                    "a sparse parameter needs a packed mask tensor",
+                )
+                .into())
+            }
+            (None, Some(_)) => {
+                return Err(CastError::value(
+                    format!("masks[{i}]"),
+                    "a dense parameter takes no mask (pass None)",
+                )
+                .into())
+            }
         };
         // Aliasing between any two buffers of one parameter would make the update depend on
         // evaluation order (and break the fast path's exclusive slices).
-        let mut ranges = vec![("params", byte_range(&p)), ("grads", byte_range(&g)), ("exp_avgs", byte_range(&mu)), ("exp_avg_sqs", byte_range(&v))];
+        let mut ranges = vec![
+            ("params", byte_range(&p)),
+            ("grads", byte_range(&g)),
+            ("exp_avgs", byte_range(&mu)),
+            ("exp_avg_sqs", byte_range(&v)),
+        ];
         if let Some((bits, ..)) = &mask {
             ranges.push(("masks", byte_range(bits)));
         }
@@ -330,7 +497,10 @@ fn adams_step(
                 if overlaps(ranges[a].1, ranges[b].1) {
                     return Err(CastError::value(
                         format!("{}[{i}]", ranges[b].0),
-                        format!("shares memory with {}[{i}]; each buffer must be its own tensor", ranges[a].0),
+                        format!(
+                            "shares memory with {}[{i}]; each buffer must be its own tensor",
+                            ranges[a].0
+                        ),
                     )
                     .into());
                 }
@@ -338,14 +508,30 @@ fn adams_step(
         }
         let fast = !force_generic
             && fast_eligible(&[&p, &g, &mu, &v], Kind::Float)
-            && mask.as_ref().is_none_or(|(b, ..)| b.is_contiguous() && b.device() == Device::Cpu);
-        jobs.push(Job { p, g, mu, v, mask, step, fast });
+            && mask
+                .as_ref()
+                .is_none_or(|(b, ..)| b.is_contiguous() && b.device() == Device::Cpu);
+        jobs.push(Job {
+            p,
+            g,
+            mu,
+            v,
+            mask,
+            step_t,
+            step,
+            fast,
+        });
     }
     // Across parameters too: the fast path hands out one `&mut` slice per buffer, so no two
     // buffers of the whole call may overlap (a sweep over ranges sorted by start).
     let mut fast_ranges: Vec<(usize, usize, String)> = Vec::new();
     for (i, j) in jobs.iter().enumerate().filter(|(_, j)| j.fast) {
-        for (name, t) in [("params", &j.p), ("grads", &j.g), ("exp_avgs", &j.mu), ("exp_avg_sqs", &j.v)] {
+        for (name, t) in [
+            ("params", &j.p),
+            ("grads", &j.g),
+            ("exp_avgs", &j.mu),
+            ("exp_avg_sqs", &j.v),
+        ] {
             let r = byte_range(t);
             fast_ranges.push((r.0, r.1, format!("{name}[{i}]")));
         }
@@ -360,7 +546,14 @@ fn adams_step(
     for r in &fast_ranges {
         if let Some(prev) = reach {
             if r.0 < prev.1 {
-                return Err(CastError::value(r.2.clone(), format!("shares memory with {}; each buffer must be its own tensor", prev.2)).into());
+                return Err(CastError::value(
+                    r.2.clone(),
+                    format!(
+                        "shares memory with {}; each buffer must be its own tensor",
+                        prev.2
+                    ),
+                )
+                .into());
             }
         }
         if reach.is_none_or(|p| r.1 > p.1) {
@@ -383,7 +576,10 @@ fn adams_step(
                         grad: slice_mut::<f32>(&j.g),
                         exp_avg: slice_mut::<f32>(&j.mu),
                         exp_avg_sq: slice_mut::<f32>(&j.v),
-                        mask: j.mask.as_ref().map(|(b, _, _, layout)| (slice_mut::<u8>(b), *layout)),
+                        mask: j
+                            .mask
+                            .as_ref()
+                            .map(|(b, _, _, layout)| (slice_mut::<u8>(b), *layout)),
                         scalars: StepScalars::new(&h, j.step, total_steps, mask_interval),
                     }
                 };
@@ -395,16 +591,43 @@ fn adams_step(
                 let mask = j.mask.as_mut().map(|(b, pat, gdim, _)| (b, *pat, *gdim));
                 generic::adams_step_tensor(&mut j.p, &j.g, &mut j.mu, &mut j.v, mask, &h, &sc)?;
             }
+            for j in jobs.iter_mut() {
+                write_step(&mut j.step_t, j.step)?;
+            }
             Ok(())
         })
     })?;
     Ok((n_fast, n_generic))
 }
 
+/// Completed steps held in a one-element counter tensor (torch keeps `state["step"]` as a
+/// 0-d float32 CPU tensor; that case is read directly, others through libtorch).
+fn read_step(t: &Tensor) -> Option<f64> {
+    if t.numel() != 1 {
+        return None;
+    }
+    if t.device() == Device::Cpu && t.kind() == Kind::Float {
+        // SAFETY: a CPU float32 tensor with one element: its data pointer is a valid f32.
+        return Some(unsafe { *(t.data_ptr() as *const f32) } as f64);
+    }
+    t.f_reshape([0i64; 0]).ok()?.f_double_value(&[]).ok()
+}
+
+fn write_step(t: &mut Tensor, value: f64) -> Result<(), CastError> {
+    if t.device() == Device::Cpu && t.kind() == Kind::Float {
+        // SAFETY: as in `read_step`; the counter is not aliased by any kernel buffer.
+        unsafe { *(t.data_ptr() as *mut f32) = value as f32 };
+        return Ok(());
+    }
+    t.f_fill_(value)
+        .map(|_| ())
+        .map_err(generic::torch_err("step counter"))
+}
+
 /// Number of threads the fast path uses.
 #[pyfunction]
 fn num_threads() -> usize {
-    rayon::current_num_threads()
+    crate::parallel::num_threads()
 }
 
 #[pymodule]

@@ -25,10 +25,16 @@ pub enum CastError {
 
 impl CastError {
     pub fn value(param: impl Into<String>, msg: impl Into<String>) -> Self {
-        CastError::Value { param: param.into(), msg: msg.into() }
+        CastError::Value {
+            param: param.into(),
+            msg: msg.into(),
+        }
     }
     pub fn type_(param: impl Into<String>, msg: impl Into<String>) -> Self {
-        CastError::Type { param: param.into(), msg: msg.into() }
+        CastError::Type {
+            param: param.into(),
+            msg: msg.into(),
+        }
     }
 }
 

@@ -13,7 +13,10 @@ use crate::error::{CastError, Result};
 use crate::nm::{GroupDim, NmPattern};
 
 pub(crate) fn torch_err(context: &str) -> impl Fn(tch::TchError) -> CastError + '_ {
-    move |e| CastError::Torch { context: context.to_string(), msg: e.to_string() }
+    move |e| CastError::Torch {
+        context: context.to_string(),
+        msg: e.to_string(),
+    }
 }
 
 /// `[A, B, M]` view of `x` whose last axis is the members of one group.
@@ -26,7 +29,11 @@ fn grouped(x: &Tensor, pattern: NmPattern, dim: GroupDim) -> Result<(Tensor, i64
         GroupDim::Last => (numel / m, 1),
         GroupDim::First => (shape[0] / m, numel / shape[0]),
     };
-    let g = x.f_reshape([a, m, b]).map_err(&e)?.f_transpose(1, 2).map_err(&e)?;
+    let g = x
+        .f_reshape([a, m, b])
+        .map_err(&e)?
+        .f_transpose(1, 2)
+        .map_err(&e)?;
     Ok((g, a, b))
 }
 
@@ -43,7 +50,8 @@ pub fn nm_keep_tensor(x: &Tensor, pattern: NmPattern, dim: GroupDim) -> Result<T
     let key = g.f_abs().map_err(&e)?;
     let (_, order) = key.f_sort_stable(true, -1, true).map_err(&e)?;
     let top = order.f_narrow(-1, 0, pattern.n as i64).map_err(&e)?;
-    let mut keep = Tensor::f_zeros([a, b, pattern.m as i64], (Kind::Uint8, x.device())).map_err(&e)?;
+    let mut keep =
+        Tensor::f_zeros([a, b, pattern.m as i64], (Kind::Uint8, x.device())).map_err(&e)?;
     let _ = keep.f_scatter_value_(-1, &top, 1).map_err(&e)?;
     keep.f_transpose(1, 2)
         .map_err(&e)?
@@ -71,7 +79,10 @@ pub fn pack_mask(keep: &Tensor) -> Result<Tensor> {
         .map_err(&e)?
         .f_to_device(keep.device())
         .map_err(&e)?;
-    flat.f_mul(&weights).map_err(&e)?.f_sum_dim_intlist([1i64].as_slice(), false, Kind::Uint8).map_err(&e)
+    flat.f_mul(&weights)
+        .map_err(&e)?
+        .f_sum_dim_intlist([1i64].as_slice(), false, Kind::Uint8)
+        .map_err(&e)
 }
 
 /// Inverse of [`pack_mask`]: a boolean tensor of `shape`.
@@ -98,7 +109,8 @@ pub fn unpack_mask(bits: &Tensor, shape: &[i64]) -> Result<Tensor> {
 /// Step-dependent scalars in f64 (tch converts them to the tensor's type per op).
 pub struct GenericScalars {
     pub step_size: f64,
-    pub bc2_sqrt: f64,
+    /// 1 / sqrt(1 − β2^s), as the fast path (a multiply, not a divide).
+    pub inv_bc2_sqrt: f64,
     pub alpha: f64,
     pub refresh: bool,
 }
@@ -112,7 +124,7 @@ impl GenericScalars {
         let s = step.max(1.0) as u64;
         GenericScalars {
             step_size: h.lr / (1.0 - h.beta1.powf(step)),
-            bc2_sqrt: (1.0 - h.beta2.powf(step)).sqrt(),
+            inv_bc2_sqrt: 1.0 / (1.0 - h.beta2.powf(step)).sqrt(),
             alpha,
             refresh: mask_interval > 0 && (s - 1) % mask_interval == 0,
         }
@@ -155,7 +167,12 @@ pub fn adams_step_tensor(
             let decayed = mu
                 .f_mul_scalar(1.0 - sc.alpha)
                 .map_err(&e)?
-                .f_add(&p.f_sign().map_err(&e)?.f_mul_scalar(sc.alpha * h.l1_decay).map_err(&e)?)
+                .f_add(
+                    &p.f_sign()
+                        .map_err(&e)?
+                        .f_mul_scalar(sc.alpha * h.l1_decay)
+                        .map_err(&e)?,
+                )
                 .map_err(&e)?;
             let mt = mu.f_where_self(keep, &decayed).map_err(&e)?;
             (mt.shallow_clone(), mt)
@@ -163,16 +180,27 @@ pub fn adams_step_tensor(
         None => (mu.shallow_clone(), g.shallow_clone()),
     };
     let _ = v.f_mul_scalar_(h.beta2).map_err(&e)?;
-    let _ = v.f_add_(&second.f_mul_scalar(1.0 - h.beta2).map_err(&e)?.f_mul(&second).map_err(&e)?)
+    let _ = v
+        .f_add_(
+            &second
+                .f_mul_scalar(1.0 - h.beta2)
+                .map_err(&e)?
+                .f_mul(&second)
+                .map_err(&e)?,
+        )
         .map_err(&e)?;
     let denom = v
         .f_sqrt()
         .map_err(&e)?
-        .f_div_scalar(sc.bc2_sqrt)
+        .f_mul_scalar(sc.inv_bc2_sqrt)
         .map_err(&e)?
         .f_add_scalar_(h.eps)
         .map_err(&e)?;
-    let update = mt.f_mul_scalar(-sc.step_size).map_err(&e)?.f_div(&denom).map_err(&e)?;
+    let update = mt
+        .f_mul_scalar(-sc.step_size)
+        .map_err(&e)?
+        .f_div(&denom)
+        .map_err(&e)?;
     let _ = p.f_add_(&update).map_err(&e)?;
     Ok(())
 }

@@ -11,6 +11,8 @@
 pub mod adams;
 pub mod error;
 pub mod nm;
+pub mod parallel;
+pub mod simd;
 
 #[cfg(feature = "python")]
 mod bindings;

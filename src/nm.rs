@@ -18,8 +18,6 @@
 //! is the elements `g, g + s, ..., g + (M-1) s` of the block. Blocks never straddle a group,
 //! so work split on block boundaries is independent.
 
-use rayon::prelude::*;
-
 use crate::error::{CastError, Result};
 
 /// Largest supported M: a group's ranks are computed with M² comparisons in registers.
@@ -47,7 +45,10 @@ impl NmPattern {
                 format!("N must satisfy 1 <= N < M (N = M would keep everything), got {n}:{m}"),
             ));
         }
-        Ok(NmPattern { n: n as usize, m: m as usize })
+        Ok(NmPattern {
+            n: n as usize,
+            m: m as usize,
+        })
     }
 }
 
@@ -65,7 +66,10 @@ impl GroupDim {
     pub fn from_dim(dim: i64, ndim: usize) -> Result<Self> {
         let nd = ndim as i64;
         if ndim == 0 {
-            return Err(CastError::value("x", "N:M groups need a tensor with at least one dimension, got a 0-d tensor"));
+            return Err(CastError::value(
+                "x",
+                "N:M groups need a tensor with at least one dimension, got a 0-d tensor",
+            ));
         }
         let d = if dim < 0 { dim + nd } else { dim };
         if d == nd - 1 {
@@ -94,7 +98,10 @@ impl GroupLayout {
     /// Checks that the group dimension of `shape` is divisible by M.
     pub fn new(pattern: NmPattern, shape: &[i64], dim: GroupDim, param: &str) -> Result<Self> {
         if shape.is_empty() {
-            return Err(CastError::value(param, "N:M groups need a tensor with at least one dimension, got a 0-d tensor"));
+            return Err(CastError::value(
+                param,
+                "N:M groups need a tensor with at least one dimension, got a 0-d tensor",
+            ));
         }
         let numel: i64 = shape.iter().product();
         let (len, stride) = match dim {
@@ -114,7 +121,11 @@ impl GroupLayout {
                 ),
             ));
         }
-        Ok(GroupLayout { pattern, stride: stride.max(1) as usize, numel: numel as usize })
+        Ok(GroupLayout {
+            pattern,
+            stride: stride.max(1) as usize,
+            numel: numel as usize,
+        })
     }
 
     /// Elements in one block (`M * stride`).
@@ -191,106 +202,143 @@ impl MaskKey for F16Bits {
     }
 }
 
-/// Rank-based selection for a group of compile-time size `M`: element `i` is kept when fewer
-/// than `n` elements beat it (larger key, or equal key at a lower index).
-#[inline(always)]
-fn select_const<K: Copy + Ord, const M: usize>(keys: &[K; M], n: usize, keep: &mut [u8; M]) {
-    for i in 0..M {
-        let ki = keys[i];
-        let mut beaten_by = 0usize;
-        for (j, &kj) in keys.iter().enumerate() {
-            beaten_by += ((kj > ki) | ((kj == ki) & (j < i))) as usize;
-        }
-        keep[i] = (beaten_by < n) as u8;
-    }
-}
+// Selection: element i of a group is kept when fewer than n members beat it, where j beats i
+// if key_j > key_i, or key_j == key_i and j < i. That is exactly "the n largest, ties to the
+// lower index", computed with M² branch-free comparisons, which vectorise across groups.
 
 #[inline(always)]
-fn select_dyn<K: Copy + Ord>(keys: &[K], n: usize, keep: &mut [u8]) {
-    for i in 0..keys.len() {
-        let ki = keys[i];
-        let mut beaten_by = 0usize;
-        for (j, &kj) in keys.iter().enumerate() {
-            beaten_by += ((kj > ki) | ((kj == ki) & (j < i))) as usize;
-        }
-        keep[i] = (beaten_by < n) as u8;
-    }
+fn beats<K: Ord>(kj: K, ki: K, j: usize, i: usize) -> u32 {
+    ((kj > ki) | ((kj == ki) & (j < i))) as u32
 }
 
+/// Last-dimension layout (groups are `M` consecutive elements), `M` known at compile time.
+/// The loop over groups is what LLVM vectorises (interleaved loads/stores).
 #[inline(always)]
-fn keep_blocks_const<T: MaskKey, const M: usize>(x: &[T], n: usize, stride: usize, keep: &mut [u8]) {
-    let block = M * stride;
-    for (xb, kb) in x.chunks_exact(block).zip(keep.chunks_exact_mut(block)) {
-        for g in 0..stride {
-            let mut keys = [xb[g].key(); M];
-            for (j, k) in keys.iter_mut().enumerate() {
-                *k = xb[g + j * stride].key();
+fn keep_contiguous_const<T: MaskKey, const M: usize>(x: &[T], n: usize, keep: &mut [u8]) {
+    let n = n as u32;
+    for (xg, kg) in x.chunks_exact(M).zip(keep.chunks_exact_mut(M)) {
+        let keys: [T::Key; M] = core::array::from_fn(|j| xg[j].key());
+        for i in 0..M {
+            let mut beaten = 0u32;
+            for j in 0..M {
+                beaten += beats(keys[j], keys[i], j, i);
             }
-            let mut out = [0u8; M];
-            select_const::<T::Key, M>(&keys, n, &mut out);
-            for (j, &o) in out.iter().enumerate() {
-                kb[g + j * stride] = o;
-            }
+            kg[i] = (beaten < n) as u8;
         }
     }
 }
 
-fn keep_blocks_dyn<T: MaskKey>(x: &[T], n: usize, m: usize, stride: usize, keep: &mut [u8]) {
-    let block = m * stride;
-    let mut keys = vec![x[0].key(); m];
-    let mut out = vec![0u8; m];
-    for (xb, kb) in x.chunks_exact(block).zip(keep.chunks_exact_mut(block)) {
-        for g in 0..stride {
-            for (j, k) in keys.iter_mut().enumerate() {
-                *k = xb[g + j * stride].key();
-            }
-            select_dyn(&keys, n, &mut out);
-            for (j, &o) in out.iter().enumerate() {
-                kb[g + j * stride] = o;
+/// Dimension-0 layout: in a block of `M * s` elements, group g is `g, g + s, ..., g + (M-1)s`.
+/// The loop over g reads `M` contiguous rows side by side, so it vectorises directly.
+#[inline(always)]
+fn keep_strided_const<T: MaskKey, const M: usize>(x: &[T], n: usize, s: usize, keep: &mut [u8]) {
+    let n = n as u32;
+    for (xb, kb) in x.chunks_exact(M * s).zip(keep.chunks_exact_mut(M * s)) {
+        for g in 0..s {
+            let keys: [T::Key; M] = core::array::from_fn(|j| xb[g + j * s].key());
+            for i in 0..M {
+                let mut beaten = 0u32;
+                for j in 0..M {
+                    beaten += beats(keys[j], keys[i], j, i);
+                }
+                kb[g + i * s] = (beaten < n) as u8;
             }
         }
+    }
+}
+
+/// Any M (up to 32) and stride, with run-time loop bounds.
+#[inline(always)]
+fn keep_dyn<T: MaskKey>(x: &[T], n: usize, m: usize, s: usize, keep: &mut [u8]) {
+    let mut keys = [x[0].key(); MAX_M];
+    for (xb, kb) in x.chunks_exact(m * s).zip(keep.chunks_exact_mut(m * s)) {
+        for g in 0..s {
+            for (j, k) in keys[..m].iter_mut().enumerate() {
+                *k = xb[g + j * s].key();
+            }
+            for i in 0..m {
+                let mut beaten = 0u32;
+                for j in 0..m {
+                    beaten += beats(keys[j], keys[i], j, i);
+                }
+                kb[g + i * s] = (beaten < n as u32) as u8;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn keep_flags_impl<T: MaskKey>(x: &[T], layout: &GroupLayout, keep: &mut [u8]) {
+    let (n, m, s) = (layout.pattern.n, layout.pattern.m, layout.stride);
+    match (m, s) {
+        (4, 1) => keep_contiguous_const::<T, 4>(x, n, keep),
+        (8, 1) => keep_contiguous_const::<T, 8>(x, n, keep),
+        (16, 1) => keep_contiguous_const::<T, 16>(x, n, keep),
+        (4, _) => keep_strided_const::<T, 4>(x, n, s, keep),
+        (8, _) => keep_strided_const::<T, 8>(x, n, s, keep),
+        (16, _) => keep_strided_const::<T, 16>(x, n, s, keep),
+        _ => keep_dyn(x, n, m, s, keep),
     }
 }
 
 /// Writes 0/1 keep flags for `x`, which must be a whole number of blocks of `layout`.
-/// Sequential: callers parallelise over pieces.
+/// Sequential: callers parallelise over pieces. Inlined so that it is compiled with the
+/// caller's vector instruction set (see `simd`).
+#[inline(always)]
 pub fn keep_flags<T: MaskKey>(x: &[T], layout: &GroupLayout, keep: &mut [u8]) {
     debug_assert_eq!(x.len(), keep.len());
     debug_assert_eq!(x.len() % layout.block(), 0);
-    if x.is_empty() {
-        return;
-    }
-    let (n, m, s) = (layout.pattern.n, layout.pattern.m, layout.stride);
-    match m {
-        // The common patterns get fully unrolled comparison networks.
-        4 => keep_blocks_const::<T, 4>(x, n, s, keep),
-        8 => keep_blocks_const::<T, 8>(x, n, s, keep),
-        16 => keep_blocks_const::<T, 16>(x, n, s, keep),
-        _ => keep_blocks_dyn(x, n, m, s, keep),
+    if !x.is_empty() {
+        keep_flags_impl(x, layout, keep)
     }
 }
 
 /// Packs 0/1 flags into bits (LSB first). `bits.len() == ceil(flags.len() / 8)`.
-#[inline]
+#[inline(always)]
 pub fn pack_bits(flags: &[u8], bits: &mut [u8]) {
     debug_assert_eq!(bits.len(), packed_len(flags.len()));
-    for (byte, f) in bits.iter_mut().zip(flags.chunks(8)) {
+    let full = flags.len() / 8;
+    for (byte, f) in bits[..full].iter_mut().zip(flags.chunks_exact(8)) {
+        // Byte i (0 or 1) sits at bit 8i; multiplying by Σ 2^(56 - 7i) moves it to bit 56 + i
+        // with no overlapping partial products (so no carries): the top byte is the packed bits.
+        let word = u64::from_le_bytes(f.try_into().unwrap());
+        *byte = ((word & 0x0101_0101_0101_0101).wrapping_mul(0x0102_0408_1020_4080) >> 56) as u8;
+    }
+    if full < bits.len() {
         let mut b = 0u8;
-        for (i, &v) in f.iter().enumerate() {
+        for (i, &v) in flags[full * 8..].iter().enumerate() {
             b |= (v & 1) << i;
         }
-        *byte = b;
+        bits[full] = b;
     }
 }
 
-/// Expands bits (LSB first) into `out.len()` values of `one` / `zero`.
-#[inline]
-pub fn unpack_bits<V: Copy>(bits: &[u8], out: &mut [V], one: V, zero: V) {
-    debug_assert!(bits.len() >= packed_len(out.len()));
-    for (o, &byte) in out.chunks_mut(8).zip(bits.iter()) {
-        for (i, v) in o.iter_mut().enumerate() {
-            *v = if (byte >> i) & 1 == 1 { one } else { zero };
+/// 0/1 bytes of every possible mask byte, LSB first (2 KiB, stays in L1).
+static UNPACK_LUT: [[u8; 8]; 256] = {
+    let mut t = [[0u8; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut i = 0;
+        while i < 8 {
+            t[b][i] = ((b >> i) & 1) as u8;
+            i += 1;
         }
+        b += 1;
+    }
+    t
+};
+
+/// Expands bits (LSB first) into `out.len()` 0/1 bytes.
+#[inline(always)]
+pub fn unpack_flags(bits: &[u8], out: &mut [u8]) {
+    debug_assert!(bits.len() >= packed_len(out.len()));
+    let full = out.len() / 8;
+    for (o, &byte) in out.chunks_exact_mut(8).zip(&bits[..full]) {
+        o.copy_from_slice(&UNPACK_LUT[byte as usize]);
+    }
+    let rest = &mut out[full * 8..];
+    if !rest.is_empty() {
+        rest.copy_from_slice(&UNPACK_LUT[bits[full] as usize][..rest.len()]);
     }
 }
 
@@ -300,7 +348,7 @@ pub(crate) fn chunk_len(unit: usize, numel: usize) -> usize {
     let units = (TARGET / unit).max(1);
     let chunk = units * unit;
     // Small tensors: still leave work for each thread.
-    let threads = rayon::current_num_threads().max(1);
+    let threads = crate::parallel::num_threads().max(1);
     if numel / chunk < threads * 2 && numel > unit * threads * 2 {
         (numel / (threads * 2)).div_ceil(unit) * unit
     } else {
@@ -311,7 +359,10 @@ pub(crate) fn chunk_len(unit: usize, numel: usize) -> usize {
 fn check_len(layout: &GroupLayout, got: usize, what: &str, expected: usize) -> Result<()> {
     let _ = layout;
     if got != expected {
-        return Err(CastError::value(what, format!("expected {expected} elements, got {got}")));
+        return Err(CastError::value(
+            what,
+            format!("expected {expected} elements, got {got}"),
+        ));
     }
     Ok(())
 }
@@ -321,7 +372,13 @@ pub fn nm_keep<T: MaskKey>(x: &[T], layout: &GroupLayout, out: &mut [u8]) -> Res
     check_len(layout, x.len(), "x", layout.numel)?;
     check_len(layout, out.len(), "out", layout.numel)?;
     let c = chunk_len(layout.unit(), x.len());
-    x.par_chunks(c).zip(out.par_chunks_mut(c)).for_each(|(xc, oc)| keep_flags(xc, layout, oc));
+    let pieces: Vec<_> = x.chunks(c).zip(out.chunks_mut(c)).collect();
+    crate::parallel::for_each(pieces, |(xc, oc)| {
+        crate::simd::dispatch(
+            #[inline(always)]
+            || keep_flags(xc, layout, oc),
+        )
+    });
     Ok(())
 }
 
@@ -330,10 +387,16 @@ pub fn nm_mask_packed<T: MaskKey>(x: &[T], layout: &GroupLayout, bits: &mut [u8]
     check_len(layout, x.len(), "x", layout.numel)?;
     check_len(layout, bits.len(), "mask", packed_len(layout.numel))?;
     let c = chunk_len(layout.unit(), x.len());
-    x.par_chunks(c).zip(bits.par_chunks_mut(c / 8)).for_each(|(xc, bc)| {
+    let pieces: Vec<_> = x.chunks(c).zip(bits.chunks_mut(c / 8)).collect();
+    crate::parallel::for_each(pieces, |(xc, bc)| {
         let mut flags = vec![0u8; xc.len()];
-        keep_flags(xc, layout, &mut flags);
-        pack_bits(&flags, bc);
+        crate::simd::dispatch(
+            #[inline(always)]
+            || {
+                keep_flags(xc, layout, &mut flags);
+                pack_bits(&flags, bc);
+            },
+        )
     });
     Ok(())
 }
@@ -368,7 +431,9 @@ mod tests {
 
     /// A small deterministic generator so tests need no extra crate.
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
@@ -377,7 +442,10 @@ mod tests {
         assert!(NmPattern::new(2, 4).is_ok());
         assert!(NmPattern::new(31, 32).is_ok());
         for (n, m) in [(4, 4), (0, 4), (5, 4), (1, 1), (2, 33), (-1, 4)] {
-            assert!(matches!(NmPattern::new(n, m), Err(CastError::Value { .. })), "{n}:{m}");
+            assert!(
+                matches!(NmPattern::new(n, m), Err(CastError::Value { .. })),
+                "{n}:{m}"
+            );
         }
     }
 
@@ -394,16 +462,33 @@ mod tests {
     #[test]
     fn exactly_n_kept_and_matches_reference() {
         let mut seed = 7u64;
-        for &(n, m) in &[(1usize, 2usize), (2, 4), (1, 4), (3, 4), (2, 8), (4, 8), (5, 12), (8, 16), (3, 32)] {
+        for &(n, m) in &[
+            (1usize, 2usize),
+            (2, 4),
+            (1, 4),
+            (3, 4),
+            (2, 8),
+            (4, 8),
+            (5, 12),
+            (8, 16),
+            (3, 32),
+        ] {
             for &(rows, dim) in &[(3usize, GroupDim::Last), (m * 2, GroupDim::First)] {
                 let cols = m * 5;
-                let (r, c) = if dim == GroupDim::Last { (rows, cols) } else { (m * 2, 7) };
+                let (r, c) = if dim == GroupDim::Last {
+                    (rows, cols)
+                } else {
+                    (m * 2, 7)
+                };
                 let x: Vec<f32> = (0..r * c).map(|_| lcg(&mut seed)).collect();
                 let l = lay(n as i64, m as i64, &[r as i64, c as i64], dim);
                 let mut keep = vec![0u8; x.len()];
                 nm_keep(&x, &l, &mut keep).unwrap();
                 assert_eq!(keep, reference(&x, n, m, l.stride), "{n}:{m} {dim:?}");
-                assert_eq!(keep.iter().map(|&k| k as usize).sum::<usize>(), x.len() / m * n);
+                assert_eq!(
+                    keep.iter().map(|&k| k as usize).sum::<usize>(),
+                    x.len() / m * n
+                );
             }
         }
     }
@@ -412,11 +497,26 @@ mod tests {
     fn ties_zeros_and_nan() {
         let l = lay(2, 4, &[5, 4], GroupDim::Last);
         let x = [
-            1.0f32, 1.0, 1.0, 1.0, // all equal: lowest indices win
-            0.0, -0.0, 0.0, 0.0, // signed zeros are equal
-            f32::NAN, 5.0, f32::INFINITY, -2.0, // NaN is the largest, then inf
-            -3.0, 3.0, f32::NAN, f32::NAN, // two NaNs beat the rest, both kept
-            1e-45, -1e-45, 0.0, 3e-45, // subnormals order like any magnitude
+            1.0f32,
+            1.0,
+            1.0,
+            1.0, // all equal: lowest indices win
+            0.0,
+            -0.0,
+            0.0,
+            0.0, // signed zeros are equal
+            f32::NAN,
+            5.0,
+            f32::INFINITY,
+            -2.0, // NaN is the largest, then inf
+            -3.0,
+            3.0,
+            f32::NAN,
+            f32::NAN, // two NaNs beat the rest, both kept
+            1e-45,
+            -1e-45,
+            0.0,
+            3e-45, // subnormals order like any magnitude
         ];
         let mut keep = vec![0u8; 20];
         nm_keep(&x, &l, &mut keep).unwrap();
@@ -438,7 +538,7 @@ mod tests {
         nm_mask_packed(&x, &l, &mut bits).unwrap();
         assert_eq!(bits[4] >> 4, 0, "padding bits must be zero");
         let mut back = vec![9u8; 36];
-        unpack_bits(&bits, &mut back, 1, 0);
+        unpack_flags(&bits, &mut back);
         assert_eq!(back, keep);
     }
 

@@ -23,7 +23,7 @@ def adams_step(
     exp_avg_sqs: List[torch.Tensor],
     masks: List[Optional[torch.Tensor]],
     patterns: List[Optional[Tuple[int, int, int]]],
-    steps: List[float],
+    steps: List[torch.Tensor],
     *,
     lr: float,
     beta1: float,

@@ -230,29 +230,28 @@ class AdamS(Optimizer):
     def _init_group(
         self, group: Dict[str, Any], gi: int
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[Optional[Tuple[int, int, int]]]]:
-        """Collect and validate the parameters with gradients. Writes nothing."""
+        """Collect and validate the parameters with gradients. Writes nothing.
+
+        This runs every step, so the common case is kept to a few attribute reads per
+        parameter; messages are only built when something is wrong.
+        """
         params, grads, specs = [], [], []
+        group_spec = None
+        if group.get("pattern") is not None:
+            n, m = parse_pattern(group["pattern"])
+            group_spec = (n, m, -1)
         for i, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            name = self._param_name(group, gi, i)
             g = p.grad
-            if g.is_sparse:
-                raise TypeError(f"{name}: AdamS does not support sparse gradients (got a {g.layout} gradient)")
-            if g.dtype != p.dtype:
-                raise TypeError(f"{name}: gradient dtype {g.dtype} differs from the parameter's {p.dtype}")
-            if g.shape != p.shape:
-                raise ValueError(f"{name}: gradient shape {tuple(g.shape)} differs from the parameter's {tuple(p.shape)}")
-            if g.device != p.device:
-                raise ValueError(f"{name}: gradient is on {g.device}, the parameter on {p.device}")
-            if torch.is_complex(p):
-                raise TypeError(f"{name}: complex parameters are not supported")
-            spec = self._param_spec(p, group)
+            if g is None:
+                continue
+            spec = getattr(p, NM_ATTR, None) or group_spec
+            if g.is_sparse or g.dtype != p.dtype or g.shape != p.shape or g.device != p.device or not p.is_floating_point():
+                self._raise_bad_grad(group, gi, i, p, g)
             if spec is not None:
-                n, m, dim = spec
-                size = group_dim_size(tuple(p.shape), dim)
-                if size is None or size % m:
-                    raise ValueError(f"{name}: shape {tuple(p.shape)} cannot hold {n}:{m} groups along dim {dim}")
+                size = group_dim_size(tuple(p.shape), spec[2])
+                if size is None or size % spec[1]:
+                    name = self._param_name(group, gi, i)
+                    raise ValueError(f"{name}: shape {tuple(p.shape)} cannot hold {spec[0]}:{spec[1]} groups along dim {spec[2]}")
                 if group["total_steps"] is None:
                     raise ValueError(
                         "total_steps: required when a group has sparse (N:M) parameters; "
@@ -260,13 +259,26 @@ class AdamS(Optimizer):
                     )
             st = self.state.get(p)
             if st:
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if key in st and (st[key].shape != p.shape or st[key].dtype != p.dtype):
-                        raise ValueError(f"{name}: optimizer state {key!r} does not match the parameter (shape/dtype)")
+                mu = st.get("exp_avg")
+                if mu is not None and (mu.shape != p.shape or mu.dtype != p.dtype):
+                    name = self._param_name(group, gi, i)
+                    raise ValueError(f"{name}: optimizer state 'exp_avg' does not match the parameter (shape/dtype)")
             params.append(p)
             grads.append(g)
             specs.append(spec)
         return params, grads, specs
+
+    def _raise_bad_grad(self, group: Dict[str, Any], gi: int, i: int, p: torch.Tensor, g: torch.Tensor) -> None:
+        name = self._param_name(group, gi, i)
+        if not p.is_floating_point():
+            raise TypeError(f"{name}: AdamS needs floating-point parameters, got dtype {p.dtype}")
+        if g.is_sparse:
+            raise TypeError(f"{name}: AdamS does not support sparse gradients (got a {g.layout} gradient)")
+        if g.dtype != p.dtype:
+            raise TypeError(f"{name}: gradient dtype {g.dtype} differs from the parameter's {p.dtype}")
+        if g.shape != p.shape:
+            raise ValueError(f"{name}: gradient shape {tuple(g.shape)} differs from the parameter's {tuple(p.shape)}")
+        raise ValueError(f"{name}: gradient is on {g.device}, the parameter on {p.device}")
 
     def _state_for(self, p: torch.Tensor, spec: Optional[Tuple[int, int, int]]) -> Dict[str, Any]:
         st = self.state[p]
@@ -307,7 +319,6 @@ class AdamS(Optimizer):
             if not params:
                 continue
             states = [self._state_for(p, spec) for p, spec in zip(params, specs)]
-            steps = [float(st["step"]) + 1.0 for st in states]
             beta1, beta2 = (float(b) for b in group["betas"])
             total = group["total_steps"]
             fast, generic = _cast_rs.adams_step(
@@ -316,8 +327,8 @@ class AdamS(Optimizer):
                 [st["exp_avg"] for st in states],
                 [st["exp_avg_sq"] for st in states],
                 [st.get("mask") if spec is not None else None for st, spec in zip(states, specs)],
-                [spec for spec in specs],
-                steps,
+                specs,
+                [st["step"] for st in states],  # incremented by the kernel on success
                 lr=float(group["lr"]),
                 beta1=beta1,
                 beta2=beta2,
@@ -330,8 +341,6 @@ class AdamS(Optimizer):
             )
             self._kernel_calls[0] += fast
             self._kernel_calls[1] += generic
-            for st in states:
-                st["step"] += 1.0
         return loss
 
     # ----------------------------------------------------------------- helpers

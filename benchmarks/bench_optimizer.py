@@ -1,0 +1,127 @@
+"""Optimizer-step and mask-kernel speed, side by side in one run (medians and ratios).
+
+    ./run bench optimizer [--tensors 24] [--size 1024] [--steps 30]
+
+* cast_rs.AdamS (2:4 on every tensor; Rust fused step, mask refresh every 10 steps)
+* torch.optim.AdamW(fused=True): the memory-bandwidth yardstick (same 28 bytes per weight)
+* plain-PyTorch AdamS (foreach ops, float masks, topk mask pass): what one writes without
+  a kernel (tests/reference.py: foreach_adams_step)
+* N:M mask: cast_rs.nm_mask vs a torch.topk-based mask
+
+Timings are wall-clock medians over the measured steps, after warm-up, in this process;
+the machine's thread count applies to all (torch threads and the Rust pool alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+import cast_rs  # noqa: E402
+from reference import foreach_adams_step, topk_nm_mask  # noqa: E402
+
+
+def timed(fn, steps: int, warmup: int = 3) -> list:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tensors", type=int, default=24)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=40, help="timed rounds (default 40)")
+    args = ap.parse_args()
+    shape = (args.size, args.size)
+    numel = args.tensors * args.size * args.size
+    print(f"{args.tensors} float32 weights of {shape[0]}x{shape[1]} ({numel / 1e6:.1f} M weights), all 2:4; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
+          f"{cast_rs._cast_rs.num_threads()} cast-rs threads; {args.steps} interleaved rounds")
+
+    def params():
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(shape)) for _ in range(args.tensors)]
+        for p in ps:
+            p.grad = torch.randn(shape) * 1e-2
+        return ps
+
+    T = 10_000
+    # All three optimizers live side by side and are timed in interleaved rounds (one step
+    # of each per round), so drift in the machine's speed (a shared VM) hits them alike.
+    ps_adams = params()
+    adams = cast_rs.AdamS(ps_adams, lr=1e-3, pattern="2:4", total_steps=T, mask_interval=10)
+    ps_dense = params()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "acts as AdamW": intended here
+        adams_dense = cast_rs.AdamS(ps_dense, lr=1e-3)
+    ps_adamw = params()
+    adamw = torch.optim.AdamW(ps_adamw, lr=1e-3, fused=True)
+    ps = params()
+    grads = [p.grad for p in ps]
+    mus = [torch.zeros_like(p) for p in ps]
+    vs = [torch.zeros_like(p) for p in ps]
+    masks = [torch.ones_like(p) for p in ps]
+    counter = [0]
+
+    @torch.no_grad()
+    def plain_step():
+        counter[0] += 1
+        foreach_adams_step(ps, grads, mus, vs, masks, counter[0], lr=1e-3, total_steps=T, mask_interval=10)
+
+    contenders = {"adams": adams.step, "dense": adams_dense.step, "adamw": adamw.step, "plain": plain_step}
+    times = {k: [] for k in contenders}
+    for r in range(args.steps + 3):
+        for name, fn in contenders.items():
+            if name == "plain" and r % 3:
+                continue  # 10x slower: a third of the rounds is plenty for its median
+            t0 = time.perf_counter()
+            fn()
+            if r >= 3:
+                times[name].append(time.perf_counter() - t0)
+    assert adams._kernel_calls[1] == 0, "benchmark must run on the fast path"
+    t_adams, t_adamw, t_plain = times["adams"], times["adamw"], times["plain"]
+    t_dense = times["dense"]
+    del ps_adams, ps_adamw, ps_dense, adams_dense, ps, grads, mus, vs, masks, adams, adamw
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    mean = {k: statistics.fmean(v) for k, v in times.items()}
+    gbps = numel * 28 / med["adams"] / 1e9
+    print("\noptimizer step                      median ms   mean ms   vs fused AdamW")
+    print(f"cast_rs.AdamS (2:4, fast path)      {med['adams'] * 1e3:9.1f} {mean['adams'] * 1e3:9.1f}   {med['adams'] / med['adamw']:6.2f}x")
+    print(f"cast_rs.AdamS, dense (= AdamW)      {med['dense'] * 1e3:9.1f} {mean['dense'] * 1e3:9.1f}   {med['dense'] / med['adamw']:6.2f}x")
+    print(f"torch AdamW(fused=True)             {med['adamw'] * 1e3:9.1f} {mean['adamw'] * 1e3:9.1f}   {1.0:6.2f}x")
+    print(f"plain-PyTorch AdamS (foreach)       {med['plain'] * 1e3:9.1f} {mean['plain'] * 1e3:9.1f}   {med['plain'] / med['adamw']:6.2f}x")
+    print(f"-> cast_rs.AdamS is {med['plain'] / med['adams']:.1f}x faster than plain-PyTorch AdamS and takes "
+          f"{med['adams'] / med['adamw']:.2f}x the time of fused AdamW ({gbps:.1f} GB/s of the 28 B/weight traffic)")
+
+    # Mask kernel, on the same 24 tensors (one refresh of the whole model).
+    torch.manual_seed(1)
+    ws = [torch.randn(shape) for _ in range(args.tensors)]
+    t_rs = timed(lambda: [cast_rs.nm_mask(w, "2:4") for w in ws], max(5, args.steps // 3))
+    t_packed = timed(lambda: [cast_rs.nm_mask_packed(w, "2:4") for w in ws], max(5, args.steps // 3))
+    t_topk = timed(lambda: [topk_nm_mask(w, 2, 4) for w in ws], max(5, args.steps // 3))
+    for w in ws[:2]:
+        assert torch.equal(cast_rs.nm_mask(w, "2:4"), topk_nm_mask(w, 2, 4).bool())  # no ties in randn
+    m_rs, m_packed, m_topk = (statistics.median(t) for t in (t_rs, t_packed, t_topk))
+    print("\n2:4 mask of all tensors               median ms   speed-up vs topk")
+    print(f"cast_rs.nm_mask (bool)                {m_rs * 1e3:9.1f}   {m_topk / m_rs:6.1f}x")
+    print(f"cast_rs.nm_mask_packed (1 bit/weight) {m_packed * 1e3:9.1f}   {m_topk / m_packed:6.1f}x")
+    print(f"torch.topk-based mask (float)         {m_topk * 1e3:9.1f}   {1.0:6.1f}x")
+
+
+if __name__ == "__main__":
+    main()
