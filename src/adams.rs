@@ -19,6 +19,8 @@
 //! with it to rounding. The mask of a sparse tensor is recomputed from θ (before any update of
 //! this step) when `refresh` is set.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::error::{CastError, Result};
 use crate::nm::{keep_flags, pack_bits, packed_len, unpack_flags, GroupLayout};
 
@@ -348,6 +350,8 @@ struct Piece<'a> {
     mask: Option<(&'a mut [u8], GroupLayout)>,
     tile: usize,
     scalars: StepScalars,
+    /// Groups whose mask changed at this refresh, summed over the tensor's pieces.
+    flips: &'a AtomicU64,
 }
 
 /// Runs a piece with the widest vector instructions this CPU has (see `simd`).
@@ -374,6 +378,12 @@ fn run_piece_impl(p: Piece<'_>, h: &AdamsHyper) {
         Some((bits, layout)) => {
             let tile = p.tile;
             let mut flags = vec![0u8; tile];
+            let mut old = if sc.refresh {
+                vec![0u8; tile]
+            } else {
+                Vec::new()
+            };
+            let mut flips = 0u64;
             let tiles = p
                 .theta
                 .chunks_mut(tile)
@@ -386,6 +396,8 @@ fn run_piece_impl(p: Piece<'_>, h: &AdamsHyper) {
                 let len = th.len();
                 if sc.refresh {
                     keep_flags(th, &layout, &mut flags[..len]);
+                    unpack_flags(b, &mut old[..len]);
+                    flips += changed_groups(&old[..len], &flags[..len], &layout);
                     pack_bits(&flags[..len], b);
                 }
                 #[cfg(target_arch = "x86_64")]
@@ -403,20 +415,42 @@ fn run_piece_impl(p: Piece<'_>, h: &AdamsHyper) {
                 }
                 sparse_tile(th, g, mu, v, &flags[..len], &sc, b1c, b2, b2c, eps, decay);
             }
+            if flips > 0 {
+                p.flips.fetch_add(flips, Ordering::Relaxed);
+            }
         }
     }
+}
+
+/// Number of groups (whole blocks of `layout` in `old`/`new`) whose keep flags differ.
+fn changed_groups(old: &[u8], new: &[u8], layout: &GroupLayout) -> u64 {
+    let (m, s) = (layout.pattern.m, layout.stride);
+    let mut count = 0u64;
+    for (ob, nb) in old.chunks_exact(m * s).zip(new.chunks_exact(m * s)) {
+        for g in 0..s {
+            count += (0..m).any(|j| ob[g + j * s] != nb[g + j * s]) as u64;
+        }
+    }
+    count
 }
 
 /// One AdamS step over several tensors (one param group), in parallel across all of them.
 ///
 /// Everything is validated before anything is written: on `Err`, no buffer has changed.
-pub fn adams_step_f32(tensors: Vec<AdamsTensor<'_>>, h: &AdamsHyper) -> Result<()> {
+/// Returns, per tensor, the number of N:M groups whose mask changed if its mask was refreshed
+/// at this step (`None` for dense tensors and steps without a refresh).
+pub fn adams_step_f32(tensors: Vec<AdamsTensor<'_>>, h: &AdamsHyper) -> Result<Vec<Option<u64>>> {
     h.validate()?;
     for (i, t) in tensors.iter().enumerate() {
         t.validate(i)?;
     }
+    let counters: Vec<AtomicU64> = tensors.iter().map(|_| AtomicU64::new(0)).collect();
+    let refreshed: Vec<bool> = tensors
+        .iter()
+        .map(|t| t.mask.is_some() && t.scalars.refresh)
+        .collect();
     let mut pieces: Vec<Piece<'_>> = Vec::new();
-    for t in tensors {
+    for (t, flips) in tensors.into_iter().zip(&counters) {
         let n = t.theta.len();
         if n == 0 {
             continue;
@@ -439,6 +473,7 @@ pub fn adams_step_f32(tensors: Vec<AdamsTensor<'_>>, h: &AdamsHyper) -> Result<(
                         mask: None,
                         tile: c,
                         scalars: t.scalars,
+                        flips,
                     });
                 }
             }
@@ -462,13 +497,18 @@ pub fn adams_step_f32(tensors: Vec<AdamsTensor<'_>>, h: &AdamsHyper) -> Result<(
                         mask: Some((b, layout)),
                         tile,
                         scalars: t.scalars,
+                        flips,
                     });
                 }
             }
         }
     }
     crate::parallel::for_each(pieces, |p| run_piece(p, h));
-    Ok(())
+    Ok(counters
+        .iter()
+        .zip(refreshed)
+        .map(|(c, r)| r.then(|| c.load(Ordering::Relaxed)))
+        .collect())
 }
 
 #[cfg(test)]
@@ -717,6 +757,37 @@ mod tests {
             (th[1] - (0.5 - travel)).abs() < 1e-4 && (th[2] + 0.5 - travel).abs() < 1e-4,
             "{th:?}"
         );
+    }
+
+    #[test]
+    fn refresh_reports_changed_groups() {
+        let h = AdamsHyper {
+            lr: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            l1_decay: 0.0,
+        };
+        let layout =
+            GroupLayout::new(NmPattern::new(2, 4).unwrap(), &[2, 8], GroupDim::Last, "w").unwrap();
+        // 4 groups; the stored mask says "keep the first two" everywhere; θ agrees in groups
+        // 0 and 2 only.
+        let mut th = vec![
+            9.0f32, 8.0, 1.0, 0.0, 0.0, 1.0, 8.0, 9.0, 5.0, 4.0, 0.0, 0.0, 0.0, 0.0, 3.0, 3.0,
+        ];
+        let (mut mu, mut v) = (vec![0f32; 16], vec![0f32; 16]);
+        let mut bits = vec![0b0011_0011u8, 0b0011_0011];
+        let t = AdamsTensor {
+            theta: &mut th,
+            grad: &[0.0; 16],
+            exp_avg: &mut mu,
+            exp_avg_sq: &mut v,
+            mask: Some((&mut bits, layout)),
+            scalars: StepScalars::new(&h, 1.0, Some(10.0), 10),
+        };
+        assert_eq!(adams_step_f32(vec![t], &h).unwrap(), vec![Some(2)]);
+        assert_eq!(bits, vec![0b1100_0011, 0b1100_0011]);
     }
 
     #[test]

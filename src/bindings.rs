@@ -15,6 +15,7 @@ use crate::adams::{adams_step_f32, AdamsHyper, AdamsTensor, StepScalars};
 use crate::error::CastError;
 use crate::generic::{self, GenericScalars};
 use crate::nm::{self, GroupDim, GroupLayout, MaskKey, NmPattern};
+use crate::scaling::{self, ScaleLayout, ScaleShape};
 
 create_exception!(
     _cast_rs,
@@ -281,7 +282,8 @@ fn nm_mask_numpy<'py>(
 ///
 /// `patterns[i]` is `(n, m, dim)` for a sparse tensor (then `masks[i]` is its packed mask)
 /// or `None` for a dense one. Everything is validated before anything is written.
-/// Returns `(tensors on the fast path, tensors on the generic path)`.
+/// Returns `(tensors on the fast path, tensors on the generic path, flips)` where `flips[i]`
+/// is the number of N:M groups whose mask changed, for tensors refreshed at this step.
 #[pyfunction]
 #[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, masks, patterns, steps, *, lr, beta1, beta2, eps, weight_decay, l1_decay, total_steps, mask_interval, force_generic=false))]
 #[allow(clippy::too_many_arguments)]
@@ -303,7 +305,7 @@ fn adams_step(
     total_steps: Option<f64>,
     mask_interval: u64,
     force_generic: bool,
-) -> PyResult<(usize, usize)> {
+) -> PyResult<(usize, usize, Vec<Option<u64>>)> {
     let k = params.len();
     for (name, len) in [
         ("grads", grads.len()),
@@ -563,7 +565,7 @@ fn adams_step(
 
     let n_fast = jobs.iter().filter(|j| j.fast).count();
     let n_generic = k - n_fast;
-    py.allow_threads(move || {
+    let flips = py.allow_threads(move || {
         guarded(|| {
             let mut fast_tensors = Vec::with_capacity(n_fast);
             for j in jobs.iter().filter(|j| j.fast) {
@@ -585,19 +587,220 @@ fn adams_step(
                 };
                 fast_tensors.push(t);
             }
-            adams_step_f32(fast_tensors, &h)?;
-            for j in jobs.iter_mut().filter(|j| !j.fast) {
+            let fast_flips = adams_step_f32(fast_tensors, &h)?;
+            let mut flips = vec![None; jobs.len()];
+            let fast_idx = jobs
+                .iter()
+                .enumerate()
+                .filter(|(_, j)| j.fast)
+                .map(|(i, _)| i);
+            for (i, f) in fast_idx.zip(fast_flips) {
+                flips[i] = f;
+            }
+            for (i, j) in jobs.iter_mut().enumerate().filter(|(_, j)| !j.fast) {
                 let sc = GenericScalars::new(&h, j.step, total_steps, mask_interval);
                 let mask = j.mask.as_mut().map(|(b, pat, gdim, _)| (b, *pat, *gdim));
-                generic::adams_step_tensor(&mut j.p, &j.g, &mut j.mu, &mut j.v, mask, &h, &sc)?;
+                flips[i] =
+                    generic::adams_step_tensor(&mut j.p, &j.g, &mut j.mu, &mut j.v, mask, &h, &sc)?;
             }
             for j in jobs.iter_mut() {
                 write_step(&mut j.step_t, j.step)?;
             }
-            Ok(())
+            Ok(flips)
         })
     })?;
-    Ok((n_fast, n_generic))
+    Ok((n_fast, n_generic, flips))
+}
+
+fn scale_shape(w: &Tensor, a: &Tensor, groups: i64, dim: i64) -> Result<ScaleShape, CastError> {
+    let layout = match dim {
+        -1 | 1 => ScaleLayout::RowsOut,
+        0 => ScaleLayout::RowsIn,
+        _ => {
+            return Err(CastError::value(
+                "dim",
+                format!("expected -1 (nn.Linear [out, in]) or 0 (Conv1D [in, out]), got {dim}"),
+            ))
+        }
+    };
+    let s = ScaleShape::new(&w.size(), groups, layout)?;
+    if a.size() != [s.rows as i64, s.groups as i64] {
+        return Err(CastError::value(
+            "scale",
+            format!(
+                "expected shape [{}, {}], got {:?}",
+                s.rows,
+                s.groups,
+                a.size()
+            ),
+        ));
+    }
+    if !is_float(w.kind()) || a.kind() != w.kind() {
+        return Err(CastError::type_(
+            "scale",
+            format!(
+                "expected floating tensors of one dtype, got weight {} and scale {}",
+                kind_name(w.kind()),
+                kind_name(a.kind())
+            ),
+        ));
+    }
+    if a.device() != w.device() {
+        return Err(CastError::value(
+            "scale",
+            format!(
+                "expected device {:?} (the weight's), got {:?}",
+                w.device(),
+                a.device()
+            ),
+        ));
+    }
+    Ok(s)
+}
+
+/// Runs a scaling kernel on f32 or f64 slices.
+fn scale_fast(
+    kind: Kind,
+    f32_fn: impl FnOnce() -> Result<(), CastError>,
+    f64_fn: impl FnOnce() -> Result<(), CastError>,
+) -> Result<(), CastError> {
+    match kind {
+        Kind::Float => f32_fn(),
+        _ => f64_fn(),
+    }
+}
+
+/// `W · A` (weight scaling forward). `dim` is the weight's group dimension: -1 for
+/// `[out, in]`, 0 for `[in, out]`.
+#[pyfunction]
+#[pyo3(signature = (w, a, groups, dim=-1, force_generic=false))]
+fn scale_forward(
+    py: Python<'_>,
+    w: PyTensor,
+    a: PyTensor,
+    groups: i64,
+    dim: i64,
+    force_generic: bool,
+) -> PyResult<PyTensor> {
+    let (w, a) = (w.0, a.0);
+    let s = scale_shape(&w, &a, groups, dim)?;
+    let out = py.allow_threads(move || {
+        guarded(|| {
+            let kind = w.kind();
+            if !force_generic
+                && matches!(kind, Kind::Float | Kind::Double)
+                && fast_eligible(&[&w, &a], kind)
+            {
+                let out = Tensor::f_empty(w.size(), (kind, Device::Cpu))
+                    .map_err(generic::torch_err("scale_forward"))?;
+                // SAFETY: contiguous CPU tensors of `kind` (checked); `out` is fresh.
+                scale_fast(
+                    kind,
+                    || unsafe {
+                        scaling::scale_forward::<f32>(
+                            slice_mut(&w),
+                            slice_mut(&a),
+                            &s,
+                            slice_mut(&out),
+                        )
+                    },
+                    || unsafe {
+                        scaling::scale_forward::<f64>(
+                            slice_mut(&w),
+                            slice_mut(&a),
+                            &s,
+                            slice_mut(&out),
+                        )
+                    },
+                )?;
+                Ok(out)
+            } else {
+                generic::scale_forward_tensor(&w, &a, &s)
+            }
+        })
+    })?;
+    Ok(PyTensor(out))
+}
+
+/// Gradients of weight scaling: `(∂L/∂W, ∂L/∂A)` from `∂L/∂W_s`.
+#[pyfunction]
+#[pyo3(signature = (grad, w, a, groups, dim=-1, force_generic=false))]
+fn scale_backward(
+    py: Python<'_>,
+    grad: PyTensor,
+    w: PyTensor,
+    a: PyTensor,
+    groups: i64,
+    dim: i64,
+    force_generic: bool,
+) -> PyResult<(PyTensor, PyTensor)> {
+    let (g, w, a) = (grad.0, w.0, a.0);
+    let s = scale_shape(&w, &a, groups, dim)?;
+    if g.size() != w.size() || g.kind() != w.kind() || g.device() != w.device() {
+        return Err(CastError::value(
+            "grad",
+            format!(
+                "expected the weight's shape {:?} and dtype {}, got {:?} {}",
+                w.size(),
+                kind_name(w.kind()),
+                g.size(),
+                kind_name(g.kind())
+            ),
+        )
+        .into());
+    }
+    let (gw, ga) = py.allow_threads(move || {
+        guarded(|| {
+            let kind = w.kind();
+            if !force_generic
+                && matches!(kind, Kind::Float | Kind::Double)
+                && fast_eligible(&[&g, &w, &a], kind)
+            {
+                let e = generic::torch_err("scale_backward");
+                let gw = Tensor::f_empty(w.size(), (kind, Device::Cpu)).map_err(&e)?;
+                let ga = Tensor::f_empty(a.size(), (kind, Device::Cpu)).map_err(&e)?;
+                // SAFETY: contiguous CPU tensors of `kind` (checked); outputs are fresh.
+                scale_fast(
+                    kind,
+                    || unsafe {
+                        scaling::scale_forward::<f32>(
+                            slice_mut(&g),
+                            slice_mut(&a),
+                            &s,
+                            slice_mut(&gw),
+                        )?;
+                        scaling::scale_grad_scale::<f32>(
+                            slice_mut(&g),
+                            slice_mut(&w),
+                            &s,
+                            slice_mut(&ga),
+                        )
+                    },
+                    || unsafe {
+                        scaling::scale_forward::<f64>(
+                            slice_mut(&g),
+                            slice_mut(&a),
+                            &s,
+                            slice_mut(&gw),
+                        )?;
+                        scaling::scale_grad_scale::<f64>(
+                            slice_mut(&g),
+                            slice_mut(&w),
+                            &s,
+                            slice_mut(&ga),
+                        )
+                    },
+                )?;
+                Ok((gw, ga))
+            } else {
+                Ok((
+                    generic::scale_forward_tensor(&g, &a, &s)?,
+                    generic::scale_grad_scale_tensor(&g, &w, &s)?,
+                ))
+            }
+        })
+    })?;
+    Ok((PyTensor(gw), PyTensor(ga)))
 }
 
 /// Completed steps held in a one-element counter tensor (torch keeps `state["step"]` as a
@@ -642,6 +845,8 @@ fn _cast_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(nm_mask_numpy, m)?)?;
     m.add_function(wrap_pyfunction!(adams_step, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(scale_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(scale_backward, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -142,13 +142,25 @@ pub fn adams_step_tensor(
     mask: Option<(&mut Tensor, NmPattern, GroupDim)>,
     h: &AdamsHyper,
     sc: &GenericScalars,
-) -> Result<()> {
+) -> Result<Option<u64>> {
     let e = torch_err("adams_step (generic path)");
+    let mut flips = None;
     // The new mask is computed before anything is written.
     let mask = match mask {
         Some((bits, pattern, dim)) => {
             if sc.refresh {
                 let keep = nm_keep_tensor(p, pattern, dim)?;
+                let old = unpack_mask(bits, &p.size())?;
+                let changed = old.f_ne_tensor(&keep).map_err(&e)?;
+                let (g, _, _) = grouped(&changed, pattern, dim)?;
+                let n = g
+                    .f_any_dim(-1, false)
+                    .map_err(&e)?
+                    .f_sum(Kind::Int64)
+                    .map_err(&e)?
+                    .f_int64_value(&[])
+                    .map_err(&e)?;
+                flips = Some(n as u64);
                 let packed = pack_mask(&keep)?;
                 bits.f_copy_(&packed).map_err(&e)?;
                 Some(keep)
@@ -202,9 +214,77 @@ pub fn adams_step_tensor(
         .f_div(&denom)
         .map_err(&e)?;
     let _ = p.f_add_(&update).map_err(&e)?;
-    Ok(())
+    Ok(flips)
 }
 
 pub fn is_cpu(t: &Tensor) -> bool {
     t.device() == Device::Cpu
+}
+
+/// `A` broadcast to the weight's shape (see `scaling.rs` for the layouts).
+fn expand_scale(a: &Tensor, s: &crate::scaling::ScaleShape) -> Result<Tensor> {
+    use crate::scaling::ScaleLayout;
+    let e = torch_err("weight scaling");
+    let (r, c, n, b) = (
+        s.rows as i64,
+        s.cols as i64,
+        s.groups as i64,
+        s.block() as i64,
+    );
+    match s.layout {
+        ScaleLayout::RowsOut => a
+            .f_unsqueeze(-1)
+            .map_err(&e)?
+            .f_expand([r, n, b], false)
+            .map_err(&e)?
+            .f_reshape([r, c])
+            .map_err(&e),
+        ScaleLayout::RowsIn => a
+            .f_transpose(0, 1)
+            .map_err(&e)?
+            .f_unsqueeze(1)
+            .map_err(&e)?
+            .f_expand([n, b, r], false)
+            .map_err(&e)?
+            .f_reshape([c, r])
+            .map_err(&e),
+    }
+}
+
+/// Generic-path `W · A` (also `∂L/∂W` when `w` is the incoming gradient).
+pub fn scale_forward_tensor(
+    w: &Tensor,
+    a: &Tensor,
+    s: &crate::scaling::ScaleShape,
+) -> Result<Tensor> {
+    w.f_mul(&expand_scale(a, s)?)
+        .map_err(torch_err("weight scaling"))
+}
+
+/// Generic-path `∂L/∂A`, shape `[R, n]`.
+pub fn scale_grad_scale_tensor(
+    g: &Tensor,
+    w: &Tensor,
+    s: &crate::scaling::ScaleShape,
+) -> Result<Tensor> {
+    use crate::scaling::ScaleLayout;
+    let e = torch_err("weight scaling");
+    let (r, n, b) = (s.rows as i64, s.groups as i64, s.block() as i64);
+    let prod = g.f_mul(w).map_err(&e)?;
+    match s.layout {
+        ScaleLayout::RowsOut => prod
+            .f_reshape([r, n, b])
+            .map_err(&e)?
+            .f_sum_dim_intlist([-1i64].as_slice(), false, None::<Kind>)
+            .map_err(&e),
+        ScaleLayout::RowsIn => prod
+            .f_reshape([n, b, r])
+            .map_err(&e)?
+            .f_sum_dim_intlist([1i64].as_slice(), false, None::<Kind>)
+            .map_err(&e)?
+            .f_transpose(0, 1)
+            .map_err(&e)?
+            .f_contiguous()
+            .map_err(&e),
+    }
 }

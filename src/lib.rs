@@ -12,6 +12,7 @@ pub mod adams;
 pub mod error;
 pub mod nm;
 pub mod parallel;
+pub mod scaling;
 pub mod simd;
 
 #[cfg(feature = "python")]

@@ -9,7 +9,9 @@ from cast_rs import _cast_rs
 
 def snapshot(opt, params):
     return [p.detach().clone() for p in params], {
-        id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params if p in opt.state
+        id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
+        for p in params
+        if p in opt.state
     }
 
 
@@ -20,7 +22,10 @@ def assert_unchanged(opt, params, snap):
     for p in params:
         if id(p) in state:
             for k, v in state[id(p)].items():
-                assert torch.equal(opt.state[p][k], v), k
+                if isinstance(v, torch.Tensor):
+                    assert torch.equal(opt.state[p][k], v), k
+                else:
+                    assert opt.state[p][k] == v, k
         else:
             assert p not in opt.state or not opt.state[p]
 

@@ -235,4 +235,18 @@ def test_optimizer_memory_is_adamw_plus_one_bit():
     extra = st["mask"].numel() * st["mask"].element_size()
     assert extra * 8 == w.numel()
     assert st["exp_avg"].shape == w.shape and st["exp_avg_sq"].shape == w.shape
-    assert set(st) == {"step", "exp_avg", "exp_avg_sq", "mask"}
+    assert set(st) == {"step", "exp_avg", "exp_avg_sq", "mask", "mask_flip_rate"}
+    assert st["mask_flip_rate"] == 1.0 or st["mask_flip_rate"] > 0.5  # from the all-zero initial mask
+
+
+def test_mask_flip_rate_counts_changed_groups(kernel_path):
+    w = torch.nn.Parameter(torch.tensor([[9.0, 8.0, 1.0, 0.0, 0.0, 1.0, 8.0, 9.0]]))
+    opt = cast_rs.AdamS([w], lr=1e-9, pattern="2:4", total_steps=10, mask_interval=2)
+    w.grad = torch.zeros_like(w)
+    opt.step()  # step 1: refresh from the empty mask, both groups change
+    assert opt.state[w]["mask_flip_rate"] == 1.0
+    with torch.no_grad():
+        w.copy_(torch.tensor([[9.0, 8.0, 1.0, 0.0, 9.0, 8.0, 0.0, 1.0]]))  # second group flips
+    opt.step()  # step 2: no refresh, rate unchanged
+    opt.step()  # step 3: refresh
+    assert opt.state[w]["mask_flip_rate"] == 0.5

@@ -79,7 +79,8 @@ class AdamS(Optimizer):
 
     State per parameter: ``step`` (0-d float32 tensor), ``exp_avg`` (μ), ``exp_avg_sq`` (v),
     and for a sparse parameter ``mask``: a ``uint8`` tensor of ``ceil(numel/8)`` bytes, one
-    bit per weight (see :func:`cast_rs.nm_mask_packed`). All of it is in ``state_dict()``, so
+    bit per weight (see :func:`cast_rs.nm_mask_packed`), and ``mask_flip_rate``: the fraction
+    of N:M groups whose mask changed at the last refresh (a float). All of it is in ``state_dict()``, so
     a resumed run is bit-identical to an uninterrupted one.
 
     Kernels: contiguous float32 CPU tensors take the Rust fast path (one fused pass, parallel,
@@ -321,7 +322,7 @@ class AdamS(Optimizer):
             states = [self._state_for(p, spec) for p, spec in zip(params, specs)]
             beta1, beta2 = (float(b) for b in group["betas"])
             total = group["total_steps"]
-            fast, generic = _cast_rs.adams_step(
+            fast, generic, flips = _cast_rs.adams_step(
                 params,
                 grads,
                 [st["exp_avg"] for st in states],
@@ -341,6 +342,9 @@ class AdamS(Optimizer):
             )
             self._kernel_calls[0] += fast
             self._kernel_calls[1] += generic
+            for p, st, spec, changed in zip(params, states, specs, flips):
+                if changed is not None:
+                    st["mask_flip_rate"] = changed / max(1, p.numel() // spec[1])
         return loss
 
     # ----------------------------------------------------------------- helpers

@@ -1,0 +1,69 @@
+"""CAST weight scaling: a learnable ``[R, n]`` scale on each sparse weight.
+
+Column block ``j = c // (C / n)`` of output row ``r`` is multiplied by ``A[r, j]``, so the
+layer computes with ``W_s = W · A[r, c // (C/n)]``; ``A`` starts at ones and is trained as an
+ordinary dense parameter. Scaling is element-wise: the zeros of ``W`` (its N:M pattern) are
+those of ``W_s``. Forward and backward are Rust kernels (fast path for contiguous float32 /
+float64 on CPU, tensor ops otherwise), wrapped in a ``torch.autograd.Function``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+import torch
+from torch import nn
+
+from . import _cast_rs
+from ._config import generic_path_forced
+
+
+class _ScaleFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
+        ctx.save_for_backward(weight, scale)
+        ctx.groups, ctx.dim = groups, dim
+        return _cast_rs.scale_forward(weight.detach(), scale.detach(), groups, dim, generic_path_forced())
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Any, ...]:
+        weight, scale = ctx.saved_tensors
+        grad_w, grad_a = _cast_rs.scale_backward(
+            grad.contiguous(), weight.detach(), scale.detach(), ctx.groups, ctx.dim, generic_path_forced()
+        )
+        return (
+            grad_w if ctx.needs_input_grad[0] else None,
+            grad_a if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+        )
+
+
+def scale_weight(weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: int = -1) -> torch.Tensor:
+    """Differentiable ``W · A`` (see the module docstring). ``dim`` is the group (input)
+    dimension of the weight: -1 for ``nn.Linear`` ``[out, in]``, 0 for ``Conv1D`` ``[in, out]``."""
+    return _ScaleFn.apply(weight, scale, groups, dim)
+
+
+class WeightScale(nn.Module):
+    """A ``torch.nn.utils.parametrize`` parametrization: ``weight ↦ weight · scale``.
+
+    Args:
+        out_features: R, the number of output rows.
+        groups: n, the number of column blocks per row (must divide the input dimension).
+        dim: the weight's input dimension, -1 (``[out, in]``) or 0 (``[in, out]``).
+    """
+
+    def __init__(self, out_features: int, groups: int, dim: int = -1, *, device=None, dtype=None) -> None:
+        super().__init__()
+        if groups < 1:
+            raise ValueError(f"scaling_groups: expected an int >= 1, got {groups}")
+        self.groups = int(groups)
+        self.dim = int(dim)
+        self.scale = nn.Parameter(torch.ones(out_features, groups, device=device, dtype=dtype))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return scale_weight(weight, self.scale, self.groups, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"scale={tuple(self.scale.shape)}, dim={self.dim}"
