@@ -2,8 +2,13 @@
 
 Turn a dense model into an N:M (2:4) semi-structured sparse one inside your own training loop::
 
-    import cast_rs
-    optimizer = cast_rs.AdamS(model.parameters(), lr=2e-4, total_steps=T, pattern="2:4")
+    import copy, cast_rs
+    teacher = copy.deepcopy(model).eval()
+    sparse = cast_rs.sparsify(model, pattern="2:4")
+    optimizer = cast_rs.AdamS(model.parameters(), lr=2e-4, total_steps=T)
+    ...  loss = cast_rs.distill_loss(model(x), teacher(x), labels)  ...
+    report = sparse.finalize()              # exact 2:4 weights, scaling folded in
+    assert cast_rs.check_nm(model, "2:4").ok
 
 See ``cast_rs.AdamS`` for the algorithm and ``cast_rs.nm_mask`` for the N:M rule.
 """
@@ -16,11 +21,32 @@ from ._cast_rs import CastError
 from ._config import force_generic_path, generic_path_forced
 from .nm import nm_mask, nm_mask_packed, parse_pattern, unpack_mask
 from .optim import DEFAULT_L1_DECAY, AdamS
+from .distill import distill_loss
+from .scaling import WeightScale, scale_weight
+from .sparsity import (
+    NMReport,
+    SparseModel,
+    check_nm,
+    export_semi_structured,
+    find_layers,
+    sparsify,
+)
+from . import baselines
 
 __version__: str = _cast_rs.__version__
 
 __all__ = [
     "AdamS",
+    "NMReport",
+    "SparseModel",
+    "WeightScale",
+    "baselines",
+    "check_nm",
+    "distill_loss",
+    "export_semi_structured",
+    "find_layers",
+    "scale_weight",
+    "sparsify",
     "CastError",
     "DEFAULT_L1_DECAY",
     "force_generic_path",

@@ -1,0 +1,520 @@
+"""Model surgery for existing training loops: ``sparsify`` → train → ``finalize``; ``check_nm``.
+
+Which layers become N:M: ``nn.Linear`` (weight ``[out, in]``: groups along the last dim) and
+Hugging Face GPT-2-style ``Conv1D`` (weight ``[in, out]``: groups along dim 0) whose input
+dimension is divisible by M. Left dense, each with its reason in ``SparseModel.skipped``:
+layers whose weight is tied to an embedding (an LM head sharing the token embedding), layers
+not matched by ``include`` or matched by ``exclude``, layers whose input dimension M does not
+divide, and a second module sharing an already-chosen weight.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .nm import Pattern, format_pattern, nm_mask, parse_pattern
+from .optim import NM_ATTR
+from .reports import format_table
+from .scaling import WeightScale, scale_weight
+
+__all__ = [
+    "sparsify",
+    "SparseModel",
+    "SparseLayer",
+    "SkippedLayer",
+    "check_nm",
+    "NMReport",
+    "FinalizeReport",
+    "SparsityStats",
+    "find_layers",
+    "export_semi_structured",
+]
+
+#: Module attribute left by ``finalize`` (and set while sparse) so that ``check_nm`` knows
+#: which layers to check: the pattern string, e.g. ``"2:4"``.
+SPARSE_MODULE_ATTR = "_cast_rs_sparse"
+
+Rule = Union[str, "re.Pattern[str]", type]
+Rules = Union[Rule, Sequence[Rule], None]
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's GPT-2 ``Conv1D`` (a Linear with its weight stored ``[in, out]``)."""
+    w = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and isinstance(w, torch.Tensor)
+        and w.dim() == 2
+    )
+
+
+def _layer_kind(module: nn.Module) -> Optional[Tuple[str, int]]:
+    """("Linear", -1) / ("Conv1D", 0) for sparsifiable layer types, else None."""
+    if isinstance(module, nn.Linear):
+        return "Linear", -1
+    if _is_conv1d(module):
+        return "Conv1D", 0
+    return None
+
+
+def _as_rules(rules: Rules, param: str) -> List[Rule]:
+    if rules is None:
+        return []
+    if isinstance(rules, (str, re.Pattern, type)):
+        return [rules]
+    out = list(rules)
+    for r in out:
+        if not isinstance(r, (str, re.Pattern, type)):
+            raise TypeError(f"{param}: expected names, globs, compiled regular expressions or module types, got {r!r}")
+    return out
+
+
+def _matches(rule: Rule, name: str, module: nn.Module) -> bool:
+    if isinstance(rule, type):
+        return isinstance(module, rule)
+    if isinstance(rule, re.Pattern):
+        return rule.search(name) is not None
+    if rule.startswith("re:"):
+        return re.search(rule[3:], name) is not None
+    return name == rule or fnmatch.fnmatchcase(name, rule)
+
+
+def _describe(rule: Rule) -> str:
+    if isinstance(rule, type):
+        return rule.__name__
+    if isinstance(rule, re.Pattern):
+        return f"re:{rule.pattern}"
+    return rule
+
+
+def _original_weight(module: nn.Module) -> torch.Tensor:
+    """The weight the optimizer trains (the parametrization's original when scaled)."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
+@dataclass
+class SparseLayer:
+    """One layer that ``sparsify`` made N:M."""
+
+    name: str
+    kind: str
+    shape: Tuple[int, ...]
+    dim: int
+    pattern: str
+    scaling_groups: int
+    module: nn.Module = field(repr=False, compare=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return _original_weight(self.module)
+
+
+@dataclass
+class SkippedLayer:
+    name: str
+    kind: str
+    shape: Tuple[int, ...]
+    reason: str
+
+
+class _Table(list):
+    """A list of rows that prints as a table."""
+
+    headers: Tuple[str, ...] = ()
+    title: str = ""
+
+    def _rows(self) -> List[Sequence[Any]]:  # pragma: no cover - overridden
+        return []
+
+    def __str__(self) -> str:
+        if not self:
+            return f"{self.title}: none"
+        return format_table(self.headers, self._rows(), title=self.title)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython / Jupyter
+        p.text(str(self))
+
+
+class LayerTable(_Table):
+    headers = ("layer", "type", "shape", "group dim", "pattern", "scale groups")
+    title = "sparse layers"
+
+    def _rows(self) -> List[Sequence[Any]]:
+        return [(l.name, l.kind, l.shape, "in (last)" if l.dim == -1 else "in (dim 0)", l.pattern, l.scaling_groups or "-") for l in self]
+
+
+class SkippedTable(_Table):
+    headers = ("layer", "type", "shape", "reason")
+    title = "left dense"
+
+    def _rows(self) -> List[Sequence[Any]]:
+        return [(s.name, s.kind, s.shape, s.reason) for s in self]
+
+
+def find_layers(
+    model: nn.Module, pattern: Pattern = "2:4", *, include: Rules = None, exclude: Rules = None
+) -> Tuple[List[Tuple[str, nn.Module, str, int]], List[SkippedLayer]]:
+    """The layers ``sparsify`` (and the baselines) would make N:M, and those it leaves dense.
+
+    ``include`` / ``exclude`` take names, globs (``"*.attn.*"``), compiled regular expressions,
+    strings ``"re:<regex>"``, or module types. Returns ``([(name, module, kind, dim)], skipped)``.
+    """
+    n, m = parse_pattern(pattern)
+    inc, exc = _as_rules(include, "include"), _as_rules(exclude, "exclude")
+    tied: Dict[int, str] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding):
+            tied.setdefault(id(mod.weight), name)
+    chosen: Dict[int, str] = {}
+    picked: List[Tuple[str, nn.Module, str, int]] = []
+    skipped: List[SkippedLayer] = []
+    for name, mod in model.named_modules():
+        kind_dim = _layer_kind(mod)
+        if kind_dim is None:
+            continue
+        kind, dim = kind_dim
+        w = _original_weight(mod)
+        shape = tuple(w.shape)
+
+        def skip(reason: str) -> None:
+            skipped.append(SkippedLayer(name, kind, shape, reason))
+
+        if inc and not any(_matches(r, name, mod) for r in inc):
+            skip("not matched by include")
+            continue
+        hit = next((r for r in exc if _matches(r, name, mod)), None)
+        if hit is not None:
+            skip(f"excluded by {_describe(hit)!r}")
+            continue
+        if id(w) in tied:
+            skip(f"weight tied to embedding {tied[id(w)]!r}")
+            continue
+        if id(w) in chosen:
+            skip(f"shares its weight with {chosen[id(w)]!r}")
+            continue
+        if not w.is_floating_point():
+            skip(f"weight dtype {w.dtype} is not floating-point")
+            continue
+        size = shape[-1] if dim == -1 else shape[0]
+        if size % m:
+            skip(f"input dimension {size} not divisible by M={m}")
+            continue
+        chosen[id(w)] = name
+        picked.append((name, mod, kind, dim))
+    return picked, skipped
+
+
+@dataclass
+class LayerFinal:
+    name: str
+    shape: Tuple[int, ...]
+    l1_removed: float
+    l1_removed_fraction: float
+    kept_fraction: float
+
+
+class FinalizeReport(_Table):
+    """What ``SparseModel.finalize`` did, one row per layer; ``total_l1_removed_fraction``."""
+
+    headers = ("layer", "shape", "L1 removed", "L1 removed %", "nonzero %")
+    title = "finalize"
+
+    def _rows(self) -> List[Sequence[Any]]:
+        return [(r.name, r.shape, r.l1_removed, 100 * r.l1_removed_fraction, 100 * r.kept_fraction) for r in self]
+
+    @property
+    def total_l1_removed_fraction(self) -> float:
+        removed = sum(r.l1_removed for r in self)
+        total = sum(r.l1_removed / r.l1_removed_fraction if r.l1_removed_fraction > 0 else 0.0 for r in self)
+        return removed / total if total > 0 else 0.0
+
+
+@dataclass
+class LayerStats:
+    name: str
+    sparse_ratio: float
+    mask_flip_rate: Optional[float]
+
+
+class SparsityStats(_Table):
+    """``‖W⊙m‖₁ / ‖W‖₁`` per layer (→ 1 as masked weights reach 0) and the last flip rate."""
+
+    headers = ("layer", "sparse weight ratio", "last mask flip rate")
+    title = "sparsity"
+    overall: float = float("nan")
+
+    def _rows(self) -> List[Sequence[Any]]:
+        rows = [(r.name, r.sparse_ratio, "-" if r.mask_flip_rate is None else r.mask_flip_rate) for r in self]
+        rows.append(("(all)", self.overall, "-"))
+        return rows
+
+
+class SparseModel:
+    """Handle returned by :func:`sparsify`: the layers, what was skipped, stats, finalize."""
+
+    def __init__(self, model: nn.Module, pattern: Tuple[int, int], layers: List[SparseLayer], skipped: List[SkippedLayer]):
+        self.model = model
+        self.pattern = pattern
+        self.layers = LayerTable(layers)
+        self.skipped = SkippedTable(skipped)
+        self.finalized = False
+
+    def __repr__(self) -> str:
+        return (
+            f"SparseModel({format_pattern(self.pattern)}, {len(self.layers)} sparse layers, "
+            f"{len(self.skipped)} left dense{', finalized' if self.finalized else ''})\n{self.layers}\n{self.skipped}"
+        )
+
+    def sparse_parameters(self) -> List[torch.Tensor]:
+        """The N:M weights (what AdamS treats as sparse)."""
+        return [l.weight for l in self.layers]
+
+    def scale_parameters(self) -> List[torch.Tensor]:
+        """The weight-scaling parameters (dense, trained by the same optimizer)."""
+        return [l.module.parametrizations.weight[0].scale for l in self.layers if l.scaling_groups and not self.finalized]
+
+    @torch.no_grad()
+    def stats(self, optimizer: Optional[torch.optim.Optimizer] = None) -> SparsityStats:
+        """Sparse weight ratio per layer and overall; with ``optimizer`` (an AdamS), the mask
+        flip rate of each layer's last refresh."""
+        n, m = self.pattern
+        out = SparsityStats()
+        kept_total = total = 0.0
+        for layer in self.layers:
+            w = layer.weight.detach()
+            keep = nm_mask(w, (n, m), dim=layer.dim)
+            kept = float(w.abs().mul(keep).sum(dtype=torch.float64))
+            tot = float(w.abs().sum(dtype=torch.float64))
+            kept_total += kept
+            total += tot
+            flip = None
+            if optimizer is not None:
+                flip = optimizer.state.get(layer.weight, {}).get("mask_flip_rate")
+            out.append(LayerStats(layer.name, kept / tot if tot > 0 else 1.0, flip))
+        out.overall = kept_total / total if total > 0 else 1.0
+        return out
+
+    @torch.no_grad()
+    def finalize(self) -> FinalizeReport:
+        """Make every sparse layer exactly N:M and plain again.
+
+        For each layer: mask W with its final N:M mask (recomputed from W), fold the scale into
+        W (W ← W·A), remove the parametrization and the marker. Parameter names and shapes are
+        then those the model had before :func:`sparsify`, so its ``state_dict`` loads into the
+        original architecture. Returns a per-layer report (L1 mass cut, nonzero fraction).
+        """
+        if self.finalized:
+            raise RuntimeError("finalize: this SparseModel is already finalized")
+        n, m = self.pattern
+        report = FinalizeReport()
+        for layer in self.layers:
+            mod = layer.module
+            w = layer.weight
+            keep = nm_mask(w.detach(), (n, m), dim=layer.dim)
+            absw = w.detach().abs()
+            total = float(absw.sum(dtype=torch.float64))
+            removed = float(absw.masked_fill(keep, 0).sum(dtype=torch.float64))
+            final = w.detach() * keep
+            if parametrize.is_parametrized(mod, "weight"):
+                scale = mod.parametrizations.weight[0]
+                final = scale_weight(final, scale.scale.detach(), scale.groups, scale.dim)
+                parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+            weight = mod.weight
+            weight.copy_(final)
+            if hasattr(weight, NM_ATTR):
+                delattr(weight, NM_ATTR)
+            setattr(mod, SPARSE_MODULE_ATTR, format_pattern(self.pattern))
+            report.append(
+                LayerFinal(layer.name, tuple(weight.shape), removed, removed / total if total > 0 else 0.0,
+                           float((weight != 0).float().mean()))
+            )
+        self.finalized = True
+        return report
+
+
+def sparsify(
+    model: nn.Module,
+    pattern: Pattern = "2:4",
+    *,
+    include: Rules = None,
+    exclude: Rules = None,
+    scaling_groups: Optional[int] = 2,
+) -> SparseModel:
+    """Prepare ``model`` (in place) for CAST sparse training and return its :class:`SparseModel`.
+
+    Each chosen layer's weight is marked N:M (so ``cast_rs.AdamS(model.parameters(), ...)``
+    treats it as sparse along the right dimension without param groups) and, unless
+    ``scaling_groups`` is 0/None, gets a learnable weight scale (``WeightScale``, ``[out, n]``,
+    initialised to ones) as a ``torch.nn.utils.parametrize`` parametrization. The forward pass
+    stays dense during training. When n does not divide a layer's input dimension, the layer
+    uses gcd(n, input dim) groups (shown in ``.layers``).
+
+    Args:
+        model: any ``nn.Module``; Hugging Face models included.
+        pattern: ``"N:M"`` or ``(N, M)``.
+        include: if given, only layers matching one of these rules (names, globs,
+            ``re.compile(...)`` or ``"re:<regex>"``, module types).
+        exclude: layers matching any of these rules stay dense.
+        scaling_groups: n, the scale's column blocks per row (default 2); 0 or None: no scaling.
+
+    Take the teacher for distillation (``copy.deepcopy(model)``) before calling this.
+    """
+    n, m = parse_pattern(pattern)
+    if scaling_groups is not None and (not isinstance(scaling_groups, int) or isinstance(scaling_groups, bool) or scaling_groups < 0):
+        raise ValueError(f"scaling_groups: expected an int >= 0 or None, got {scaling_groups!r}")
+    for p in model.parameters():
+        if hasattr(p, NM_ATTR):
+            raise RuntimeError("sparsify: this model is already sparsified (a weight is already marked N:M)")
+    picked, skipped = find_layers(model, (n, m), include=include, exclude=exclude)
+    layers: List[SparseLayer] = []
+    for name, mod, kind, dim in picked:
+        w = mod.weight
+        in_dim = w.shape[-1] if dim == -1 else w.shape[0]
+        out_dim = w.shape[0] if dim == -1 else w.shape[-1]
+        groups = 0
+        if scaling_groups:
+            groups = math.gcd(int(scaling_groups), int(in_dim))
+        setattr(w, NM_ATTR, (n, m, dim))
+        if groups:
+            parametrize.register_parametrization(
+                mod, "weight", WeightScale(out_dim, groups, dim, device=w.device, dtype=w.dtype), unsafe=False
+            )
+        setattr(mod, SPARSE_MODULE_ATTR, format_pattern((n, m)))
+        layers.append(SparseLayer(name, kind, tuple(w.shape), dim, format_pattern((n, m)), groups, mod))
+    return SparseModel(model, (n, m), layers, skipped)
+
+
+# ------------------------------------------------------------------------------------ check
+
+
+@dataclass
+class NMRow:
+    name: str
+    shape: Tuple[int, ...]
+    dim: int
+    groups: int
+    violating_groups: int
+    zero_fraction: float
+
+
+class NMReport(_Table):
+    """Result of :func:`check_nm`: ``.ok`` and one row per checked tensor."""
+
+    headers = ("layer", "shape", "group dim", "groups", "violating", "zero %")
+    pattern: str = ""
+
+    def _rows(self) -> List[Sequence[Any]]:
+        return [(r.name, r.shape, r.dim, r.groups, r.violating_groups, 100 * r.zero_fraction) for r in self]
+
+    @property
+    def ok(self) -> bool:
+        return len(self) > 0 and all(r.violating_groups == 0 for r in self)
+
+    def __str__(self) -> str:
+        verdict = "OK" if self.ok else "NOT N:M"
+        self.title = f"check_nm {self.pattern}: {verdict}"
+        return super().__str__()
+
+
+def _violations(w: torch.Tensor, n: int, m: int, dim: int) -> Tuple[int, int]:
+    nz = (w.detach() != 0)
+    if dim == -1:
+        per_group = nz.reshape(-1, m).sum(-1)
+    else:
+        per_group = nz.reshape(w.shape[0] // m, m, -1).sum(1)
+    return int((per_group > n).sum()), per_group.numel()
+
+
+def check_nm(model_or_tensor: Union[nn.Module, torch.Tensor], pattern: Pattern = "2:4", *, dim: int = -1) -> NMReport:
+    """Check that weights are N:M: at most N nonzeros in every group of M.
+
+    For a tensor: one row, groups along ``dim`` (-1 or 0). For a model: the layers that
+    :func:`sparsify` made sparse (they carry a marker, also after ``finalize``); a model that
+    was never sparsified has every ``nn.Linear`` / ``Conv1D`` whose input dimension M divides
+    checked. ``report.ok`` is True when every checked group passes (and something was checked).
+    """
+    n, m = parse_pattern(pattern)
+    report = NMReport()
+    report.pattern = format_pattern((n, m))
+    if isinstance(model_or_tensor, torch.Tensor):
+        t = model_or_tensor
+        d = -1 if dim in (-1, t.dim() - 1) else 0
+        size = t.shape[-1] if d == -1 else t.shape[0]
+        if t.dim() == 0 or size % m:
+            raise ValueError(f"tensor: shape {tuple(t.shape)} cannot hold {n}:{m} groups along dim {dim}")
+        bad, groups = _violations(t, n, m, d)
+        report.append(NMRow("tensor", tuple(t.shape), d, groups, bad, float((t == 0).float().mean())))
+        return report
+    if not isinstance(model_or_tensor, nn.Module):
+        raise TypeError(f"model_or_tensor: expected an nn.Module or a torch.Tensor, got {type(model_or_tensor).__name__}")
+    model = model_or_tensor
+    marked = [(name, mod) for name, mod in model.named_modules() if getattr(mod, SPARSE_MODULE_ATTR, None)]
+    if marked:
+        targets = [(name, mod, _layer_kind(mod)[1]) for name, mod in marked if _layer_kind(mod)]
+    else:
+        targets = [(name, mod, kd[1]) for name, mod, _, kd in
+                   ((nm_, md, None, _layer_kind(md)) for nm_, md in model.named_modules()) if kd]
+        targets = [(name, mod, d) for name, mod, d in targets
+                   if (mod.weight.shape[-1] if d == -1 else mod.weight.shape[0]) % m == 0]
+    for name, mod, d in targets:
+        w = mod.weight  # the effective weight (scaled, if still parametrized)
+        bad, groups = _violations(w, n, m, d)
+        report.append(NMRow(name, tuple(w.shape), d, groups, bad, float((w.detach() == 0).float().mean())))
+    return report
+
+
+# ----------------------------------------------------------------------------------- export
+
+
+def export_semi_structured(model: nn.Module, pattern: Pattern = "2:4") -> List[str]:
+    """Replace exact 2:4 fp16/bf16 ``nn.Linear`` weights on CUDA by
+    ``torch.sparse.to_sparse_semi_structured`` tensors (hardware 2:4 kernels). Returns the
+    names of the converted layers.
+
+    Needs a CUDA GPU with 2:4 sparse tensor cores (compute capability >= 8.0), weights in
+    float16 or bfloat16, and the pattern 2:4; raises ``CastError`` otherwise. ``Conv1D``
+    layers are not converted (transpose them into ``nn.Linear`` first).
+    """
+    from ._cast_rs import CastError
+
+    n, m = parse_pattern(pattern)
+    if (n, m) != (2, 4):
+        raise CastError(f"export_semi_structured: hardware semi-structured sparsity is 2:4 only, got {n}:{m}")
+    linears = [(name, mod) for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and getattr(mod, SPARSE_MODULE_ATTR, None)]
+    if not linears:
+        raise CastError("export_semi_structured: no finalized sparse nn.Linear layer found (run sparsify(...).finalize() first)")
+    devices = {mod.weight.device.type for _, mod in linears}
+    if devices != {"cuda"} or not torch.cuda.is_available():
+        raise CastError(
+            "export_semi_structured: needs the sparse layers on a CUDA GPU with 2:4 sparse tensor cores "
+            f"(compute capability >= 8.0); this model's sparse weights are on {sorted(devices)} "
+            f"(torch.cuda.is_available() = {torch.cuda.is_available()}). Move the model with .cuda().half() first."
+        )
+    major, _ = torch.cuda.get_device_capability()
+    if major < 8:
+        raise CastError(f"export_semi_structured: needs compute capability >= 8.0, this GPU has {major}.x")
+    bad = [name for name, mod in linears if mod.weight.dtype not in (torch.float16, torch.bfloat16)]
+    if bad:
+        raise CastError(f"export_semi_structured: weights must be float16 or bfloat16; {bad} are not (use .half())")
+    report = check_nm(model, "2:4")
+    if not report.ok:
+        raise CastError(f"export_semi_structured: the model is not exactly 2:4:\n{report}")
+    from torch.sparse import to_sparse_semi_structured
+
+    done = []
+    for name, mod in linears:
+        mod.weight = nn.Parameter(to_sparse_semi_structured(mod.weight.detach()), requires_grad=False)
+        done.append(name)
+    return done

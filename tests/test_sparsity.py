@@ -1,0 +1,180 @@
+"""sparsify → AdamS → finalize → check_nm on plain PyTorch models."""
+
+import copy
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import cast_rs
+from cast_rs.optim import NM_ATTR
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=32, width=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.fc1 = nn.Linear(width, 32)
+        self.fc2 = nn.Linear(32, width)
+        self.odd = nn.Linear(width, 6)   # kept: input 16 divides
+        self.odd_in = nn.Linear(6, 4)    # input 6: skipped
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.emb.weight  # tied
+
+    def forward(self, x):
+        h = self.emb(x)
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.head(h) + self.odd_in(self.odd(h)).sum(-1, keepdim=True)
+
+
+def test_layers_and_skips_with_reasons():
+    model = TinyLM()
+    sp = cast_rs.sparsify(model, "2:4")
+    assert [l.name for l in sp.layers] == ["fc1", "fc2", "odd"]
+    reasons = {s.name: s.reason for s in sp.skipped}
+    assert reasons["head"] == "weight tied to embedding 'emb'"
+    assert "not divisible by M=4" in reasons["odd_in"]
+    text = str(sp)
+    assert "fc1" in text and "tied to embedding" in text
+    assert getattr(model.fc1.parametrizations.weight.original, NM_ATTR) == (2, 4, -1)
+    assert model.fc1.parametrizations.weight[0].scale.shape == (32, 2)
+
+
+@pytest.mark.parametrize(
+    "kw,expected",
+    [
+        (dict(include=["fc*"]), ["fc1", "fc2"]),
+        (dict(exclude="fc2"), ["fc1", "odd"]),
+        (dict(exclude=re.compile(r"^fc\d$")), ["odd"]),
+        (dict(exclude="re:odd"), ["fc1", "fc2"]),
+        (dict(include=[nn.Linear], exclude=["odd"]), ["fc1", "fc2"]),
+    ],
+)
+def test_include_exclude_rules(kw, expected):
+    sp = cast_rs.sparsify(TinyLM(), "2:4", **kw)
+    assert [l.name for l in sp.layers] == expected
+    assert all(s.reason for s in sp.skipped)
+
+
+def test_bad_rules_and_double_sparsify():
+    with pytest.raises(TypeError, match="exclude"):
+        cast_rs.sparsify(TinyLM(), exclude=[3])
+    model = TinyLM()
+    cast_rs.sparsify(model)
+    with pytest.raises(RuntimeError, match="already sparsified"):
+        cast_rs.sparsify(model)
+    with pytest.raises(ValueError, match="scaling_groups"):
+        cast_rs.sparsify(TinyLM(), scaling_groups=-1)
+
+
+def train(model, teacher, opt, steps, x, y):
+    for _ in range(steps):
+        opt.zero_grad()
+        logits = model(x)
+        with torch.no_grad():
+            t = teacher(x)
+        cast_rs.distill_loss(logits, t, y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("scaling_groups", [2, 0])
+def test_full_flow_finalize_is_exact_and_loads_into_original(kernel_path, scaling_groups):
+    torch.manual_seed(0)
+    model = TinyLM()
+    original_keys = set(model.state_dict())
+    teacher = copy.deepcopy(model).eval()
+    sp = cast_rs.sparsify(model, "2:4", scaling_groups=scaling_groups)
+    opt = cast_rs.AdamS(model.parameters(), lr=1e-2, l1_decay=1e-2, total_steps=30)
+    x = torch.randint(0, 32, (4, 12))
+    y = torch.randint(0, 32, (4, 12))
+    train(model, teacher, opt, 30, x, y)
+    if scaling_groups:
+        assert not torch.equal(model.fc1.parametrizations.weight[0].scale, torch.ones(32, 2)), "scale must train"
+    stats = sp.stats(opt)
+    assert 0.5 < stats.overall <= 1.0 and all(r.mask_flip_rate is not None for r in stats)
+    with torch.no_grad():
+        before = model(x)
+    report = sp.finalize()
+    assert [r.name for r in report] == ["fc1", "fc2", "odd"]
+    assert all(abs(r.kept_fraction - 0.5) < 1e-9 for r in report)
+    assert 0 <= report.total_l1_removed_fraction < 0.5
+    check = cast_rs.check_nm(model, "2:4")
+    assert check.ok and [r.name for r in check] == ["fc1", "fc2", "odd"], str(check)
+    assert not hasattr(model.fc1.weight, NM_ATTR)
+    assert not any(".parametrizations." in k for k in model.state_dict())
+    assert set(model.state_dict()) == original_keys
+    fresh = TinyLM()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+        # finalize only zeroed weights that were already small: outputs move little.
+        assert float((model(x) - before).abs().max()) < 0.5 * float(before.abs().max())
+    with pytest.raises(RuntimeError, match="already finalized"):
+        sp.finalize()
+
+
+def test_scale_is_folded_exactly():
+    model = nn.Sequential(nn.Linear(8, 4))
+    sp = cast_rs.sparsify(model, "2:4")
+    with torch.no_grad():
+        model[0].parametrizations.weight[0].scale.copy_(torch.tensor([[2.0, 3.0]] * 4))
+        w = model[0].parametrizations.weight.original.clone()
+    keep = cast_rs.nm_mask(w, "2:4")
+    sp.finalize()
+    expected = w * keep * torch.tensor([2.0] * 4 + [3.0] * 4)
+    assert torch.equal(model[0].weight.detach(), expected)
+
+
+def test_check_nm_on_tensors_and_unsparsified_models():
+    w = torch.tensor([[1.0, 0.0, 2.0, 0.0, 1.0, 1.0, 1.0, 0.0]])
+    rep = cast_rs.check_nm(w, "2:4")
+    assert not rep.ok and rep[0].violating_groups == 1 and "NOT N:M" in str(rep)
+    assert cast_rs.check_nm(w, "3:4").ok
+    dense = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3))
+    rep = cast_rs.check_nm(dense, "2:4")
+    assert not rep.ok and len(rep) == 2
+    cast_rs.baselines.magnitude_prune(dense, "2:4")
+    assert cast_rs.check_nm(dense, "2:4").ok
+    with pytest.raises(TypeError):
+        cast_rs.check_nm([1, 2, 3])
+    with pytest.raises(ValueError):
+        cast_rs.check_nm(torch.randn(3, 6), "2:4")
+
+
+def test_adams_warns_without_sparse_parameters():
+    model = nn.Linear(8, 4)
+    with pytest.warns(UserWarning, match="acts as plain AdamW"):
+        cast_rs.AdamS(model.parameters(), lr=1e-3)
+    cast_rs.sparsify(model)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cast_rs.AdamS(model.parameters(), lr=1e-3, total_steps=10)
+
+
+def test_export_semi_structured_explains_what_is_needed():
+    model = nn.Sequential(nn.Linear(8, 4))
+    with pytest.raises(cast_rs.CastError, match="finalize"):
+        cast_rs.export_semi_structured(model)
+    sp = cast_rs.sparsify(model)
+    sp.finalize()
+    with pytest.raises(cast_rs.CastError, match="CUDA"):
+        cast_rs.export_semi_structured(model)
+    with pytest.raises(cast_rs.CastError, match="2:4 only"):
+        cast_rs.export_semi_structured(model, "1:4")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_export_semi_structured_on_cuda():  # pragma: no cover - GPU only
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("needs compute capability >= 8.0")
+    model = nn.Sequential(nn.Linear(128, 128))
+    sp = cast_rs.sparsify(model)
+    sp.finalize()
+    model = model.cuda().half()
+    x = torch.randn(32, 128, device="cuda", dtype=torch.float16)
+    ref = model(x)
+    assert cast_rs.export_semi_structured(model) == ["0"]
+    torch.testing.assert_close(model(x), ref, rtol=1e-2, atol=1e-2)
