@@ -11,22 +11,36 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="cast-rs", description="CAST N:M sparse training for PyTorch, with a Rust core.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    for name, helptext in (
-        ("demo", "the main demonstration (currently the short example below)"),
-        ("example", "short sparsification run on a small MLP (about half a minute)"),
-    ):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--pattern", default="2:4", help="N:M pattern (default 2:4)")
-        p.add_argument("--steps", type=int, default=600, help="training steps per method (default 600)")
-        p.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="CAST 2:4 vs baselines on a small byte-level GPT trained on real text (~10 min)")
+    demo.add_argument("--quick", action="store_true", help="small model and few steps (about 1-2 minutes; used by the tests)")
+    demo.add_argument("--data", nargs="+", metavar="PATH", help="your own text files or folders instead of the Python standard library sources")
+    demo.add_argument("--json", metavar="PATH", help="write the results (one entry per method) as JSON")
+    demo.add_argument("--plot", metavar="PATH", help="write a PNG: validation perplexity vs step, and final perplexities")
+    demo.add_argument("--steps", type=int, help="continued-training steps per method")
+    demo.add_argument("--pretrain-steps", dest="pretrain_steps", type=int, help="dense pretraining steps")
+    demo.add_argument("--lr", type=float, help="learning rate of continued training")
+    demo.add_argument("--l1-decay", dest="l1_decay", type=float, help="AdamS l1_decay (lambda)")
+    demo.add_argument("--batch", type=int, help="sequences per batch")
+    demo.add_argument("--seed", type=int)
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    ex = sub.add_parser("example", help="short sparsification run on a small MLP (about 10 seconds)")
+    ex.add_argument("--pattern", default="2:4", help="N:M pattern (default 2:4)")
+    ex.add_argument("--steps", type=int, default=600, help="training steps per method (default 600)")
+    ex.add_argument("--seed", type=int, default=0)
 
     args = parser.parse_args(argv)
-    if args.command in ("demo", "example"):
-        from .example import main as example_main
+    for key in ("steps", "pretrain_steps", "batch"):
+        v = getattr(args, key, None)
+        if v is not None and v < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1")
+    if args.command == "demo":
+        from .demo import main as demo_main
 
-        if args.steps < 1:
-            parser.error("--steps must be >= 1")
-        example_main(pattern=args.pattern, steps=args.steps, seed=args.seed)
+        return demo_main(args)
+    from .example import main as example_main
+
+    example_main(pattern=args.pattern, steps=args.steps, seed=args.seed)
     return 0
 
 

@@ -1,0 +1,449 @@
+"""``cast-rs demo``: CAST against the baselines on a small byte-level GPT trained on real text.
+
+Corpus: the Python standard library's own source files (``sysconfig.get_paths()["stdlib"]``),
+which ship with every Python: real text that nobody here wrote. Files are split into train and
+validation deterministically by a CRC32 of their relative path (1 in 10 to validation).
+``--data PATH...`` uses your own text files instead (split the same way; a single file is split
+90/10 by position).
+
+Pipeline (every method starts from the same dense checkpoint and, when it trains, gets the same
+number of steps on the same batches):
+
+=====================  ==============================================================
+dense                  the pretrained dense model
+dense_continued        dense AdamW + distillation from the dense model, no sparsity
+magnitude              one-shot magnitude 2:4 of the dense model
+wanda                  one-shot Wanda 2:4 (calibration: training batches)
+srste                  SR-STE 2:4 + distillation, AdamW
+dense_then_magnitude   dense_continued, then one-shot magnitude 2:4
+cast                   CAST 2:4: sparsify (weight scaling) + AdamS + distillation, finalize
+=====================  ==============================================================
+
+Sparse methods are checked with ``check_nm`` before their perplexity counts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import sysconfig
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import baselines
+from .distill import distill_loss
+from .optim import AdamS
+from .sparsity import check_nm, sparsify
+
+__all__ = ["DemoConfig", "TinyGPT", "load_corpus", "run_demo", "format_results", "plot_results"]
+
+METHODS = ("dense", "dense_continued", "magnitude", "wanda", "srste", "dense_then_magnitude", "cast")
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+def _stdlib_files() -> List[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo"}
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(part in skip for part in rel.parts):
+            continue
+        files.append(path)
+    return files
+
+
+def load_corpus(
+    paths: Optional[Sequence[str]] = None, max_train_bytes: int = 6_000_000, max_val_bytes: int = 600_000
+) -> Tuple[torch.Tensor, torch.Tensor, str]:
+    """(train bytes, validation bytes, description) as uint8 tensors."""
+    if paths:
+        files = []
+        for p in paths:
+            pp = Path(p)
+            if pp.is_dir():
+                files.extend(sorted(f for f in pp.rglob("*") if f.is_file()))
+            elif pp.is_file():
+                files.append(pp)
+            else:
+                raise FileNotFoundError(f"--data: {p} does not exist")
+        root = None
+        desc = f"{len(files)} user file(s)"
+    else:
+        files = _stdlib_files()
+        root = Path(sysconfig.get_paths()["stdlib"])
+        desc = f"Python {sys.version.split()[0]} standard library sources ({len(files)} files)"
+    if not files:
+        raise ValueError("no input files found")
+    if len(files) == 1:
+        data = files[0].read_bytes()
+        cut = int(len(data) * 0.9)
+        train, val = data[:cut], data[cut:]
+    else:
+        train_parts, val_parts = [], []
+        for f in files:
+            rel = str(f.relative_to(root)) if root else str(f)
+            (val_parts if zlib.crc32(rel.encode()) % 10 == 0 else train_parts).append(f.read_bytes())
+        if not val_parts:  # few files: move one to validation
+            val_parts.append(train_parts.pop())
+        train, val = b"\n\n".join(train_parts), b"\n\n".join(val_parts)
+    train, val = train[:max_train_bytes], val[:max_val_bytes]
+    if len(train) < 4096 or len(val) < 1024:
+        raise ValueError(f"corpus too small: {len(train)} train / {len(val)} validation bytes")
+    to_t = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)  # noqa: E731
+    return to_t(train), to_t(val), f"{desc}: {len(train) / 1e6:.1f} MB train, {len(val) / 1e6:.2f} MB validation"
+
+
+# ------------------------------------------------------------------------------ model
+
+
+@dataclass
+class GPTConfig:
+    vocab: int = 256
+    context: int = 128
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+
+
+class Block(nn.Module):
+    def __init__(self, c: GPTConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(c.width)
+        self.qkv = nn.Linear(c.width, 3 * c.width)
+        self.proj = nn.Linear(c.width, c.width)
+        self.ln2 = nn.LayerNorm(c.width)
+        self.fc1 = nn.Linear(c.width, 4 * c.width)
+        self.fc2 = nn.Linear(4 * c.width, c.width)
+        self.heads = c.heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    """A small GPT over bytes (pre-LayerNorm blocks, tied input/output embedding)."""
+
+    def __init__(self, c: GPTConfig) -> None:
+        super().__init__()
+        self.config = c
+        self.tok = nn.Embedding(c.vocab, c.width)
+        self.pos = nn.Embedding(c.context, c.width)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
+        self.ln = nn.LayerNorm(c.width)
+        self.head = nn.Linear(c.width, c.vocab, bias=False)
+        self.head.weight = self.tok.weight
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.ln(x))
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class DemoConfig:
+    """Defaults of the demo (see the README's tuning notes for how they were chosen)."""
+
+    model: GPTConfig = field(default_factory=GPTConfig)
+    batch: int = 32
+    pretrain_steps: int = 900
+    pretrain_lr: float = 3e-3
+    steps: int = 300  # per trained method, after pretraining
+    lr: float = 1e-3  # continued training (every method)
+    l1_decay: float = 1e-3  # AdamS λ
+    mask_interval: int = 10
+    scaling_groups: int = 2
+    srste_decay: float = 2e-4
+    eval_windows: int = 192  # final validation: windows of `context` bytes
+    curve_points: int = 6  # validation points along each trained run
+    calib_batches: int = 8  # Wanda
+    seed: int = 0
+    pattern: str = "2:4"
+
+    @classmethod
+    def quick(cls) -> "DemoConfig":
+        return cls(model=GPTConfig(context=64, width=64, layers=2), batch=16, pretrain_steps=150, steps=60,
+                   eval_windows=48, curve_points=3, calib_batches=2)
+
+
+class Batches:
+    """Deterministic random windows: batch i is the same for every method."""
+
+    def __init__(self, data: torch.Tensor, batch: int, context: int, seed: int) -> None:
+        self.data, self.batch, self.context, self.seed = data, batch, context, seed
+
+    def get(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        starts = torch.randint(0, self.data.numel() - self.context - 1, (self.batch,), generator=g)
+        idx = starts.unsqueeze(1) + torch.arange(self.context + 1)
+        chunk = self.data[idx].long()
+        return chunk[:, :-1], chunk[:, 1:]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val: torch.Tensor, windows: int, context: int) -> float:
+    """Validation perplexity over `windows` evenly spaced windows (dense forward as-is)."""
+    was = model.training
+    model.eval()
+    starts = torch.linspace(0, val.numel() - context - 2, windows).long()
+    total, count = 0.0, 0
+    for chunk in starts.split(32):
+        idx = chunk.unsqueeze(1) + torch.arange(context + 1)
+        seq = val[idx].long()
+        logits = model(seq[:, :-1])
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seq[:, 1:].reshape(-1), reduction="sum"))
+        count += seq[:, 1:].numel()
+    model.train(was)
+    return math.exp(total / count)
+
+
+def _cosine(opt: torch.optim.Optimizer, steps: int, warmup: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def train(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    batches: Batches,
+    steps: int,
+    *,
+    desc: str,
+    teacher: Optional[nn.Module] = None,
+    warmup: int = 0,
+    eval_fn: Optional[Callable[[], float]] = None,
+    curve_points: int = 0,
+    show: bool = True,
+) -> List[Tuple[int, float]]:
+    """Train for `steps`; returns [(step, val ppl)] at `curve_points` evenly spaced steps."""
+    sched = _cosine(opt, steps, warmup)
+    marks = {round(steps * (k + 1) / curve_points) for k in range(curve_points)} if curve_points else set()
+    curve = []
+    model.train()
+    bar = tqdm(range(steps), desc=desc, leave=False, disable=not show, mininterval=1.0)
+    for s in bar:
+        x, y = batches.get(s)
+        opt.zero_grad(set_to_none=True)
+        logits = model(x)
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(x)
+            loss = distill_loss(logits, t_logits, y)
+        else:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (s + 1) in marks and eval_fn is not None:
+            curve.append((s + 1, eval_fn()))
+            bar.set_postfix(val_ppl=f"{curve[-1][1]:.3f}")
+    return curve
+
+
+def _no_decay_groups(model: nn.Module, lr: float, weight_decay: float) -> List[Dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "scale" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool = True,
+             log: Callable[[str], None] = print) -> Dict[str, Dict]:
+    """Runs the whole pipeline; returns {method: {val_ppl, train_steps, seconds, exact_nm, curve}}."""
+    torch.manual_seed(cfg.seed)
+    train_data, val_data, desc = load_corpus(data)
+    log(f"corpus: {desc}")
+    c = cfg.model
+    batches = Batches(train_data, cfg.batch, c.context, cfg.seed)
+    cont_batches = Batches(train_data, cfg.batch, c.context, cfg.seed + 1)
+    evaluate_full = lambda m: evaluate(m, val_data, cfg.eval_windows, c.context)  # noqa: E731
+    evaluate_curve = lambda m: evaluate(m, val_data, max(8, cfg.eval_windows // 4), c.context)  # noqa: E731
+    results: Dict[str, Dict] = {}
+
+    def record(name: str, model: nn.Module, steps: int, seconds: float, sparse: bool, curve=None) -> None:
+        exact = None
+        if sparse:
+            report = check_nm(model, cfg.pattern)
+            exact = report.ok
+            if not exact:
+                raise RuntimeError(f"{name}: the final model is not exactly {cfg.pattern}:\n{report}")
+        results[name] = {"val_ppl": evaluate_full(model), "train_steps": steps, "seconds": round(seconds, 2),
+                         "exact_nm": exact, "curve": curve or []}
+        log(f"  {name:<22} val ppl {results[name]['val_ppl']:.4f}   ({seconds:.0f} s)")
+
+    # 1. dense pretraining
+    model = TinyGPT(c)
+    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {c.layers} layers, width {c.width}, context {c.context}")
+    t0 = time.perf_counter()
+    opt = torch.optim.AdamW(_no_decay_groups(model, cfg.pretrain_lr, 0.1), lr=cfg.pretrain_lr, betas=(0.9, 0.95))
+    train(model, opt, batches, cfg.pretrain_steps, desc="dense pretraining", warmup=max(1, cfg.pretrain_steps // 20), show=show)
+    record("dense", model, cfg.pretrain_steps, time.perf_counter() - t0, False)
+    dense_state = copy.deepcopy(model.state_dict())
+
+    def fresh() -> TinyGPT:
+        m = TinyGPT(c)
+        m.load_state_dict(dense_state)
+        return m
+
+    teacher = fresh().eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    # 2. one-shot baselines
+    t0 = time.perf_counter()
+    m = fresh()
+    baselines.magnitude_prune(m, cfg.pattern)
+    record("magnitude", m, 0, time.perf_counter() - t0, True)
+    t0 = time.perf_counter()
+    m = fresh()
+    calib = [batches.get(10_000 + i)[0] for i in range(cfg.calib_batches)]
+    baselines.wanda_prune(m, calib, cfg.pattern)
+    record("wanda", m, 0, time.perf_counter() - t0, True)
+
+    # 3. dense continued (also gives dense_then_magnitude)
+    t0 = time.perf_counter()
+    m = fresh()
+    opt = torch.optim.AdamW(_no_decay_groups(m, cfg.lr, 0.0), lr=cfg.lr, betas=(0.9, 0.95))
+    curve = train(m, opt, cont_batches, cfg.steps, desc="dense continued", teacher=teacher,
+                  eval_fn=lambda: evaluate_curve(m), curve_points=cfg.curve_points, show=show)
+    secs = time.perf_counter() - t0
+    record("dense_continued", m, cfg.steps, secs, False, curve)
+    t0 = time.perf_counter()
+    baselines.magnitude_prune(m, cfg.pattern)
+    record("dense_then_magnitude", m, cfg.steps, secs + time.perf_counter() - t0, True)
+
+    # 4. SR-STE
+    t0 = time.perf_counter()
+    m = fresh()
+    srste = baselines.SRSTE(m, cfg.pattern, decay=cfg.srste_decay)
+    opt = torch.optim.AdamW(_no_decay_groups(m, cfg.lr, 0.0), lr=cfg.lr, betas=(0.9, 0.95))
+    curve = train(m, opt, cont_batches, cfg.steps, desc="SR-STE", teacher=teacher,
+                  eval_fn=lambda: evaluate_curve(m), curve_points=cfg.curve_points, show=show)
+    srste.finalize()
+    record("srste", m, cfg.steps, time.perf_counter() - t0, True, curve)
+
+    # 5. CAST
+    t0 = time.perf_counter()
+    m = fresh()
+    handle = sparsify(m, cfg.pattern, scaling_groups=cfg.scaling_groups)
+    opt = AdamS(m.parameters(), lr=cfg.lr, betas=(0.9, 0.95), l1_decay=cfg.l1_decay,
+                total_steps=cfg.steps, mask_interval=cfg.mask_interval)
+    curve = train(m, opt, cont_batches, cfg.steps, desc="CAST (AdamS)", teacher=teacher,
+                  eval_fn=lambda: evaluate_curve(m), curve_points=cfg.curve_points, show=show)
+    stats = handle.stats(opt)
+    fin = handle.finalize()
+    record("cast", m, cfg.steps, time.perf_counter() - t0, True, curve)
+    results["cast"]["sparse_weight_ratio_before_finalize"] = stats.overall
+    results["cast"]["l1_removed_at_finalize"] = fin.total_l1_removed_fraction
+    return {k: results[k] for k in METHODS}
+
+
+def format_results(results: Dict[str, Dict]) -> str:
+    dense = results["dense"]["val_ppl"]
+    mag = results["magnitude"]["val_ppl"]
+    rows = []
+    for name in METHODS:
+        r = results[name]
+        ppl = r["val_ppl"]
+        change = f"{100 * (ppl / dense - 1):+.1f}%" if name != "dense" else "-"
+        recovered = f"{100 * (mag - ppl) / (mag - dense):.1f}%" if name not in ("dense", "magnitude") and mag > dense else "-"
+        exact = "-" if r["exact_nm"] is None else ("yes" if r["exact_nm"] else "NO")
+        rows.append((name, f"{ppl:.4f}", change, recovered, exact, r["train_steps"], f"{r['seconds']:.0f}"))
+    from .reports import format_table
+
+    return format_table(("method", "val ppl", "vs dense", "gap recovered", "exact 2:4", "steps", "seconds"), rows)
+
+
+def plot_results(results: Dict[str, Dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = {"dense_continued": "tab:blue", "srste": "tab:orange", "cast": "tab:green"}
+    for name, col in colors.items():
+        curve = results[name].get("curve") or []
+        if curve:
+            xs, ys = zip(*curve)
+            ax1.plot(xs, ys, marker="o", color=col, label=name + (" (dense forward, before finalize)" if name == "cast" else ""))
+    ax1.axhline(results["dense"]["val_ppl"], color="gray", ls="--", label="dense (start)")
+    ax1.set_xlabel("continued-training step")
+    ax1.set_ylabel("validation perplexity (subset)")
+    ax1.set_title("validation perplexity during training")
+    ax1.legend(fontsize=8)
+    names = list(METHODS)
+    vals = [results[n]["val_ppl"] for n in names]
+    bars = ax2.bar(range(len(names)), vals, color=["gray", "tab:blue", "tab:red", "tab:purple", "tab:orange", "tab:brown", "tab:green"])
+    ax2.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax2.set_ylabel("validation perplexity")
+    ax2.set_title("final validation perplexity (2:4 methods checked exact)")
+    lo = min(vals)
+    ax2.set_ylim(lo * 0.95, max(vals) * 1.02)
+    for b, v in zip(bars, vals):
+        ax2.text(b.get_x() + b.get_width() / 2, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(args) -> int:
+    cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    for key in ("steps", "pretrain_steps", "lr", "l1_decay", "seed", "batch"):
+        v = getattr(args, key, None)
+        if v is not None:
+            setattr(cfg, key, v)
+    t0 = time.perf_counter()
+    print(f"cast-rs demo ({'quick' if args.quick else 'default'} settings): CAST 2:4 vs baselines; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    results = run_demo(cfg, data=args.data, show=not args.no_progress)
+    print()
+    print(format_results(results))
+    c = results["cast"]
+    print(f"\nCAST: sparse weight ratio before finalize {c['sparse_weight_ratio_before_finalize']:.4f}; "
+          f"finalize cut {100 * c['l1_removed_at_finalize']:.2f}% of the sparse layers' L1 mass.")
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        out = {k: {kk: vv for kk, vv in v.items()} for k, v in results.items()}
+        out["_config"] = asdict(cfg)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_results(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
