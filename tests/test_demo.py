@@ -1,0 +1,73 @@
+"""The demo pipeline (quick mode), its CLI, and the quickstart notebook."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cast_rs.demo import METHODS, Batches, load_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_stdlib_corpus_split_is_deterministic_and_disjoint():
+    tr1, va1, desc = load_corpus()
+    tr2, va2, _ = load_corpus()
+    assert torch.equal(tr1, tr2) and torch.equal(va1, va2)
+    assert "standard library" in desc and tr1.numel() > 1_000_000 and va1.numel() > 100_000
+    # Validation files are not in the training text: a 200-byte window from validation
+    # is (almost surely) absent from train.
+    probe = va1[50_000:50_200].numpy().tobytes()
+    assert probe not in tr1.numpy().tobytes()
+
+
+def test_user_data_and_batches(tmp_path):
+    f = tmp_path / "text.txt"
+    f.write_text("hello sparse world. " * 2000)
+    tr, va, desc = load_corpus([str(f)])
+    assert "1 user file" in desc and tr.numel() > va.numel() > 0
+    b = Batches(tr, 4, 16, seed=3)
+    x1, y1 = b.get(7)
+    x2, _ = b.get(7)
+    assert torch.equal(x1, x2) and x1.shape == (4, 16) and torch.equal(x1[:, 1:], y1[:, :-1])
+    with pytest.raises(FileNotFoundError, match="--data"):
+        load_corpus([str(tmp_path / "missing.txt")])
+
+
+def test_demo_quick_cli_writes_json_and_plot(tmp_path):
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cast_rs", "demo", "--quick", "--no-progress", "--json", str(out), "--plot", str(png)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "gap recovered" in proc.stdout
+    res = json.loads(out.read_text())
+    assert set(METHODS) <= set(res)
+    for name in METHODS:
+        r = res[name]
+        assert {"val_ppl", "train_steps", "seconds", "exact_nm"} <= set(r)
+        assert r["val_ppl"] > 1.0
+        if name in ("magnitude", "wanda", "srste", "dense_then_magnitude", "cast"):
+            assert r["exact_nm"] is True
+    assert res["dense_continued"]["train_steps"] == res["cast"]["train_steps"] == res["srste"]["train_steps"]
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quickstart_notebook_runs():
+    nbformat = pytest.importorskip("nbformat", reason="nbformat is a test dependency (./run test installs it)")
+    nbclient = pytest.importorskip("nbclient", reason="nbclient is a test dependency (./run test installs it)")
+    nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+    os.environ["CAST_RS_NOTEBOOK_QUICK"] = "1"
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}})
+    client.execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not any(o.get("output_type") == "error" for o in outputs)
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    png = ROOT / "notebooks" / "quickstart.png"
+    if png.exists():
+        png.unlink()
