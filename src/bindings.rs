@@ -838,6 +838,7 @@ fn _cast_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Importing torch first makes libtorch's Python bindings ready before any tensor is
     // wrapped (tch-rs PR #723: without it, wrapping tensors can segfault).
     m.py().import("torch")?;
+    crate::parallel::record_parent();
     m.add("CastError", m.py().get_type::<CastRsError>())?;
     m.add_function(wrap_pyfunction!(nm_mask_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(nm_mask_packed, m)?)?;

@@ -12,6 +12,11 @@
 //!
 //! Either way a panic inside a piece is caught on the worker and re-raised on the caller, so
 //! it never unwinds through C frames.
+//!
+//! **After `fork`** (DataLoader workers, multiprocessing) a child inherits neither OpenMP's nor
+//! rayon's worker threads, and both runtimes would wait for them forever. The process id is
+//! recorded when the extension is loaded ([`record_parent`]); a call from any other process
+//! runs its pieces sequentially on the calling thread instead.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
@@ -40,8 +45,23 @@ pub fn backend() -> Backend {
     }
 }
 
+static PARENT_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// Records the current process as the one whose thread pools may be used (call at load).
+pub fn record_parent() {
+    let _ = PARENT_PID.get_or_init(std::process::id);
+}
+
+/// True in a process forked after [`record_parent`]: thread pools are not usable there.
+pub fn in_forked_child() -> bool {
+    PARENT_PID.get().is_some_and(|&pid| pid != std::process::id())
+}
+
 /// Number of threads a parallel region uses now.
 pub fn num_threads() -> usize {
+    if in_forked_child() {
+        return 1;
+    }
     match backend() {
         Backend::Rayon => rayon::current_num_threads(),
         #[cfg(feature = "python")]
@@ -51,7 +71,7 @@ pub fn num_threads() -> usize {
 
 /// Calls `f` once for every piece, in parallel; pieces are handed out dynamically.
 pub fn for_each<T: Send, F: Fn(T) + Sync>(pieces: Vec<T>, f: F) {
-    if pieces.len() <= 1 {
+    if pieces.len() <= 1 || in_forked_child() {
         pieces.into_iter().for_each(f);
         return;
     }
