@@ -232,7 +232,7 @@ fn sparse_tile(
 /// [`sparse_tile`], so the results are bit-identical to it.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{sign, StepScalars};
+    use super::StepScalars;
     use std::arch::x86_64::*;
 
     /// # Safety
@@ -317,26 +317,13 @@ mod avx512 {
                 _mm512_storeu_ps(tp.add(o), _mm512_add_ps(th, upd));
             }
         }
-        // Tail (< 16 elements): the scalar loop, same operations.
-        for i in full * 16..n {
-            let mut th = theta[i];
-            if decay {
-                th *= sc.wd_factor;
-            }
-            let g = grad[i];
-            let m_old = mu[i];
-            let m = m_old + b1c * (g - m_old);
-            mu[i] = m;
-            let decayed = sc.one_minus_alpha * m + sc.alpha_l1 * sign(th);
-            let mt = if (bits[i / 8] >> (i % 8)) & 1 != 0 {
-                m
-            } else {
-                decayed
-            };
-            let vv = v[i] * b2 + (b2c * mt) * mt;
-            v[i] = vv;
-            let denom = vv.sqrt() * sc.inv_bc2_sqrt + eps;
-            theta[i] = th + (-sc.step_size * mt) / denom;
+        // Tail (< 16 elements): the scalar tile, on unpacked flags.
+        let tail = full * 16;
+        if tail < n {
+            let mut flags = [0u8; 16];
+            let flags = &mut flags[..n - tail];
+            crate::nm::unpack_flags(&bits[tail / 8..], flags);
+            super::sparse_tile(&mut theta[tail..], &grad[tail..n], &mut mu[tail..n], &mut v[tail..n], flags, sc, b1c, b2, b2c, eps, decay);
         }
     }
 }

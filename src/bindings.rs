@@ -116,90 +116,64 @@ fn fast_eligible(ts: &[&Tensor], kind: Kind) -> bool {
         .all(|t| t.device() == Device::Cpu && t.kind() == kind && t.is_contiguous())
 }
 
-/// Boolean N:M mask of a torch tensor (same shape, `torch.bool`).
-#[pyfunction]
-#[pyo3(signature = (x, n, m, dim=-1, force_generic=false))]
-fn nm_mask_tensor(
-    py: Python<'_>,
-    x: PyTensor,
-    n: i64,
-    m: i64,
-    dim: i64,
-    force_generic: bool,
-) -> PyResult<PyTensor> {
-    let x = x.0;
+/// The two forms of a torch tensor's mask that the bindings return.
+#[derive(Clone, Copy)]
+enum MaskForm {
+    /// `torch.bool`, the tensor's shape.
+    Bool,
+    /// `uint8`, `ceil(numel / 8)` bytes, one bit per weight.
+    Packed,
+}
+
+/// Shared body of `nm_mask_tensor` / `nm_mask_packed`: validate, then the fast path for
+/// contiguous f32 CPU tensors or the generic tch path.
+fn mask_tensor(py: Python<'_>, x: Tensor, n: i64, m: i64, dim: i64, force_generic: bool, form: MaskForm) -> PyResult<PyTensor> {
     if !is_float(x.kind()) {
-        return Err(CastError::type_(
-            "x",
-            format!(
-                "expected a floating-point tensor, got dtype {}",
-                kind_name(x.kind())
-            ),
-        )
-        .into());
+        return Err(CastError::type_("x", format!("expected a floating-point tensor, got dtype {}", kind_name(x.kind()))).into());
     }
     let shape = x.size();
     let (pattern, gdim, layout) = pattern_layout(n, m, dim, &shape, "x")?;
     let out = py.allow_threads(move || {
         guarded(|| {
+            let e = generic::torch_err("nm_mask");
             if !force_generic && fast_eligible(&[&x], Kind::Float) {
-                let out = Tensor::f_empty(shape.as_slice(), (Kind::Bool, Device::Cpu))
-                    .map_err(generic::torch_err("nm_mask"))?;
+                let out = match form {
+                    MaskForm::Bool => Tensor::f_empty(shape.as_slice(), (Kind::Bool, Device::Cpu)),
+                    MaskForm::Packed => Tensor::f_zeros([nm::packed_len(layout.numel) as i64], (Kind::Uint8, Device::Cpu)),
+                }
+                .map_err(&e)?;
                 // SAFETY: `x` is a contiguous CPU f32 tensor (checked) and `out` a fresh
-                // contiguous bool tensor (1 byte, written as 0/1 only); they are distinct.
+                // contiguous bool/uint8 tensor (bools are written as 0/1 only); distinct.
                 let (xs, os) = unsafe { (slice_mut::<f32>(&x), slice_mut::<u8>(&out)) };
-                nm::nm_keep(xs, &layout, os)?;
+                match form {
+                    MaskForm::Bool => nm::nm_keep(xs, &layout, os)?,
+                    MaskForm::Packed => nm::nm_mask_packed(xs, &layout, os)?,
+                }
                 Ok(out)
             } else {
-                generic::nm_keep_tensor(&x, pattern, gdim)
+                let keep = generic::nm_keep_tensor(&x, pattern, gdim)?;
+                match form {
+                    MaskForm::Bool => Ok(keep),
+                    MaskForm::Packed => generic::pack_mask(&keep),
+                }
             }
         })
     })?;
     Ok(PyTensor(out))
 }
 
+/// Boolean N:M mask of a torch tensor (same shape, `torch.bool`).
+#[pyfunction]
+#[pyo3(signature = (x, n, m, dim=-1, force_generic=false))]
+fn nm_mask_tensor(py: Python<'_>, x: PyTensor, n: i64, m: i64, dim: i64, force_generic: bool) -> PyResult<PyTensor> {
+    mask_tensor(py, x.0, n, m, dim, force_generic, MaskForm::Bool)
+}
+
 /// Packed N:M mask of a torch tensor: `uint8` of `ceil(numel / 8)` bytes.
 #[pyfunction]
 #[pyo3(signature = (x, n, m, dim=-1, force_generic=false))]
-fn nm_mask_packed(
-    py: Python<'_>,
-    x: PyTensor,
-    n: i64,
-    m: i64,
-    dim: i64,
-    force_generic: bool,
-) -> PyResult<PyTensor> {
-    let x = x.0;
-    if !is_float(x.kind()) {
-        return Err(CastError::type_(
-            "x",
-            format!(
-                "expected a floating-point tensor, got dtype {}",
-                kind_name(x.kind())
-            ),
-        )
-        .into());
-    }
-    let shape = x.size();
-    let (pattern, gdim, layout) = pattern_layout(n, m, dim, &shape, "x")?;
-    let out = py.allow_threads(move || {
-        guarded(|| {
-            if !force_generic && fast_eligible(&[&x], Kind::Float) {
-                let out = Tensor::f_zeros(
-                    [nm::packed_len(layout.numel) as i64],
-                    (Kind::Uint8, Device::Cpu),
-                )
-                .map_err(generic::torch_err("nm_mask_packed"))?;
-                // SAFETY: contiguous CPU f32 input (checked), fresh contiguous uint8 output.
-                let (xs, os) = unsafe { (slice_mut::<f32>(&x), slice_mut::<u8>(&out)) };
-                nm::nm_mask_packed(xs, &layout, os)?;
-                Ok(out)
-            } else {
-                generic::pack_mask(&generic::nm_keep_tensor(&x, pattern, gdim)?)
-            }
-        })
-    })?;
-    Ok(PyTensor(out))
+fn nm_mask_packed(py: Python<'_>, x: PyTensor, n: i64, m: i64, dim: i64, force_generic: bool) -> PyResult<PyTensor> {
+    mask_tensor(py, x.0, n, m, dim, force_generic, MaskForm::Packed)
 }
 
 /// Unpacks a packed mask into a boolean tensor of `shape`.
