@@ -185,7 +185,7 @@ class DemoConfig:
     scaling_groups: int = 2
     srste_decay: float = 2e-4
     eval_windows: int = 192  # final validation: windows of `context` bytes
-    curve_points: int = 6  # validation points along each trained run
+    curve_points: int = 6  # validation points along each trained run (full validation set)
     calib_batches: int = 8  # Wanda
     seed: int = 0
     pattern: str = "2:4"
@@ -292,7 +292,6 @@ def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool =
     batches = Batches(train_data, cfg.batch, c.context, cfg.seed)
     cont_batches = Batches(train_data, cfg.batch, c.context, cfg.seed + 1)
     evaluate_full = lambda m: evaluate(m, val_data, cfg.eval_windows, c.context)  # noqa: E731
-    evaluate_curve = lambda m: evaluate(m, val_data, max(8, cfg.eval_windows // 4), c.context)  # noqa: E731
     results: Dict[str, Dict] = {}
 
     def record(name: str, model: nn.Module, steps: int, seconds: float, sparse: bool, curve=None) -> None:
@@ -302,8 +301,11 @@ def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool =
             exact = report.ok
             if not exact:
                 raise RuntimeError(f"{name}: the final model is not exactly {cfg.pattern}:\n{report}")
-        results[name] = {"val_ppl": evaluate_full(model), "train_steps": steps, "seconds": round(seconds, 2),
-                         "exact_nm": exact, "curve": curve or []}
+        ppl = evaluate_full(model)
+        # Curves start at the dense checkpoint (step 0) and use the same validation windows.
+        start = [(0, results["dense"]["val_ppl"])] if curve and "dense" in results else []
+        results[name] = {"val_ppl": ppl, "train_steps": steps, "seconds": round(seconds, 2),
+                         "exact_nm": exact, "curve": start + (curve or [])}
         log(f"  {name:<22} val ppl {results[name]['val_ppl']:.4f}   ({seconds:.0f} s)")
 
     # 1. dense pretraining
@@ -340,7 +342,7 @@ def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool =
     m = fresh()
     opt = torch.optim.AdamW(_no_decay_groups(m, cfg.lr, 0.0), lr=cfg.lr, betas=(0.9, 0.95))
     curve = train(m, opt, cont_batches, cfg.steps, desc="dense continued", teacher=teacher,
-                  eval_fn=lambda: evaluate_curve(m), curve_points=cfg.curve_points, show=show)
+                  eval_fn=lambda: evaluate_full(m), curve_points=cfg.curve_points, show=show)
     secs = time.perf_counter() - t0
     record("dense_continued", m, cfg.steps, secs, False, curve)
     t0 = time.perf_counter()
@@ -353,7 +355,7 @@ def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool =
     srste = baselines.SRSTE(m, cfg.pattern, decay=cfg.srste_decay)
     opt = torch.optim.AdamW(_no_decay_groups(m, cfg.lr, 0.0), lr=cfg.lr, betas=(0.9, 0.95))
     curve = train(m, opt, cont_batches, cfg.steps, desc="SR-STE", teacher=teacher,
-                  eval_fn=lambda: evaluate_curve(m), curve_points=cfg.curve_points, show=show)
+                  eval_fn=lambda: evaluate_full(m), curve_points=cfg.curve_points, show=show)
     srste.finalize()
     record("srste", m, cfg.steps, time.perf_counter() - t0, True, curve)
 
@@ -364,7 +366,7 @@ def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool =
     opt = AdamS(m.parameters(), lr=cfg.lr, betas=(0.9, 0.95), l1_decay=cfg.l1_decay,
                 total_steps=cfg.steps, mask_interval=cfg.mask_interval)
     curve = train(m, opt, cont_batches, cfg.steps, desc="CAST (AdamS)", teacher=teacher,
-                  eval_fn=lambda: evaluate_curve(m), curve_points=cfg.curve_points, show=show)
+                  eval_fn=lambda: evaluate_full(m), curve_points=cfg.curve_points, show=show)
     stats = handle.stats(opt)
     fin = handle.finalize()
     record("cast", m, cfg.steps, time.perf_counter() - t0, True, curve)
@@ -402,9 +404,9 @@ def plot_results(results: Dict[str, Dict], path: str) -> None:
         if curve:
             xs, ys = zip(*curve)
             ax1.plot(xs, ys, marker="o", color=col, label=name + (" (dense forward, before finalize)" if name == "cast" else ""))
-    ax1.axhline(results["dense"]["val_ppl"], color="gray", ls="--", label="dense (start)")
+    ax1.axhline(results["dense"]["val_ppl"], color="gray", ls="--", label="dense checkpoint (step 0)")
     ax1.set_xlabel("continued-training step")
-    ax1.set_ylabel("validation perplexity (subset)")
+    ax1.set_ylabel("validation perplexity")
     ax1.set_title("validation perplexity during training")
     ax1.legend(fontsize=8)
     names = list(METHODS)
