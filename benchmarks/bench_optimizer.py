@@ -60,8 +60,8 @@ def main() -> None:
         return ps
 
     T = 10_000
-    # All three optimizers live side by side and are timed in interleaved rounds (one step
-    # of each per round), so drift in the machine's speed (a shared VM) hits them alike.
+    # All optimizers live side by side and are timed in interleaved rounds (one step of each
+    # per round), so drift in the machine's speed (a shared VM) hits them alike.
     ps_adams = params()
     adams = cast_rs.AdamS(ps_adams, lr=1e-3, pattern="2:4", total_steps=T, mask_interval=10)
     ps_dense = params()
@@ -84,12 +84,15 @@ def main() -> None:
 
     contenders = {"adams": adams.step, "dense": adams_dense.step, "adamw": adamw.step, "plain": plain_step}
     times = {k: [] for k in contenders}
+    names = list(contenders)
     for r in range(args.steps + 3):
-        for name, fn in contenders.items():
+        # Rotate the order every round: a step runs measurably slower right after some
+        # others (allocator and thread-pool state), so every contender takes every position.
+        for name in names[r % len(names):] + names[: r % len(names)]:
             if name == "plain" and r % 3:
                 continue  # 10x slower: a third of the rounds is plenty for its median
             t0 = time.perf_counter()
-            fn()
+            contenders[name]()
             if r >= 3:
                 times[name].append(time.perf_counter() - t0)
     assert adams._kernel_calls[1] == 0, "benchmark must run on the fast path"

@@ -323,7 +323,19 @@ mod avx512 {
             let mut flags = [0u8; 16];
             let flags = &mut flags[..n - tail];
             crate::nm::unpack_flags(&bits[tail / 8..], flags);
-            super::sparse_tile(&mut theta[tail..], &grad[tail..n], &mut mu[tail..n], &mut v[tail..n], flags, sc, b1c, b2, b2c, eps, decay);
+            super::sparse_tile(
+                &mut theta[tail..],
+                &grad[tail..n],
+                &mut mu[tail..n],
+                &mut v[tail..n],
+                flags,
+                sc,
+                b1c,
+                b2,
+                b2c,
+                eps,
+                decay,
+            );
         }
     }
 }
@@ -370,6 +382,11 @@ fn run_piece_impl(p: Piece<'_>, h: &AdamsHyper) {
             } else {
                 Vec::new()
             };
+            let mut new_bits = if sc.refresh {
+                vec![0u8; tile / 8 + 1]
+            } else {
+                Vec::new()
+            };
             let mut flips = 0u64;
             let tiles = p
                 .theta
@@ -383,9 +400,16 @@ fn run_piece_impl(p: Piece<'_>, h: &AdamsHyper) {
                 let len = th.len();
                 if sc.refresh {
                     keep_flags(th, &layout, &mut flags[..len]);
-                    unpack_flags(b, &mut old[..len]);
-                    flips += changed_groups(&old[..len], &flags[..len], &layout);
-                    pack_bits(&flags[..len], b);
+                    let fresh = &mut new_bits[..b.len()];
+                    pack_bits(&flags[..len], fresh);
+                    flips += match changed_groups_packed(b, fresh, &layout) {
+                        Some(n) => n,
+                        None => {
+                            unpack_flags(b, &mut old[..len]);
+                            changed_groups(&old[..len], &flags[..len], &layout)
+                        }
+                    };
+                    b.copy_from_slice(fresh);
                 }
                 #[cfg(target_arch = "x86_64")]
                 if avx512 {
@@ -406,6 +430,55 @@ fn run_piece_impl(p: Piece<'_>, h: &AdamsHyper) {
                 p.flips.fetch_add(flips, Ordering::Relaxed);
             }
         }
+    }
+}
+
+/// Changed groups straight from the packed masks, when every group is whole bytes or an
+/// aligned bit field of one byte (last-dimension groups, M in {2, 4, 8, 16, 32}); padding bits
+/// are zero in both. `None` for other layouts.
+#[inline(always)]
+fn changed_groups_packed(old: &[u8], new: &[u8], layout: &GroupLayout) -> Option<u64> {
+    if layout.stride != 1 {
+        return None;
+    }
+    let m = layout.pattern.m;
+    match m {
+        2 | 4 | 8 => {
+            // OR-fold each m-bit field onto its lowest bit, keep those bits, count them.
+            let low: u64 = match m {
+                2 => 0x5555_5555_5555_5555,
+                4 => 0x1111_1111_1111_1111,
+                _ => 0x0101_0101_0101_0101,
+            };
+            let fold = |mut x: u64| {
+                let mut shift = 1;
+                while shift < m {
+                    x |= x >> shift;
+                    shift *= 2;
+                }
+                (x & low).count_ones() as u64
+            };
+            let mut count = 0u64;
+            let (oc, nc) = (old.chunks_exact(8), new.chunks_exact(8));
+            let (orest, nrest) = (oc.remainder(), nc.remainder());
+            for (a, b) in oc.zip(nc) {
+                count += fold(
+                    u64::from_le_bytes(a.try_into().unwrap())
+                        ^ u64::from_le_bytes(b.try_into().unwrap()),
+                );
+            }
+            for (&a, &b) in orest.iter().zip(nrest) {
+                count += fold((a ^ b) as u64);
+            }
+            Some(count)
+        }
+        16 | 32 => Some(
+            old.chunks(m / 8)
+                .zip(new.chunks(m / 8))
+                .filter(|(a, b)| a != b)
+                .count() as u64,
+        ),
+        _ => None,
     }
 }
 
@@ -775,6 +848,34 @@ mod tests {
         };
         assert_eq!(adams_step_f32(vec![t], &h).unwrap(), vec![Some(2)]);
         assert_eq!(bits, vec![0b1100_0011, 0b1100_0011]);
+    }
+
+    #[test]
+    fn packed_and_flag_group_counts_agree() {
+        let mut seed = 17u64;
+        for m in [2usize, 4, 8, 16, 32] {
+            let layout = GroupLayout::new(
+                NmPattern::new(1, m as i64).unwrap(),
+                &[3, (m * 5) as i64],
+                GroupDim::Last,
+                "w",
+            )
+            .unwrap();
+            let n = 3 * m * 5;
+            let a: Vec<u8> = (0..n).map(|_| (lcg(&mut seed) > 0.0) as u8).collect();
+            let b: Vec<u8> = a
+                .iter()
+                .map(|&x| if lcg(&mut seed) > 0.7 { 1 - x } else { x })
+                .collect();
+            let (mut pa, mut pb) = (vec![0u8; packed_len(n)], vec![0u8; packed_len(n)]);
+            pack_bits(&a, &mut pa);
+            pack_bits(&b, &mut pb);
+            assert_eq!(
+                changed_groups_packed(&pa, &pb, &layout),
+                Some(changed_groups(&a, &b, &layout)),
+                "M={m}"
+            );
+        }
     }
 
     #[test]

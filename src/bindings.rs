@@ -127,9 +127,24 @@ enum MaskForm {
 
 /// Shared body of `nm_mask_tensor` / `nm_mask_packed`: validate, then the fast path for
 /// contiguous f32 CPU tensors or the generic tch path.
-fn mask_tensor(py: Python<'_>, x: Tensor, n: i64, m: i64, dim: i64, force_generic: bool, form: MaskForm) -> PyResult<PyTensor> {
+fn mask_tensor(
+    py: Python<'_>,
+    x: Tensor,
+    n: i64,
+    m: i64,
+    dim: i64,
+    force_generic: bool,
+    form: MaskForm,
+) -> PyResult<PyTensor> {
     if !is_float(x.kind()) {
-        return Err(CastError::type_("x", format!("expected a floating-point tensor, got dtype {}", kind_name(x.kind()))).into());
+        return Err(CastError::type_(
+            "x",
+            format!(
+                "expected a floating-point tensor, got dtype {}",
+                kind_name(x.kind())
+            ),
+        )
+        .into());
     }
     let shape = x.size();
     let (pattern, gdim, layout) = pattern_layout(n, m, dim, &shape, "x")?;
@@ -139,7 +154,10 @@ fn mask_tensor(py: Python<'_>, x: Tensor, n: i64, m: i64, dim: i64, force_generi
             if !force_generic && fast_eligible(&[&x], Kind::Float) {
                 let out = match form {
                     MaskForm::Bool => Tensor::f_empty(shape.as_slice(), (Kind::Bool, Device::Cpu)),
-                    MaskForm::Packed => Tensor::f_zeros([nm::packed_len(layout.numel) as i64], (Kind::Uint8, Device::Cpu)),
+                    MaskForm::Packed => Tensor::f_zeros(
+                        [nm::packed_len(layout.numel) as i64],
+                        (Kind::Uint8, Device::Cpu),
+                    ),
                 }
                 .map_err(&e)?;
                 // SAFETY: `x` is a contiguous CPU f32 tensor (checked) and `out` a fresh
@@ -165,14 +183,28 @@ fn mask_tensor(py: Python<'_>, x: Tensor, n: i64, m: i64, dim: i64, force_generi
 /// Boolean N:M mask of a torch tensor (same shape, `torch.bool`).
 #[pyfunction]
 #[pyo3(signature = (x, n, m, dim=-1, force_generic=false))]
-fn nm_mask_tensor(py: Python<'_>, x: PyTensor, n: i64, m: i64, dim: i64, force_generic: bool) -> PyResult<PyTensor> {
+fn nm_mask_tensor(
+    py: Python<'_>,
+    x: PyTensor,
+    n: i64,
+    m: i64,
+    dim: i64,
+    force_generic: bool,
+) -> PyResult<PyTensor> {
     mask_tensor(py, x.0, n, m, dim, force_generic, MaskForm::Bool)
 }
 
 /// Packed N:M mask of a torch tensor: `uint8` of `ceil(numel / 8)` bytes.
 #[pyfunction]
 #[pyo3(signature = (x, n, m, dim=-1, force_generic=false))]
-fn nm_mask_packed(py: Python<'_>, x: PyTensor, n: i64, m: i64, dim: i64, force_generic: bool) -> PyResult<PyTensor> {
+fn nm_mask_packed(
+    py: Python<'_>,
+    x: PyTensor,
+    n: i64,
+    m: i64,
+    dim: i64,
+    force_generic: bool,
+) -> PyResult<PyTensor> {
     mask_tensor(py, x.0, n, m, dim, force_generic, MaskForm::Packed)
 }
 

@@ -54,7 +54,9 @@ pub fn record_parent() {
 
 /// True in a process forked after [`record_parent`]: thread pools are not usable there.
 pub fn in_forked_child() -> bool {
-    PARENT_PID.get().is_some_and(|&pid| pid != std::process::id())
+    PARENT_PID
+        .get()
+        .is_some_and(|&pid| pid != std::process::id())
 }
 
 /// Number of threads a parallel region uses now.
