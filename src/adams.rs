@@ -375,6 +375,18 @@ fn run_piece_impl(p: Piece<'_>, h: &AdamsHyper) {
             dense_tile(p.theta, p.grad, p.mu, p.v, &sc, b1c, b2, b2c, eps, decay)
         }
         Some((bits, layout)) => {
+            #[cfg(target_arch = "x86_64")]
+            if !sc.refresh && crate::simd::level() == crate::simd::Level::Avx512 {
+                // No mask to compute: one pass over the whole piece, reading the bits as lane
+                // masks (pieces start on whole mask bytes).
+                // SAFETY: AVX-512F is present (checked); equal lengths; `bits` covers the piece.
+                unsafe {
+                    avx512::sparse_tile_bits(
+                        p.theta, p.grad, p.mu, p.v, bits, &sc, b1c, b2, b2c, eps, decay,
+                    )
+                };
+                return;
+            }
             let tile = p.tile;
             let mut flags = vec![0u8; tile];
             let mut old = if sc.refresh {
