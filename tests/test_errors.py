@@ -186,3 +186,41 @@ def test_kernel_validates_before_writing():
 def test_cast_error_is_exported():
     assert issubclass(cast_rs.CastError, Exception)
     assert not issubclass(cast_rs.CastError, (ValueError, TypeError))
+
+
+def test_tensor_subclasses_are_refused_not_crashed():
+    """A DTensor (FSDP2) reaching the kernels used to segfault (no storage of its own); now it
+    is refused with a clear CastError. Run in a subprocess with a 1-process gloo group."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import os, socket, torch, torch.distributed as dist
+        s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        from torch.distributed.tensor import distribute_tensor, Shard
+        from torch.distributed.device_mesh import init_device_mesh
+        import cast_rs
+        mesh = init_device_mesh("cpu", (1,))
+        x = distribute_tensor(torch.randn(8, 16), mesh, [Shard(0)])
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 16), mesh, [Shard(0)]))
+        p.grad = distribute_tensor(torch.randn(8, 16), mesh, [Shard(0)])
+        opt = cast_rs.AdamS([p], pattern="2:4", total_steps=10)
+        refused = 0
+        for f in (lambda: cast_rs.nm_mask(x, "2:4"), lambda: cast_rs.nm_mask_packed(x, "2:4"), opt.step):
+            try:
+                f()
+            except cast_rs.CastError as e:
+                assert "DTensor" in str(e), e
+                refused += 1
+        assert not opt.state
+        print("refused", refused)
+        dist.destroy_process_group()
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "refused 3" in proc.stdout

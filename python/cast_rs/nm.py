@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import _cast_rs
+from ._checks import check_plain_tensor
 from ._config import generic_path_forced
 
 Pattern = Union[str, Tuple[int, int]]
@@ -95,6 +96,7 @@ def nm_mask(x: Union[torch.Tensor, np.ndarray], pattern: Pattern = "2:4", dim: i
     """
     n, m = parse_pattern(pattern)
     if isinstance(x, torch.Tensor):
+        check_plain_tensor(x, "x")
         d = _normalize_dim(dim, x.dim())
         if not x.is_floating_point():
             raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
@@ -122,6 +124,7 @@ def nm_mask_packed(x: torch.Tensor, pattern: Pattern = "2:4", dim: int = -1) -> 
     n, m = parse_pattern(pattern)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    check_plain_tensor(x, "x")
     d = _normalize_dim(dim, x.dim())
     if not x.is_floating_point():
         raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
@@ -132,6 +135,7 @@ def unpack_mask(bits: torch.Tensor, shape: Union[torch.Size, Tuple[int, ...]]) -
     """Inverse of :func:`nm_mask_packed`: a bool tensor of ``shape`` on ``bits.device``."""
     if not isinstance(bits, torch.Tensor):
         raise TypeError(f"bits: expected a torch.Tensor, got {type(bits).__name__}")
+    check_plain_tensor(bits, "bits")
     return _cast_rs.unpack_mask(bits, list(shape))
 
 

@@ -10,6 +10,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import _cast_rs
+from ._checks import check_plain_tensor
 from ._config import generic_path_forced
 from .nm import format_pattern, group_dim_size, nm_mask_packed, parse_pattern
 
@@ -248,6 +249,10 @@ class AdamS(Optimizer):
             if g is None:
                 continue
             spec = getattr(p, NM_ATTR, None) or group_spec
+            if type(p) is not torch.nn.Parameter and type(p) is not torch.Tensor:
+                check_plain_tensor(p, self._param_name(group, gi, i))
+            if type(g) is not torch.Tensor:
+                check_plain_tensor(g, self._param_name(group, gi, i) + " gradient")
             if g.is_sparse or g.dtype != p.dtype or g.shape != p.shape or g.device != p.device or not p.is_floating_point():
                 self._raise_bad_grad(group, gi, i, p, g)
             if spec is not None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import _cast_rs
+from ._checks import check_plain_tensor
 from ._config import generic_path_forced
 
 
@@ -42,6 +43,8 @@ class _ScaleFn(torch.autograd.Function):
 def scale_weight(weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: int = -1) -> torch.Tensor:
     """Differentiable ``W · A`` (see the module docstring). ``dim`` is the group (input)
     dimension of the weight: -1 for ``nn.Linear`` ``[out, in]``, 0 for ``Conv1D`` ``[in, out]``."""
+    check_plain_tensor(weight, "weight")
+    check_plain_tensor(scale, "scale")
     return _ScaleFn.apply(weight, scale, groups, dim)
 
 

@@ -1,0 +1,19 @@
+"""Argument checks shared by the entry points that hand tensors to the Rust extension."""
+
+from __future__ import annotations
+
+import torch
+
+from ._cast_rs import CastError
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def check_plain_tensor(t: torch.Tensor, name: str) -> None:
+    """Refuse tensor subclasses (DTensor, fake/functional tensors, ...): the kernels read a
+    tensor's own storage, which a subclass wrapper does not have. FSDP2's DTensor parameters
+    are not supported yet; pass ``t.to_local()`` for a local shard."""
+    if type(t) not in _PLAIN:
+        kind = type(t).__name__
+        hint = " (use .to_local() for the local shard; FSDP2 support is not there yet)" if kind == "DTensor" else ""
+        raise CastError(f"{name}: {kind} tensors are not supported, only plain torch.Tensor / nn.Parameter{hint}")
