@@ -76,6 +76,13 @@ pub struct StepScalars {
     pub alpha_l1: f32,
     pub one_minus_alpha: f32,
     pub refresh: bool,
+    /// Step-independent constants of the element loops, in the loops' f32.
+    pub b1c: f32,
+    pub b2: f32,
+    pub b2c: f32,
+    pub eps: f32,
+    /// Whether decoupled weight decay is on (`wd_factor` applies).
+    pub decay: bool,
 }
 
 impl StepScalars {
@@ -96,6 +103,11 @@ impl StepScalars {
             alpha_l1: (alpha * h.l1_decay) as f32,
             one_minus_alpha: (1.0 - alpha) as f32,
             refresh: mask_interval > 0 && (s - 1).is_multiple_of(mask_interval),
+            b1c: (1.0 - h.beta1) as f32,
+            b2: h.beta2 as f32,
+            b2c: (1.0 - h.beta2) as f32,
+            eps: h.eps as f32,
+            decay: h.weight_decay != 0.0,
         }
     }
 }
@@ -161,18 +173,8 @@ fn sign(x: f32) -> f32 {
 /// Element loop of a dense tensor: plain AdamW.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn dense_tile(
-    theta: &mut [f32],
-    grad: &[f32],
-    mu: &mut [f32],
-    v: &mut [f32],
-    sc: &StepScalars,
-    b1c: f32,
-    b2: f32,
-    b2c: f32,
-    eps: f32,
-    decay: bool,
-) {
+fn dense_tile(theta: &mut [f32], grad: &[f32], mu: &mut [f32], v: &mut [f32], sc: &StepScalars) {
+    let (b1c, b2, b2c, eps, decay) = (sc.b1c, sc.b2, sc.b2c, sc.eps, sc.decay);
     let n = theta.len();
     let (grad, mu, v) = (&grad[..n], &mut mu[..n], &mut v[..n]);
     for i in 0..n {
@@ -201,12 +203,8 @@ fn sparse_tile(
     v: &mut [f32],
     keep: &[u8],
     sc: &StepScalars,
-    b1c: f32,
-    b2: f32,
-    b2c: f32,
-    eps: f32,
-    decay: bool,
 ) {
+    let (b1c, b2, b2c, eps, decay) = (sc.b1c, sc.b2, sc.b2c, sc.eps, sc.decay);
     let n = theta.len();
     let (grad, mu, v, keep) = (&grad[..n], &mut mu[..n], &mut v[..n], &keep[..n]);
     for i in 0..n {
@@ -247,12 +245,8 @@ mod avx512 {
         v: &mut [f32],
         bits: &[u8],
         sc: &StepScalars,
-        b1c: f32,
-        b2: f32,
-        b2c: f32,
-        eps: f32,
-        decay: bool,
     ) {
+        let (b1c, b2, b2c, eps, decay) = (sc.b1c, sc.b2, sc.b2c, sc.eps, sc.decay);
         let n = theta.len();
         assert!(grad.len() >= n && mu.len() >= n && v.len() >= n && bits.len() * 8 >= n);
         let (vb1c, vb2, vb2c, veps) = (
@@ -330,11 +324,6 @@ mod avx512 {
                 &mut v[tail..n],
                 flags,
                 sc,
-                b1c,
-                b2,
-                b2c,
-                eps,
-                decay,
             );
         }
     }
@@ -354,25 +343,20 @@ struct Piece<'a> {
 }
 
 /// Runs a piece with the widest vector instructions this CPU has (see `simd`).
-fn run_piece(p: Piece<'_>, h: &AdamsHyper) {
+fn run_piece(p: Piece<'_>) {
     crate::simd::dispatch(
         #[inline(always)]
-        || run_piece_impl(p, h),
+        || run_piece_impl(p),
     )
 }
 
 #[inline(always)]
-fn run_piece_impl(p: Piece<'_>, h: &AdamsHyper) {
-    let b1c = (1.0 - h.beta1) as f32;
-    let b2 = h.beta2 as f32;
-    let b2c = (1.0 - h.beta2) as f32;
-    let eps = h.eps as f32;
-    let decay = h.weight_decay != 0.0;
+fn run_piece_impl(p: Piece<'_>) {
     let sc = p.scalars;
     match p.mask {
         None => {
             // Dense: no tiling needed, the loop is purely element-wise.
-            dense_tile(p.theta, p.grad, p.mu, p.v, &sc, b1c, b2, b2c, eps, decay)
+            dense_tile(p.theta, p.grad, p.mu, p.v, &sc)
         }
         Some((bits, layout)) => {
             #[cfg(target_arch = "x86_64")]
@@ -380,11 +364,7 @@ fn run_piece_impl(p: Piece<'_>, h: &AdamsHyper) {
                 // No mask to compute: one pass over the whole piece, reading the bits as lane
                 // masks (pieces start on whole mask bytes).
                 // SAFETY: AVX-512F is present (checked); equal lengths; `bits` covers the piece.
-                unsafe {
-                    avx512::sparse_tile_bits(
-                        p.theta, p.grad, p.mu, p.v, bits, &sc, b1c, b2, b2c, eps, decay,
-                    )
-                };
+                unsafe { avx512::sparse_tile_bits(p.theta, p.grad, p.mu, p.v, bits, &sc) };
                 return;
             }
             let tile = p.tile;
@@ -427,16 +407,14 @@ fn run_piece_impl(p: Piece<'_>, h: &AdamsHyper) {
                 if avx512 {
                     // SAFETY: AVX-512F is present (checked by `simd::level`); the slices have
                     // equal lengths and `b` holds ceil(len / 8) mask bytes.
-                    unsafe {
-                        avx512::sparse_tile_bits(th, g, mu, v, b, &sc, b1c, b2, b2c, eps, decay)
-                    };
+                    unsafe { avx512::sparse_tile_bits(th, g, mu, v, b, &sc) };
                     continue;
                 }
                 let _ = avx512;
                 if !sc.refresh {
                     unpack_flags(b, &mut flags[..len]);
                 }
-                sparse_tile(th, g, mu, v, &flags[..len], &sc, b1c, b2, b2c, eps, decay);
+                sparse_tile(th, g, mu, v, &flags[..len], &sc);
             }
             if flips > 0 {
                 p.flips.fetch_add(flips, Ordering::Relaxed);
@@ -575,7 +553,7 @@ pub fn adams_step_f32(tensors: Vec<AdamsTensor<'_>>, h: &AdamsHyper) -> Result<V
             }
         }
     }
-    crate::parallel::for_each(pieces, |p| run_piece(p, h));
+    crate::parallel::for_each(pieces, run_piece);
     Ok(counters
         .iter()
         .zip(refreshed)
@@ -774,18 +752,11 @@ mod tests {
         let mut flags = vec![0u8; n];
         unpack_flags(&bits, &mut flags);
         let sc = StepScalars::new(&h, 7.0, Some(20.0), 10);
-        let (b1c, b2, b2c, eps) = (0.1f32, 0.99f32, (1.0 - 0.99f64) as f32, 1e-8f32);
         let (mut th_a, mut mu_a, mut v_a) = (th.clone(), mu0.clone(), v0.clone());
-        sparse_tile(
-            &mut th_a, &g, &mut mu_a, &mut v_a, &flags, &sc, b1c, b2, b2c, eps, true,
-        );
+        sparse_tile(&mut th_a, &g, &mut mu_a, &mut v_a, &flags, &sc);
         let (mut th_b, mut mu_b, mut v_b) = (th.clone(), mu0.clone(), v0.clone());
         // SAFETY: AVX-512 checked above; equal lengths.
-        unsafe {
-            avx512::sparse_tile_bits(
-                &mut th_b, &g, &mut mu_b, &mut v_b, &bits, &sc, b1c, b2, b2c, eps, true,
-            )
-        };
+        unsafe { avx512::sparse_tile_bits(&mut th_b, &g, &mut mu_b, &mut v_b, &bits, &sc) };
         let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
         assert!(same(&th_a, &th_b) && same(&mu_a, &mu_b) && same(&v_a, &v_b));
     }

@@ -664,15 +664,37 @@ fn scale_shape(w: &Tensor, a: &Tensor, groups: i64, dim: i64) -> Result<ScaleSha
     Ok(s)
 }
 
-/// Runs a scaling kernel on f32 or f64 slices.
-fn scale_fast(
-    kind: Kind,
-    f32_fn: impl FnOnce() -> Result<(), CastError>,
-    f64_fn: impl FnOnce() -> Result<(), CastError>,
+/// Fast-path scaling forward on element type `T`.
+///
+/// # Safety
+/// All tensors must be contiguous CPU tensors of element type `T`, `out` distinct from the
+/// inputs.
+unsafe fn scale_forward_fast<T: scaling::Real>(
+    w: &Tensor,
+    a: &Tensor,
+    s: &ScaleShape,
+    out: &Tensor,
 ) -> Result<(), CastError> {
-    match kind {
-        Kind::Float => f32_fn(),
-        _ => f64_fn(),
+    // SAFETY: guaranteed by the caller.
+    unsafe { scaling::scale_forward::<T>(slice_mut(w), slice_mut(a), s, slice_mut(out)) }
+}
+
+/// Fast-path scaling backward on element type `T`: `gw = g · A`, `ga = Σ g · W`.
+///
+/// # Safety
+/// As [`scale_forward_fast`]; `gw` and `ga` are fresh outputs.
+unsafe fn scale_backward_fast<T: scaling::Real>(
+    g: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    s: &ScaleShape,
+    gw: &Tensor,
+    ga: &Tensor,
+) -> Result<(), CastError> {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        scaling::scale_forward::<T>(slice_mut(g), slice_mut(a), s, slice_mut(gw))?;
+        scaling::scale_grad_scale::<T>(slice_mut(g), slice_mut(w), s, slice_mut(ga))
     }
 }
 
@@ -700,25 +722,12 @@ fn scale_forward(
                 let out = Tensor::f_empty(w.size(), (kind, Device::Cpu))
                     .map_err(generic::torch_err("scale_forward"))?;
                 // SAFETY: contiguous CPU tensors of `kind` (checked); `out` is fresh.
-                scale_fast(
-                    kind,
-                    || unsafe {
-                        scaling::scale_forward::<f32>(
-                            slice_mut(&w),
-                            slice_mut(&a),
-                            &s,
-                            slice_mut(&out),
-                        )
-                    },
-                    || unsafe {
-                        scaling::scale_forward::<f64>(
-                            slice_mut(&w),
-                            slice_mut(&a),
-                            &s,
-                            slice_mut(&out),
-                        )
-                    },
-                )?;
+                unsafe {
+                    match kind {
+                        Kind::Float => scale_forward_fast::<f32>(&w, &a, &s, &out)?,
+                        _ => scale_forward_fast::<f64>(&w, &a, &s, &out)?,
+                    }
+                }
                 Ok(out)
             } else {
                 generic::scale_forward_tensor(&w, &a, &s)
@@ -766,37 +775,12 @@ fn scale_backward(
                 let gw = Tensor::f_empty(w.size(), (kind, Device::Cpu)).map_err(&e)?;
                 let ga = Tensor::f_empty(a.size(), (kind, Device::Cpu)).map_err(&e)?;
                 // SAFETY: contiguous CPU tensors of `kind` (checked); outputs are fresh.
-                scale_fast(
-                    kind,
-                    || unsafe {
-                        scaling::scale_forward::<f32>(
-                            slice_mut(&g),
-                            slice_mut(&a),
-                            &s,
-                            slice_mut(&gw),
-                        )?;
-                        scaling::scale_grad_scale::<f32>(
-                            slice_mut(&g),
-                            slice_mut(&w),
-                            &s,
-                            slice_mut(&ga),
-                        )
-                    },
-                    || unsafe {
-                        scaling::scale_forward::<f64>(
-                            slice_mut(&g),
-                            slice_mut(&a),
-                            &s,
-                            slice_mut(&gw),
-                        )?;
-                        scaling::scale_grad_scale::<f64>(
-                            slice_mut(&g),
-                            slice_mut(&w),
-                            &s,
-                            slice_mut(&ga),
-                        )
-                    },
-                )?;
+                unsafe {
+                    match kind {
+                        Kind::Float => scale_backward_fast::<f32>(&g, &w, &a, &s, &gw, &ga)?,
+                        _ => scale_backward_fast::<f64>(&g, &w, &a, &s, &gw, &ga)?,
+                    }
+                }
                 Ok((gw, ga))
             } else {
                 Ok((
