@@ -96,8 +96,6 @@ def main() -> None:
             if r >= 3:
                 times[name].append(time.perf_counter() - t0)
     assert adams._kernel_calls[1] == 0, "benchmark must run on the fast path"
-    t_adams, t_adamw, t_plain = times["adams"], times["adamw"], times["plain"]
-    t_dense = times["dense"]
     del ps_adams, ps_adamw, ps_dense, adams_dense, ps, grads, mus, vs, masks, adams, adamw
 
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -10,19 +10,17 @@ perplexity after finalize, next to dense, dense_continued and one-shot magnitude
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import itertools
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from cast_rs import AdamS, baselines, check_nm, sparsify
-from cast_rs.demo import Batches, DemoConfig, TinyGPT, _no_decay_groups, evaluate, load_corpus, train
+from cast_rs import baselines, check_nm
+from cast_rs.demo import Batches, DemoConfig, evaluate, from_state, load_corpus, pretrain, train_cast
 
 
 def main() -> None:
@@ -51,20 +49,10 @@ def main() -> None:
     if cache.exists():
         state = torch.load(cache)
     else:
-        m = TinyGPT(c)
-        opt = torch.optim.AdamW(_no_decay_groups(m, cfg.pretrain_lr, 0.1), lr=cfg.pretrain_lr, betas=(0.9, 0.95))
-        train(m, opt, batches, cfg.pretrain_steps, desc="pretrain", warmup=max(1, cfg.pretrain_steps // 20))
-        state = m.state_dict()
+        state = pretrain(cfg, batches).state_dict()
         torch.save(state, cache)
-
-    def fresh():
-        m = TinyGPT(c)
-        m.load_state_dict(state)
-        return m
-
-    teacher = fresh().eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    fresh = lambda: from_state(c, state)  # noqa: E731
+    teacher = from_state(c, state, frozen=True)
     dense = ev(fresh())
     m = fresh()
     baselines.magnitude_prune(m)
@@ -78,10 +66,8 @@ def main() -> None:
         l1 = hp.get("l1_decay", cfg.l1_decay)
         t0 = time.perf_counter()
         m = fresh()
-        h = sparsify(m)
-        opt = AdamS(m.parameters(), lr=lr, betas=(0.9, 0.95), l1_decay=l1, total_steps=cfg.steps,
-                    mask_interval=int(hp.get("mask_interval", cfg.mask_interval)))
-        train(m, opt, cont, cfg.steps, desc=str(hp), teacher=teacher, show=False)
+        h, opt, _ = train_cast(m, cfg, cont, teacher, lr=lr, l1_decay=l1,
+                               mask_interval=int(hp.get("mask_interval", cfg.mask_interval)), show=False)
         ratio = h.stats(opt).overall
         before = ev(m)
         h.finalize()

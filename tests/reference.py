@@ -12,7 +12,7 @@ Nothing here imports cast_rs: these are what the Rust kernels are checked agains
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 

@@ -1,14 +1,11 @@
 """AdamS against the plain-PyTorch reference and torch.optim.AdamW, on both kernel paths."""
 
-import copy
-import io
-import warnings
 
 import pytest
 import torch
 
 import cast_rs
-from reference import RefAdamS, ref_nm_mask
+from reference import RefAdamS
 
 HP = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, l1_decay=2e-2, total_steps=40, mask_interval=7)
 

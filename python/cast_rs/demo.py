@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import sys
 import sysconfig
 import time
@@ -275,11 +274,42 @@ def train(
     return curve
 
 
-def _no_decay_groups(model: nn.Module, lr: float, weight_decay: float) -> List[Dict]:
+def _no_decay_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 and "scale" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def pretrain(cfg: DemoConfig, batches: Batches, show: bool = True) -> TinyGPT:
+    """Dense pretraining of the demo model (AdamW, warmup + cosine)."""
+    model = TinyGPT(cfg.model)
+    opt = torch.optim.AdamW(_no_decay_groups(model, 0.1), lr=cfg.pretrain_lr, betas=(0.9, 0.95))
+    train(model, opt, batches, cfg.pretrain_steps, desc="dense pretraining", warmup=max(1, cfg.pretrain_steps // 20), show=show)
+    return model
+
+
+def from_state(c: GPTConfig, state: Dict[str, torch.Tensor], frozen: bool = False) -> TinyGPT:
+    """A model loaded from a dense checkpoint; ``frozen``: eval mode, no gradients (a teacher)."""
+    m = TinyGPT(c)
+    m.load_state_dict(state)
+    if frozen:
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+    return m
+
+
+def train_cast(m: nn.Module, cfg: DemoConfig, batches: Batches, teacher: nn.Module, *, lr: float, l1_decay: float,
+               mask_interval: int, eval_fn: Optional[Callable[[], float]] = None, show: bool = True):
+    """CAST on ``m`` in place: sparsify, AdamS with distillation. Returns (handle, optimizer,
+    curve); the caller finalizes."""
+    handle = sparsify(m, cfg.pattern, scaling_groups=cfg.scaling_groups)
+    opt = AdamS(m.parameters(), lr=lr, betas=(0.9, 0.95), l1_decay=l1_decay, total_steps=cfg.steps,
+                mask_interval=mask_interval)
+    curve = train(m, opt, batches, cfg.steps, desc="CAST (AdamS)", teacher=teacher, eval_fn=eval_fn,
+                  curve_points=cfg.curve_points if eval_fn else 0, show=show)
+    return handle, opt, curve
 
 
 def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool = True,
@@ -309,22 +339,15 @@ def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool =
         log(f"  {name:<22} val ppl {results[name]['val_ppl']:.4f}   ({seconds:.0f} s)")
 
     # 1. dense pretraining
-    model = TinyGPT(c)
-    log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {c.layers} layers, width {c.width}, context {c.context}")
+    with torch.random.fork_rng():  # counting parameters must not shift the seeded init
+        n_params = sum(p.numel() for p in TinyGPT(c).parameters())
+    log(f"model: {n_params / 1e6:.2f} M parameters, {c.layers} layers, width {c.width}, context {c.context}")
     t0 = time.perf_counter()
-    opt = torch.optim.AdamW(_no_decay_groups(model, cfg.pretrain_lr, 0.1), lr=cfg.pretrain_lr, betas=(0.9, 0.95))
-    train(model, opt, batches, cfg.pretrain_steps, desc="dense pretraining", warmup=max(1, cfg.pretrain_steps // 20), show=show)
+    model = pretrain(cfg, batches, show)
     record("dense", model, cfg.pretrain_steps, time.perf_counter() - t0, False)
     dense_state = copy.deepcopy(model.state_dict())
-
-    def fresh() -> TinyGPT:
-        m = TinyGPT(c)
-        m.load_state_dict(dense_state)
-        return m
-
-    teacher = fresh().eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    fresh = lambda: from_state(c, dense_state)  # noqa: E731
+    teacher = from_state(c, dense_state, frozen=True)
 
     # 2. one-shot baselines
     t0 = time.perf_counter()
@@ -340,7 +363,7 @@ def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool =
     # 3. dense continued (also gives dense_then_magnitude)
     t0 = time.perf_counter()
     m = fresh()
-    opt = torch.optim.AdamW(_no_decay_groups(m, cfg.lr, 0.0), lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(_no_decay_groups(m, 0.0), lr=cfg.lr, betas=(0.9, 0.95))
     curve = train(m, opt, cont_batches, cfg.steps, desc="dense continued", teacher=teacher,
                   eval_fn=lambda: evaluate_full(m), curve_points=cfg.curve_points, show=show)
     secs = time.perf_counter() - t0
@@ -353,7 +376,7 @@ def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool =
     t0 = time.perf_counter()
     m = fresh()
     srste = baselines.SRSTE(m, cfg.pattern, decay=cfg.srste_decay)
-    opt = torch.optim.AdamW(_no_decay_groups(m, cfg.lr, 0.0), lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(_no_decay_groups(m, 0.0), lr=cfg.lr, betas=(0.9, 0.95))
     curve = train(m, opt, cont_batches, cfg.steps, desc="SR-STE", teacher=teacher,
                   eval_fn=lambda: evaluate_full(m), curve_points=cfg.curve_points, show=show)
     srste.finalize()
@@ -362,11 +385,8 @@ def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool =
     # 5. CAST
     t0 = time.perf_counter()
     m = fresh()
-    handle = sparsify(m, cfg.pattern, scaling_groups=cfg.scaling_groups)
-    opt = AdamS(m.parameters(), lr=cfg.lr, betas=(0.9, 0.95), l1_decay=cfg.l1_decay,
-                total_steps=cfg.steps, mask_interval=cfg.mask_interval)
-    curve = train(m, opt, cont_batches, cfg.steps, desc="CAST (AdamS)", teacher=teacher,
-                  eval_fn=lambda: evaluate_full(m), curve_points=cfg.curve_points, show=show)
+    handle, opt, curve = train_cast(m, cfg, cont_batches, teacher, lr=cfg.lr, l1_decay=cfg.l1_decay,
+                                    mask_interval=cfg.mask_interval, eval_fn=lambda: evaluate_full(m), show=show)
     stats = handle.stats(opt)
     fin = handle.finalize()
     record("cast", m, cfg.steps, time.perf_counter() - t0, True, curve)
