@@ -189,8 +189,10 @@ def test_cast_error_is_exported():
 
 
 def test_tensor_subclasses_are_refused_not_crashed():
-    """A DTensor (FSDP2) reaching the kernels used to segfault (no storage of its own); now it
-    is refused with a clear CastError. Run in a subprocess with a 1-process gloo group."""
+    """A DTensor (FSDP2) reaching the kernels used to segfault (no storage of its own). The
+    kernel entry points refuse it with a clear CastError; AdamS steps its local shard and
+    refuses a DTensor parameter whose gradient is not sharded like it. Run in a subprocess
+    with a 1-process gloo group."""
     import subprocess
     import sys
     import textwrap
@@ -201,22 +203,29 @@ def test_tensor_subclasses_are_refused_not_crashed():
         s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=0, world_size=1)
-        from torch.distributed.tensor import distribute_tensor, Shard
+        from torch.distributed.tensor import distribute_tensor, Replicate, Shard
         from torch.distributed.device_mesh import init_device_mesh
         import cast_rs
         mesh = init_device_mesh("cpu", (1,))
         x = distribute_tensor(torch.randn(8, 16), mesh, [Shard(0)])
         p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 16), mesh, [Shard(0)]))
-        p.grad = distribute_tensor(torch.randn(8, 16), mesh, [Shard(0)])
+        before = p.detach().to_local().clone()
+        p.grad = distribute_tensor(torch.randn(8, 16), mesh, [Replicate()])
         opt = cast_rs.AdamS([p], pattern="2:4", total_steps=10)
         refused = 0
-        for f in (lambda: cast_rs.nm_mask(x, "2:4"), lambda: cast_rs.nm_mask_packed(x, "2:4"), opt.step):
+        for f, word in ((lambda: cast_rs.nm_mask(x, "2:4"), "DTensor"),
+                        (lambda: cast_rs.nm_mask_packed(x, "2:4"), "DTensor"),
+                        (opt.step, "gradient placements")):
             try:
                 f()
             except cast_rs.CastError as e:
-                assert "DTensor" in str(e), e
+                assert word in str(e), e
                 refused += 1
-        assert not opt.state
+        assert not opt.state and torch.equal(p.detach().to_local(), before)
+        p.grad = distribute_tensor(torch.randn(8, 16), mesh, [Shard(0)])
+        opt.step()
+        assert type(opt.state[p]["mask"]).__name__ == "DTensor"
+        assert not torch.equal(p.detach().to_local(), before)
         print("refused", refused)
         dist.destroy_process_group()
         """

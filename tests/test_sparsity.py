@@ -178,3 +178,49 @@ def test_export_semi_structured_on_cuda():  # pragma: no cover - GPU only
     ref = model(x)
     assert cast_rs.export_semi_structured(model) == ["0"]
     torch.testing.assert_close(model(x), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_check_nm_sees_parametrized_conv1d_before_finalize():
+    """parametrize (and FSDP2) subclass the module's class; Conv1D must still be recognised."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(8, 16))
+    sparse = cast_rs.sparsify(model, "2:4")
+    assert type(model[0]).__name__ != "Conv1D"
+    report = cast_rs.check_nm(model, "2:4")
+    assert [r.name for r in report] == ["0"] and report[0].dim == 0 and not report.ok
+    sparse.finalize()
+    assert cast_rs.check_nm(model, "2:4").ok
+
+
+def test_adams_remarks_weights_replaced_after_sparsify():
+    """fully_shard replaces parameters (the N:M marker is lost); AdamS restores it from the module."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4))
+    cast_rs.sparsify(model, "2:4")
+    plist = model[0].parametrizations.weight
+    plist.original = nn.Parameter(plist.original.detach().clone())  # what fully_shard does
+    assert not hasattr(plist.original, "_cast_rs_nm")
+    opt = cast_rs.AdamS(model.parameters(), lr=0.1, total_steps=5)
+    model(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    assert "mask" in opt.state[plist.original]
+
+
+def test_plain_state_dict_maps_keys_and_refuses_unfinalized_scales():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 4))
+    sparse = cast_rs.sparsify(model, "2:4")
+    with torch.no_grad():
+        model[0].parametrizations.weight[0].scale.fill_(2.0)
+    sd = model.state_dict()
+    with pytest.raises(ValueError, match="0.parametrizations.weight.0.scale.*finalize"):
+        cast_rs.plain_state_dict(sd)
+    with torch.no_grad():
+        model[0].parametrizations.weight[0].scale.fill_(1.0)
+    plain = cast_rs.plain_state_dict(model.state_dict())
+    assert sorted(plain) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    fresh = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 4))
+    fresh.load_state_dict(plain, strict=True)
+    assert torch.equal(fresh[0].weight, model[0].parametrizations.weight.original)

@@ -29,6 +29,7 @@ from .sparsity import (
     check_nm,
     export_semi_structured,
     find_layers,
+    plain_state_dict,
     sparsify,
 )
 from . import baselines
@@ -45,6 +46,7 @@ __all__ = [
     "distill_loss",
     "export_semi_structured",
     "find_layers",
+    "plain_state_dict",
     "scale_weight",
     "sparsify",
     "CastError",

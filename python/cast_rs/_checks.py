@@ -11,9 +11,10 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def check_plain_tensor(t: torch.Tensor, name: str) -> None:
     """Refuse tensor subclasses (DTensor, fake/functional tensors, ...): the kernels read a
-    tensor's own storage, which a subclass wrapper does not have. FSDP2's DTensor parameters
-    are not supported yet; pass ``t.to_local()`` for a local shard."""
+    tensor's own storage, which a subclass wrapper does not have. (AdamS, ``finalize``,
+    ``stats`` and ``check_nm`` handle FSDP2's DTensor parameters themselves; for these
+    functions pass ``t.to_local()`` for a local shard or ``t.full_tensor()``.)"""
     if type(t) not in _PLAIN:
         kind = type(t).__name__
-        hint = " (use .to_local() for the local shard; FSDP2 support is not there yet)" if kind == "DTensor" else ""
+        hint = " (pass .to_local() for the local shard or .full_tensor() for the whole tensor)" if kind == "DTensor" else ""
         raise CastError(f"{name}: {kind} tensors are not supported, only plain torch.Tensor / nn.Parameter{hint}")

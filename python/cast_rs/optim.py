@@ -9,16 +9,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch.optim import Optimizer
 
-from . import _cast_rs
+from . import _cast_rs, _dtensor
 from ._checks import check_plain_tensor
 from ._config import generic_path_forced
+from ._markers import NM_ATTR, remark_weights
 from .nm import format_pattern, group_dim_size, nm_mask_packed, parse_pattern
 
 __all__ = ["AdamS", "DEFAULT_L1_DECAY", "NM_ATTR"]
-
-#: Attribute that :func:`cast_rs.sparsify` sets on a parameter to mark it N:M: a tuple
-#: ``(n, m, dim)`` with ``dim`` -1 (groups along the last dimension) or 0.
-NM_ATTR = "_cast_rs_nm"
 
 #: Default λ (``l1_decay``). The paper's LLaMA2-7B value is 4e-7 with the advice "the same
 #: order of magnitude as the gradient". On the demo's small GPT (README, "Tuning") the best
@@ -89,6 +86,15 @@ class AdamS(Optimizer):
     Kernels: contiguous float32 CPU tensors take the Rust fast path (one fused pass, parallel,
     GIL released); everything else (bf16/fp16/fp64, non-contiguous, CUDA) takes the generic
     path built from tensor ops. Both implement the same arithmetic in the same order.
+
+    Distributed: under DDP parameters are plain tensors and every rank computes the same
+    update. FSDP2 (``fully_shard``) parameters are DTensors: each rank steps its local shard,
+    so the optimizer state is sharded like the parameters (``exp_avg``/``exp_avg_sq`` are
+    DTensors, the packed ``mask`` a ``uint8`` DTensor of shape ``[d0, numel/d0/8]``) and
+    ``torch.distributed.checkpoint`` saves it per rank. A sparse parameter must be sharded
+    along dim 0 with its N:M groups whole on each rank; anything else is refused with a
+    ``CastError`` (see ``cast_rs._dtensor``). Construct AdamS after ``fully_shard``: it puts
+    the N:M markers of :func:`cast_rs.sparsify` back on the new DTensor parameters.
     """
 
     def __init__(
@@ -117,6 +123,8 @@ class AdamS(Optimizer):
         self._validate_hyper(defaults, where="")
         # Tensors stepped on the (fast, generic) kernel path so far: for tests and diagnostics.
         self._kernel_calls = [0, 0]
+        # fully_shard (FSDP2) replaces parameters and drops sparsify's markers: restore them.
+        remark_weights()
         super().__init__(params, defaults)
         if not any(self._param_spec(p, g) is not None for g in self.param_groups for p in g["params"]):
             warnings.warn(
@@ -203,6 +211,8 @@ class AdamS(Optimizer):
                         f"{name}: {n}:{m} groups run along the {where_dim}, whose size {size} is not "
                         f"divisible by M={m} (shape {tuple(p.shape)}); put it in a group with pattern=None"
                     )
+                if _dtensor.is_dtensor(p):
+                    _dtensor.check_sharding(p, spec, name)
             if any_sparse and group["total_steps"] is None:
                 raise ValueError(
                     f"{where}total_steps: required when a group has sparse (N:M) parameters "
@@ -223,23 +233,30 @@ class AdamS(Optimizer):
                 if not st or "mask" not in st:
                     continue
                 bits = st["mask"]
-                expected = (p.numel() + 7) // 8
-                if bits.numel() != expected:
+                local_bits = _dtensor.local(bits)
+                expected = (_dtensor.local(p).numel() + 7) // 8
+                if local_bits.numel() != expected:
                     raise ValueError(
-                        f"state_dict: mask of {self._param_name(group, gi, i)} has {bits.numel()} bytes, "
-                        f"expected {expected} for {p.numel()} weights"
+                        f"state_dict: mask of {self._param_name(group, gi, i)} has {local_bits.numel()} bytes, "
+                        f"expected {expected} for {_dtensor.local(p).numel()} weights"
                     )
-                st["mask"] = bits.to(dtype=torch.uint8, device=p.device).reshape(expected)
+                if _dtensor.is_dtensor(p):
+                    st["mask"] = _dtensor.mask_like(p, local_bits.to(dtype=torch.uint8, device=p.device).reshape(expected))
+                else:
+                    st["mask"] = bits.to(dtype=torch.uint8, device=p.device).reshape(expected)
 
     def _init_group(
         self, group: Dict[str, Any], gi: int
-    ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[Optional[Tuple[int, int, int]]]]:
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[Optional[Tuple[int, int, int]]], List[torch.Tensor]]:
         """Collect and validate the parameters with gradients. Writes nothing.
+
+        Returns (params, local gradients, specs, local parameters): the local tensors are
+        the parameters / gradients themselves, or the local shards of DTensors.
 
         This runs every step, so the common case is kept to a few attribute reads per
         parameter; messages are only built when something is wrong.
         """
-        params, grads, specs = [], [], []
+        params, grads, specs, locals_ = [], [], [], []
         group_spec = None
         if group.get("pattern") is not None:
             n, m = parse_pattern(group["pattern"])
@@ -249,12 +266,19 @@ class AdamS(Optimizer):
             if g is None:
                 continue
             spec = getattr(p, NM_ATTR, None) or group_spec
+            pl = p
             if type(p) is not torch.nn.Parameter and type(p) is not torch.Tensor:
-                check_plain_tensor(p, self._param_name(group, gi, i))
+                if _dtensor.is_dtensor(p):
+                    name = self._param_name(group, gi, i)
+                    _dtensor.check_grad(p, g, name)
+                    _dtensor.check_sharding(p, spec, name)
+                    pl, g = p.to_local(), g.to_local()
+                else:
+                    check_plain_tensor(p, self._param_name(group, gi, i))
             if type(g) is not torch.Tensor:
                 check_plain_tensor(g, self._param_name(group, gi, i) + " gradient")
-            if g.is_sparse or g.dtype != p.dtype or g.shape != p.shape or g.device != p.device or not p.is_floating_point():
-                self._raise_bad_grad(group, gi, i, p, g)
+            if g.is_sparse or g.dtype != pl.dtype or g.shape != pl.shape or g.device != pl.device or not pl.is_floating_point():
+                self._raise_bad_grad(group, gi, i, pl, g)
             if spec is not None:
                 size = group_dim_size(tuple(p.shape), spec[2])
                 if size is None or size % spec[1]:
@@ -274,7 +298,8 @@ class AdamS(Optimizer):
             params.append(p)
             grads.append(g)
             specs.append(spec)
-        return params, grads, specs
+            locals_.append(pl)
+        return params, grads, specs, locals_
 
     def _raise_bad_grad(self, group: Dict[str, Any], gi: int, i: int, p: torch.Tensor, g: torch.Tensor) -> None:
         name = self._param_name(group, gi, i)
@@ -288,7 +313,9 @@ class AdamS(Optimizer):
             raise ValueError(f"{name}: gradient shape {tuple(g.shape)} differs from the parameter's {tuple(p.shape)}")
         raise ValueError(f"{name}: gradient is on {g.device}, the parameter on {p.device}")
 
-    def _state_for(self, p: torch.Tensor, spec: Optional[Tuple[int, int, int]]) -> Dict[str, Any]:
+    def _state_for(self, p: torch.Tensor, pl: torch.Tensor, spec: Optional[Tuple[int, int, int]]) -> Dict[str, Any]:
+        """The state of ``p`` (``pl``: its local tensor), created on first use. For a DTensor
+        the moments are DTensors like ``p`` and the mask is sharded with it."""
         st = self.state[p]
         if len(st) == 0:
             st["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -298,10 +325,11 @@ class AdamS(Optimizer):
             n, m, dim = spec
             if float(st["step"]) == 0.0:
                 # Step 1 is always a refresh step: the kernel fills it.
-                st["mask"] = torch.zeros((p.numel() + 7) // 8, dtype=torch.uint8, device=p.device)
+                bits = torch.zeros((pl.numel() + 7) // 8, dtype=torch.uint8, device=p.device)
             else:
                 # Became sparse mid-run (marked after some steps): start from its current mask.
-                st["mask"] = nm_mask_packed(p.detach(), (n, m), dim)
+                bits = nm_mask_packed(pl.detach(), (n, m), dim)
+            st["mask"] = _dtensor.mask_like(p, bits) if pl is not p else bits
         return st
 
     # ----------------------------------------------------------------- step
@@ -323,18 +351,19 @@ class AdamS(Optimizer):
             plans.append(self._init_group(group, gi))
 
         force_generic = generic_path_forced()
-        for group, (params, grads, specs) in zip(self.param_groups, plans):
+        for group, (params, grads, specs, locals_) in zip(self.param_groups, plans):
             if not params:
                 continue
-            states = [self._state_for(p, spec) for p, spec in zip(params, specs)]
+            states = [self._state_for(p, pl, spec) for p, pl, spec in zip(params, locals_, specs)]
             beta1, beta2 = (float(b) for b in group["betas"])
             total = group["total_steps"]
+            local = _dtensor.local
             fast, generic, flips = _cast_rs.adams_step(
-                params,
+                locals_,
                 grads,
-                [st["exp_avg"] for st in states],
-                [st["exp_avg_sq"] for st in states],
-                [st.get("mask") if spec is not None else None for st, spec in zip(states, specs)],
+                [local(st["exp_avg"]) for st in states],
+                [local(st["exp_avg_sq"]) for st in states],
+                [local(st["mask"]).reshape(-1) if spec is not None else None for st, spec in zip(states, specs)],
                 specs,
                 [st["step"] for st in states],  # incremented by the kernel on success
                 lr=float(group["lr"]),
@@ -349,16 +378,18 @@ class AdamS(Optimizer):
             )
             self._kernel_calls[0] += fast
             self._kernel_calls[1] += generic
-            for p, st, spec, changed in zip(params, states, specs, flips):
+            for pl, st, spec, changed in zip(locals_, states, specs, flips):
                 if changed is not None:
-                    st["mask_flip_rate"] = changed / max(1, p.numel() // spec[1])
+                    # Of this rank's groups, for a sharded parameter.
+                    st["mask_flip_rate"] = changed / max(1, pl.numel() // spec[1])
         return loss
 
     # ----------------------------------------------------------------- helpers
     def masks(self) -> Dict[torch.Tensor, torch.Tensor]:
         """Current boolean masks of the sparse parameters that have state, keyed by parameter.
 
-        These are the masks of the last refresh (not recomputed now).
+        These are the masks of the last refresh (not recomputed now). For a DTensor
+        parameter the mask is a boolean DTensor sharded like it.
         """
         from .nm import unpack_mask
 
@@ -367,5 +398,11 @@ class AdamS(Optimizer):
             for p in group["params"]:
                 st = self.state.get(p)
                 if st and "mask" in st:
-                    out[p] = unpack_mask(st["mask"], p.shape)
+                    if _dtensor.is_dtensor(p):
+                        pl = p.to_local()
+                        keep = unpack_mask(st["mask"].to_local().reshape(-1), pl.shape)
+                        out[p] = _dtensor.DTensor.from_local(keep, p.device_mesh, p.placements, run_check=False,
+                                                             shape=p.shape, stride=p.stride())
+                    else:
+                        out[p] = unpack_mask(st["mask"], p.shape)
         return out

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import _dtensor
+from ._markers import NM_ATTR, mark, module_spec, original_weight, unmark
 from .nm import Pattern, format_pattern, nm_mask, parse_pattern
-from .optim import NM_ATTR
 from .reports import format_table
 from .scaling import WeightScale, scale_weight
 
@@ -36,6 +37,7 @@ __all__ = [
     "SparsityStats",
     "find_layers",
     "export_semi_structured",
+    "plain_state_dict",
 ]
 
 #: Module attribute left by ``finalize`` (and set while sparse) so that ``check_nm`` knows
@@ -47,14 +49,17 @@ Rules = Union[Rule, Sequence[Rule], None]
 
 
 def _is_conv1d(module: nn.Module) -> bool:
-    """Hugging Face's GPT-2 ``Conv1D`` (a Linear with its weight stored ``[in, out]``)."""
-    w = getattr(module, "weight", None)
-    return (
-        type(module).__name__ == "Conv1D"
-        and hasattr(module, "nf")
-        and isinstance(w, torch.Tensor)
-        and w.dim() == 2
-    )
+    """Hugging Face's GPT-2 ``Conv1D`` (a Linear with its weight stored ``[in, out]``).
+
+    Matched by class name along the MRO: parametrize and FSDP2 subclass the module's class
+    (``ParametrizedConv1D``, ``FSDPParametrizedConv1D``)."""
+    if not any(cls.__name__ == "Conv1D" for cls in type(module).__mro__) or not hasattr(module, "nf"):
+        return False
+    try:
+        w = original_weight(module)  # not the parametrized weight: no computation, DTensors ok
+    except AttributeError:
+        return False
+    return isinstance(w, torch.Tensor) and w.dim() == 2
 
 
 def _layer_kind(module: nn.Module) -> Optional[Tuple[str, int]]:
@@ -96,11 +101,18 @@ def _describe(rule: Rule) -> str:
     return rule
 
 
-def _original_weight(module: nn.Module) -> torch.Tensor:
-    """The weight the optimizer trains (the parametrization's original when scaled)."""
+_original_weight = original_weight
+
+
+def _effective_full_weight(module: nn.Module) -> torch.Tensor:
+    """The weight the layer computes with (scaled, if still parametrized), whole: DTensor
+    (FSDP2) weights and scales are gathered, one layer at a time."""
     if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations.weight.original
-    return module.weight
+        w = module.parametrizations.weight.original
+        if _dtensor.is_dtensor(w):
+            ws = module.parametrizations.weight[0]
+            return scale_weight(_dtensor.full(w.detach()), _dtensor.full(ws.scale.detach()), ws.groups, ws.dim)
+    return _dtensor.full(module.weight.detach())
 
 
 @dataclass
@@ -292,7 +304,7 @@ class SparseModel:
         out = SparsityStats()
         kept_total = total = 0.0
         for layer in self.layers:
-            w = layer.weight.detach()
+            w = _dtensor.full(layer.weight.detach())
             keep = nm_mask(w, (n, m), dim=layer.dim)
             kept = float(w.abs().mul(keep).sum(dtype=torch.float64))
             tot = float(w.abs().sum(dtype=torch.float64))
@@ -313,6 +325,13 @@ class SparseModel:
         W (W ← W·A), remove the parametrization and the marker. Parameter names and shapes are
         then those the model had before :func:`sparsify`, so its ``state_dict`` loads into the
         original architecture. Returns a per-layer report (L1 mass cut, nonzero fraction).
+
+        FSDP2 (DTensor weights): call it on every rank. Each layer's weight is gathered (one
+        layer at a time), masked and scaled, and each rank writes back its shard. The
+        parametrization cannot be removed from a ``fully_shard``-ed module (FSDP2 swaps the
+        module's class), so it stays with its scale set to ones: the layer computes with the
+        exact N:M weight and keeps working under FSDP2. :func:`plain_state_dict` turns a full
+        state dict of such a model into the original architecture's keys.
         """
         if self.finalized:
             raise RuntimeError("finalize: this SparseModel is already finalized")
@@ -321,23 +340,29 @@ class SparseModel:
         for layer in self.layers:
             mod = layer.module
             w = layer.weight
-            keep = nm_mask(w.detach(), (n, m), dim=layer.dim)
-            absw = w.detach().abs()
+            sharded = _dtensor.is_dtensor(w)
+            wf = _dtensor.full(w.detach())
+            keep = nm_mask(wf, (n, m), dim=layer.dim)
+            absw = wf.abs()
             total = float(absw.sum(dtype=torch.float64))
             removed = float(absw.masked_fill(keep, 0).sum(dtype=torch.float64))
-            final = w.detach() * keep
+            final = wf * keep
             if parametrize.is_parametrized(mod, "weight"):
-                scale = mod.parametrizations.weight[0]
-                final = scale_weight(final, scale.scale.detach(), scale.groups, scale.dim)
-                parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
-            weight = mod.weight
-            weight.copy_(final)
-            if hasattr(weight, NM_ATTR):
-                delattr(weight, NM_ATTR)
+                ws = mod.parametrizations.weight[0]
+                final = scale_weight(final, _dtensor.full(ws.scale.detach()), ws.groups, ws.dim)
+                if sharded:
+                    _dtensor.local(ws.scale).fill_(1)
+                else:
+                    parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+            if sharded:
+                _dtensor.write_full(w, final)
+            else:
+                mod.weight.copy_(final)
+            unmark(mod)
             setattr(mod, SPARSE_MODULE_ATTR, format_pattern(self.pattern))
             report.append(
-                LayerFinal(layer.name, tuple(weight.shape), removed, removed / total if total > 0 else 0.0,
-                           float((weight != 0).float().mean()))
+                LayerFinal(layer.name, tuple(final.shape), removed, removed / total if total > 0 else 0.0,
+                           float((final != 0).float().mean()))
             )
         self.finalized = True
         return report
@@ -376,6 +401,8 @@ def sparsify(
     for p in model.parameters():
         if hasattr(p, NM_ATTR):
             raise RuntimeError("sparsify: this model is already sparsified (a weight is already marked N:M)")
+    if any(module_spec(mod) is not None for mod in model.modules()):
+        raise RuntimeError("sparsify: this model is already sparsified (a layer is already marked N:M)")
     picked, skipped = find_layers(model, (n, m), include=include, exclude=exclude)
     layers: List[SparseLayer] = []
     for name, mod, kind, dim in picked:
@@ -385,11 +412,16 @@ def sparsify(
         groups = 0
         if scaling_groups:
             groups = math.gcd(int(scaling_groups), int(in_dim))
-        setattr(w, NM_ATTR, (n, m, dim))
+        if _dtensor.is_dtensor(w):
+            raise RuntimeError(
+                f"sparsify: layer {name!r} is already sharded (DTensor weight); call sparsify before "
+                "fully_shard so that FSDP2 also shards and reduces the weight-scale parameters"
+            )
         if groups:
             parametrize.register_parametrization(
                 mod, "weight", WeightScale(out_dim, groups, dim, device=w.device, dtype=w.dtype), unsafe=False
             )
+        mark(mod, (n, m, dim))
         setattr(mod, SPARSE_MODULE_ATTR, format_pattern((n, m)))
         layers.append(SparseLayer(name, kind, tuple(w.shape), dim, format_pattern((n, m)), groups, mod))
     return SparseModel(model, (n, m), layers, skipped)
@@ -448,7 +480,7 @@ def check_nm(model_or_tensor: Union[nn.Module, torch.Tensor], pattern: Pattern =
     report = NMReport()
     report.pattern = format_pattern((n, m))
     if isinstance(model_or_tensor, torch.Tensor):
-        t = model_or_tensor
+        t = _dtensor.full(model_or_tensor)
         d = -1 if dim in (-1, t.dim() - 1) else 0
         size = t.shape[-1] if d == -1 else t.shape[0]
         if t.dim() == 0 or size % m:
@@ -466,9 +498,9 @@ def check_nm(model_or_tensor: Union[nn.Module, torch.Tensor], pattern: Pattern =
         targets = [(name, mod, kd[1]) for name, mod, _, kd in
                    ((nm_, md, None, _layer_kind(md)) for nm_, md in model.named_modules()) if kd]
         targets = [(name, mod, d) for name, mod, d in targets
-                   if (mod.weight.shape[-1] if d == -1 else mod.weight.shape[0]) % m == 0]
+                   if (original_weight(mod).shape[-1] if d == -1 else original_weight(mod).shape[0]) % m == 0]
     for name, mod, d in targets:
-        w = mod.weight  # the effective weight (scaled, if still parametrized)
+        w = _effective_full_weight(mod)  # scaled, if still parametrized; gathered if DTensor
         bad, groups = _violations(w, n, m, d)
         report.append(NMRow(name, tuple(w.shape), d, groups, bad, float((w.detach() == 0).float().mean())))
     return report
@@ -518,3 +550,38 @@ def export_semi_structured(model: nn.Module, pattern: Pattern = "2:4") -> List[s
         mod.weight = nn.Parameter(to_sparse_semi_structured(mod.weight.detach()), requires_grad=False)
         done.append(name)
     return done
+
+
+_ORIGINAL_SUFFIX = ".parametrizations.weight.original"
+_SCALE_SUFFIX = ".parametrizations.weight.0.scale"
+
+
+def plain_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Map a full state dict of a finalized model that still carries weight-scale
+    parametrizations (a ``fully_shard``-ed model: see :meth:`SparseModel.finalize`) onto the
+    original architecture's keys: ``<layer>.parametrizations.weight.original`` becomes
+    ``<layer>.weight`` and the all-ones ``<layer>.parametrizations.weight.0.scale`` is dropped.
+
+    Gather the state dict first, e.g. ``get_model_state_dict(model,
+    options=StateDictOptions(full_state_dict=True, cpu_offload=True))``. Raises ``ValueError``
+    when a scale is not all ones (the model was not finalized) or a value is still a DTensor.
+    Keys of other layers are copied unchanged.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if _dtensor.is_dtensor(value):
+            raise ValueError(
+                f"state_dict[{key!r}]: a DTensor (a sharded state dict); gather a full one with "
+                "StateDictOptions(full_state_dict=True)"
+            )
+        if key.endswith(_SCALE_SUFFIX):
+            if not bool((value == 1).all()):
+                raise ValueError(
+                    f"state_dict[{key!r}]: the weight scale is not all ones; call SparseModel.finalize() "
+                    "before converting (it folds the scale into the weight)"
+                )
+            continue
+        if key.endswith(_ORIGINAL_SUFFIX):
+            key = key[: -len(_ORIGINAL_SUFFIX)] + ".weight"
+        out[key] = value
+    return out
