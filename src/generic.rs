@@ -27,7 +27,8 @@ fn grouped(x: &Tensor, pattern: NmPattern, dim: GroupDim) -> Result<(Tensor, i64
     let m = pattern.m as i64;
     let (a, b) = match dim {
         GroupDim::Last => (numel / m, 1),
-        GroupDim::First => (shape[0] / m, numel / shape[0]),
+        // Not numel / shape[0]: an empty local shard (FSDP2) has shape[0] == 0.
+        GroupDim::First => (shape[0] / m, shape[1..].iter().product()),
     };
     let g = x
         .f_reshape([a, m, b])

@@ -247,3 +247,18 @@ def test_mask_flip_rate_counts_changed_groups(kernel_path):
     opt.step()  # step 2: no refresh, rate unchanged
     opt.step()  # step 3: refresh
     assert opt.state[w]["mask_flip_rate"] == 0.5
+
+
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_empty_local_shards_step(kernel_path, dim):
+    """An FSDP2 rank can hold an empty shard (more ranks than rows): the step is a no-op."""
+    p = torch.nn.Parameter(torch.zeros(0, 8))
+    if dim == 0:
+        p._cast_rs_nm = (2, 4, 0)
+    dense = torch.nn.Parameter(torch.zeros(0))
+    opt = cast_rs.AdamS([p, dense], lr=0.1, pattern="2:4" if dim == -1 else None, total_steps=5)
+    for _ in range(2):
+        p.grad, dense.grad = torch.zeros(0, 8), torch.zeros(0)
+        opt.step()
+    assert float(opt.state[p]["step"]) == 2 and opt.state[p]["mask"].numel() == 0
+    assert opt.state[p]["mask_flip_rate"] == 0.0
