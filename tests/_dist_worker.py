@@ -170,6 +170,9 @@ def run_fsdp(rank: int, world: int, out: str) -> None:
     dcp.save(_dcp_state(model, opt), checkpoint_id=os.path.join(out, "dcp"))
     train(model, opt, CKPT_STEP + 1, STEPS, rank, world)
     params, masks = full_params(model), full_masks(model, opt)
+    stats = sparse.stats(opt)
+    info["stats_overall"] = stats.overall
+    info["flip_rates"] = [row.mask_flip_rate for row in stats]
     report = sparse.finalize()
     ok = cast_rs.check_nm(model, "2:4").ok
     x, _ = batch(0)

@@ -33,15 +33,16 @@ def reference():
     torch.set_num_threads(1)  # as the workers (torchrun sets OMP_NUM_THREADS=1)
     try:
         params, masks, model, sparse = worker.reference()
+        stats_overall = sparse.stats().overall
         sparse.finalize()
         final = {k: v.detach().clone() for k, v in model.state_dict().items()}
     finally:
         torch.set_num_threads(threads)
-    return params, masks, final
+    return {"params": params, "masks": masks, "final": final, "stats_overall": stats_overall}
 
 
 def assert_matches_reference(params, masks, reference):
-    ref_params, ref_masks, _ = reference
+    ref_params, ref_masks = reference["params"], reference["masks"]
     assert params.keys() == ref_params.keys()
     for name in ref_params:
         torch.testing.assert_close(params[name], ref_params[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -78,12 +79,15 @@ def test_fsdp2_steps_local_shards_and_matches_single_process(fsdp_run, reference
     assert info["state_types"]["exp_avg"] == "DTensor" and info["state_types"]["mask"] == "DTensor"
     assert info["mask_shape"] == (32, 2) and info["mask_local_bytes"] == 16 * 16 // 8
     assert_matches_reference(r["params"], r["masks"], reference)
+    # stats() gathers the sharded weights: the same ratio as the single process.
+    assert info["stats_overall"] == pytest.approx(reference["stats_overall"], rel=1e-5)
+    assert all(0.0 <= f <= 1.0 for f in info["flip_rates"])
 
 
 def test_fsdp2_finalize_check_nm_and_plain_state_dict(fsdp_run, reference):
     _, r = fsdp_run
     assert r["check_nm"] and r["finalize_rows"] == 3
-    _, _, ref_final = reference
+    ref_final = reference["final"]
     plain = r["plain"]
     assert plain.keys() == ref_final.keys()
     for k in ref_final:
