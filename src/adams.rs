@@ -424,12 +424,13 @@ fn run_piece_impl(p: Piece<'_>) {
 }
 
 /// Changed groups straight from the packed masks, when every group is whole bytes or an
-/// aligned bit field of one byte (last-dimension groups, M in {2, 4, 8, 16, 32}); padding bits
-/// are zero in both. `None` for other layouts.
+/// aligned bit field of one byte (last-dimension groups, M in {2, 4, 8, 16, 32}), or when
+/// dim-0 groups have rows of whole bytes (stride a multiple of 8); padding bits are zero in
+/// both. `None` for other layouts.
 #[inline(always)]
 fn changed_groups_packed(old: &[u8], new: &[u8], layout: &GroupLayout) -> Option<u64> {
     if layout.stride != 1 {
-        return None;
+        return changed_groups_packed_rows(old, new, layout);
     }
     let m = layout.pattern.m;
     match m {
@@ -470,6 +471,28 @@ fn changed_groups_packed(old: &[u8], new: &[u8], layout: &GroupLayout) -> Option
         ),
         _ => None,
     }
+}
+
+/// Dim-0 groups (`stride` = row length `s`): a block is M rows of `s` bits and group `g` is
+/// bit `g` of every row. With `s % 8 == 0` rows are whole bytes, so OR-ing the M rows' XORs
+/// byte by byte leaves one bit per changed group: no unpacking into flags.
+fn changed_groups_packed_rows(old: &[u8], new: &[u8], layout: &GroupLayout) -> Option<u64> {
+    let (m, s) = (layout.pattern.m, layout.stride);
+    if s == 0 || s % 8 != 0 {
+        return None;
+    }
+    let row = s / 8;
+    let mut count = 0u64;
+    for (ob, nb) in old.chunks_exact(m * row).zip(new.chunks_exact(m * row)) {
+        for k in 0..row {
+            let mut acc = 0u8;
+            for j in 0..m {
+                acc |= ob[j * row + k] ^ nb[j * row + k];
+            }
+            count += acc.count_ones() as u64;
+        }
+    }
+    Some(count)
 }
 
 /// Number of groups (whole blocks of `layout` in `old`/`new`) whose keep flags differ.
@@ -836,15 +859,17 @@ mod tests {
     #[test]
     fn packed_and_flag_group_counts_agree() {
         let mut seed = 17u64;
-        for m in [2usize, 4, 8, 16, 32] {
-            let layout = GroupLayout::new(
-                NmPattern::new(1, m as i64).unwrap(),
-                &[3, (m * 5) as i64],
-                GroupDim::Last,
-                "w",
-            )
-            .unwrap();
-            let n = 3 * m * 5;
+        let cases = [2usize, 4, 8, 16, 32]
+            .into_iter()
+            .map(|m| ([3, (m * 5) as i64], GroupDim::Last, m))
+            .chain([(4usize, 8i64), (4, 24), (2, 16), (8, 8), (3, 32)].into_iter().map(
+                // dim-0 groups, rows of whole bytes
+                |(m, cols)| ([(m * 3) as i64, cols], GroupDim::First, m),
+            ));
+        for (shape, dim, m) in cases {
+            let layout =
+                GroupLayout::new(NmPattern::new(1, m as i64).unwrap(), &shape, dim, "w").unwrap();
+            let n = (shape[0] * shape[1]) as usize;
             let a: Vec<u8> = (0..n).map(|_| (lcg(&mut seed) > 0.0) as u8).collect();
             let b: Vec<u8> = a
                 .iter()
@@ -856,7 +881,7 @@ mod tests {
             assert_eq!(
                 changed_groups_packed(&pa, &pb, &layout),
                 Some(changed_groups(&a, &b, &layout)),
-                "M={m}"
+                "M={m} shape={shape:?} {dim:?}"
             );
         }
     }
