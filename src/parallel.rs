@@ -7,8 +7,10 @@
 //!   torch op its OpenMP workers keep spinning for a few milliseconds; a second pool (rayon)
 //!   started then competes with them for the cores. Measured on the 2-core CI machine: the
 //!   optimizer step right after a torch op took 1.3–1.6x longer on a rayon pool.
-//! * **rayon**: the pure-Rust build (`cargo test`, no libtorch), or when the environment
-//!   variable `CAST_RS_THREADING=rayon` is set.
+//! * **rayon**: the pure-Rust build (`cargo test`, no libtorch; rayon's global pool, sized by
+//!   `RAYON_NUM_THREADS` or the core count), or when the environment variable
+//!   `CAST_RS_THREADING=rayon` is set (then a pool of our own, rebuilt whenever
+//!   `torch.get_num_threads()` changes, so it follows `torch.set_num_threads` too).
 //!
 //! Either way a panic inside a piece is caught on the worker and re-raised on the caller, so
 //! it never unwinds through C frames.
@@ -65,10 +67,37 @@ pub fn num_threads() -> usize {
         return 1;
     }
     match backend() {
+        #[cfg(not(feature = "python"))]
         Backend::Rayon => rayon::current_num_threads(),
+        // The pool is sized like torch's (see `torch_sized_pool`).
         #[cfg(feature = "python")]
-        Backend::OpenMp => omp::max_threads(),
+        Backend::Rayon | Backend::OpenMp => omp::max_threads(),
     }
+}
+
+/// The extension's rayon pool, with as many threads as torch uses now
+/// (`omp_get_max_threads`, which `torch.set_num_threads` sets). Rebuilt when that changes;
+/// `None` if the OS refuses to start threads (the caller then runs sequentially).
+#[cfg(feature = "python")]
+fn torch_sized_pool() -> Option<std::sync::Arc<rayon::ThreadPool>> {
+    use std::sync::Arc;
+    static POOL: Mutex<Option<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(None);
+    let want = omp::max_threads();
+    let mut cached = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((n, pool)) = cached.as_ref() {
+        if *n == want {
+            return Some(pool.clone());
+        }
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(want)
+        .thread_name(|i| format!("cast-rs-{i}"))
+        .build()
+        .ok()
+        .map(Arc::new)?;
+    // A replaced pool's threads exit once calls still running on it finish (Arc).
+    *cached = Some((want, pool.clone()));
+    Some(pool)
 }
 
 /// Calls `f` once for every piece, in parallel; pieces are handed out dynamically.
@@ -81,6 +110,14 @@ pub fn for_each<T: Send, F: Fn(T) + Sync>(pieces: Vec<T>, f: F) {
         Backend::Rayon => {
             use rayon::prelude::*;
             let f = &f;
+            #[cfg(feature = "python")]
+            {
+                match torch_sized_pool() {
+                    Some(pool) => pool.install(|| pieces.into_par_iter().for_each(f)),
+                    None => pieces.into_iter().for_each(f),
+                }
+            }
+            #[cfg(not(feature = "python"))]
             pieces.into_par_iter().for_each(f)
         }
         #[cfg(feature = "python")]

@@ -53,6 +53,42 @@ def test_pool_size_follows_torch_threads():
         torch.set_num_threads(before)
 
 
+def test_rayon_backend_pool_follows_torch_threads_and_matches():
+    """CAST_RS_THREADING=rayon: the pool is sized by torch.set_num_threads and steps give the
+    same results as the default (OpenMP) backend. In a subprocess: the backend is per process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import torch, cast_rs
+        from cast_rs import _cast_rs
+        torch.set_num_threads(1); assert _cast_rs.num_threads() == 1
+        torch.set_num_threads(2); assert _cast_rs.num_threads() == 2
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(512, 512))
+        opt = cast_rs.AdamS([p], lr=1e-2, pattern="2:4", total_steps=20)
+        for s in range(4):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(s))
+            opt.step()
+            torch.set_num_threads(1 + s % 2)  # the pool is rebuilt between steps
+        torch.save(p.detach(), __import__("sys").argv[1])
+        """
+    )
+    import tempfile
+
+    outs = []
+    with tempfile.TemporaryDirectory() as d:
+        for backend in ("rayon", "openmp"):
+            out = os.path.join(d, backend + ".pt")
+            env = dict(os.environ, CAST_RS_THREADING=backend)
+            proc = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True, timeout=120, env=env)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            outs.append(torch.load(out))
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
 def test_kernels_work_in_a_forked_child():
     ps, opt = make(3)

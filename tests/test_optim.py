@@ -262,3 +262,23 @@ def test_empty_local_shards_step(kernel_path, dim):
         opt.step()
     assert float(opt.state[p]["step"]) == 2 and opt.state[p]["mask"].numel() == 0
     assert opt.state[p]["mask_flip_rate"] == 0.0
+
+
+@pytest.mark.parametrize("cols", [8, 6])  # rows of whole bytes (packed count) and not (flag count)
+def test_dim0_flip_rate_matches_mask_difference(kernel_path, cols):
+    torch.manual_seed(3)
+    w = torch.nn.Parameter(torch.randn(16, cols))
+    w._cast_rs_nm = (2, 4, 0)
+    opt = cast_rs.AdamS([w], lr=0.3, total_steps=10, mask_interval=2)
+    masks, rates = [], []
+    for step in range(1, 6):
+        w.grad = torch.randn_like(w)
+        opt.step()
+        if step % 2 == 1:
+            masks.append(opt.masks()[w].clone())
+            if len(masks) >= 2:
+                a, b = (x.reshape(4, 4, cols) for x in masks[-2:])
+                changed = int((a != b).any(dim=1).sum())
+                assert opt.state[w]["mask_flip_rate"] == changed / (16 * cols // 4)
+                rates.append(changed)
+    assert max(rates) > 0  # the case is not vacuous
