@@ -21,19 +21,18 @@ whole on one rank:
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Optional, Tuple
 
 import torch
 
-try:  # torch built without distributed support has no DTensor
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except Exception:  # pragma: no cover - depends on the torch build
-    DTensor = None  # type: ignore[assignment,misc]
-    Replicate = Shard = None  # type: ignore[assignment,misc]
-
 
 def is_dtensor(t: Any) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    # Importing torch.distributed.tensor costs ~0.7 s; a DTensor can only exist once it has
+    # been imported, so look it up instead of importing it with cast_rs.
+    mod = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(mod, "DTensor", None) if mod is not None else None
+    return cls is not None and isinstance(t, cls)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -75,6 +74,8 @@ def check_grad(p: torch.Tensor, g: torch.Tensor, name: str) -> None:
 def check_sharding(p: torch.Tensor, spec: Optional[Tuple[int, int, int]], name: str) -> None:
     """Validate how DTensor ``p`` is sharded for a local-shard step (``spec``: its N:M spec
     or None). Raises ``CastError`` naming the parameter; writes nothing."""
+    from torch.distributed.tensor import Replicate, Shard
+
     from ._cast_rs import CastError
 
     for pl in p.placements:
@@ -118,6 +119,8 @@ def check_sharding(p: torch.Tensor, spec: Optional[Tuple[int, int, int]], name: 
 def mask_like(p: torch.Tensor, local_bits: torch.Tensor) -> torch.Tensor:
     """Wrap this rank's packed mask of the local shard of ``p`` as a ``uint8`` DTensor of
     global shape ``[d0, numel/d0/8]`` sharded like ``p`` (see the module docstring)."""
+    from torch.distributed.tensor import DTensor, Shard
+
     if not any(type(pl) is Shard for pl in p.placements):
         # Replicated everywhere: every rank holds the same whole mask.
         return DTensor.from_local(local_bits, p.device_mesh, p.placements, run_check=False)

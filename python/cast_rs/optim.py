@@ -401,7 +401,9 @@ class AdamS(Optimizer):
                     if _dtensor.is_dtensor(p):
                         pl = p.to_local()
                         keep = unpack_mask(st["mask"].to_local().reshape(-1), pl.shape)
-                        out[p] = _dtensor.DTensor.from_local(keep, p.device_mesh, p.placements, run_check=False,
+                        from torch.distributed.tensor import DTensor
+
+                        out[p] = DTensor.from_local(keep, p.device_mesh, p.placements, run_check=False,
                                                              shape=p.shape, stride=p.stride())
                     else:
                         out[p] = unpack_mask(st["mask"], p.shape)
