@@ -160,13 +160,13 @@ const TILE_TARGET: usize = 4096;
 
 #[inline(always)]
 fn sign(x: f32) -> f32 {
-    // torch.sign: +1, -1, 0 for ±0 (and NaN stays NaN).
+    // As torch.sign (which the generic path uses): +1, -1, and +0 for ±0 and for NaN.
     if x > 0.0 {
         1.0
     } else if x < 0.0 {
         -1.0
     } else {
-        x * 0.0
+        0.0
     }
 }
 
@@ -289,16 +289,13 @@ mod avx512 {
                 let m_old = _mm512_loadu_ps(mp.add(o));
                 let m = _mm512_add_ps(m_old, _mm512_mul_ps(vb1c, _mm512_sub_ps(g, m_old)));
                 _mm512_storeu_ps(mp.add(o), m);
-                // sign: +1 / -1, and th * 0 (±0, or NaN for NaN) elsewhere, as `sign`.
-                // αλ·sign(θ) without the multiply: ±αλ exactly, and αλ·(θ·0) == θ·0 bit for
-                // bit because αλ is finite and >= 0 (validated), so the scalar path agrees.
+                // sign: +1 / -1, and +0 elsewhere (±0, NaN), as `sign`.
+                // αλ·sign(θ) without the multiply: ±αλ exactly, and αλ·0 == +0 because αλ
+                // is finite and >= 0 (validated), so the scalar path agrees bit for bit.
                 let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(th, zero);
                 let lt = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(th, zero);
-                let sgn_l1 = _mm512_mask_blend_ps(
-                    lt,
-                    _mm512_mask_blend_ps(gt, _mm512_mul_ps(th, zero), val1),
-                    neg_val1,
-                );
+                let sgn_l1 =
+                    _mm512_mask_blend_ps(lt, _mm512_mask_blend_ps(gt, zero, val1), neg_val1);
                 let decayed = _mm512_add_ps(_mm512_mul_ps(v1ma, m), sgn_l1);
                 let mt = _mm512_mask_blend_ps(keep, decayed, m);
                 let vv = _mm512_add_ps(

@@ -34,6 +34,27 @@ impl From<CastError> for PyErr {
     }
 }
 
+/// A tensor argument: pyo3-tch's conversion, after refusing `meta` tensors, which have no
+/// data and which tch would report as MPS tensors (its device enum has no meta).
+struct TensorArg(Tensor);
+
+impl<'py> FromPyObject<'py> for TensorArg {
+    fn extract_bound(ob: &Bound<'py, PyAny>) -> PyResult<Self> {
+        let meta = ob
+            .getattr(pyo3::intern!(ob.py(), "is_meta"))
+            .and_then(|v| v.extract::<bool>())
+            .unwrap_or(false);
+        if meta {
+            // A TypeError, so that pyo3 prefixes the argument's name.
+            return Err(PyTypeError::new_err(
+                "a 'meta' tensor has no data; cast-rs needs tensors on the CPU or a CUDA device \
+                 (materialize the model first, e.g. model.to_empty(device='cpu'), then load weights)",
+            ));
+        }
+        Ok(TensorArg(ob.extract::<PyTensor>()?.0))
+    }
+}
+
 /// Runs `f`, turning a panic into `CastError::Internal` so none crosses into Python.
 fn guarded<T>(f: impl FnOnce() -> Result<T, CastError>) -> Result<T, CastError> {
     match catch_unwind(AssertUnwindSafe(f)) {
@@ -80,6 +101,28 @@ fn byte_range(t: &Tensor) -> (usize, usize) {
 
 fn overlaps(a: (usize, usize), b: (usize, usize)) -> bool {
     a.0 < b.1 && b.0 < a.1 && a.0 != a.1 && b.0 != b.1
+}
+
+/// True when two elements of `t` may share memory (an `expand()`ed view, a stride-0 or
+/// interleaved layout): an in-place update would then depend on evaluation order. Sufficient
+/// test: with the dims of size > 1 sorted by stride, each stride must reach past the previous
+/// dim's whole extent. (A few exotic non-overlapping layouts are refused too.)
+fn self_overlapping(t: &Tensor) -> bool {
+    let mut dims: Vec<(i64, i64)> = t
+        .stride()
+        .into_iter()
+        .zip(t.size())
+        .filter(|&(_, size)| size > 1)
+        .collect();
+    dims.sort_unstable();
+    let mut extent = 1i64;
+    for (stride, size) in dims {
+        if stride < extent {
+            return true;
+        }
+        extent = stride.saturating_mul(size);
+    }
+    false
 }
 
 /// # Safety
@@ -185,7 +228,7 @@ fn mask_tensor(
 #[pyo3(signature = (x, n, m, dim=-1, force_generic=false))]
 fn nm_mask_tensor(
     py: Python<'_>,
-    x: PyTensor,
+    x: TensorArg,
     n: i64,
     m: i64,
     dim: i64,
@@ -199,7 +242,7 @@ fn nm_mask_tensor(
 #[pyo3(signature = (x, n, m, dim=-1, force_generic=false))]
 fn nm_mask_packed(
     py: Python<'_>,
-    x: PyTensor,
+    x: TensorArg,
     n: i64,
     m: i64,
     dim: i64,
@@ -210,7 +253,7 @@ fn nm_mask_packed(
 
 /// Unpacks a packed mask into a boolean tensor of `shape`.
 #[pyfunction]
-fn unpack_mask(py: Python<'_>, bits: PyTensor, shape: Vec<i64>) -> PyResult<PyTensor> {
+fn unpack_mask(py: Python<'_>, bits: TensorArg, shape: Vec<i64>) -> PyResult<PyTensor> {
     let bits = bits.0;
     if bits.kind() != Kind::Uint8 {
         return Err(CastError::type_(
@@ -291,17 +334,17 @@ fn nm_mask_numpy<'py>(
 /// Returns `(tensors on the fast path, tensors on the generic path, flips)` where `flips[i]`
 /// is the number of N:M groups whose mask changed, for tensors refreshed at this step.
 #[pyfunction]
-#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, masks, patterns, steps, *, lr, beta1, beta2, eps, weight_decay, l1_decay, total_steps, mask_interval, force_generic=false))]
+#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, masks, patterns, steps, *, lr, beta1, beta2, eps, weight_decay, l1_decay, total_steps, mask_interval, force_generic=false, validate_only=false))]
 #[allow(clippy::too_many_arguments)]
 fn adams_step(
     py: Python<'_>,
-    params: Vec<PyTensor>,
-    grads: Vec<PyTensor>,
-    exp_avgs: Vec<PyTensor>,
-    exp_avg_sqs: Vec<PyTensor>,
-    masks: Vec<Option<PyTensor>>,
+    params: Vec<TensorArg>,
+    grads: Vec<TensorArg>,
+    exp_avgs: Vec<TensorArg>,
+    exp_avg_sqs: Vec<TensorArg>,
+    masks: Vec<Option<TensorArg>>,
     patterns: Vec<Option<(i64, i64, i64)>>,
-    steps: Vec<PyTensor>,
+    steps: Vec<TensorArg>,
     lr: f64,
     beta1: f64,
     beta2: f64,
@@ -311,6 +354,7 @@ fn adams_step(
     total_steps: Option<f64>,
     mask_interval: u64,
     force_generic: bool,
+    validate_only: bool,
 ) -> PyResult<(usize, usize, Vec<Option<u64>>)> {
     let k = params.len();
     for (name, len) in [
@@ -500,6 +544,27 @@ fn adams_step(
         if let Some((bits, ..)) = &mask {
             ranges.push(("masks", byte_range(bits)));
         }
+        let written = [
+            ("params", &p),
+            ("exp_avgs", &mu),
+            ("exp_avg_sqs", &v),
+            ("steps", &step_t),
+        ];
+        let mask_t = mask.as_ref().map(|(b, ..)| ("masks", b));
+        for (name, t) in written.into_iter().chain(mask_t) {
+            if self_overlapping(t) {
+                return Err(CastError::value(
+                    format!("{name}[{i}]"),
+                    format!(
+                        "elements overlap in memory (size {:?}, stride {:?}, e.g. an expand()ed \
+                         view); it is updated in place, so it needs its own storage (.clone())",
+                        t.size(),
+                        t.stride()
+                    ),
+                )
+                .into());
+            }
+        }
         for a in 0..ranges.len() {
             for b in a + 1..ranges.len() {
                 if overlaps(ranges[a].1, ranges[b].1) {
@@ -571,6 +636,10 @@ fn adams_step(
 
     let n_fast = jobs.iter().filter(|j| j.fast).count();
     let n_generic = k - n_fast;
+    if validate_only {
+        // Everything a real call would check has been checked; nothing was written.
+        return Ok((n_fast, n_generic, vec![None; k]));
+    }
     let flips = py.allow_threads(move || {
         guarded(|| {
             let mut fast_tensors = Vec::with_capacity(n_fast);
@@ -704,8 +773,8 @@ unsafe fn scale_backward_fast<T: scaling::Real>(
 #[pyo3(signature = (w, a, groups, dim=-1, force_generic=false))]
 fn scale_forward(
     py: Python<'_>,
-    w: PyTensor,
-    a: PyTensor,
+    w: TensorArg,
+    a: TensorArg,
     groups: i64,
     dim: i64,
     force_generic: bool,
@@ -742,9 +811,9 @@ fn scale_forward(
 #[pyo3(signature = (grad, w, a, groups, dim=-1, force_generic=false))]
 fn scale_backward(
     py: Python<'_>,
-    grad: PyTensor,
-    w: PyTensor,
-    a: PyTensor,
+    grad: TensorArg,
+    w: TensorArg,
+    a: TensorArg,
     groups: i64,
     dim: i64,
     force_generic: bool,

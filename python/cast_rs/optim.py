@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -247,16 +248,17 @@ class AdamS(Optimizer):
 
     def _init_group(
         self, group: Dict[str, Any], gi: int
-    ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[Optional[Tuple[int, int, int]]], List[torch.Tensor]]:
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[Optional[Tuple[int, int, int]]], List[torch.Tensor], List[int]]:
         """Collect and validate the parameters with gradients. Writes nothing.
 
-        Returns (params, local gradients, specs, local parameters): the local tensors are
-        the parameters / gradients themselves, or the local shards of DTensors.
+        Returns (params, local gradients, specs, local parameters, indices in the group): the
+        local tensors are the parameters / gradients themselves, or the local shards of
+        DTensors.
 
         This runs every step, so the common case is kept to a few attribute reads per
         parameter; messages are only built when something is wrong.
         """
-        params, grads, specs, locals_ = [], [], [], []
+        params, grads, specs, locals_, indices = [], [], [], [], []
         group_spec = None
         if group.get("pattern") is not None:
             n, m = parse_pattern(group["pattern"])
@@ -299,7 +301,8 @@ class AdamS(Optimizer):
             grads.append(g)
             specs.append(spec)
             locals_.append(pl)
-        return params, grads, specs, locals_
+            indices.append(i)
+        return params, grads, specs, locals_, indices
 
     def _raise_bad_grad(self, group: Dict[str, Any], gi: int, i: int, p: torch.Tensor, g: torch.Tensor) -> None:
         name = self._param_name(group, gi, i)
@@ -351,38 +354,101 @@ class AdamS(Optimizer):
             plans.append(self._init_group(group, gi))
 
         force_generic = generic_path_forced()
-        for group, (params, grads, specs, locals_) in zip(self.param_groups, plans):
-            if not params:
-                continue
-            states = [self._state_for(p, pl, spec) for p, pl, spec in zip(params, locals_, specs)]
-            beta1, beta2 = (float(b) for b in group["betas"])
-            total = group["total_steps"]
-            local = _dtensor.local
-            fast, generic, flips = _cast_rs.adams_step(
-                locals_,
-                grads,
-                [local(st["exp_avg"]) for st in states],
-                [local(st["exp_avg_sq"]) for st in states],
-                [local(st["mask"]).reshape(-1) if spec is not None else None for st, spec in zip(states, specs)],
-                specs,
-                [st["step"] for st in states],  # incremented by the kernel on success
-                lr=float(group["lr"]),
-                beta1=beta1,
-                beta2=beta2,
-                eps=float(group["eps"]),
-                weight_decay=float(group["weight_decay"]),
-                l1_decay=float(group["l1_decay"]),
-                total_steps=None if total is None else float(total),
-                mask_interval=int(group["mask_interval"]),
-                force_generic=force_generic,
-            )
+        created = []  # parameters whose state (or mask) this call creates: undone on error
+        calls = []
+        try:
+            for gi, (group, (params, grads, specs, locals_, indices)) in enumerate(zip(self.param_groups, plans)):
+                if not params:
+                    continue
+                states = []
+                for p, pl, spec in zip(params, locals_, specs):
+                    created.append((p, (p in self.state, "mask" in self.state.get(p, ()))))
+                    states.append(self._state_for(p, pl, spec))
+                calls.append((gi, group, indices, self._kernel_args(group, locals_, grads, specs, states, force_generic)))
+            # The kernel validates everything of its group before writing; with several
+            # groups, first validate them all so that an error in a later group cannot leave
+            # an earlier one stepped.
+            results = []
+            if len(calls) > 1:
+                for gi, group, indices, (args, kwargs) in calls:
+                    self._run_kernel(gi, group, indices, args, dict(kwargs, validate_only=True))
+            elif calls:  # one group: the call validates before it writes
+                gi, group, indices, (args, kwargs) = calls[0]
+                results.append(self._run_kernel(gi, group, indices, args, kwargs))
+        except Exception:
+            for p, (had_state, had_mask) in created:
+                if not had_state:
+                    self.state.pop(p, None)
+                elif not had_mask:
+                    self.state[p].pop("mask", None)
+            raise
+        for ci, (gi, group, indices, (args, kwargs)) in enumerate(calls):
+            fast, generic, flips = results[ci] if ci < len(results) else self._run_kernel(gi, group, indices, args, kwargs)
             self._kernel_calls[0] += fast
             self._kernel_calls[1] += generic
-            for pl, st, spec, changed in zip(locals_, states, specs, flips):
+            params, _, specs, locals_, _ = plans[gi]
+            for p, pl, spec, changed in zip(params, locals_, specs, flips):
                 if changed is not None:
                     # Of this rank's groups, for a sharded parameter.
-                    st["mask_flip_rate"] = changed / max(1, pl.numel() // spec[1])
+                    self.state[p]["mask_flip_rate"] = changed / max(1, pl.numel() // spec[1])
         return loss
+
+    @staticmethod
+    def _kernel_args(
+        group: Dict[str, Any],
+        locals_: List[torch.Tensor],
+        grads: List[torch.Tensor],
+        specs: List[Optional[Tuple[int, int, int]]],
+        states: List[Dict[str, Any]],
+        force_generic: bool,
+    ) -> Tuple[tuple, Dict[str, Any]]:
+        local = _dtensor.local
+        beta1, beta2 = (float(b) for b in group["betas"])
+        total = group["total_steps"]
+        args = (
+            locals_,
+            grads,
+            [local(st["exp_avg"]) for st in states],
+            [local(st["exp_avg_sq"]) for st in states],
+            [local(st["mask"]).reshape(-1) if spec is not None else None for st, spec in zip(states, specs)],
+            specs,
+            [st["step"] for st in states],  # incremented by the kernel on success
+        )
+        kwargs = dict(
+            lr=float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            l1_decay=float(group["l1_decay"]),
+            total_steps=None if total is None else float(total),
+            mask_interval=int(group["mask_interval"]),
+            force_generic=force_generic,
+        )
+        return args, kwargs
+
+    _KERNEL_ARG = re.compile(r"\b(params|grads|exp_avgs|exp_avg_sqs|masks|steps)\[(\d+)\]")
+    _STATE_NAME = {"params": "", "grads": " gradient", "exp_avgs": " state 'exp_avg'",
+                   "exp_avg_sqs": " state 'exp_avg_sq'", "masks": " state 'mask'", "steps": " state 'step'"}
+
+    def _run_kernel(self, gi: int, group: Dict[str, Any], indices: List[int], args: tuple, kwargs: Dict[str, Any]):
+        """One kernel call; its errors name the parameter (``param_groups[g]['params'][i]`` or
+        its name) instead of the kernel's per-call argument lists (``grads[3]``)."""
+        try:
+            return _cast_rs.adams_step(*args, **kwargs)
+        except (ValueError, TypeError, _cast_rs.CastError) as e:
+            message = str(e)
+
+            def name(m: "re.Match[str]") -> str:
+                k = int(m.group(2))
+                if k >= len(indices):
+                    return m.group(0)
+                return self._param_name(group, gi, indices[k]) + self._STATE_NAME[m.group(1)]
+
+            renamed = self._KERNEL_ARG.sub(name, message)
+            if renamed == message:
+                raise
+            raise type(e)(renamed) from e
 
     # ----------------------------------------------------------------- helpers
     def masks(self) -> Dict[torch.Tensor, torch.Tensor]:
