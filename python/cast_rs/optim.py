@@ -49,7 +49,7 @@ class AdamS(Optimizer):
         μ  ← β1·μ + (1 − β1)·g                          (stored: average of raw gradients)
         α  = min(1, s / T)                              (decay ramp 0 → 1)
         μ̃  = μ                          where m = 1
-        μ̃  = (1 − α)·μ + α·λ·sign(θ)    where m = 0    (sign(0) = 0)
+        μ̃  = (1 − α)·μ + α·λ·sign(θ)    where m = 0    (torch.sign: 0 for ±0 and NaN)
         v  ← β2·v + (1 − β2)·μ̃²                         (from μ̃, every element)
         θ  ← θ − γ · (μ̃ / (1 − β1^s)) / (sqrt(v / (1 − β2^s)) + ε)
 
