@@ -9,6 +9,8 @@ Scenarios:
                the gathered parameters and masks, then finalize + check_nm + plain_state_dict.
   fsdp_resume  FSDP2 run that loads the DCP checkpoint of ``fsdp`` and trains to the end.
   fsdp_split   a dim-0 (Conv1D) 2:4 layer whose shards would split groups: AdamS must refuse.
+  fsdp_gpt2    a Hugging Face GPT-2 (random init) under FSDP2: train, finalize, check_nm, and a
+               full state dict for the original architecture.
 """
 
 from __future__ import annotations
@@ -216,6 +218,69 @@ def run_fsdp_split(rank: int, world: int, out: str) -> None:
         f.write(repr(message))
 
 
+GPT2_STEPS = 6
+
+
+def build_gpt2():
+    import transformers
+
+    import cast_rs
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    sparse = cast_rs.sparsify(model, "2:4")
+    return model, sparse
+
+
+def gpt2_batch(step: int) -> torch.Tensor:
+    return torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(2000 + step))
+
+
+def train_gpt2(model: nn.Module, opt, rank: int = 0, world: int = 1) -> None:
+    per = 4 // world
+    for step in range(1, GPT2_STEPS + 1):
+        ids = gpt2_batch(step)[rank * per:(rank + 1) * per]
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def reference_gpt2():
+    """Single process over the global batch; returns the finalized model."""
+    import cast_rs
+
+    model, sparse = build_gpt2()
+    opt = cast_rs.AdamS(model.parameters(), lr=3e-3, total_steps=GPT2_STEPS, mask_interval=2)
+    train_gpt2(model, opt)
+    sparse.finalize()
+    return model
+
+
+def run_fsdp_gpt2(rank: int, world: int, out: str) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    import cast_rs
+
+    model, sparse = build_gpt2()
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    opt = cast_rs.AdamS(model.parameters(), lr=3e-3, total_steps=GPT2_STEPS, mask_interval=2)
+    sparse_params = sum(1 for group in opt.param_groups for p in group["params"]
+                        if getattr(p, "_cast_rs_nm", None) is not None)
+    train_gpt2(model, opt, rank, world)
+    sparse.finalize()
+    ok = cast_rs.check_nm(model, "2:4").ok
+    logits = model(gpt2_batch(0)).logits.detach()
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        torch.save({"plain": cast_rs.plain_state_dict(sd), "check_nm": ok, "logits": logits,
+                    "sparse_params": sparse_params}, os.path.join(out, "gpt2.pt"))
+
+
 def main() -> None:
     import torch.distributed as dist
 
@@ -224,9 +289,9 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        {"ddp": run_ddp, "fsdp": run_fsdp, "fsdp_resume": run_fsdp_resume, "fsdp_split": run_fsdp_split}[scenario](
-            rank, world, out
-        )
+        scenarios = {"ddp": run_ddp, "fsdp": run_fsdp, "fsdp_resume": run_fsdp_resume,
+                     "fsdp_split": run_fsdp_split, "fsdp_gpt2": run_fsdp_gpt2}
+        scenarios[scenario](rank, world, out)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -55,3 +55,6 @@ def test_gpt2_sparsify_train_finalize_reload(kernel_path):
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, model(ids).logits)
     assert fresh.lm_head.weight.data_ptr() == fresh.transformer.wte.weight.data_ptr()
+    # A fresh (never sparsified) model: check_nm checks what sparsify would pick (not the tied head).
+    report = cast_rs.check_nm(fresh, "2:4")
+    assert report.ok and len(report) == 8, str(report)

@@ -473,8 +473,10 @@ def check_nm(model_or_tensor: Union[nn.Module, torch.Tensor], pattern: Pattern =
 
     For a tensor: one row, groups along ``dim`` (-1 or 0). For a model: the layers that
     :func:`sparsify` made sparse (they carry a marker, also after ``finalize``); a model that
-    was never sparsified has every ``nn.Linear`` / ``Conv1D`` whose input dimension M divides
-    checked. ``report.ok`` is True when every checked group passes (and something was checked).
+    was never sparsified (e.g. a finalized state dict loaded into a fresh model) has the layers
+    that ``sparsify`` would pick checked: every ``nn.Linear`` / ``Conv1D`` whose input
+    dimension M divides, except heads tied to an embedding. ``report.ok`` is True when every
+    checked group passes (and something was checked).
     """
     n, m = parse_pattern(pattern)
     report = NMReport()
@@ -495,10 +497,10 @@ def check_nm(model_or_tensor: Union[nn.Module, torch.Tensor], pattern: Pattern =
     if marked:
         targets = [(name, mod, _layer_kind(mod)[1]) for name, mod in marked if _layer_kind(mod)]
     else:
-        targets = [(name, mod, kd[1]) for name, mod, _, kd in
-                   ((nm_, md, None, _layer_kind(md)) for nm_, md in model.named_modules()) if kd]
-        targets = [(name, mod, d) for name, mod, d in targets
-                   if (original_weight(mod).shape[-1] if d == -1 else original_weight(mod).shape[0]) % m == 0]
+        # What sparsify would pick by default: every Linear / Conv1D whose input dimension M
+        # divides, except heads tied to an embedding (those stay dense).
+        picked, _ = find_layers(model, (n, m))
+        targets = [(name, mod, d) for name, mod, _, d in picked]
     for name, mod, d in targets:
         w = _effective_full_weight(mod)  # scaled, if still parametrized; gathered if DTensor
         bad, groups = _violations(w, n, m, d)
