@@ -43,14 +43,19 @@ class Conv1D(nn.Module):
 
 
 class Net(nn.Module):
+    """Under FSDP2 with 2 ranks: fc1 and conv shard evenly, head (9 rows) unevenly (5 + 4), and
+    gate (1 row) leaves rank 1 an empty shard."""
+
     def __init__(self, conv_in: int = 32) -> None:
         super().__init__()
         self.fc1 = nn.Linear(16, conv_in)
         self.conv = Conv1D(24, conv_in)
-        self.head = nn.Linear(24, 8)
+        self.head = nn.Linear(24, 9)
+        self.gate = nn.Linear(24, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.conv(torch.relu(self.fc1(x)))))
+        h = torch.relu(self.conv(torch.relu(self.fc1(x))))
+        return self.head(h) * torch.sigmoid(self.gate(h))
 
 
 def build(conv_in: int = 32) -> Tuple[nn.Module, "object"]:
@@ -138,7 +143,7 @@ def run_ddp(rank: int, world: int, out: str) -> None:
 def _shard(model: nn.Module) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    for layer in (model.fc1, model.conv, model.head):
+    for layer in (model.fc1, model.conv, model.head, model.gate):
         fully_shard(layer)
     fully_shard(model)
 

@@ -46,7 +46,7 @@ def assert_matches_reference(params, masks, reference):
     assert params.keys() == ref_params.keys()
     for name in ref_params:
         torch.testing.assert_close(params[name], ref_params[name], rtol=1e-5, atol=1e-6, msg=name)
-    assert masks.keys() == ref_masks.keys() and len(masks) == 3
+    assert masks.keys() == ref_masks.keys() and len(masks) == 4
     for name in ref_masks:
         assert torch.equal(masks[name], ref_masks[name]), name
 
@@ -86,7 +86,7 @@ def test_fsdp2_steps_local_shards_and_matches_single_process(fsdp_run, reference
 
 def test_fsdp2_finalize_check_nm_and_plain_state_dict(fsdp_run, reference):
     _, r = fsdp_run
-    assert r["check_nm"] and r["finalize_rows"] == 3
+    assert r["check_nm"] and r["finalize_rows"] == 4
     ref_final = reference["final"]
     plain = r["plain"]
     assert plain.keys() == ref_final.keys()
