@@ -101,9 +101,6 @@ def _describe(rule: Rule) -> str:
     return rule
 
 
-_original_weight = original_weight
-
-
 def _effective_full_weight(module: nn.Module) -> torch.Tensor:
     """The weight the layer computes with (scaled, if still parametrized), whole: DTensor
     (FSDP2) weights and scales are gathered, one layer at a time."""
@@ -129,7 +126,7 @@ class SparseLayer:
 
     @property
     def weight(self) -> torch.Tensor:
-        return _original_weight(self.module)
+        return original_weight(self.module)
 
 
 @dataclass
@@ -196,7 +193,7 @@ def find_layers(
         if kind_dim is None:
             continue
         kind, dim = kind_dim
-        w = _original_weight(mod)
+        w = original_weight(mod)
         shape = tuple(w.shape)
 
         def skip(reason: str) -> None:
