@@ -29,6 +29,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ex.add_argument("--steps", type=int, default=600, help="training steps per method (default 600)")
     ex.add_argument("--seed", type=int, default=0)
 
+    dist = sub.add_parser(
+        "distributed",
+        help="the example's MLP trained with CAST on several processes: torchrun --nproc-per-node 2 -m cast_rs distributed",
+    )
+    dist.add_argument("--mode", choices=("fsdp", "ddp"), default="fsdp", help="FSDP2 fully_shard (default) or DDP")
+    dist.add_argument("--pattern", default="2:4", help="N:M pattern (default 2:4)")
+    dist.add_argument("--steps", type=int, default=600, help="dense and CAST training steps (default 600)")
+    dist.add_argument("--save", metavar="PATH", help="write the finalized weights (plain state dict) here")
+    dist.add_argument("--seed", type=int, default=0)
+
     args = parser.parse_args(argv)
     for key in ("steps", "pretrain_steps", "batch"):
         v = getattr(args, key, None)
@@ -38,6 +48,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(args)
+    if args.command == "distributed":
+        from .distributed_example import main as distributed_main
+
+        return distributed_main(mode=args.mode, steps=args.steps, pattern=args.pattern, save=args.save, seed=args.seed)
     from .example import main as example_main
 
     example_main(pattern=args.pattern, steps=args.steps, seed=args.seed)
