@@ -224,3 +224,20 @@ def test_plain_state_dict_maps_keys_and_refuses_unfinalized_scales():
     fresh = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 4))
     fresh.load_state_dict(plain, strict=True)
     assert torch.equal(fresh[0].weight, model[0].parametrizations.weight.original)
+
+
+@pytest.mark.parametrize("scaling_groups", [2, 0])
+def test_deepcopy_of_a_sparsified_model_stays_sparse_for_adams(scaling_groups):
+    """Parameter's deepcopy drops attributes (the N:M marker); the module's spec re-registers
+    the copy, so AdamS on the copy still treats its weights as N:M."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4))
+    cast_rs.sparsify(model, "2:4", scaling_groups=scaling_groups)
+    copy_ = copy.deepcopy(model)
+    w = cast_rs.sparsity.original_weight(copy_[0])
+    assert w is not cast_rs.sparsity.original_weight(model[0])
+    opt = cast_rs.AdamS(copy_.parameters(), lr=0.1, total_steps=5)
+    assert getattr(w, NM_ATTR) == (2, 4, -1)
+    copy_(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    assert "mask" in opt.state[w]
