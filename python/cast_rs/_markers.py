@@ -46,7 +46,7 @@ class _ModuleSpec:
             _SPARSE_MODULES.add(new)
         return _ModuleSpec(self.spec, new if isinstance(new, nn.Module) else None)
 
-    def __reduce__(self):  # pickling: the spec only (the owner is re-linked by mark())
+    def __reduce__(self):  # pickling keeps the spec; the unpickled module is not registered
         return (_ModuleSpec, (self.spec, None))
 
 
