@@ -40,6 +40,12 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+def local_mask(bits: torch.Tensor) -> torch.Tensor:
+    """The flat packed mask the kernel takes: the local ``[rows, width]`` shard of a DTensor
+    mask, flattened; a plain mask is already flat (no view made on the step's hot path)."""
+    return bits.to_local().reshape(-1) if is_dtensor(bits) else bits
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor: ``full_tensor()`` of a DTensor (a collective: call on every rank)."""
     return t.full_tensor() if is_dtensor(t) else t

@@ -233,18 +233,16 @@ class AdamS(Optimizer):
                 st = self.state.get(p)
                 if not st or "mask" not in st:
                     continue
-                bits = st["mask"]
-                local_bits = _dtensor.local(bits)
-                expected = (_dtensor.local(p).numel() + 7) // 8
+                local_bits = _dtensor.local(st["mask"])
+                weights = _dtensor.local(p).numel()
+                expected = (weights + 7) // 8
                 if local_bits.numel() != expected:
                     raise ValueError(
                         f"state_dict: mask of {self._param_name(group, gi, i)} has {local_bits.numel()} bytes, "
-                        f"expected {expected} for {_dtensor.local(p).numel()} weights"
+                        f"expected {expected} for {weights} weights"
                     )
-                if _dtensor.is_dtensor(p):
-                    st["mask"] = _dtensor.mask_like(p, local_bits.to(dtype=torch.uint8, device=p.device).reshape(expected))
-                else:
-                    st["mask"] = bits.to(dtype=torch.uint8, device=p.device).reshape(expected)
+                flat = local_bits.to(dtype=torch.uint8, device=p.device).reshape(expected)
+                st["mask"] = _dtensor.mask_like(p, flat) if _dtensor.is_dtensor(p) else flat
 
     def _init_group(
         self, group: Dict[str, Any], gi: int
@@ -410,7 +408,7 @@ class AdamS(Optimizer):
             grads,
             [local(st["exp_avg"]) for st in states],
             [local(st["exp_avg_sq"]) for st in states],
-            [local(st["mask"]).reshape(-1) if spec is not None else None for st, spec in zip(states, specs)],
+            [_dtensor.local_mask(st["mask"]) if spec is not None else None for st, spec in zip(states, specs)],
             specs,
             [st["step"] for st in states],  # incremented by the kernel on success
         )
