@@ -268,6 +268,7 @@ def run_fsdp_gpt2(rank: int, world: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     import cast_rs
+    from cast_rs.optim import NM_ATTR
 
     model, sparse = build_gpt2()
     for block in model.transformer.h:
@@ -275,7 +276,7 @@ def run_fsdp_gpt2(rank: int, world: int, out: str) -> None:
     fully_shard(model)
     opt = cast_rs.AdamS(model.parameters(), lr=3e-3, total_steps=GPT2_STEPS, mask_interval=2)
     sparse_params = sum(1 for group in opt.param_groups for p in group["params"]
-                        if getattr(p, "_cast_rs_nm", None) is not None)
+                        if getattr(p, NM_ATTR, None) is not None)
     train_gpt2(model, opt, rank, world)
     sparse.finalize()
     ok = cast_rs.check_nm(model, "2:4").ok

@@ -201,7 +201,7 @@ def test_adams_remarks_weights_replaced_after_sparsify():
     cast_rs.sparsify(model, "2:4")
     plist = model[0].parametrizations.weight
     plist.original = nn.Parameter(plist.original.detach().clone())  # what fully_shard does
-    assert not hasattr(plist.original, "_cast_rs_nm")
+    assert not hasattr(plist.original, NM_ATTR)
     opt = cast_rs.AdamS(model.parameters(), lr=0.1, total_steps=5)
     model(torch.randn(3, 8)).sum().backward()
     opt.step()
