@@ -1,0 +1,393 @@
+"""The sparsity tax study (issue 13): CAST vs SR-STE from well-trained dense models.
+
+    ./run bench study_tax pretrain --model small --corpus stdlib --steps 3000
+    ./run bench study_tax run --model small --corpus stdlib --steps 400 \
+        --method dense_continued --method srste --method "cast:lr=1e-3,l1=0.1"
+    ./run bench study_tax table [--model small] [--corpus stdlib]
+
+Every run starts from a cached dense checkpoint (``results/study/dense_<model>_<corpus>_<P>.pt``,
+made by ``pretrain``; resumable) and appends one JSON line per method to
+``results/study/runs.jsonl``: final validation perplexity (after ``finalize`` for sparse
+methods, checked exact N:M), and a validation curve along training (for CAST both the dense
+forward and the hard-projected model at each point).
+
+A CAST method is ``cast:key=value,...``; keys (defaults = the library's AdamS as specified):
+
+    lr        learning rate (the dense methods' lr unless given)
+    l1        λ; with mode=rel it is κ, relative to each tensor's RMS gradient momentum
+    mode      abs (the paper's absolute λ) | rel (scale-free)
+    ramp      fraction of the run at which α reaches 1 (1.0 = the paper's s/T)
+    interval  mask refresh interval (10)
+    eta       distillation weight (1/3)
+    scale     weight-scaling groups (2; 0 = off)
+    opt       lib (cast_rs.AdamS) | ref (the plain-PyTorch research optimizer below, which has
+              the extra knobs; with default knobs it takes the same steps as lib)
+    vsrc      mutilde (paper: v from μ̃ for every element) | grad (v from g² where m = 1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cast_rs
+from cast_rs import baselines, check_nm, distill_loss, sparsify
+from cast_rs.demo import Batches, GPTConfig, TinyGPT, _cosine, _no_decay_groups, evaluate, load_corpus
+from cast_rs.nm import nm_mask
+
+OUT = Path("results/study")
+
+MODELS = {
+    "small": GPTConfig(),  # the demo's: 4 layers, width 128 (0.84 M parameters)
+    "large": GPTConfig(width=256, layers=8, heads=8),  # ~6.4 M parameters
+}
+
+
+def prose_files() -> List[str]:
+    """English prose shipped by a Debian package installed here: Vim's user and reference manuals."""
+    import glob
+
+    files = sorted(glob.glob("/usr/share/vim/vim*/doc/*.txt"))
+    if not files:
+        raise SystemExit("corpus 'prose' needs Vim's manuals (/usr/share/vim/vim*/doc/*.txt, Debian package vim-runtime)")
+    return files
+
+
+def corpus(name: str):
+    if name == "stdlib":
+        return load_corpus()
+    if name == "prose":
+        return load_corpus(prose_files())
+    raise SystemExit(f"unknown corpus {name!r}")
+
+
+# ------------------------------------------------------------------ research optimizer
+
+
+class ResearchAdamS(torch.optim.Optimizer):
+    """AdamS in plain PyTorch with the knobs under study. ``specs``: param -> (n, m, dim).
+
+    With ramp=1, mode='abs', vsrc='mutilde' this is the specified AdamS (same order of
+    operations as the library up to rounding)."""
+
+    def __init__(self, params, specs, lr, betas, eps=1e-8, l1=0.1, mode="abs", ramp=1.0, total_steps=1,
+                 interval=10, vsrc="mutilde"):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        self.specs, self.l1, self.mode, self.ramp, self.T = specs, l1, mode, ramp, total_steps
+        self.interval, self.vsrc = interval, vsrc
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, (b1, b2), eps = group["lr"], group["betas"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    st["mu"] = torch.zeros_like(p)
+                    st["v"] = torch.zeros_like(p)
+                st["step"] += 1
+                s = st["step"]
+                mu, v = st["mu"], st["v"]
+                mu.mul_(b1).add_(g, alpha=1 - b1)
+                spec = self.specs.get(p)
+                if spec is None:
+                    mt = mu
+                    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                else:
+                    n, m, dim = spec
+                    if (s - 1) % self.interval == 0:
+                        st["keep"] = nm_mask(p, (n, m), dim=dim)
+                    keep = st["keep"]
+                    alpha = min(1.0, s / max(1.0, self.ramp * self.T))
+                    lam = self.l1
+                    if self.mode == "rel":
+                        lam = self.l1 * float(mu.square().mean().sqrt()) / (1 - b1**s)
+                    mt = torch.where(keep, mu, (1 - alpha) * mu + alpha * lam * p.sign())
+                    src = torch.where(keep, g, mt) if self.vsrc == "grad" else mt
+                    v.mul_(b2).addcmul_(src, src, value=1 - b2)
+                denom = (v / (1 - b2**s)).sqrt().add_(eps)
+                p.addcdiv_(mt, denom, value=-lr / (1 - b1**s))
+
+
+# ------------------------------------------------------------------ runs
+
+
+def dense_path(model: str, corp: str, steps: int) -> Path:
+    return OUT / f"dense_{model}_{corp}_{steps}.pt"
+
+
+def pretrain(model: str, corp: str, steps: int, batch: int, lr: float, seed: int = 0) -> Path:
+    """Dense AdamW pretraining (warmup 5%, cosine to 0), checkpointed every 250 steps."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    final = dense_path(model, corp, steps)
+    if final.exists():
+        return final
+    tr, va, desc = corpus(corp)
+    c = MODELS[model]
+    torch.manual_seed(seed)
+    m = TinyGPT(c)
+    opt = torch.optim.AdamW(_no_decay_groups(m, 0.1), lr=lr, betas=(0.9, 0.95))
+    sched = _cosine(opt, steps, max(1, steps // 20))
+    b = Batches(tr, batch, c.context, seed)
+    ck = OUT / f"pretrain_{model}_{corp}_{steps}.ckpt"
+    start = 0
+    if ck.exists():
+        z = torch.load(ck)
+        m.load_state_dict(z["model"]), opt.load_state_dict(z["opt"]), sched.load_state_dict(z["sched"])
+        start = z["step"]
+    t0 = time.perf_counter()
+    for s in range(start, steps):
+        x, y = b.get(s)
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(m(x).reshape(-1, 256), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (s + 1) % 250 == 0 or s + 1 == steps:
+            ppl = evaluate(m, va, 192, c.context)
+            print(f"[pretrain {model}/{corp}] step {s + 1}/{steps} loss {loss.item():.4f} val ppl {ppl:.4f} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+            torch.save({"model": m.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": s + 1}, ck)
+    torch.save(m.state_dict(), final)
+    ck.unlink(missing_ok=True)
+    return final
+
+
+def parse_method(spec: str) -> Tuple[str, Dict[str, str]]:
+    name, _, rest = spec.partition(":")
+    kv = dict(item.split("=", 1) for item in rest.split(",") if item)
+    return name, kv
+
+
+@torch.no_grad()
+def projected_eval(model: nn.Module, handle, ev) -> float:
+    """Validation ppl of the model with every sparse weight hard-projected (then restored)."""
+    saved = []
+    for layer in handle.layers:
+        w = layer.weight
+        saved.append(w.detach().clone())
+        w.mul_(nm_mask(w, handle.pattern, dim=layer.dim))
+    ppl = ev(model)
+    for layer, w0 in zip(handle.layers, saved):
+        layer.weight.copy_(w0)
+    return ppl
+
+
+def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, lr: float, pattern: str,
+               points: int, seed: int) -> Dict:
+    name, kv = parse_method(spec)
+    n, m_ = cast_rs.nm.parse_pattern(pattern)
+    ev = lambda mod: evaluate(mod, va, 192, c.context)  # noqa: E731
+    fresh = lambda: _load(c, state)  # noqa: E731
+    teacher = _load(c, state)
+    teacher.eval().requires_grad_(False)
+    batches = Batches(tr, batch, c.context, seed + 1)
+    rec: Dict = {"method": spec, "steps": steps, "pattern": pattern}
+    t0 = time.perf_counter()
+    if name == "magnitude":
+        model = fresh()
+        baselines.magnitude_prune(model, pattern)
+        assert check_nm(model, pattern).ok
+        rec["ppl"] = ev(model)
+        return rec
+    model = fresh()
+    eta = float(kv.get("eta", 1 / 3))
+    run_lr = float(kv.get("lr", lr))
+    handle = srste = None
+    if name == "dense_continued":
+        opt = torch.optim.AdamW(_no_decay_groups(model, 0.0), lr=run_lr, betas=(0.9, 0.95))
+    elif name == "srste":
+        srste = baselines.SRSTE(model, pattern, decay=float(kv.get("decay", 2e-4)))
+        opt = torch.optim.AdamW(_no_decay_groups(model, 0.0), lr=run_lr, betas=(0.9, 0.95))
+    elif name == "cast":
+        handle = sparsify(model, pattern, scaling_groups=int(kv.get("scale", 2)))
+        T = steps
+        common = dict(l1=float(kv.get("l1", 0.1)), ramp=float(kv.get("ramp", 1.0)), interval=int(kv.get("interval", 10)))
+        if kv.get("opt", "lib") == "lib" and kv.get("mode", "abs") == "abs" and kv.get("vsrc", "mutilde") == "mutilde":
+            opt = cast_rs.AdamS(model.parameters(), lr=run_lr, betas=(0.9, 0.95), l1_decay=common["l1"],
+                                total_steps=max(1, round(common["ramp"] * T)), mask_interval=common["interval"])
+        else:
+            specs = {l.weight: (n, m_, l.dim) for l in handle.layers}
+            opt = ResearchAdamS(model.parameters(), specs, lr=run_lr, betas=(0.9, 0.95), total_steps=T,
+                                mode=kv.get("mode", "abs"), vsrc=kv.get("vsrc", "mutilde"), **common)
+    else:
+        raise SystemExit(f"unknown method {name!r}")
+    sched = _cosine(opt, steps, int(kv.get("warmup", 0)))
+    marks = {round(steps * (k + 1) / points) for k in range(points)} | {10, 30}
+    curve, proj_curve = [], []
+    model.train()
+    for s in range(steps):
+        x, y = batches.get(s)
+        opt.zero_grad(set_to_none=True)
+        logits = model(x)
+        with torch.no_grad():
+            t_logits = teacher(x)
+        loss = distill_loss(logits, t_logits, y, eta=eta)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if s + 1 in marks:
+            curve.append((s + 1, ev(model)))
+            if handle is not None:
+                proj_curve.append((s + 1, projected_eval(model, handle, ev)))
+    rec["curve"] = curve
+    if proj_curve:
+        rec["projected_curve"] = proj_curve
+    if handle is not None:
+        rec["sparse_ratio"] = handle.stats(None).overall
+        rec["ppl_dense_forward"] = ev(model)
+        fin = handle.finalize()
+        rec["l1_cut"] = fin.total_l1_removed_fraction
+    if srste is not None:
+        srste.finalize()
+    if handle is not None or srste is not None:
+        rep = check_nm(model, pattern)
+        assert rep.ok, str(rep)
+    rec["ppl"] = ev(model)
+    rec["seconds"] = round(time.perf_counter() - t0, 1)
+    return rec
+
+
+def _load(c: GPTConfig, state) -> TinyGPT:
+    m = TinyGPT(c)
+    m.load_state_dict(state)
+    return m
+
+
+def cmd_run(a) -> None:
+    c = MODELS[a.model]
+    path = dense_path(a.model, a.corpus, a.pretrain_steps)
+    if not path.exists():
+        raise SystemExit(f"no dense checkpoint {path}: run `pretrain` first")
+    state = torch.load(path)
+    tr, va, _ = corpus(a.corpus)
+    dense = evaluate(_load(c, state), va, 192, c.context)
+    for spec in a.method:
+        torch.manual_seed(a.seed)
+        rec = run_method(spec, state, c, tr, va, a.steps, a.batch, a.lr, a.pattern, a.points, a.seed)
+        rec.update(model=a.model, corpus=a.corpus, pretrain_steps=a.pretrain_steps, dense=dense, lr_default=a.lr,
+                   batch=a.batch, threads=torch.get_num_threads(), tag=a.tag)
+        with open(OUT / "runs.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(f"{a.model}/{a.corpus}/P{a.pretrain_steps}/S{a.steps} {spec:<40} ppl {rec['ppl']:.4f} "
+              f"(dense {dense:.4f}, {100 * (rec['ppl'] / dense - 1):+.2f}%)  {rec.get('seconds', 0)}s", flush=True)
+
+
+def cmd_table(a) -> None:
+    rows = [json.loads(l) for l in open(OUT / "runs.jsonl")]
+    keyf = lambda r: (r["model"], r["corpus"], r["pretrain_steps"], r["steps"], r.get("pattern", "2:4"))  # noqa: E731
+    groups: Dict[tuple, List[Dict]] = {}
+    for r in rows:
+        if a.model and r["model"] != a.model or a.corpus and r["corpus"] != a.corpus:
+            continue
+        groups.setdefault(keyf(r), []).append(r)
+    for k, rs in sorted(groups.items()):
+        dc = [r["ppl"] for r in rs if r["method"].startswith("dense_continued")]
+        base = dc[-1] if dc else None
+        print(f"\n### model {k[0]}, corpus {k[1]}, dense {k[2]} steps, sparse {k[3]} steps, {k[4]}  (dense ppl {rs[0]['dense']:.4f})")
+        print("| method | ppl | tax vs dense_continued | dense fwd | sparse ratio |")
+        print("|---|---|---|---|---|")
+        for r in rs:
+            tax = f"{100 * (r['ppl'] / base - 1):+.2f}%" if base else "-"
+            print(f"| {r['method']} | {r['ppl']:.4f} | {tax} | {r.get('ppl_dense_forward', float('nan')):.4f} | "
+                  f"{r.get('sparse_ratio', float('nan')):.4f} |")
+
+
+def cmd_plot(a) -> None:
+    """Validation perplexity along training for the chosen runs of one setting (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(l) for l in open(OUT / "runs.jsonl")]
+    rows = [r for r in rows if r["model"] == a.model and r["corpus"] == a.corpus and r["steps"] == a.steps
+            and r["pretrain_steps"] == a.pretrain_steps and r.get("curve") and (not a.tag or r.get("tag") == a.tag)
+            and (not a.method or r["method"] in a.method)]
+    if not rows:
+        raise SystemExit("no matching runs")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        xs, ys = zip(*([(0, r["dense"])] + r["curve"]))
+        line, = ax.plot(xs, ys, marker="o", ms=3, label=f"{r['method']} (final {r['ppl']:.3f})")
+        if r.get("projected_curve"):
+            xs, ys = zip(*r["projected_curve"])
+            ax.plot(xs, ys, ls=":", marker="x", ms=3, color=line.get_color(), label=f"{r['method']} hard-projected")
+    ax.axhline(rows[0]["dense"], color="gray", ls="--", lw=0.8, label="dense start")
+    ax.set_xlabel("sparse-training step")
+    ax.set_ylabel("validation perplexity")
+    ax.set_yscale("log")
+    ax.set_title(f"{a.model} model, {a.corpus}, dense {a.pretrain_steps} steps")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(a.out, dpi=110)
+    print(f"wrote {a.out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("pretrain")
+    p.add_argument("--model", default="small", choices=sorted(MODELS))
+    p.add_argument("--corpus", default="stdlib")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    r = sub.add_parser("run")
+    r.add_argument("--model", default="small", choices=sorted(MODELS))
+    r.add_argument("--corpus", default="stdlib")
+    r.add_argument("--pretrain-steps", type=int, default=3000)
+    r.add_argument("--steps", type=int, default=400)
+    r.add_argument("--batch", type=int, default=32)
+    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--pattern", default="2:4")
+    r.add_argument("--points", type=int, default=4)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--tag", default="")
+    r.add_argument("--method", action="append", required=True)
+    t = sub.add_parser("table")
+    t.add_argument("--model")
+    t.add_argument("--corpus")
+    pl = sub.add_parser("plot")
+    pl.add_argument("--model", default="small")
+    pl.add_argument("--corpus", default="stdlib")
+    pl.add_argument("--pretrain-steps", type=int, default=3000)
+    pl.add_argument("--steps", type=int, default=400)
+    pl.add_argument("--tag", default="")
+    pl.add_argument("--method", action="append")
+    pl.add_argument("--out", default="results/study/curves.png")
+    for q in (p, r, t, pl):
+        q.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    OUT.mkdir(parents=True, exist_ok=True)
+    if a.cmd == "pretrain":
+        pretrain(a.model, a.corpus, a.steps, a.batch, a.lr)
+    elif a.cmd == "run":
+        cmd_run(a)
+    elif a.cmd == "plot":
+        cmd_plot(a)
+    else:
+        cmd_table(a)
+
+
+if __name__ == "__main__":
+    main()
