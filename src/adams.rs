@@ -64,6 +64,31 @@ impl AdamsHyper {
     }
 }
 
+/// λ of each of `k` tensors: `l1_decays` (one finite value >= 0 per tensor) when given, else
+/// the group's `l1_decay` for all. Errors name the offending entry.
+pub fn per_tensor_l1(l1_decays: Option<Vec<f64>>, l1_decay: f64, k: usize) -> Result<Vec<f64>> {
+    match l1_decays {
+        None => Ok(vec![l1_decay; k]),
+        Some(v) => {
+            if v.len() != k {
+                return Err(CastError::value(
+                    "l1_decays",
+                    format!("expected {k} entries (one per parameter), got {}", v.len()),
+                ));
+            }
+            for (i, &x) in v.iter().enumerate() {
+                if !(x.is_finite() && x >= 0.0) {
+                    return Err(CastError::value(
+                        format!("l1_decays[{i}]"),
+                        format!("expected a finite value >= 0, got {x}"),
+                    ));
+                }
+            }
+            Ok(v)
+        }
+    }
+}
+
 /// Per-tensor scalars of one step, derived once from the step number.
 #[derive(Debug, Clone, Copy)]
 pub struct StepScalars {
@@ -585,6 +610,18 @@ pub fn adams_step_f32(tensors: Vec<AdamsTensor<'_>>, h: &AdamsHyper) -> Result<V
 mod tests {
     use super::*;
     use crate::nm::{GroupDim, NmPattern};
+
+    #[test]
+    fn per_tensor_l1_defaults_checks_length_and_values() {
+        assert_eq!(per_tensor_l1(None, 0.25, 3).unwrap(), vec![0.25; 3]);
+        assert_eq!(per_tensor_l1(Some(vec![0.0, 2.0]), 0.25, 2).unwrap(), vec![0.0, 2.0]);
+        let e = per_tensor_l1(Some(vec![1.0]), 0.25, 2).unwrap_err().to_string();
+        assert!(e.contains("l1_decays") && e.contains("expected 2 entries"), "{e}");
+        for bad in [-1.0, f64::NAN, f64::INFINITY] {
+            let e = per_tensor_l1(Some(vec![1.0, bad]), 0.25, 2).unwrap_err().to_string();
+            assert!(e.contains("l1_decays[1]"), "{e}");
+        }
+    }
 
     fn lcg(seed: &mut u64) -> f32 {
         *seed = seed

@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
 use tch::{Device, Kind, Tensor};
 
-use crate::adams::{adams_step_f32, AdamsHyper, AdamsTensor, StepScalars};
+use crate::adams::{adams_step_f32, per_tensor_l1, AdamsHyper, AdamsTensor, StepScalars};
 use crate::error::CastError;
 use crate::generic::{self, GenericScalars};
 use crate::nm::{self, GroupDim, GroupLayout, MaskKey, NmPattern};
@@ -334,7 +334,7 @@ fn nm_mask_numpy<'py>(
 /// Returns `(tensors on the fast path, tensors on the generic path, flips)` where `flips[i]`
 /// is the number of N:M groups whose mask changed, for tensors refreshed at this step.
 #[pyfunction]
-#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, masks, patterns, steps, *, lr, beta1, beta2, eps, weight_decay, l1_decay, total_steps, mask_interval, force_generic=false, validate_only=false))]
+#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, masks, patterns, steps, *, lr, beta1, beta2, eps, weight_decay, l1_decay, total_steps, mask_interval, force_generic=false, validate_only=false, l1_decays=None))]
 #[allow(clippy::too_many_arguments)]
 fn adams_step(
     py: Python<'_>,
@@ -355,8 +355,11 @@ fn adams_step(
     mask_interval: u64,
     force_generic: bool,
     validate_only: bool,
+    l1_decays: Option<Vec<f64>>,
 ) -> PyResult<(usize, usize, Vec<Option<u64>>)> {
     let k = params.len();
+    // λ per tensor (AdamS's relative mode), or the group's `l1_decay` for every tensor.
+    let l1s = per_tensor_l1(l1_decays, l1_decay, k)?;
     for (name, len) in [
         ("grads", grads.len()),
         ("exp_avgs", exp_avgs.len()),
@@ -405,6 +408,8 @@ fn adams_step(
         step_t: Tensor,
         step: f64,
         fast: bool,
+        /// This tensor's hyper-parameters: the group's, with its own λ.
+        h: AdamsHyper,
     }
     let mut jobs = Vec::with_capacity(k);
     let it = params
@@ -593,6 +598,10 @@ fn adams_step(
             step_t,
             step,
             fast,
+            h: AdamsHyper {
+                l1_decay: l1s[i],
+                ..h
+            },
         });
     }
     // Across parameters too: the fast path hands out one `&mut` slice per buffer, so no two
@@ -657,7 +666,7 @@ fn adams_step(
                             .mask
                             .as_ref()
                             .map(|(b, _, _, layout)| (slice_mut::<u8>(b), *layout)),
-                        scalars: StepScalars::new(&h, j.step, total_steps, mask_interval),
+                        scalars: StepScalars::new(&j.h, j.step, total_steps, mask_interval),
                     }
                 };
                 fast_tensors.push(t);
@@ -673,10 +682,11 @@ fn adams_step(
                 flips[i] = f;
             }
             for (i, j) in jobs.iter_mut().enumerate().filter(|(_, j)| !j.fast) {
-                let sc = GenericScalars::new(&h, j.step, total_steps, mask_interval);
+                let sc = GenericScalars::new(&j.h, j.step, total_steps, mask_interval);
                 let mask = j.mask.as_mut().map(|(b, pat, gdim, _)| (b, *pat, *gdim));
+                let hj = j.h;
                 flips[i] =
-                    generic::adams_step_tensor(&mut j.p, &j.g, &mut j.mu, &mut j.v, mask, &h, &sc)?;
+                    generic::adams_step_tensor(&mut j.p, &j.g, &mut j.mu, &mut j.v, mask, &hj, &sc)?;
             }
             for j in jobs.iter_mut() {
                 write_step(&mut j.step_t, j.step)?;

@@ -66,9 +66,11 @@ class RefAdamS(torch.optim.Optimizer):
     """
 
     def __init__(self, params, specs: Dict[torch.Tensor, Tuple[int, int, int]], lr=1e-3, betas=(0.9, 0.999),
-                 eps=1e-8, weight_decay=0.0, l1_decay=1e-3, total_steps=100, mask_interval=10):
+                 eps=1e-8, weight_decay=0.0, l1_decay=1e-3, total_steps=100, mask_interval=10,
+                 l1_mode="absolute", ramp_end=1.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      l1_decay=l1_decay, total_steps=total_steps, mask_interval=mask_interval))
+                                      l1_decay=l1_decay, total_steps=total_steps, mask_interval=mask_interval,
+                                      l1_mode=l1_mode, ramp_end=ramp_end))
         self.specs = specs
 
     @torch.no_grad()
@@ -97,8 +99,16 @@ class RefAdamS(torch.optim.Optimizer):
                     mt = mu
                     v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 else:
-                    alpha = min(1.0, s / T)
-                    decayed = mu * (1 - alpha) + torch.sign(p) * (alpha * lam)
+                    alpha = min(1.0, s / max(1.0, group["ramp_end"] * T))
+                    if group["l1_mode"] == "relative":
+                        if (s - 1) % k == 0:
+                            # κ × RMS of the bias-corrected momentum, re-measured at refreshes.
+                            rms = float(mu.double().square().mean().sqrt())
+                            st["l1_decay"] = lam * rms / (1 - b1**s)
+                        lam_t = st["l1_decay"]
+                    else:
+                        lam_t = lam
+                    decayed = mu * (1 - alpha) + torch.sign(p) * (alpha * lam_t)
                     mt = torch.where(st["mask"], mu, decayed)
                     v.mul_(b2).addcmul_(mt, mt, value=1 - b2)
                 bc1 = 1 - b1**s

@@ -71,3 +71,41 @@ def test_quickstart_notebook_runs():
     png = ROOT / "notebooks" / "quickstart.png"
     if png.exists():
         png.unlink()
+
+
+def test_dense_checkpoint_round_trip_and_refusal(tmp_path):
+    from cast_rs.demo import DemoConfig, TinyGPT, load_dense, pretrain_meta, save_dense
+
+    cfg = DemoConfig.quick()
+    model = TinyGPT(cfg.model)
+    data = torch.arange(100, dtype=torch.uint8)
+    path = tmp_path / "d.pt"
+    save_dense(path, model.state_dict(), pretrain_meta(cfg, data))
+    state, meta = load_dense(path)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert meta["model"]["width"] == cfg.model.width and meta["pretrain_steps"] == cfg.pretrain_steps
+    assert len(meta["corpus_sha256"]) == 64
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a cast-rs demo dense checkpoint"):
+        load_dense(tmp_path / "other.pt")
+
+
+def test_shipped_dense_checkpoint_is_the_default_start():
+    """The demo's default run starts from the shipped checkpoint (no pretraining), which is the
+    default model trained for DemoConfig.pretrain_steps; --from-scratch pretrains instead."""
+    from cast_rs.demo import SHIPPED_DENSE, Batches, DemoConfig, dense_start, load_dense
+
+    assert SHIPPED_DENSE.exists(), f"{SHIPPED_DENSE} is missing from the package"
+    state, meta = load_dense(SHIPPED_DENSE)
+    cfg = DemoConfig()
+    assert meta["pretrain_steps"] == cfg.pretrain_steps and meta["threads"] == 1
+    tr, va, _ = load_corpus()
+    logs = []
+    model = dense_start(cfg, tr, Batches(tr, cfg.batch, cfg.model.context, cfg.seed), show=False, log=logs.append)
+    assert "shipped checkpoint" in logs[0]
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in state)
+    # A user's own corpus or another seed is not what the checkpoint saw: pretrain instead.
+    small = DemoConfig(pretrain_steps=1, batch=2, seed=1)
+    logs = []
+    dense_start(small, tr, Batches(tr, 2, small.model.context, 1), show=False, log=logs.append)
+    assert "pretraining here" in logs[0]

@@ -60,6 +60,79 @@ def test_sparse_matches_reference_over_50_steps(kernel_path, shapes, pattern):
     assert (generic == 0) if kernel_path == "fast" else (fast == 0)
 
 
+@pytest.mark.parametrize("l1_mode, ramp_end, l1_decay", [("absolute", 0.5, 2e-2), ("relative", 1.0, 1.0),
+                                                          ("relative", 0.3, 4.0)])
+def test_ramp_end_and_relative_l1_match_reference(kernel_path, l1_mode, ramp_end, l1_decay):
+    """ramp_end shortens the α ramp; l1_mode="relative" makes λ = l1_decay × RMS(μ̂) of each
+    tensor, measured at every refresh; both as the reference computes them."""
+    params = make_params([(64, 128), (33, 16), (8, 8)])
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    hp = dict(HP, l1_decay=l1_decay)
+    opt = cast_rs.AdamS(params, pattern="2:4", l1_mode=l1_mode, ramp_end=ramp_end, **hp)
+    ref = RefAdamS(ref_params, {p: (2, 4, -1) for p in ref_params}, l1_mode=l1_mode, ramp_end=ramp_end, **hp)
+    run(opt, params, 50)
+    run(ref, ref_params, 50)
+    for i, (p, q) in enumerate(zip(params, ref_params)):
+        assert_close_robust(p, q, HP["lr"], f"param {i}")
+        assert torch.equal(cast_rs.unpack_mask(opt.state[p]["mask"], p.shape), ref.state[q]["mask"])
+        if l1_mode == "relative":
+            # Measured in float64 from float32 moments on both sides: equal to ~1e-6 relative.
+            assert opt.state[p]["l1_decay"] == pytest.approx(ref.state[q]["l1_decay"], rel=1e-5)
+        else:
+            assert "l1_decay" not in opt.state[p]
+
+
+def test_relative_l1_is_scale_free():
+    """Scaling every gradient by c scales the relative λ by c, so the normalised steps (and the
+    weights) are the same: what l1_decay means does not depend on the model's gradient scale."""
+    outs = []
+    for c in (1.0, 1e-3):
+        params = make_params([(32, 64)])
+        torch.manual_seed(0)
+        params[0].data.copy_(torch.randn(32, 64))
+        opt = cast_rs.AdamS(params, pattern="2:4", lr=1e-2, betas=(0.9, 0.99), eps=0.0, l1_decay=2.0,
+                            total_steps=30, mask_interval=5, l1_mode="relative")
+        for s in range(30):
+            params[0].grad = grads_for(params, s)[0] * c
+            opt.step()
+        outs.append((params[0].detach().clone(), opt.state[params[0]]["l1_decay"]))
+    (w1, l1), (w2, l2) = outs
+    assert l2 == pytest.approx(l1 * 1e-3, rel=1e-4)
+    # eps = 0: Adam's step is invariant to a power-of-ten gradient scale up to float32 rounding
+    # of the scaled gradients (relative 2^-24 per op), amplified by at most ~lr per step.
+    torch.testing.assert_close(w1, w2, rtol=1e-4, atol=1e-4)
+
+
+def test_ramp_end_and_l1_mode_validation():
+    p = make_params([(8, 8)])
+    with pytest.raises(ValueError, match="ramp_end"):
+        cast_rs.AdamS(p, pattern="2:4", total_steps=10, ramp_end=0.0)
+    with pytest.raises(ValueError, match="ramp_end"):
+        cast_rs.AdamS(p, pattern="2:4", total_steps=10, ramp_end=1.5)
+    with pytest.raises(ValueError, match="l1_mode"):
+        cast_rs.AdamS(p, pattern="2:4", total_steps=10, l1_mode="auto")
+
+
+def test_relative_l1_resumes_bit_identically(kernel_path):
+    def make():
+        ps = make_params([(16, 32)])
+        torch.manual_seed(3)
+        ps[0].data.copy_(torch.randn(16, 32))
+        return ps, cast_rs.AdamS(ps, pattern="2:4", l1_mode="relative", l1_decay=1.0, ramp_end=0.5, **{
+            k: v for k, v in HP.items() if k != "l1_decay"})
+
+    a, oa = make()
+    run(oa, a, 30)
+    b, ob = make()
+    run(ob, b, 12)
+    sd = ob.state_dict()
+    c, oc = make()
+    c[0].data.copy_(b[0].data)
+    oc.load_state_dict(sd)
+    run(oc, c, 18, start=12)
+    assert torch.equal(a[0], c[0]) and oa.state[a[0]]["l1_decay"] == oc.state[c[0]]["l1_decay"]
+
+
 def test_dim0_marked_parameters(kernel_path):
     params = make_params([(16, 24), (8, 8)])
     setattr(params[0], cast_rs.optim.NM_ATTR, (2, 4, 0))

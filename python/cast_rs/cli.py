@@ -17,7 +17,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--json", metavar="PATH", help="write the results (one entry per method) as JSON")
     demo.add_argument("--plot", metavar="PATH", help="write a PNG: validation perplexity vs step, and final perplexities")
     demo.add_argument("--steps", type=int, help="continued-training steps per method")
-    demo.add_argument("--pretrain-steps", dest="pretrain_steps", type=int, help="dense pretraining steps")
+    demo.add_argument("--pretrain-steps", dest="pretrain_steps", type=int,
+                      help="pretrain the dense model here for this many steps instead of loading the shipped checkpoint")
+    demo.add_argument("--from-scratch", dest="from_scratch", action="store_true",
+                      help="pretrain the dense model here (3000 steps, ~12 min) instead of loading the shipped checkpoint")
     demo.add_argument("--lr", type=float, help="learning rate of continued training")
     demo.add_argument("--l1-decay", dest="l1_decay", type=float, help="AdamS l1_decay (lambda)")
     demo.add_argument("--batch", type=int, help="sequences per batch")

@@ -6,6 +6,13 @@ validation deterministically by a CRC32 of their relative path (1 in 10 to valid
 ``--data PATH...`` uses your own text files instead (split the same way; a single file is split
 90/10 by position).
 
+Dense start: the default model starts from a dense checkpoint shipped with the package
+(``cast_rs/data/demo_dense.pt``: 3000 AdamW steps on the standard library of Python 3.11, so
+well trained that more dense training barely improves it and the table measures
+sparsification, not extra training). ``benchmarks/pretrain_demo.py`` (``./run bench
+pretrain_demo``) reproduces it bit for bit; ``--from-scratch`` or ``--pretrain-steps N`` trains
+the dense model here instead (``--quick`` always does, on its smaller model).
+
 Pipeline (every method starts from the same dense checkpoint and, when it trains, gets the same
 number of steps on the same batches):
 
@@ -25,6 +32,7 @@ Sparse methods are checked with ``check_nm`` before their perplexity counts.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import sys
@@ -175,8 +183,9 @@ class DemoConfig:
 
     model: GPTConfig = field(default_factory=GPTConfig)
     batch: int = 32
-    pretrain_steps: int = 600
+    pretrain_steps: int = 3000  # the shipped checkpoint's; trained here with from_scratch
     pretrain_lr: float = 3e-3
+    from_scratch: bool = False  # pretrain here even when the shipped dense checkpoint fits
     steps: int = 300  # per trained method, after pretraining
     lr: float = 1e-3  # continued training (every method); 3e-3 made CAST diverge (sweep)
     l1_decay: float = 0.3  # AdamS λ: the sweep's best at lr 1e-3 (flat from 0.1 to 1.0)
@@ -192,7 +201,7 @@ class DemoConfig:
     @classmethod
     def quick(cls) -> "DemoConfig":
         return cls(model=GPTConfig(context=64, width=64, layers=2), batch=16, pretrain_steps=150, steps=60,
-                   eval_windows=48, curve_points=3, calib_batches=2)
+                   eval_windows=48, curve_points=3, calib_batches=2, from_scratch=True)
 
 
 class Batches:
@@ -289,6 +298,36 @@ def pretrain(cfg: DemoConfig, batches: Batches, show: bool = True) -> TinyGPT:
     return model
 
 
+#: The dense checkpoint shipped with the package (see the module docstring).
+SHIPPED_DENSE = Path(__file__).resolve().parent / "data" / "demo_dense.pt"
+
+
+def corpus_digest(data: torch.Tensor) -> str:
+    """sha256 of a corpus tensor's bytes (names the training text a checkpoint saw)."""
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
+
+
+def pretrain_meta(cfg: DemoConfig, train_data: torch.Tensor) -> Dict:
+    """What a dense checkpoint of :func:`pretrain` depends on, stored beside its weights."""
+    return {"model": asdict(cfg.model), "pretrain_steps": cfg.pretrain_steps, "pretrain_lr": cfg.pretrain_lr,
+            "batch": cfg.batch, "seed": cfg.seed, "corpus_sha256": corpus_digest(train_data),
+            "threads": torch.get_num_threads(), "torch": torch.__version__.split("+")[0],
+            "python": sys.version.split()[0]}
+
+
+def save_dense(path: Path, state: Dict[str, torch.Tensor], meta: Dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": 1, "meta": meta, "state_dict": state}, path)
+
+
+def load_dense(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    """(state_dict, meta) of a checkpoint written by :func:`save_dense`."""
+    blob = torch.load(path, weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != 1:
+        raise ValueError(f"{path}: not a cast-rs demo dense checkpoint")
+    return blob["state_dict"], blob["meta"]
+
+
 def from_state(c: GPTConfig, state: Dict[str, torch.Tensor], frozen: bool = False) -> TinyGPT:
     """A model loaded from a dense checkpoint; ``frozen``: eval mode, no gradients (a teacher)."""
     m = TinyGPT(c)
@@ -310,6 +349,24 @@ def train_cast(m: nn.Module, cfg: DemoConfig, batches: Batches, teacher: nn.Modu
     curve = train(m, opt, batches, cfg.steps, desc="CAST (AdamS)", teacher=teacher, eval_fn=eval_fn,
                   curve_points=cfg.curve_points if eval_fn else 0, show=show)
     return handle, opt, curve
+
+
+def dense_start(cfg: DemoConfig, train_data: torch.Tensor, batches: Batches, *, user_data: bool = False,
+                show: bool = True, log: Callable[[str], None] = print) -> TinyGPT:
+    """The dense model every method starts from: the shipped checkpoint when it fits (default
+    model, default corpus, not ``cfg.from_scratch``), else :func:`pretrain` here."""
+    if not cfg.from_scratch and not user_data and SHIPPED_DENSE.exists():
+        state, meta = load_dense(SHIPPED_DENSE)
+        if meta["model"] == asdict(cfg.model) and meta["seed"] == cfg.seed:
+            cfg.pretrain_steps = meta["pretrain_steps"]
+            log(f"dense start: shipped checkpoint ({meta['pretrain_steps']} AdamW steps, lr {meta['pretrain_lr']}, "
+                f"batch {meta['batch']}, Python {meta['python']} standard library; --from-scratch to pretrain here)")
+            if meta["corpus_sha256"] != corpus_digest(train_data):
+                log(f"  note: this Python's standard library differs from the one the checkpoint was trained on "
+                    f"(Python {meta['python']}): the figures will differ a little from the README's")
+            return from_state(cfg.model, state)
+    log(f"dense start: pretraining here ({cfg.pretrain_steps} AdamW steps)")
+    return pretrain(cfg, batches, show)
 
 
 def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool = True,
@@ -343,7 +400,7 @@ def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool =
         n_params = sum(p.numel() for p in TinyGPT(c).parameters())
     log(f"model: {n_params / 1e6:.2f} M parameters, {c.layers} layers, width {c.width}, context {c.context}")
     t0 = time.perf_counter()
-    model = pretrain(cfg, batches, show)
+    model = dense_start(cfg, train_data, batches, user_data=bool(data), show=show, log=log)
     record("dense", model, cfg.pretrain_steps, time.perf_counter() - t0, False)
     dense_state = copy.deepcopy(model.state_dict())
     fresh = lambda: from_state(c, dense_state)  # noqa: E731
@@ -450,6 +507,8 @@ def main(args) -> int:
         v = getattr(args, key, None)
         if v is not None:
             setattr(cfg, key, v)
+    if getattr(args, "from_scratch", False) or getattr(args, "pretrain_steps", None) is not None:
+        cfg.from_scratch = True
     t0 = time.perf_counter()
     print(f"cast-rs demo ({'quick' if args.quick else 'default'} settings): CAST 2:4 vs baselines; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -16,7 +16,7 @@ from ._config import generic_path_forced
 from ._markers import NM_ATTR, remark_weights
 from .nm import format_pattern, group_dim_size, nm_mask_packed, parse_pattern
 
-__all__ = ["AdamS", "DEFAULT_L1_DECAY", "NM_ATTR"]
+__all__ = ["AdamS", "DEFAULT_L1_DECAY", "DEFAULT_L1_MODE", "DEFAULT_RAMP_END", "L1_MODES", "NM_ATTR"]
 
 #: Default λ (``l1_decay``). The paper's LLaMA2-7B value is 4e-7 with the advice "the same
 #: order of magnitude as the gradient". On the demo's small GPT (README, "Tuning") the best
@@ -24,6 +24,15 @@ __all__ = ["AdamS", "DEFAULT_L1_DECAY", "NM_ATTR"]
 #: the gradient moments makes the decay overtake the gradient early in the α ramp, which a
 #: short run needs. 0.1 is the low end of that optimum; tune it per model.
 DEFAULT_L1_DECAY = 0.1
+
+#: How ``l1_decay`` is read: ``"absolute"`` (λ itself, as the paper) or ``"relative"`` (λ of
+#: each sparse tensor = ``l1_decay`` × the RMS of its bias-corrected gradient momentum,
+#: measured at every mask refresh; scale-free).
+L1_MODES = ("absolute", "relative")
+DEFAULT_L1_MODE = "absolute"
+#: α = min(1, s / (ramp_end · total_steps)): the fraction of the run after which the decay is
+#: fully on (1.0: the paper's s / T).
+DEFAULT_RAMP_END = 1.0
 
 _ParamsT = Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]], Iterable[Tuple[str, torch.Tensor]]]
 
@@ -47,7 +56,7 @@ class AdamS(Optimizer):
             m ← N:M mask of θ (per group of M along the group dim: the N largest |θ|)
         θ  ← θ · (1 − γ·weight_decay)                   (decoupled, as AdamW; default 0)
         μ  ← β1·μ + (1 − β1)·g                          (stored: average of raw gradients)
-        α  = min(1, s / T)                              (decay ramp 0 → 1)
+        α  = min(1, s / (ramp_end·T))                   (decay ramp 0 → 1; ramp_end = 1: s/T)
         μ̃  = μ                          where m = 1
         μ̃  = (1 − α)·μ + α·λ·sign(θ)    where m = 0    (torch.sign: 0 for ±0 and NaN)
         v  ← β2·v + (1 − β2)·μ̃²                         (from μ̃, every element)
@@ -74,6 +83,14 @@ class AdamS(Optimizer):
             sparse. Steps beyond T keep α = 1.
         mask_interval: refresh masks every this many steps (default 10), at steps 1,
             1 + interval, ...
+        l1_mode: ``"absolute"`` (default): λ = ``l1_decay``, the paper's formulation.
+            ``"relative"``: λ of each sparse tensor = ``l1_decay`` × the RMS of its
+            bias-corrected gradient momentum μ̂, measured at every mask refresh (kept in
+            ``state["l1_decay"]``). Scale-free: a typical masked weight's decay overtakes its
+            momentum at α ≈ 1 / (1 + l1_decay), whatever the model's gradient scale.
+        ramp_end: α = min(1, s / (ramp_end · total_steps)): the fraction of the run after
+            which the decay is fully on (default 1.0, the paper's s / T; smaller values leave
+            the sparse model the rest of the run to train on its own).
         pattern: ``"N:M"`` / ``(N, M)`` to make every parameter of the group N:M along its
             last dimension, or None (dense). A parameter marked by :func:`cast_rs.sparsify`
             is sparse along its marked dimension whatever the group says.
@@ -110,6 +127,8 @@ class AdamS(Optimizer):
         total_steps: Optional[int] = None,
         mask_interval: int = 10,
         pattern: Union[str, Tuple[int, int], None] = None,
+        l1_mode: str = DEFAULT_L1_MODE,
+        ramp_end: float = DEFAULT_RAMP_END,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -120,6 +139,8 @@ class AdamS(Optimizer):
             total_steps=total_steps,
             mask_interval=mask_interval,
             pattern=pattern,
+            l1_mode=l1_mode,
+            ramp_end=ramp_end,
         )
         self._validate_hyper(defaults, where="")
         # Tensors stepped on the (fast, generic) kernel path so far: for tests and diagnostics.
@@ -160,6 +181,12 @@ class AdamS(Optimizer):
         t = group["total_steps"]
         if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 1):
             raise ValueError(f"{where}total_steps: expected a positive int or None, got {t!r}")
+        if group.get("l1_mode", DEFAULT_L1_MODE) not in L1_MODES:
+            raise ValueError(f"{where}l1_mode: expected one of {', '.join(map(repr, L1_MODES))}, got {group['l1_mode']!r}")
+        r = group.get("ramp_end", DEFAULT_RAMP_END)
+        if not _is_number(r) or not 0.0 < r <= 1.0:
+            raise ValueError(f"{where}ramp_end: expected a number in (0, 1] (the fraction of total_steps at which "
+                             f"the decay is fully on), got {r!r}")
         k = group["mask_interval"]
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"{where}mask_interval: expected a positive int, got {k!r}")
@@ -362,7 +389,12 @@ class AdamS(Optimizer):
                 for p, pl, spec in zip(params, locals_, specs):
                     created.append((p, (p in self.state, "mask" in self.state.get(p, ()))))
                     states.append(self._state_for(p, pl, spec))
-                calls.append((gi, group, indices, self._kernel_args(group, locals_, grads, specs, states, force_generic)))
+                args, kwargs = self._kernel_args(group, locals_, grads, specs, states, force_generic)
+                lambdas = None
+                if group.get("l1_mode", DEFAULT_L1_MODE) == "relative" and any(sp is not None for sp in specs):
+                    lambdas = self._relative_l1(group, params, grads, specs, states)
+                    kwargs["l1_decays"] = lambdas
+                calls.append((gi, group, indices, (args, kwargs)))
             # The kernel validates everything of its group before writing; with several
             # groups, first validate them all so that an error in a later group cannot leave
             # an earlier one stepped.
@@ -385,7 +417,10 @@ class AdamS(Optimizer):
             self._kernel_calls[0] += fast
             self._kernel_calls[1] += generic
             params, _, specs, locals_, _ = plans[gi]
-            for p, pl, spec, changed in zip(params, locals_, specs, flips):
+            lambdas = kwargs.get("l1_decays")
+            for j, (p, pl, spec, changed) in enumerate(zip(params, locals_, specs, flips)):
+                if lambdas is not None and spec is not None:
+                    self.state[p]["l1_decay"] = lambdas[j]
                 if changed is not None:
                     # Of this rank's groups, for a sharded parameter.
                     self.state[p]["mask_flip_rate"] = changed / max(1, pl.numel() // spec[1])
@@ -403,6 +438,7 @@ class AdamS(Optimizer):
         local = _dtensor.local
         beta1, beta2 = (float(b) for b in group["betas"])
         total = group["total_steps"]
+        ramp = float(group.get("ramp_end", DEFAULT_RAMP_END))
         args = (
             locals_,
             grads,
@@ -419,11 +455,37 @@ class AdamS(Optimizer):
             eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]),
             l1_decay=float(group["l1_decay"]),
-            total_steps=None if total is None else float(total),
+            # α = min(1, s / (ramp_end·T)): the kernel ramps over ramp_end·T steps.
+            total_steps=None if total is None else max(1.0, ramp * float(total)),
             mask_interval=int(group["mask_interval"]),
             force_generic=force_generic,
         )
         return args, kwargs
+
+    @staticmethod
+    def _relative_l1(group: Dict[str, Any], params: List[torch.Tensor], grads: List[torch.Tensor],
+                     specs: List[Optional[Tuple[int, int, int]]], states: List[Dict[str, Any]]) -> List[float]:
+        """λ of each tensor in ``l1_mode="relative"``: ``l1_decay`` × RMS of the bias-corrected
+        momentum after this step's update, (re)measured at mask-refresh steps and kept in
+        ``state["l1_decay"]`` in between (written by the caller once the step succeeded).
+        For a DTensor the RMS is over the whole tensor (a collective), so every rank uses the
+        same λ."""
+        beta1 = float(group["betas"][0])
+        kappa, k = float(group["l1_decay"]), int(group["mask_interval"])
+        out = []
+        for p, spec, st in zip(params, specs, states):
+            if spec is None:
+                out.append(0.0)
+                continue
+            s = float(st["step"]) + 1.0
+            if "l1_decay" in st and (int(s) - 1) % k != 0:
+                out.append(st["l1_decay"])
+                continue
+            mu = torch.lerp(st["exp_avg"], p.grad, 1.0 - beta1)
+            rms = float(torch.linalg.vector_norm(mu, dtype=torch.float64)) / math.sqrt(max(1, mu.numel()))
+            lam = kappa * rms / (1.0 - beta1**s)
+            out.append(lam if math.isfinite(lam) else 0.0)
+        return out
 
     _KERNEL_ARG = re.compile(r"\b(params|grads|exp_avgs|exp_avg_sqs|masks|steps)\[(\d+)\]")
     _STATE_NAME = {"params": "", "grads": " gradient", "exp_avgs": " state 'exp_avg'",
