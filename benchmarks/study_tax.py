@@ -112,11 +112,11 @@ class ResearchAdamS(torch.optim.Optimizer):
                     n, m, dim = spec
                     if (s - 1) % self.interval == 0:
                         st["keep"] = nm_mask(p, (n, m), dim=dim)
+                        # rel: λ = κ · RMS of the bias-corrected momentum, measured at refreshes.
+                        st["lam"] = self.l1 * float(mu.square().mean().sqrt()) / (1 - b1**s)
                     keep = st["keep"]
                     alpha = min(1.0, s / max(1.0, self.ramp * self.T))
-                    lam = self.l1
-                    if self.mode == "rel":
-                        lam = self.l1 * float(mu.square().mean().sqrt()) / (1 - b1**s)
+                    lam = st["lam"] if self.mode == "rel" else self.l1
                     mt = torch.where(keep, mu, (1 - alpha) * mu + alpha * lam * p.sign())
                     src = torch.where(keep, g, mt) if self.vsrc == "grad" else mt
                     v.mul_(b2).addcmul_(src, src, value=1 - b2)
@@ -219,9 +219,10 @@ def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, l
         handle = sparsify(model, pattern, scaling_groups=int(kv.get("scale", 2)))
         T = steps
         common = dict(l1=float(kv.get("l1", 0.1)), ramp=float(kv.get("ramp", 1.0)), interval=int(kv.get("interval", 10)))
-        if kv.get("opt", "lib") == "lib" and kv.get("mode", "abs") == "abs" and kv.get("vsrc", "mutilde") == "mutilde":
+        if kv.get("opt", "lib") == "lib" and kv.get("vsrc", "mutilde") == "mutilde":
             opt = cast_rs.AdamS(model.parameters(), lr=run_lr, betas=(0.9, 0.95), l1_decay=common["l1"],
-                                total_steps=max(1, round(common["ramp"] * T)), mask_interval=common["interval"])
+                                total_steps=T, mask_interval=common["interval"], ramp_end=common["ramp"],
+                                l1_mode="relative" if kv.get("mode", "abs") == "rel" else "absolute")
         else:
             specs = {l.weight: (n, m_, l.dim) for l in handle.layers}
             opt = ResearchAdamS(model.parameters(), specs, lr=run_lr, betas=(0.9, 0.95), total_steps=T,
