@@ -300,15 +300,16 @@ def cmd_table(a) -> None:
             continue
         groups.setdefault(keyf(r), []).append(r)
     for k, rs in sorted(groups.items()):
-        dc = [r["ppl"] for r in rs if r["method"].startswith("dense_continued")]
+        dc = [r["ppl"] for r in rs if r["method"] == "dense_continued"]
         base = dc[-1] if dc else None
         print(f"\n### model {k[0]}, corpus {k[1]}, dense {k[2]} steps, sparse {k[3]} steps, {k[4]}  (dense ppl {rs[0]['dense']:.4f})")
-        print("| method | ppl | tax vs dense_continued | dense fwd | sparse ratio |")
+        print("| method | val ppl | tax vs dense_continued | CAST: ppl before finalize | CAST: sparse weight ratio |")
         print("|---|---|---|---|---|")
+        fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
         for r in rs:
-            tax = f"{100 * (r['ppl'] / base - 1):+.2f}%" if base else "-"
-            print(f"| {r['method']} | {r['ppl']:.4f} | {tax} | {r.get('ppl_dense_forward', float('nan')):.4f} | "
-                  f"{r.get('sparse_ratio', float('nan')):.4f} |")
+            tax = f"{100 * (r['ppl'] / base - 1):+.2f}%" if base and r["method"] != "dense_continued" else "-"
+            print(f"| {r['method']} | {r['ppl']:.4f} | {tax} | {fmt(r.get('ppl_dense_forward'))} | "
+                  f"{fmt(r.get('sparse_ratio'))} |")
 
 
 def cmd_plot(a) -> None:
