@@ -312,6 +312,80 @@ def cmd_table(a) -> None:
                   f"{fmt(r.get('sparse_ratio'))} |")
 
 
+def _rows(model=None, corpus=None, steps=None, pattern="2:4", tag=None) -> List[Dict]:
+    out = []
+    for line in open(OUT / "runs.jsonl"):
+        r = json.loads(line)
+        if ((model and r["model"] != model) or (corpus and r["corpus"] != corpus) or (steps and r["steps"] != steps)
+                or r.get("pattern", "2:4") != pattern or (tag and r.get("tag") != tag)):
+            continue
+        out.append(r)
+    return out
+
+
+def _last(rows: List[Dict], method: str) -> Optional[Dict]:
+    hits = [r for r in rows if r["method"] == method]
+    return hits[-1] if hits else None
+
+
+def cmd_report(a) -> None:
+    """The markdown tables of docs/sparsity_tax.md, from runs.jsonl."""
+    default = "cast:l1=0.1"  # AdamS's defaults (l1_decay 0.1, absolute)
+    print("#### main\n")
+    print("| model | corpus | dense | dense_continued | magnitude | SR-STE (tax) | CAST defaults (tax) | CAST best tried (tax) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for model in MODELS:
+        for corp in ("stdlib", "prose"):
+            rs = _rows(model, corp, 400)
+            dc, mag, sr, cd = (_last(rs, m) for m in ("dense_continued", "magnitude", "srste", default))
+            if not dc:
+                continue
+            tax = lambda r: f"{r['ppl']:.4f} ({100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%)" if r else "-"  # noqa: E731
+            casts = [r for r in rs if r["method"].startswith("cast")]
+            best = min(casts, key=lambda r: r["ppl"]) if casts else None
+            print(f"| {model} | {corp} | {dc['dense']:.4f} | {dc['ppl']:.4f} | {mag['ppl'] if mag else float('nan'):.4f} | "
+                  f"{tax(sr)} | {tax(cd)} | {tax(best)} `{best['method'] if best else ''}` |")
+    print("\n#### causes (small, stdlib, 400 steps)\n")
+    rs = _rows("small", "stdlib", 400)
+    dc = _last(rs, "dense_continued")
+    print("| run | val ppl after finalize | tax | ppl before finalize | sparse weight ratio | ppl at step 10 (dense fwd / projected) |")
+    print("|---|---|---|---|---|---|")
+    seen = set()
+    for r in rs:
+        if r["method"] in seen or r["method"] in ("magnitude",):
+            continue
+        seen.add(r["method"])
+        r = _last(rs, r["method"])
+        c10 = dict(map(tuple, r.get("curve", [])))
+        p10 = dict(map(tuple, r.get("projected_curve", [])))
+        early = f"{c10.get(10, float('nan')):.2f}" + (f" / {p10[10]:.2f}" if 10 in p10 else "")
+        before = f"{r['ppl_dense_forward']:.4f}" if "ppl_dense_forward" in r else "-"
+        ratio = f"{r['sparse_ratio']:.4f}" if "sparse_ratio" in r else "-"
+        tx = f"{100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%" if r["method"] != "dense_continued" else "-"
+        print(f"| `{r['method']}` | {r['ppl']:.4f} | {tx} | {before} | {ratio} | {early} |")
+    print("\n#### length (small, stdlib)\n")
+    print("| sparse steps | dense_continued | gain over dense | SR-STE | SR-STE tax | CAST | CAST tax |")
+    print("|---|---|---|---|---|---|---|")
+    for steps in sorted({r["steps"] for r in _rows("small", "stdlib")}):
+        rs = _rows("small", "stdlib", steps)
+        dc, sr, cd = (_last(rs, m) for m in ("dense_continued", "srste", default))
+        if not (dc and sr and cd):
+            continue
+        print(f"| {steps} | {dc['ppl']:.4f} | {100 * (1 - dc['ppl'] / dc['dense']):.2f}% | {sr['ppl']:.4f} | "
+              f"{100 * (sr['ppl'] / dc['ppl'] - 1):+.2f}% | {cd['ppl']:.4f} | {100 * (cd['ppl'] / dc['ppl'] - 1):+.2f}% |")
+    print("\n#### N:M patterns (small, stdlib, 400 steps)\n")
+    print("| pattern | magnitude | SR-STE | SR-STE tax | CAST | CAST tax |")
+    print("|---|---|---|---|---|---|")
+    dc = _last(_rows("small", "stdlib", 400), "dense_continued")
+    for pat in ("1:4", "2:4", "2:8", "4:8"):
+        rs = _rows("small", "stdlib", 400, pattern=pat)
+        mag, sr, cd = (_last(rs, m) for m in ("magnitude", "srste", default))
+        if not (sr and cd and dc):
+            continue
+        print(f"| {pat} | {mag['ppl'] if mag else float('nan'):.4f} | {sr['ppl']:.4f} | {100 * (sr['ppl'] / dc['ppl'] - 1):+.2f}% | "
+              f"{cd['ppl']:.4f} | {100 * (cd['ppl'] / dc['ppl'] - 1):+.2f}% |")
+
+
 def cmd_plot(a) -> None:
     """Validation perplexity along training for the chosen runs of one setting (PNG)."""
     import matplotlib
@@ -375,7 +449,8 @@ def main() -> None:
     pl.add_argument("--tag", default="")
     pl.add_argument("--method", action="append")
     pl.add_argument("--out", default="results/study/curves.png")
-    for q in (p, r, t, pl):
+    rp = sub.add_parser("report")
+    for q in (p, r, t, pl, rp):
         q.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
     if a.threads:
@@ -387,6 +462,8 @@ def main() -> None:
         cmd_run(a)
     elif a.cmd == "plot":
         cmd_plot(a)
+    elif a.cmd == "report":
+        cmd_report(a)
     else:
         cmd_table(a)
 
