@@ -9,6 +9,7 @@ Scenarios:
                the gathered parameters and masks, then finalize + check_nm + plain_state_dict.
   fsdp_resume  FSDP2 run that loads the DCP checkpoint of ``fsdp`` and trains to the end.
   fsdp_split   a dim-0 (Conv1D) 2:4 layer whose shards would split groups: AdamS must refuse.
+  fsdp_relative  FSDP2 training with l1_mode="relative" (λ from the whole tensor's momentum).
   fsdp_gpt2    a Hugging Face GPT-2 (random init) under FSDP2: train, finalize, check_nm, and a
                full state dict for the original architecture.
 """
@@ -67,10 +68,16 @@ def build(conv_in: int = 32) -> Tuple[nn.Module, "object"]:
     return model, sparse
 
 
-def make_optimizer(model: nn.Module):
+#: AdamS settings of the ``fsdp_relative`` scenario (and of its single-process reference).
+RELATIVE = dict(l1_mode="relative", l1_decay=3.0, ramp_end=0.5)
+
+
+def make_optimizer(model: nn.Module, **overrides):
     import cast_rs
 
-    return cast_rs.AdamS(model.parameters(), lr=LR, total_steps=STEPS, mask_interval=3, l1_decay=0.05)
+    kw = dict(lr=LR, total_steps=STEPS, mask_interval=3, l1_decay=0.05)
+    kw.update(overrides)
+    return cast_rs.AdamS(model.parameters(), **kw)
 
 
 def batch(step: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -106,12 +113,19 @@ def full_masks(model: nn.Module, opt) -> Dict[str, torch.Tensor]:
     return {names[p]: full(keep).clone() for p, keep in opt.masks().items()}
 
 
-def reference(steps: int = STEPS) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], nn.Module, "object"]:
+def reference(steps: int = STEPS, **overrides) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], nn.Module, "object"]:
     """Single process over the global batch: what every distributed run must match."""
     model, sparse = build()
-    opt = make_optimizer(model)
+    opt = make_optimizer(model, **overrides)
     train(model, opt, 1, steps)
+    if overrides:
+        return full_params(model), full_masks(model, opt), model, relative_l1(model, opt)
     return full_params(model), full_masks(model, opt), model, sparse
+
+
+def relative_l1(model: nn.Module, opt) -> Dict[str, float]:
+    """λ of each sparse parameter (``l1_mode="relative"``), by parameter name."""
+    return {name: opt.state[p]["l1_decay"] for name, p in model.named_parameters() if "l1_decay" in opt.state.get(p, {})}
 
 
 # ------------------------------------------------------------------------------- scenarios
@@ -190,6 +204,17 @@ def run_fsdp(rank: int, world: int, out: str) -> None:
         torch.save({"params": params, "masks": masks, "check_nm": ok, "info": info,
                     "plain": plain, "logits": logits.detach(), "finalize_rows": len(report)},
                    os.path.join(out, "fsdp.pt"))
+
+
+def run_fsdp_relative(rank: int, world: int, out: str) -> None:
+    """FSDP2 with l1_mode="relative": λ must be measured over the whole tensor, not the shard."""
+    model, _ = build()
+    _shard(model)
+    opt = make_optimizer(model, **RELATIVE)
+    train(model, opt, 1, STEPS, rank, world)
+    params, masks = full_params(model), full_masks(model, opt)
+    if rank == 0:
+        torch.save({"params": params, "masks": masks, "l1": relative_l1(model, opt)}, os.path.join(out, "relative.pt"))
 
 
 def run_fsdp_resume(rank: int, world: int, out: str) -> None:
@@ -296,7 +321,8 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         scenarios = {"ddp": run_ddp, "fsdp": run_fsdp, "fsdp_resume": run_fsdp_resume,
-                     "fsdp_split": run_fsdp_split, "fsdp_gpt2": run_fsdp_gpt2}
+                     "fsdp_split": run_fsdp_split, "fsdp_gpt2": run_fsdp_gpt2,
+                 "fsdp_relative": run_fsdp_relative}
         scenarios[scenario](rank, world, out)
         dist.barrier()
     finally:

@@ -119,6 +119,24 @@ def test_fsdp2_sharding_that_splits_groups_is_refused(tmp_path):
         assert "splits 2:4 groups" in message and "dim 0" in message, message
 
 
+def test_fsdp2_relative_l1_uses_the_whole_tensor(tmp_path):
+    """l1_mode="relative" under FSDP2: each rank's λ is the RMS over the whole tensor (a
+    collective), so training matches one process, λ included."""
+    torchrun("fsdp_relative", str(tmp_path))
+    r = torch.load(tmp_path / "relative.pt", weights_only=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        params, masks, _, l1 = worker.reference(**worker.RELATIVE)
+    finally:
+        torch.set_num_threads(threads)
+    assert_matches_reference(r["params"], r["masks"], {"params": params, "masks": masks})
+    assert r["l1"].keys() == l1.keys() and len(l1) == 4
+    for name in l1:
+        # float64 sums of float32 squares in another order: ~1e-7 relative, far below 1e-5.
+        assert r["l1"][name] == pytest.approx(l1[name], rel=1e-5), name
+
+
 def test_fsdp2_hugging_face_gpt2(tmp_path):
     """GPT-2's Conv1D layers (groups along dim 0, sharded along dim 0) under FSDP2, with its
     tied LM head: trains like one process, finalizes to exact 2:4, and the gathered state dict

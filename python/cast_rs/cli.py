@@ -24,7 +24,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--lr", type=float, help="learning rate of continued training")
     demo.add_argument("--l1-decay", dest="l1_decay", type=float, help="AdamS l1_decay (lambda)")
     demo.add_argument("--batch", type=int, help="sequences per batch")
-    demo.add_argument("--seed", type=int)
+    demo.add_argument("--seed", type=int, help="seed of the batches and, with --from-scratch, of the dense model "
+                      "(the shipped dense checkpoint is seed 0; another seed pretrains here)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ex = sub.add_parser("example", help="short sparsification run on a small MLP (about 10 seconds)")

@@ -482,7 +482,9 @@ class AdamS(Optimizer):
                 out.append(st["l1_decay"])
                 continue
             mu = torch.lerp(st["exp_avg"], p.grad, 1.0 - beta1)
-            rms = float(torch.linalg.vector_norm(mu, dtype=torch.float64)) / math.sqrt(max(1, mu.numel()))
+            # A DTensor's norm is a collective (a partial sum over the shards), made whole here.
+            norm = _dtensor.full(torch.linalg.vector_norm(mu, dtype=torch.float64))
+            rms = float(norm) / math.sqrt(max(1, mu.numel()))
             lam = kappa * rms / (1.0 - beta1**s)
             out.append(lam if math.isfinite(lam) else 0.0)
         return out
