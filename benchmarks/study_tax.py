@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
@@ -332,18 +333,18 @@ def cmd_report(a) -> None:
     """The markdown tables of docs/sparsity_tax.md, from runs.jsonl."""
     default = "cast:l1=0.1"  # AdamS's defaults (l1_decay 0.1, absolute)
     print("#### main\n")
-    print("| model | corpus | dense | dense_continued | magnitude | SR-STE (tax) | CAST defaults (tax) | CAST best tried (tax) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for model in MODELS:
-        for corp in ("stdlib", "prose"):
-            rs = _rows(model, corp, 400)
-            dc, mag, sr, cd = (_last(rs, m) for m in ("dense_continued", "magnitude", "srste", default))
+    print("| model | corpus | sparse steps | dense | dense_continued | magnitude | SR-STE (tax) | CAST defaults (tax) | CAST best tried (tax) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for model, corp, steps in itertools.product(MODELS, ("stdlib", "prose"), (400, 1000)):
+            rs = _rows(model, corp, steps)
+            dc, sr, cd = (_last(rs, m) for m in ("dense_continued", "srste", default))
+            mag = _last(_rows(model, corp), "magnitude")
             if not dc:
                 continue
             tax = lambda r: f"{r['ppl']:.4f} ({100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%)" if r else "-"  # noqa: E731
             casts = [r for r in rs if r["method"].startswith("cast")]
             best = min(casts, key=lambda r: r["ppl"]) if casts else None
-            print(f"| {model} | {corp} | {dc['dense']:.4f} | {dc['ppl']:.4f} | {mag['ppl'] if mag else float('nan'):.4f} | "
+            print(f"| {model} | {corp} | {steps} | {dc['dense']:.4f} | {dc['ppl']:.4f} | {mag['ppl'] if mag else float('nan'):.4f} | "
                   f"{tax(sr)} | {tax(cd)} | {tax(best)} `{best['method'] if best else ''}` |")
     print("\n#### causes (small, stdlib, 400 steps)\n")
     rs = _rows("small", "stdlib", 400)
