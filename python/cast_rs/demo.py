@@ -10,7 +10,7 @@ Dense start: the default model starts from a dense checkpoint shipped with the p
 (``cast_rs/data/demo_dense.pt``: 3000 AdamW steps on the standard library of Python 3.11, so
 well trained that more dense training barely improves it and the table measures
 sparsification, not extra training). ``benchmarks/pretrain_demo.py`` (``./run bench
-pretrain_demo``) reproduces it bit for bit; ``--from-scratch`` or ``--pretrain-steps N`` trains
+pretrain_demo``) re-runs its recipe and compares bit for bit; ``--from-scratch`` or ``--pretrain-steps N`` trains
 the dense model here instead (``--quick`` always does, on its smaller model).
 
 Pipeline (every method starts from the same dense checkpoint and, when it trains, gets the same
