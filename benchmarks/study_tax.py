@@ -48,6 +48,14 @@ from cast_rs.demo import Batches, GPTConfig, TinyGPT, _cosine, _no_decay_groups,
 from cast_rs.nm import nm_mask
 
 OUT = Path("results/study")
+#: The records of the runs behind docs/sparsity_tax.md (a copy of results/study/runs.jsonl),
+#: read by table/report/plot when this machine has no results/ of its own.
+SHIPPED_RECORDS = Path(__file__).resolve().parent.parent / "docs" / "sparsity_tax_runs.jsonl"
+
+
+def records() -> Path:
+    own = OUT / "runs.jsonl"
+    return own if own.exists() else SHIPPED_RECORDS
 
 MODELS = {
     "small": GPTConfig(),  # the demo's: 4 layers, width 128 (0.84 M parameters)
@@ -293,7 +301,7 @@ def cmd_run(a) -> None:
 
 
 def cmd_table(a) -> None:
-    rows = [json.loads(l) for l in open(OUT / "runs.jsonl")]
+    rows = [json.loads(l) for l in open(records())]
     keyf = lambda r: (r["model"], r["corpus"], r["pretrain_steps"], r["steps"], r.get("pattern", "2:4"))  # noqa: E731
     groups: Dict[tuple, List[Dict]] = {}
     for r in rows:
@@ -315,7 +323,7 @@ def cmd_table(a) -> None:
 
 def _rows(model=None, corpus=None, steps=None, pattern="2:4", tag=None) -> List[Dict]:
     out = []
-    for line in open(OUT / "runs.jsonl"):
+    for line in open(records()):
         r = json.loads(line)
         if ((model and r["model"] != model) or (corpus and r["corpus"] != corpus) or (steps and r["steps"] != steps)
                 or r.get("pattern", "2:4") != pattern or (tag and r.get("tag") != tag)):
@@ -394,7 +402,7 @@ def cmd_plot(a) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(l) for l in open(OUT / "runs.jsonl")]
+    rows = [json.loads(l) for l in open(records())]
     rows = [r for r in rows if r["model"] == a.model and r["corpus"] == a.corpus and r["steps"] == a.steps
             and r["pretrain_steps"] == a.pretrain_steps and r.get("curve") and (not a.tag or r.get("tag") == a.tag)
             and (not a.method or r["method"] in a.method)]
