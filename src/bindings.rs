@@ -684,9 +684,8 @@ fn adams_step(
             for (i, j) in jobs.iter_mut().enumerate().filter(|(_, j)| !j.fast) {
                 let sc = GenericScalars::new(&j.h, j.step, total_steps, mask_interval);
                 let mask = j.mask.as_mut().map(|(b, pat, gdim, _)| (b, *pat, *gdim));
-                let hj = j.h;
                 flips[i] =
-                    generic::adams_step_tensor(&mut j.p, &j.g, &mut j.mu, &mut j.v, mask, &hj, &sc)?;
+                    generic::adams_step_tensor(&mut j.p, &j.g, &mut j.mu, &mut j.v, mask, &j.h, &sc)?;
             }
             for j in jobs.iter_mut() {
                 write_step(&mut j.step_t, j.step)?;

@@ -113,14 +113,20 @@ def full_masks(model: nn.Module, opt) -> Dict[str, torch.Tensor]:
     return {names[p]: full(keep).clone() for p, keep in opt.masks().items()}
 
 
-def reference(steps: int = STEPS, **overrides) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], nn.Module, "object"]:
+def reference(steps: int = STEPS) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], nn.Module, "object"]:
     """Single process over the global batch: what every distributed run must match."""
     model, sparse = build()
-    opt = make_optimizer(model, **overrides)
+    opt = make_optimizer(model)
     train(model, opt, 1, steps)
-    if overrides:
-        return full_params(model), full_masks(model, opt), model, relative_l1(model, opt)
     return full_params(model), full_masks(model, opt), model, sparse
+
+
+def reference_relative() -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], Dict[str, float]]:
+    """The single-process run of ``fsdp_relative``: parameters, masks and λ by name."""
+    model, _ = build()
+    opt = make_optimizer(model, **RELATIVE)
+    train(model, opt, 1, STEPS)
+    return full_params(model), full_masks(model, opt), relative_l1(model, opt)
 
 
 def relative_l1(model: nn.Module, opt) -> Dict[str, float]:
@@ -322,7 +328,7 @@ def main() -> None:
     try:
         scenarios = {"ddp": run_ddp, "fsdp": run_fsdp, "fsdp_resume": run_fsdp_resume,
                      "fsdp_split": run_fsdp_split, "fsdp_gpt2": run_fsdp_gpt2,
-                 "fsdp_relative": run_fsdp_relative}
+                     "fsdp_relative": run_fsdp_relative}
         scenarios[scenario](rank, world, out)
         dist.barrier()
     finally:

@@ -127,7 +127,7 @@ def test_fsdp2_relative_l1_uses_the_whole_tensor(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        params, masks, _, l1 = worker.reference(**worker.RELATIVE)
+        params, masks, l1 = worker.reference_relative()
     finally:
         torch.set_num_threads(threads)
     assert_matches_reference(r["params"], r["masks"], {"params": params, "masks": masks})

@@ -392,7 +392,7 @@ class AdamS(Optimizer):
                 args, kwargs = self._kernel_args(group, locals_, grads, specs, states, force_generic)
                 lambdas = None
                 if group.get("l1_mode", DEFAULT_L1_MODE) == "relative" and any(sp is not None for sp in specs):
-                    lambdas = self._relative_l1(group, params, grads, specs, states)
+                    lambdas = self._relative_l1(group, params, specs, states)
                     kwargs["l1_decays"] = lambdas
                 calls.append((gi, group, indices, (args, kwargs)))
             # The kernel validates everything of its group before writing; with several
@@ -463,8 +463,8 @@ class AdamS(Optimizer):
         return args, kwargs
 
     @staticmethod
-    def _relative_l1(group: Dict[str, Any], params: List[torch.Tensor], grads: List[torch.Tensor],
-                     specs: List[Optional[Tuple[int, int, int]]], states: List[Dict[str, Any]]) -> List[float]:
+    def _relative_l1(group: Dict[str, Any], params: List[torch.Tensor], specs: List[Optional[Tuple[int, int, int]]],
+                     states: List[Dict[str, Any]]) -> List[float]:
         """λ of each tensor in ``l1_mode="relative"``: ``l1_decay`` × RMS of the bias-corrected
         momentum after this step's update, (re)measured at mask-refresh steps and kept in
         ``state["l1_decay"]`` in between (written by the caller once the step succeeded).
