@@ -64,22 +64,29 @@ impl AdamsHyper {
     }
 }
 
-/// λ of each of `k` tensors: `l1_decays` (one finite value >= 0 per tensor) when given, else
-/// the group's `l1_decay` for all. Errors name the offending entry.
-pub fn per_tensor_l1(l1_decays: Option<Vec<f64>>, l1_decay: f64, k: usize) -> Result<Vec<f64>> {
-    match l1_decays {
-        None => Ok(vec![l1_decay; k]),
+/// One hyperparameter per tensor, for `k` tensors: `values` (one finite value >= 0 each) when
+/// given, else the group's `default` for all. `name` is the argument's name in errors, which
+/// name the offending entry (AdamS's relative λ: `l1_decays`; weight-scale parameters, which
+/// take no weight decay: `weight_decays`).
+pub fn per_tensor(
+    name: &str,
+    values: Option<Vec<f64>>,
+    default: f64,
+    k: usize,
+) -> Result<Vec<f64>> {
+    match values {
+        None => Ok(vec![default; k]),
         Some(v) => {
             if v.len() != k {
                 return Err(CastError::value(
-                    "l1_decays",
+                    name,
                     format!("expected {k} entries (one per parameter), got {}", v.len()),
                 ));
             }
             for (i, &x) in v.iter().enumerate() {
                 if !(x.is_finite() && x >= 0.0) {
                     return Err(CastError::value(
-                        format!("l1_decays[{i}]"),
+                        format!("{name}[{i}]"),
                         format!("expected a finite value >= 0, got {x}"),
                     ));
                 }
@@ -612,13 +619,26 @@ mod tests {
     use crate::nm::{GroupDim, NmPattern};
 
     #[test]
-    fn per_tensor_l1_defaults_checks_length_and_values() {
-        assert_eq!(per_tensor_l1(None, 0.25, 3).unwrap(), vec![0.25; 3]);
-        assert_eq!(per_tensor_l1(Some(vec![0.0, 2.0]), 0.25, 2).unwrap(), vec![0.0, 2.0]);
-        let e = per_tensor_l1(Some(vec![1.0]), 0.25, 2).unwrap_err().to_string();
-        assert!(e.contains("l1_decays") && e.contains("expected 2 entries"), "{e}");
+    fn per_tensor_defaults_checks_length_and_values() {
+        assert_eq!(
+            per_tensor("l1_decays", None, 0.25, 3).unwrap(),
+            vec![0.25; 3]
+        );
+        assert_eq!(
+            per_tensor("l1_decays", Some(vec![0.0, 2.0]), 0.25, 2).unwrap(),
+            vec![0.0, 2.0]
+        );
+        let e = per_tensor("weight_decays", Some(vec![1.0]), 0.25, 2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("weight_decays") && e.contains("expected 2 entries"),
+            "{e}"
+        );
         for bad in [-1.0, f64::NAN, f64::INFINITY] {
-            let e = per_tensor_l1(Some(vec![1.0, bad]), 0.25, 2).unwrap_err().to_string();
+            let e = per_tensor("l1_decays", Some(vec![1.0, bad]), 0.25, 2)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("l1_decays[1]"), "{e}");
         }
     }
@@ -896,10 +916,14 @@ mod tests {
         let cases = [2usize, 4, 8, 16, 32]
             .into_iter()
             .map(|m| ([3, (m * 5) as i64], GroupDim::Last, m))
-            .chain([(4usize, 8i64), (4, 24), (2, 16), (8, 8), (3, 32)].into_iter().map(
-                // dim-0 groups, rows of whole bytes
-                |(m, cols)| ([(m * 3) as i64, cols], GroupDim::First, m),
-            ));
+            .chain(
+                [(4usize, 8i64), (4, 24), (2, 16), (8, 8), (3, 32)]
+                    .into_iter()
+                    .map(
+                        // dim-0 groups, rows of whole bytes
+                        |(m, cols)| ([(m * 3) as i64, cols], GroupDim::First, m),
+                    ),
+            );
         for (shape, dim, m) in cases {
             let layout =
                 GroupLayout::new(NmPattern::new(1, m as i64).unwrap(), &shape, dim, "w").unwrap();

@@ -5,31 +5,39 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
-use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3_tch::PyTensor;
 use tch::{Device, Kind, Tensor};
 
-use crate::adams::{adams_step_f32, per_tensor_l1, AdamsHyper, AdamsTensor, StepScalars};
+use crate::adams::{adams_step_f32, per_tensor, AdamsHyper, AdamsTensor, StepScalars};
 use crate::error::CastError;
 use crate::generic::{self, GenericScalars};
 use crate::nm::{self, GroupDim, GroupLayout, MaskKey, NmPattern};
 use crate::scaling::{self, ScaleLayout, ScaleShape};
 
-create_exception!(
-    _cast_rs,
-    CastRsError,
-    PyException,
-    "Base class of cast-rs errors that are not ValueError or TypeError."
-);
+/// The Python exception type, in its own module so that it can be named `CastError` like the
+/// Rust error enum it carries, and registered as `cast_rs.CastError` (where users import it
+/// from), which is the name tracebacks show.
+mod py_exception {
+    use pyo3::create_exception;
+    use pyo3::exceptions::PyException;
+
+    create_exception!(
+        cast_rs,
+        CastError,
+        PyException,
+        "Base class of cast-rs errors that are not ValueError or TypeError."
+    );
+}
+use py_exception::CastError as PyCastError;
 
 impl From<CastError> for PyErr {
     fn from(e: CastError) -> PyErr {
         match e {
             CastError::Value { .. } => PyValueError::new_err(e.to_string()),
             CastError::Type { .. } => PyTypeError::new_err(e.to_string()),
-            _ => CastRsError::new_err(e.to_string()),
+            _ => PyCastError::new_err(e.to_string()),
         }
     }
 }
@@ -334,7 +342,7 @@ fn nm_mask_numpy<'py>(
 /// Returns `(tensors on the fast path, tensors on the generic path, flips)` where `flips[i]`
 /// is the number of N:M groups whose mask changed, for tensors refreshed at this step.
 #[pyfunction]
-#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, masks, patterns, steps, *, lr, beta1, beta2, eps, weight_decay, l1_decay, total_steps, mask_interval, force_generic=false, validate_only=false, l1_decays=None))]
+#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, masks, patterns, steps, *, lr, beta1, beta2, eps, weight_decay, l1_decay, total_steps, mask_interval, force_generic=false, validate_only=false, l1_decays=None, weight_decays=None))]
 #[allow(clippy::too_many_arguments)]
 fn adams_step(
     py: Python<'_>,
@@ -356,10 +364,13 @@ fn adams_step(
     force_generic: bool,
     validate_only: bool,
     l1_decays: Option<Vec<f64>>,
+    weight_decays: Option<Vec<f64>>,
 ) -> PyResult<(usize, usize, Vec<Option<u64>>)> {
     let k = params.len();
-    // λ per tensor (AdamS's relative mode), or the group's `l1_decay` for every tensor.
-    let l1s = per_tensor_l1(l1_decays, l1_decay, k)?;
+    // λ per tensor (AdamS's relative mode), or the group's `l1_decay` for every tensor; weight
+    // decay per tensor (0 for weight-scale parameters), or the group's for every tensor.
+    let l1s = per_tensor("l1_decays", l1_decays, l1_decay, k)?;
+    let wds = per_tensor("weight_decays", weight_decays, weight_decay, k)?;
     for (name, len) in [
         ("grads", grads.len()),
         ("exp_avgs", exp_avgs.len()),
@@ -408,7 +419,7 @@ fn adams_step(
         step_t: Tensor,
         step: f64,
         fast: bool,
-        /// This tensor's hyper-parameters: the group's, with its own λ.
+        /// This tensor's hyper-parameters: the group's, with its own λ and weight decay.
         h: AdamsHyper,
     }
     let mut jobs = Vec::with_capacity(k);
@@ -600,6 +611,7 @@ fn adams_step(
             fast,
             h: AdamsHyper {
                 l1_decay: l1s[i],
+                weight_decay: wds[i],
                 ..h
             },
         });
@@ -684,8 +696,9 @@ fn adams_step(
             for (i, j) in jobs.iter_mut().enumerate().filter(|(_, j)| !j.fast) {
                 let sc = GenericScalars::new(&j.h, j.step, total_steps, mask_interval);
                 let mask = j.mask.as_mut().map(|(b, pat, gdim, _)| (b, *pat, *gdim));
-                flips[i] =
-                    generic::adams_step_tensor(&mut j.p, &j.g, &mut j.mu, &mut j.v, mask, &j.h, &sc)?;
+                flips[i] = generic::adams_step_tensor(
+                    &mut j.p, &j.g, &mut j.mu, &mut j.v, mask, &j.h, &sc,
+                )?;
             }
             for j in jobs.iter_mut() {
                 write_step(&mut j.step_t, j.step)?;
@@ -907,7 +920,7 @@ fn _cast_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // wrapped (tch-rs PR #723: without it, wrapping tensors can segfault).
     m.py().import("torch")?;
     crate::parallel::record_parent();
-    m.add("CastError", m.py().get_type::<CastRsError>())?;
+    m.add("CastError", m.py().get_type::<PyCastError>())?;
     m.add_function(wrap_pyfunction!(nm_mask_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(nm_mask_packed, m)?)?;
     m.add_function(wrap_pyfunction!(unpack_mask, m)?)?;

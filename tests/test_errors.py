@@ -186,6 +186,14 @@ def test_kernel_validates_before_writing():
 def test_cast_error_is_exported():
     assert issubclass(cast_rs.CastError, Exception)
     assert not issubclass(cast_rs.CastError, (ValueError, TypeError))
+    # Named as users import it, in tracebacks too (it was "_cast_rs.CastRsError").
+    assert (cast_rs.CastError.__module__, cast_rs.CastError.__name__) == ("cast_rs", "CastError")
+    import traceback
+
+    try:
+        raise cast_rs.CastError("finalize: example")
+    except cast_rs.CastError as e:
+        assert traceback.format_exception_only(e) == ["cast_rs.CastError: finalize: example\n"]
 
 
 def test_tensor_subclasses_are_refused_not_crashed():

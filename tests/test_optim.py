@@ -1,6 +1,7 @@
 """AdamS against the plain-PyTorch reference and torch.optim.AdamW, on both kernel paths."""
 
 
+import numpy as np
 import pytest
 import torch
 
@@ -305,16 +306,16 @@ def test_optimizer_memory_is_adamw_plus_one_bit():
     extra = st["mask"].numel() * st["mask"].element_size()
     assert extra * 8 == w.numel()
     assert st["exp_avg"].shape == w.shape and st["exp_avg_sq"].shape == w.shape
-    assert set(st) == {"step", "exp_avg", "exp_avg_sq", "mask", "mask_flip_rate"}
-    assert st["mask_flip_rate"] == 1.0 or st["mask_flip_rate"] > 0.5  # from the all-zero initial mask
+    assert set(st) == {"step", "exp_avg", "exp_avg_sq", "mask"}  # no flip rate before a second mask
 
 
 def test_mask_flip_rate_counts_changed_groups(kernel_path):
     w = torch.nn.Parameter(torch.tensor([[9.0, 8.0, 1.0, 0.0, 0.0, 1.0, 8.0, 9.0]]))
     opt = cast_rs.AdamS([w], lr=1e-9, pattern="2:4", total_steps=10, mask_interval=2)
     w.grad = torch.zeros_like(w)
-    opt.step()  # step 1: refresh from the empty mask, both groups change
-    assert opt.state[w]["mask_flip_rate"] == 1.0
+    opt.step()  # step 1: the first mask; nothing to compare it with
+    assert "mask_flip_rate" not in opt.state[w]
+    assert opt.state[w]["mask"].tolist() == cast_rs.nm_mask_packed(w.detach(), "2:4").tolist()
     with torch.no_grad():
         w.copy_(torch.tensor([[9.0, 8.0, 1.0, 0.0, 9.0, 8.0, 0.0, 1.0]]))  # second group flips
     opt.step()  # step 2: no refresh, rate unchanged
@@ -334,7 +335,7 @@ def test_empty_local_shards_step(kernel_path, dim):
         p.grad, dense.grad = torch.zeros(0, 8), torch.zeros(0)
         opt.step()
     assert float(opt.state[p]["step"]) == 2 and opt.state[p]["mask"].numel() == 0
-    assert opt.state[p]["mask_flip_rate"] == 0.0
+    assert "mask_flip_rate" not in opt.state[p]  # one refresh so far (step 1)
 
 
 @pytest.mark.parametrize("cols", [8, 6])  # rows of whole bytes (packed count) and not (flag count)
@@ -355,3 +356,34 @@ def test_dim0_flip_rate_matches_mask_difference(kernel_path, cols):
                 assert opt.state[w]["mask_flip_rate"] == changed / (16 * cols // 4)
                 rates.append(changed)
     assert max(rates) > 0  # the case is not vacuous
+
+
+def test_numpy_scalar_hyperparameters(kernel_path):
+    """NumPy scalars (np.float32 lr, np.int64 total_steps, ...) work as in torch.optim.AdamW:
+    the same steps as the equal Python numbers, stored in the groups as Python numbers."""
+    w0 = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+
+    def run(**kw):
+        w = torch.nn.Parameter(w0.clone())
+        opt = cast_rs.AdamS([w], **kw)
+        for s in range(4):
+            w.grad = torch.sin(w0 * (s + 1))
+            opt.step()
+        return w.detach(), opt
+
+    np_kw = dict(lr=np.float32(1e-2), betas=(np.float32(0.9), np.float64(0.99)), eps=np.float64(1e-8),
+                 weight_decay=np.float32(0.0), l1_decay=np.float32(0.5), total_steps=np.int64(5),
+                 mask_interval=np.int32(2), ramp_end=np.float64(0.5), pattern=(np.int64(2), np.int64(4)))
+    py_kw = {k: tuple(x.item() for x in v) if isinstance(v, tuple) else v.item() for k, v in np_kw.items()}
+    got, opt = run(**np_kw)
+    want, _ = run(**py_kw)
+    assert torch.equal(got, want)
+    group = opt.param_groups[0]
+    for key in ("lr", "eps", "weight_decay", "l1_decay", "ramp_end"):
+        assert type(group[key]) is float, key
+    assert type(group["total_steps"]) is int and type(group["mask_interval"]) is int
+    assert [type(b) for b in group["betas"]] == [float, float] and group["pattern"] == "2:4"
+    for bad, key in ((dict(total_steps=np.float64(5.0)), "total_steps"), (dict(mask_interval=np.bool_(True)), "mask_interval"),
+                     (dict(lr=np.float32("nan")), "lr"), (dict(l1_decay=np.float64(-1.0)), "l1_decay")):
+        with pytest.raises(ValueError, match=key):
+            cast_rs.AdamS([torch.nn.Parameter(w0.clone())], pattern="2:4", **dict(dict(total_steps=5), **bad))

@@ -13,6 +13,7 @@ along the input dimension) or dimension 0 (GPT-2 ``Conv1D`` stores ``[in, out]``
 
 from __future__ import annotations
 
+import numbers
 import re
 from typing import Any, Optional, Tuple, Union, overload
 
@@ -45,7 +46,7 @@ def parse_pattern(pattern: Any, *, param: str = "pattern") -> Tuple[int, int]:
     elif (
         isinstance(pattern, (tuple, list))
         and len(pattern) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in pattern)
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in pattern)
     ):
         n, m = int(pattern[0]), int(pattern[1])
     else:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch.optim import Optimizer
 
 from . import _cast_rs, _dtensor
 from ._checks import check_plain_tensor
 from ._config import generic_path_forced
-from ._markers import NM_ATTR, remark_weights
+from ._markers import NM_ATTR, remark_weights, weight_scales
 from .nm import format_pattern, group_dim_size, nm_mask_packed, parse_pattern
 
 __all__ = ["AdamS", "DEFAULT_L1_DECAY", "DEFAULT_L1_MODE", "DEFAULT_RAMP_END", "L1_MODES", "NM_ATTR"]
@@ -37,8 +39,19 @@ DEFAULT_RAMP_END = 1.0
 _ParamsT = Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]], Iterable[Tuple[str, torch.Tensor]]]
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def _real(x: Any) -> Optional[float]:
+    """``x`` as a Python float if it is a real number (int, float, or a NumPy scalar such as
+    ``np.float32``, which ``numbers.Real`` covers), else None. bool is not a number here."""
+    if isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)):
+        return float(x)
+    return None
+
+
+def _integer(x: Any) -> Optional[int]:
+    """``x`` as a Python int if it is an integer (int or a NumPy integer scalar), else None."""
+    if isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_)):
+        return int(x)
+    return None
 
 
 class AdamS(Optimizer):
@@ -74,8 +87,11 @@ class AdamS(Optimizer):
         lr: learning rate γ (default 1e-3). A float or a 0-d tensor.
         betas: (β1, β2), default (0.9, 0.999).
         eps: ε, default 1e-8.
-        weight_decay: decoupled (AdamW) weight decay, applied to every parameter of the group,
-            default 0.
+        weight_decay: decoupled (AdamW) weight decay, default 0, applied to every parameter of
+            the group except the weight-scale parameters that :func:`cast_rs.sparsify` adds
+            (``WeightScale.scale``, initialised to 1): decaying them toward 0 would shrink the
+            layer's output, so they never take weight decay, whatever group they are in (the
+            Hugging Face ``Trainer`` puts them in its decay group).
         l1_decay: λ, the decay target of masked-out weights (default
             :data:`DEFAULT_L1_DECAY`). Pick it around the magnitude of the gradient
             moments of the sparse weights: it sets *when* the decay overtakes the gradient.
@@ -98,7 +114,8 @@ class AdamS(Optimizer):
     State per parameter: ``step`` (0-d float32 tensor), ``exp_avg`` (μ), ``exp_avg_sq`` (v),
     and for a sparse parameter ``mask``: a ``uint8`` tensor of ``ceil(numel/8)`` bytes, one
     bit per weight (see :func:`cast_rs.nm_mask_packed`), and ``mask_flip_rate``: the fraction
-    of N:M groups whose mask changed at the last refresh (a float). All of it is in ``state_dict()``, so
+    of N:M groups whose mask changed at the last refresh (a float; absent until the second
+    refresh, since the first mask has nothing to change from). All of it is in ``state_dict()``, so
     a resumed run is bit-identical to an uninterrupted one.
 
     Kernels: contiguous float32 CPU tensors take the Rust fast path (one fused pass, parallel,
@@ -159,37 +176,54 @@ class AdamS(Optimizer):
     # ----------------------------------------------------------------- validation
     @staticmethod
     def _validate_hyper(group: Dict[str, Any], where: str) -> None:
+        """Check a group's hyperparameters; NumPy scalars are accepted (as torch's optimizers
+        do) and stored as Python numbers, so ``state_dict`` and the kernels see plain types."""
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             if lr.numel() != 1:
                 raise ValueError(f"{where}lr: a tensor lr must have one element, got shape {tuple(lr.shape)}")
-            lr = float(lr)
-        if not _is_number(lr) or not math.isfinite(lr) or lr < 0:
+            value = float(lr)
+        else:
+            value = _real(lr)
+            if value is not None:
+                group["lr"] = value
+        if value is None or not math.isfinite(value) or value < 0:
             raise ValueError(f"{where}lr: expected a finite number >= 0, got {group['lr']!r}")
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"{where}betas: expected a pair (beta1, beta2), got {betas!r}")
+        plain = []
         for i, b in enumerate(betas):
-            if isinstance(b, torch.Tensor):
-                b = float(b)
-            if not _is_number(b) or not 0.0 <= b < 1.0:
+            value = float(b) if isinstance(b, torch.Tensor) else _real(b)
+            if value is None or not 0.0 <= value < 1.0:
                 raise ValueError(f"{where}betas[{i}]: expected a number in [0, 1), got {betas[i]!r}")
+            plain.append(b if isinstance(b, torch.Tensor) else value)
+        group["betas"] = tuple(plain)
         for key in ("eps", "weight_decay", "l1_decay"):
-            v = group[key]
-            if not _is_number(v) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{where}{key}: expected a finite number >= 0, got {v!r}")
+            value = _real(group[key])
+            if value is None or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{where}{key}: expected a finite number >= 0, got {group[key]!r}")
+            group[key] = value
         t = group["total_steps"]
-        if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 1):
-            raise ValueError(f"{where}total_steps: expected a positive int or None, got {t!r}")
+        if t is not None:
+            value = _integer(t)
+            if value is None or value < 1:
+                raise ValueError(f"{where}total_steps: expected a positive int or None, got {t!r}")
+            group["total_steps"] = value
         if group.get("l1_mode", DEFAULT_L1_MODE) not in L1_MODES:
             raise ValueError(f"{where}l1_mode: expected one of {', '.join(map(repr, L1_MODES))}, got {group['l1_mode']!r}")
         r = group.get("ramp_end", DEFAULT_RAMP_END)
-        if not _is_number(r) or not 0.0 < r <= 1.0:
+        value = _real(r)
+        if value is None or not 0.0 < value <= 1.0:
             raise ValueError(f"{where}ramp_end: expected a number in (0, 1] (the fraction of total_steps at which "
                              f"the decay is fully on), got {r!r}")
+        if "ramp_end" in group:
+            group["ramp_end"] = value
         k = group["mask_interval"]
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        value = _integer(k)
+        if value is None or value < 1:
             raise ValueError(f"{where}mask_interval: expected a positive int, got {k!r}")
+        group["mask_interval"] = value
         if group["pattern"] is not None:
             parse_pattern(group["pattern"], param=f"{where}pattern")
 
@@ -307,6 +341,9 @@ class AdamS(Optimizer):
             if g.is_sparse or g.dtype != pl.dtype or g.shape != pl.shape or g.device != pl.device or not pl.is_floating_point():
                 self._raise_bad_grad(group, gi, i, pl, g)
             if spec is not None:
+                st = self.state.get(p)
+                if st is None or "mask" not in st:  # sparse for the first time
+                    self._check_scale_is_optimized(group, gi, i, p)
                 size = group_dim_size(tuple(p.shape), spec[2])
                 if size is None or size % spec[1]:
                     name = self._param_name(group, gi, i)
@@ -328,6 +365,23 @@ class AdamS(Optimizer):
             locals_.append(pl)
             indices.append(i)
         return params, grads, specs, locals_, indices
+
+    def _check_scale_is_optimized(self, group: Dict[str, Any], gi: int, i: int, p: torch.Tensor) -> None:
+        """A weight that :func:`cast_rs.sparsify` gave a learnable scale must be optimized with
+        that scale: when ``sparsify`` ran after the optimizer was built, the scale is not in
+        it and would silently stay 1 while its gradients pile up. Refused, before any write."""
+        scale = weight_scales().get(id(p))
+        if scale is None or not scale.requires_grad:
+            return
+        if any(q is scale for g in self.param_groups for q in g["params"]):
+            return
+        raise ValueError(
+            f"{self._param_name(group, gi, i)}: this N:M weight's scale (WeightScale.scale, added by "
+            "cast_rs.sparsify) is not among this optimizer's parameters: sparsify ran after the optimizer "
+            "was built, so the scale would never train. Build the optimizer after sparsify (or add "
+            "sparse.scale_parameters() with optimizer.add_param_group), or freeze the scale "
+            "(scale.requires_grad_(False)) to train without it."
+        )
 
     def _raise_bad_grad(self, group: Dict[str, Any], gi: int, i: int, p: torch.Tensor, g: torch.Tensor) -> None:
         name = self._param_name(group, gi, i)
@@ -380,6 +434,8 @@ class AdamS(Optimizer):
 
         force_generic = generic_path_forced()
         created = []  # parameters whose state (or mask) this call creates: undone on error
+        first_fill = set()  # ids of sparse parameters whose first mask this call computes
+        scale_ids = None  # ids of cast-rs weight-scale parameters, looked up when needed
         calls = []
         try:
             for gi, (group, (params, grads, specs, locals_, indices)) in enumerate(zip(self.param_groups, plans)):
@@ -387,13 +443,24 @@ class AdamS(Optimizer):
                     continue
                 states = []
                 for p, pl, spec in zip(params, locals_, specs):
-                    created.append((p, (p in self.state, "mask" in self.state.get(p, ()))))
-                    states.append(self._state_for(p, pl, spec))
+                    had_mask = "mask" in self.state.get(p, ())
+                    created.append((p, (p in self.state, had_mask)))
+                    st = self._state_for(p, pl, spec)
+                    if spec is not None and not had_mask and float(st["step"]) == 0.0:
+                        first_fill.add(id(p))
+                    states.append(st)
                 args, kwargs = self._kernel_args(group, locals_, grads, specs, states, force_generic)
                 lambdas = None
                 if group.get("l1_mode", DEFAULT_L1_MODE) == "relative" and any(sp is not None for sp in specs):
                     lambdas = self._relative_l1(group, params, specs, states)
                     kwargs["l1_decays"] = lambdas
+                if kwargs["weight_decay"] != 0.0:
+                    if scale_ids is None:
+                        scale_ids = {id(sc) for sc in weight_scales().values()}
+                    if any(id(p) in scale_ids for p in params):
+                        # Weight-scale parameters take no weight decay: it would pull the
+                        # scales (initialised to 1) toward 0, shrinking the layer's output.
+                        kwargs["weight_decays"] = [0.0 if id(p) in scale_ids else kwargs["weight_decay"] for p in params]
                 calls.append((gi, group, indices, (args, kwargs)))
             # The kernel validates everything of its group before writing; with several
             # groups, first validate them all so that an error in a later group cannot leave
@@ -421,8 +488,10 @@ class AdamS(Optimizer):
             for j, (p, pl, spec, changed) in enumerate(zip(params, locals_, specs, flips)):
                 if lambdas is not None and spec is not None:
                     self.state[p]["l1_decay"] = lambdas[j]
-                if changed is not None:
-                    # Of this rank's groups, for a sharded parameter.
+                if changed is not None and id(p) not in first_fill:
+                    # Of this rank's groups, for a sharded parameter. The first mask has no
+                    # earlier one to differ from (the kernel compares it with all zeros), so
+                    # there is no flip rate until the second refresh.
                     self.state[p]["mask_flip_rate"] = changed / max(1, pl.numel() // spec[1])
         return loss
 
