@@ -58,3 +58,33 @@ def test_gpt2_sparsify_train_finalize_reload(kernel_path):
     # A fresh (never sparsified) model: check_nm checks what sparsify would pick (not the tied head).
     report = cast_rs.check_nm(fresh, "2:4")
     assert report.ok and len(report) == 8, str(report)
+
+
+def test_trainer_with_weight_decay_does_not_decay_the_scales(tmp_path):
+    """The Trainer builds AdamS itself (optimizer_cls_and_kwargs) with its default grouping,
+    which puts the weight-scale parameters in the decay group. With lr·wd = 0.5 a decayed
+    parameter halves at every step; the scales stay within Adam's per-step move (about lr)
+    of 1 while the embeddings, decayed, shrink."""
+    pytest.importorskip("accelerate", reason="the Trainer needs accelerate (a pinned test dependency)")
+    model, cfg = small_gpt2()
+    sp = cast_rs.sparsify(model, "2:4")
+    steps, lr = 3, 1e-3
+    ids = torch.randint(0, cfg.vocab_size, (8, 24), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=steps, learning_rate=lr, weight_decay=500.0, lr_scheduler_type="constant",
+        per_device_train_batch_size=4, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                   optimizer_cls_and_kwargs=(cast_rs.AdamS, dict(total_steps=steps)))
+    wte = model.transformer.wte.weight.detach().clone()
+    trainer.train()
+    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    scales = {id(s) for s in sp.scale_parameters()}
+    decayed = [g for g in opt.param_groups if g["weight_decay"] > 0]
+    assert decayed and any(id(p) in scales for g in decayed for p in g["params"]), "the Trainer's decay group holds the scales"
+    for s in sp.scale_parameters():
+        # Adam's bias-corrected step is at most ~1.004·lr in each of the first 3 steps
+        # (Cauchy–Schwarz on m̂/√v̂ with betas (0.9, 0.999)); decayed, 1 would become 0.125.
+        assert float((s.detach() - 1).abs().max()) <= 2 * steps * lr
+    assert float(model.transformer.wte.weight.norm()) < 0.2 * float(wte.norm())  # the decay did act

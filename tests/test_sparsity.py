@@ -241,3 +241,99 @@ def test_deepcopy_of_a_sparsified_model_stays_sparse_for_adams(scaling_groups):
     copy_(torch.randn(3, 8)).sum().backward()
     opt.step()
     assert "mask" in opt.state[w]
+
+
+def _finalized_tinylm(steps=20):
+    torch.manual_seed(0)
+    model = TinyLM()
+    teacher = copy.deepcopy(model).eval()
+    sp = cast_rs.sparsify(model, "2:4")
+    opt = cast_rs.AdamS(model.parameters(), lr=1e-2, l1_decay=1e-2, total_steps=steps)
+    x, y = torch.randint(0, 32, (4, 12)), torch.randint(0, 32, (4, 12))
+    train(model, teacher, opt, steps, x, y)
+    sp.finalize()
+    assert cast_rs.check_nm(model, "2:4").ok and sp.mask_fixed
+    return model, teacher, sp, opt, x, y
+
+
+@pytest.mark.parametrize("optimizer", ["adams_continued", "adamw", "sgd_momentum"])
+def test_training_after_finalize_keeps_nm(optimizer):
+    """Fine-tuning a finalized model keeps it exactly N:M with no extra call, whatever the
+    optimizer (one more step used to break every group: Adam's momentum from sparse training
+    moves the pruned weights). The kept weights do train."""
+    model, teacher, sp, opt, x, y = _finalized_tinylm()
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    elif optimizer == "sgd_momentum":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = {l.name: l.module.weight.detach().clone() for l in sp.layers}
+    train(model, teacher, opt, 50, x, y)
+    assert cast_rs.check_nm(model, "2:4").ok
+    for l in sp.layers:
+        w = l.module.weight
+        assert not bool(((w != 0) & (before[l.name] == 0)).any()), f"{l.name}: a pruned weight came back"
+        assert not torch.equal(w.detach(), before[l.name]), f"{l.name}: the kept weights must train"
+        assert bool((w.grad[before[l.name] == 0] == 0).all()), "masked gradients are zeroed as they accumulate"
+
+
+def test_release_mask_lets_weights_become_dense():
+    model, teacher, sp, _, x, y = _finalized_tinylm()
+    sp.release_mask()
+    assert not sp.mask_fixed
+    train(model, teacher, torch.optim.AdamW(model.parameters(), lr=1e-2), 3, x, y)
+    assert not cast_rs.check_nm(model, "2:4").ok
+    with pytest.raises(RuntimeError, match="not finalized"):
+        cast_rs.sparsify(TinyLM(), "2:4").release_mask()
+
+
+def test_keep_nm_guards_a_copy_and_refuses_a_dense_model():
+    """A deep copy (new parameter objects) is not covered by finalize's guard; keep_nm is."""
+    model, teacher, _, _, x, y = _finalized_tinylm()
+    clone = copy.deepcopy(model)
+    guard = cast_rs.keep_nm(clone, "2:4")
+    train(clone, teacher, torch.optim.AdamW(clone.parameters(), lr=1e-2), 20, x, y)
+    assert cast_rs.check_nm(clone, "2:4").ok
+    guard.release()
+    with pytest.raises(ValueError, match="not exactly 2:4"):
+        cast_rs.keep_nm(TinyLM(), "2:4")
+
+
+def test_mask_guard_goes_away_with_its_model():
+    """The guard holds its weights weakly: once the model is gone, the next step of any
+    optimizer drops its masks, and the next guard created removes its hook."""
+    import gc
+    import weakref
+
+    from torch.optim.optimizer import _global_optimizer_post_hooks
+
+    def sgd_step():
+        p = nn.Parameter(torch.zeros(3))
+        p.grad = torch.ones(3)
+        torch.optim.SGD([p], lr=0.1).step()
+
+    gc.collect()
+    sgd_step()  # guards of earlier tests' dead models go inert...
+    cast_rs.keep_nm(TinyLM_nm(), "2:4").release()  # ...and are removed
+    n_hooks = len(_global_optimizer_post_hooks)
+    model, _, sp, opt, _, _ = _finalized_tinylm()
+    guard = sp._mask_guard
+    assert len(_global_optimizer_post_hooks) == n_hooks + 1 and guard.active
+    alive = weakref.ref(model)
+    del model, sp, opt
+    gc.collect()
+    assert alive() is None
+    sgd_step()
+    assert not guard.active and guard._entries == []
+    other = cast_rs.keep_nm(TinyLM_nm(), "2:4")
+    assert len(_global_optimizer_post_hooks) == n_hooks + 1  # the new guard's hook only
+    other.release()
+    assert len(_global_optimizer_post_hooks) == n_hooks
+
+
+def TinyLM_nm():
+    """A TinyLM whose sparsify-able layers are exactly 2:4."""
+    model = TinyLM()
+    with torch.no_grad():
+        for _, mod, dim in cast_rs.sparsity._nm_layers(model, (2, 4)):
+            mod.weight.mul_(cast_rs.nm_mask(mod.weight, "2:4", dim=dim))
+    return model

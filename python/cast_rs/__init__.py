@@ -23,12 +23,14 @@ from .nm import nm_mask, nm_mask_packed, parse_pattern, unpack_mask
 from .optim import DEFAULT_L1_DECAY, AdamS
 from .distill import distill_loss
 from .scaling import WeightScale, scale_weight
+from ._mask_guard import MaskGuard
 from .sparsity import (
     NMReport,
     SparseModel,
     check_nm,
     export_semi_structured,
     find_layers,
+    keep_nm,
     plain_state_dict,
     sparsify,
 )
@@ -38,6 +40,7 @@ __version__: str = _cast_rs.__version__
 
 __all__ = [
     "AdamS",
+    "MaskGuard",
     "NMReport",
     "SparseModel",
     "WeightScale",
@@ -46,6 +49,7 @@ __all__ = [
     "distill_loss",
     "export_semi_structured",
     "find_layers",
+    "keep_nm",
     "plain_state_dict",
     "scale_weight",
     "sparsify",

@@ -87,3 +87,16 @@ def remark_weights() -> None:
         w = original_weight(module)
         if getattr(w, NM_ATTR, None) != spec:
             setattr(w, NM_ATTR, spec)
+
+
+def weight_scales() -> Dict[int, torch.Tensor]:
+    """``id(weight) -> scale parameter`` for every live sparsified module with a weight scale
+    (the current parameter objects, also after ``fully_shard`` replaced them)."""
+    out: Dict[int, torch.Tensor] = {}
+    for module in list(_SPARSE_MODULES):
+        if parametrize.is_parametrized(module, "weight"):
+            chain = module.parametrizations.weight
+            scale = getattr(chain[0], "scale", None)
+            if isinstance(scale, torch.Tensor):
+                out[id(chain.original)] = scale
+    return out

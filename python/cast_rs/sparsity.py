@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import _dtensor
+from ._mask_guard import MaskGuard
 from ._markers import NM_ATTR, mark, module_spec, original_weight, unmark
 from .nm import Pattern, format_pattern, nm_mask, parse_pattern
 from .reports import format_table
@@ -278,6 +279,7 @@ class SparseModel:
         self.layers = LayerTable(layers)
         self.skipped = SkippedTable(skipped)
         self.finalized = False
+        self._mask_guard: Optional[MaskGuard] = None
 
     def __repr__(self) -> str:
         return (
@@ -329,6 +331,11 @@ class SparseModel:
         module's class), so it stays with its scale set to ones: the layer computes with the
         exact N:M weight and keeps working under FSDP2. :func:`plain_state_dict` turns a full
         state dict of such a model into the original architecture's keys.
+
+        **The mask stays fixed afterwards.** Training the finalized model further (fine-tuning)
+        keeps every sparse layer exactly N:M with no extra call: after each step of any
+        ``torch.optim`` optimizer the masked weights are set back to 0, and their gradients are
+        masked as they accumulate (see ``cast_rs._mask_guard``). :meth:`release_mask` ends this.
         """
         if self.finalized:
             raise RuntimeError("finalize: this SparseModel is already finalized")
@@ -362,7 +369,21 @@ class SparseModel:
                            float((final != 0).float().mean()))
             )
         self.finalized = True
+        self._mask_guard = MaskGuard([(original_weight(l.module), (n, m), l.dim) for l in self.layers])
         return report
+
+    @property
+    def mask_fixed(self) -> bool:
+        """True after :meth:`finalize` until :meth:`release_mask`: further training keeps N:M."""
+        return self._mask_guard is not None and self._mask_guard.active
+
+    def release_mask(self) -> None:
+        """Let the finalized weights change freely again (the masked ones may become nonzero
+        with the next optimizer step). Only after :meth:`finalize`."""
+        if not self.finalized:
+            raise RuntimeError("release_mask: the model is not finalized; before finalize the mask is AdamS's to move")
+        if self._mask_guard is not None:
+            self._mask_guard.release()
 
 
 def sparsify(
@@ -390,7 +411,9 @@ def sparsify(
         exclude: layers matching any of these rules stay dense.
         scaling_groups: n, the scale's column blocks per row (default 2); 0 or None: no scaling.
 
-    Take the teacher for distillation (``copy.deepcopy(model)``) before calling this.
+    Take the teacher for distillation (``copy.deepcopy(model)``) before calling this, and build
+    the optimizer after it: the scales are new parameters, which an optimizer built earlier does
+    not hold (AdamS refuses such a weight at its first step, before writing anything).
     """
     n, m = parse_pattern(pattern)
     if scaling_groups is not None and (not isinstance(scaling_groups, int) or isinstance(scaling_groups, bool) or scaling_groups < 0):
@@ -489,20 +512,41 @@ def check_nm(model_or_tensor: Union[nn.Module, torch.Tensor], pattern: Pattern =
         return report
     if not isinstance(model_or_tensor, nn.Module):
         raise TypeError(f"model_or_tensor: expected an nn.Module or a torch.Tensor, got {type(model_or_tensor).__name__}")
-    model = model_or_tensor
-    marked = [(name, mod) for name, mod in model.named_modules() if getattr(mod, SPARSE_MODULE_ATTR, None)]
-    if marked:
-        targets = [(name, mod, _layer_kind(mod)[1]) for name, mod in marked if _layer_kind(mod)]
-    else:
-        # What sparsify would pick by default: every Linear / Conv1D whose input dimension M
-        # divides, except heads tied to an embedding (those stay dense).
-        picked, _ = find_layers(model, (n, m))
-        targets = [(name, mod, d) for name, mod, _, d in picked]
-    for name, mod, d in targets:
+    for name, mod, d in _nm_layers(model_or_tensor, (n, m)):
         w = _effective_full_weight(mod)  # scaled, if still parametrized; gathered if DTensor
         bad, groups = _violations(w, n, m, d)
         report.append(NMRow(name, tuple(w.shape), d, groups, bad, float((w.detach() == 0).float().mean())))
     return report
+
+
+def _nm_layers(model: nn.Module, pattern: Tuple[int, int]) -> List[Tuple[str, nn.Module, int]]:
+    """(name, module, group dim) of the layers that are meant to be N:M: those :func:`sparsify`
+    made sparse (they carry a marker, also after ``finalize`` and in a deep copy), else what
+    ``sparsify`` would pick by default: every Linear / Conv1D whose input dimension M divides,
+    except heads tied to an embedding."""
+    marked = [(name, mod) for name, mod in model.named_modules() if getattr(mod, SPARSE_MODULE_ATTR, None)]
+    if marked:
+        return [(name, mod, _layer_kind(mod)[1]) for name, mod in marked if _layer_kind(mod)]
+    picked, _ = find_layers(model, pattern)
+    return [(name, mod, d) for name, mod, _, d in picked]
+
+
+def keep_nm(model: nn.Module, pattern: Pattern = "2:4") -> MaskGuard:
+    """Keep an exactly N:M model N:M while it is trained further: after every optimizer step
+    (any ``torch.optim`` optimizer) masked weights are set back to 0, and their gradients are
+    masked as they are accumulated. :meth:`SparseModel.finalize` does this by itself; call
+    ``keep_nm`` for a model that ``finalize`` did not touch: a fresh model loaded with finalized
+    weights, or a ``copy.deepcopy`` of a finalized one. The layers are those :func:`check_nm`
+    checks, and each keeps the support it has now.
+
+    Returns the guard; ``guard.release()`` lets the weights become dense again. Raises
+    ``ValueError`` if the model is not exactly N:M (finalize it first).
+    """
+    n, m = parse_pattern(pattern)
+    report = check_nm(model, (n, m))
+    if not report.ok:
+        raise ValueError(f"keep_nm: the model is not exactly {n}:{m} (finalize it first):\n{report}")
+    return MaskGuard([(original_weight(mod), (n, m), d) for _, mod, d in _nm_layers(model, (n, m))])
 
 
 # ----------------------------------------------------------------------------------- export
