@@ -415,6 +415,11 @@ class AdamS(Optimizer):
         return st
 
     # ----------------------------------------------------------------- step
+    # The step calls the Rust kernels, which dynamo cannot trace; until they are registered
+    # PyTorch operators (csrc/), a compiled function calling step() runs it eagerly (one graph
+    # break) instead of failing in _init_group. The step is one fused kernel call per group,
+    # so compiling it would gain little.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
         """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss.

@@ -1,0 +1,87 @@
+"""Per-call cost of the weight-scaling kernels as PyTorch operators, side by side in one run.
+
+    ./run bench ops [--repeats 200]
+
+For each weight shape, median microseconds per call of:
+
+* ``direct``: the pyo3 function ``cast_rs._cast_rs.scale_forward`` (what the library called
+  before the kernels were operators);
+* ``torch.ops``: the same kernel through the dispatcher, ``torch.ops.cast_rs.scale_forward``;
+* ``Function``: forward + backward through a ``torch.autograd.Function`` around the direct
+  calls (the library's previous ``scale_weight``);
+* ``custom_op``: forward + backward through today's ``cast_rs.scale_weight`` (the operator
+  with its registered autograd).
+
+The ratio columns are operator / direct and custom_op / Function: the dispatcher's overhead,
+which matters for small layers and disappears into the kernel for large ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any, Callable, Tuple
+
+import torch
+
+import cast_rs
+from cast_rs import _cast_rs
+
+
+class _DirectScaleFn(torch.autograd.Function):
+    """The previous scale_weight: an autograd.Function calling the pyo3 functions."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
+        ctx.save_for_backward(weight, scale)
+        ctx.groups, ctx.dim = groups, dim
+        return _cast_rs.scale_forward(weight.detach(), scale.detach(), groups, dim, False)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Any, ...]:
+        weight, scale = ctx.saved_tensors
+        gw, ga = _cast_rs.scale_backward(grad.contiguous(), weight.detach(), scale.detach(), ctx.groups, ctx.dim, False)
+        return gw, ga, None, None
+
+
+def median_us(fn: Callable[[], Any], repeats: int) -> float:
+    for _ in range(max(5, repeats // 10)):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=200)
+    a = ap.parse_args()
+    print(f"cast-rs {cast_rs.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"median µs per call over {a.repeats} calls")
+    head = f"{'weight':>11} | {'direct':>8} {'torch.ops':>9} {'ratio':>6} | {'Function':>9} {'custom_op':>9} {'ratio':>6}"
+    print(head)
+    print("-" * len(head))
+    for rows, cols in ((64, 64), (256, 256), (1024, 1024), (4096, 4096)):
+        w = torch.randn(rows, cols, requires_grad=True)
+        s = torch.rand(rows, 2, requires_grad=True)
+        repeats = a.repeats if rows <= 1024 else max(20, a.repeats // 10)
+        direct = median_us(lambda: _cast_rs.scale_forward(w.detach(), s.detach(), 2, -1, False), repeats)
+        op = median_us(lambda: torch.ops.cast_rs.scale_forward(w.detach(), s.detach(), 2, -1, False), repeats)
+
+        def fn_old() -> None:
+            _DirectScaleFn.apply(w, s, 2, -1).sum().backward()
+
+        def fn_new() -> None:
+            cast_rs.scale_weight(w, s, 2, -1).sum().backward()
+
+        old = median_us(fn_old, repeats)
+        new = median_us(fn_new, repeats)
+        print(f"{f'{rows}x{cols}':>11} | {direct:8.1f} {op:9.1f} {op / direct:6.2f} | {old:9.1f} {new:9.1f} {new / old:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
