@@ -88,3 +88,39 @@ def test_trainer_with_weight_decay_does_not_decay_the_scales(tmp_path):
         # (Cauchy–Schwarz on m̂/√v̂ with betas (0.9, 0.999)); decayed, 1 would become 0.125.
         assert float((s.detach() - 1).abs().max()) <= 2 * steps * lr
     assert float(model.transformer.wte.weight.norm()) < 0.2 * float(wte.norm())  # the decay did act
+
+
+def test_mid_run_checkpoint_becomes_a_plain_model(tmp_path):
+    """A checkpoint saved before finalize (a Trainer's mid-run save_pretrained) has the keys
+    '...parametrizations.weight.original/scale', which from_pretrained does not know. The
+    documented way back (README, "After finalize"): the same sparsify call on a fresh model,
+    load the checkpoint, finalize, save_pretrained; from_pretrained then gives the same model."""
+    model, cfg = small_gpt2()
+    sp = cast_rs.sparsify(model, "2:4")
+    opt = cast_rs.AdamS(model.parameters(), lr=3e-3, total_steps=10)
+    ids = torch.randint(0, cfg.vocab_size, (4, 24), generator=torch.Generator().manual_seed(1))
+    model.train()
+    for _ in range(5):
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+    model.save_pretrained(tmp_path / "checkpoint-5")  # mid-run: parametrized keys
+    keys = set(model.state_dict())
+    assert any(k.endswith("parametrizations.weight.original") for k in keys)
+
+    fresh = transformers.GPT2LMHeadModel(cfg)
+    fresh_sp = cast_rs.sparsify(fresh, "2:4")
+    from safetensors.torch import load_file
+
+    result = fresh.load_state_dict(load_file(tmp_path / "checkpoint-5" / "model.safetensors"), strict=False)
+    assert result.unexpected_keys == [] and result.missing_keys == ["lm_head.weight"]  # tied to wte, saved once
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    fresh_sp.finalize()
+    fresh.save_pretrained(tmp_path / "final")
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "final").eval()
+    sp.finalize()
+    model.eval()
+    assert cast_rs.check_nm(loaded, "2:4").ok
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
