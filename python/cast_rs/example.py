@@ -15,11 +15,16 @@ the output layer and the biases stay dense.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import TqdmWarning
+
+with warnings.catch_warnings():  # in Jupyter without ipywidgets it falls back to text bars, and says so
+    warnings.simplefilter("ignore", TqdmWarning)
+    from tqdm.auto import tqdm
 
 from .nm import nm_mask, parse_pattern
 from .optim import AdamS
