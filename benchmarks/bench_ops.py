@@ -7,13 +7,14 @@ For each weight shape, median microseconds per call of:
 * ``direct``: the pyo3 function ``cast_rs._cast_rs.scale_forward`` (what the library called
   before the kernels were operators);
 * ``torch.ops``: the same kernel through the dispatcher, ``torch.ops.cast_rs.scale_forward``;
-* ``Function``: forward + backward through a ``torch.autograd.Function`` around the direct
-  calls (the library's previous ``scale_weight``);
-* ``custom_op``: forward + backward through today's ``cast_rs.scale_weight`` (the operator
-  with its registered autograd).
+* ``Function``: forward + backward through ``cast_rs.scaling._ScaleFn``, a
+  ``torch.autograd.Function`` around the direct calls (what ``scale_weight`` runs in eager mode);
+* ``custom_op``: forward + backward through the operator with its registered autograd (what
+  ``scale_weight`` runs under ``torch.compile`` / ``torch.export``).
 
 The ratio columns are operator / direct and custom_op / Function: the dispatcher's overhead,
-which matters for small layers and disappears into the kernel for large ones.
+which matters for small layers and disappears into the kernel for large ones (it is why eager
+mode keeps the direct path).
 """
 
 from __future__ import annotations
@@ -21,28 +22,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Callable, Tuple
+from typing import Any, Callable
 
 import torch
 
 import cast_rs
 from cast_rs import _cast_rs
-
-
-class _DirectScaleFn(torch.autograd.Function):
-    """The previous scale_weight: an autograd.Function calling the pyo3 functions."""
-
-    @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
-        ctx.save_for_backward(weight, scale)
-        ctx.groups, ctx.dim = groups, dim
-        return _cast_rs.scale_forward(weight.detach(), scale.detach(), groups, dim, False)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Any, ...]:
-        weight, scale = ctx.saved_tensors
-        gw, ga = _cast_rs.scale_backward(grad.contiguous(), weight.detach(), scale.detach(), ctx.groups, ctx.dim, False)
-        return gw, ga, None, None
+from cast_rs.scaling import _scale_forward_op, _ScaleFn
 
 
 def median_us(fn: Callable[[], Any], repeats: int) -> float:
@@ -73,10 +59,10 @@ def main() -> None:
         op = median_us(lambda: torch.ops.cast_rs.scale_forward(w.detach(), s.detach(), 2, -1, False), repeats)
 
         def fn_old() -> None:
-            _DirectScaleFn.apply(w, s, 2, -1).sum().backward()
+            _ScaleFn.apply(w, s, 2, -1, False).sum().backward()
 
         def fn_new() -> None:
-            cast_rs.scale_weight(w, s, 2, -1).sum().backward()
+            _scale_forward_op(w, s, 2, -1, False).sum().backward()
 
         old = median_us(fn_old, repeats)
         new = median_us(fn_new, repeats)
