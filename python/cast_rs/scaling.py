@@ -49,6 +49,11 @@ def _(grad: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int
             torch.empty(scale.shape, dtype=scale.dtype, device=scale.device))
 
 
+def _input_grads(ctx: Any, grad_w: torch.Tensor, grad_a: torch.Tensor) -> Tuple[Any, ...]:
+    """Autograd's answer for the inputs (weight, scale, groups, dim, force_generic)."""
+    return (grad_w if ctx.needs_input_grad[0] else None, grad_a if ctx.needs_input_grad[1] else None, None, None, None)
+
+
 def _scale_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: torch.Tensor) -> None:
     weight, scale, groups, dim, force_generic = inputs
     ctx.save_for_backward(weight, scale)
@@ -58,13 +63,7 @@ def _scale_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: torch.Tensor
 def _scale_backward(ctx: Any, grad: torch.Tensor) -> Tuple[Any, ...]:
     weight, scale = ctx.saved_tensors
     grad_w, grad_a = _scale_backward_op(grad, weight, scale, ctx.groups, ctx.dim, ctx.force_generic)
-    return (
-        grad_w if ctx.needs_input_grad[0] else None,
-        grad_a if ctx.needs_input_grad[1] else None,
-        None,
-        None,
-        None,
-    )
+    return _input_grads(ctx, grad_w, grad_a)
 
 
 _scale_forward_op.register_autograd(_scale_backward, setup_context=_scale_setup_context)
@@ -88,13 +87,7 @@ class _ScaleFn(torch.autograd.Function):
         grad_w, grad_a = _cast_rs.scale_backward(
             grad.contiguous(), weight.detach(), scale.detach(), ctx.groups, ctx.dim, ctx.force_generic
         )
-        return (
-            grad_w if ctx.needs_input_grad[0] else None,
-            grad_a if ctx.needs_input_grad[1] else None,
-            None,
-            None,
-            None,
-        )
+        return _input_grads(ctx, grad_w, grad_a)
 
 
 def scale_weight(weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: int = -1) -> torch.Tensor:
