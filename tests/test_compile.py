@@ -140,3 +140,35 @@ def test_export_round_trip(finalized, tmp_path):
     loaded = torch.export.load(path)
     with torch.no_grad():
         assert torch.equal(loaded.module()(x), model(x))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_srste_forward_compiles_fullgraph(backend):
+    """SR-STE recomputes its mask at every forward through cast_rs.nm_mask, an operator
+    (torch.ops.cast_rs.nm_mask) with a fake implementation: no graph break, the same output and
+    gradients as eager (the MLP's are bit-identical, as above)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = mlp()
+    cast_rs.baselines.SRSTE(model, "2:4")
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    out = model(x)
+    out.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    assert torch._dynamo.explain(model)(x).graph_break_count == 0
+    cout = torch.compile(model, fullgraph=True, backend=backend)(x)
+    cout.square().mean().backward()
+    assert torch.equal(cout, out)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[n]), n
+
+
+def test_nm_mask_operator_traces_and_checks_shapes():
+    x = torch.randn(8, 16)
+    f = torch.compile(lambda t: cast_rs.nm_mask(t, "2:4"), fullgraph=True, backend="aot_eager")
+    assert torch.equal(f(x), cast_rs.nm_mask(x, "2:4"))
+    assert torch.equal(torch.ops.cast_rs.nm_mask(x, 2, 4, -1, False), cast_rs.nm_mask(x, "2:4"))
+    g = torch.compile(lambda t: cast_rs.nm_mask(t, "2:4"), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="not divisible by M=4"):
+        g(torch.randn(8, 6))
