@@ -172,3 +172,23 @@ def test_nm_mask_operator_traces_and_checks_shapes():
     g = torch.compile(lambda t: cast_rs.nm_mask(t, "2:4"), fullgraph=True, backend="aot_eager")
     with pytest.raises(Exception, match="not divisible by M=4"):
         g(torch.randn(8, 6))
+
+
+def test_compiled_optimizer_step_after_finalize_keeps_nm():
+    """finalize's mask guard runs as torch's global step post-hook, which a compiled function
+    calling step() traces: the guard runs eagerly there and the model stays exactly 2:4."""
+    torch._dynamo.reset()
+    model, sp, x = sparsified("mlp")
+    opt = cast_rs.AdamS(model.parameters(), lr=1e-2, total_steps=5)
+    for _ in range(5):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    sp.finalize()
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step = torch.compile(lambda: adamw.step(), backend="aot_eager")
+    for _ in range(5):
+        adamw.zero_grad()
+        model(x).square().mean().backward()
+        step()
+    assert cast_rs.check_nm(model, "2:4").ok

@@ -39,6 +39,7 @@ from .nm import nm_mask_packed, unpack_mask
 def _grad_hook(bits: torch.Tensor) -> Callable[[torch.Tensor], None]:
     # A closure over the packed mask only: the parameter owns the hook, and the hook must not
     # keep the guard (or the parameter) alive.
+    @torch.compiler.disable
     def hook(p: torch.Tensor) -> None:
         if p.grad is not None:
             p.grad.masked_fill_(~unpack_mask(bits, p.grad.shape), 0)
@@ -71,6 +72,9 @@ class MaskGuard:
         self.active = True
         _GUARDS.append(self)
 
+    # A compiled optimizer step (torch.compile of a function calling step()) runs the global
+    # hooks inside the traced region: this one calls the Rust unpacker, so it runs eagerly.
+    @torch.compiler.disable
     @torch.no_grad()
     def _after_step(self) -> None:
         alive = False
