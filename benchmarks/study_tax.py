@@ -293,7 +293,7 @@ def cmd_run(a) -> None:
         torch.manual_seed(a.seed)
         rec = run_method(spec, state, c, tr, va, a.steps, a.batch, a.lr, a.pattern, a.points, a.seed)
         rec.update(model=a.model, corpus=a.corpus, pretrain_steps=a.pretrain_steps, dense=dense, lr_default=a.lr,
-                   batch=a.batch, threads=torch.get_num_threads(), tag=a.tag)
+                   batch=a.batch, threads=torch.get_num_threads(), tag=a.tag, seed=a.seed)
         with open(OUT / "runs.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         print(f"{a.model}/{a.corpus}/P{a.pretrain_steps}/S{a.steps} {spec:<40} ppl {rec['ppl']:.4f} "
@@ -302,7 +302,7 @@ def cmd_run(a) -> None:
 
 def cmd_table(a) -> None:
     rows = [json.loads(l) for l in open(records())]
-    keyf = lambda r: (r["model"], r["corpus"], r["pretrain_steps"], r["steps"], r.get("pattern", "2:4"))  # noqa: E731
+    keyf = lambda r: (r["model"], r["corpus"], r["pretrain_steps"], r["steps"], r.get("pattern", "2:4"), r.get("seed", 0))  # noqa: E731
     groups: Dict[tuple, List[Dict]] = {}
     for r in rows:
         if a.model and r["model"] != a.model or a.corpus and r["corpus"] != a.corpus:
@@ -311,7 +311,7 @@ def cmd_table(a) -> None:
     for k, rs in sorted(groups.items()):
         dc = [r["ppl"] for r in rs if r["method"] == "dense_continued"]
         base = dc[-1] if dc else None
-        print(f"\n### model {k[0]}, corpus {k[1]}, dense {k[2]} steps, sparse {k[3]} steps, {k[4]}  (dense ppl {rs[0]['dense']:.4f})")
+        print(f"\n### model {k[0]}, corpus {k[1]}, dense {k[2]} steps, sparse {k[3]} steps, {k[4]}, seed {k[5]}  (dense ppl {rs[0]['dense']:.4f})")
         print("| method | val ppl | tax vs dense_continued | CAST: ppl before finalize | CAST: sparse weight ratio |")
         print("|---|---|---|---|---|")
         fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
@@ -321,12 +321,14 @@ def cmd_table(a) -> None:
                   f"{fmt(r.get('sparse_ratio'))} |")
 
 
-def _rows(model=None, corpus=None, steps=None, pattern="2:4", tag=None) -> List[Dict]:
+def _rows(model=None, corpus=None, steps=None, pattern="2:4", tag=None, seed=0) -> List[Dict]:
+    """Records of one setting; ``seed`` (of the sparse-training batches; the dense start is the
+    same) defaults to 0, the seed of every table, so other seeds never replace a table entry."""
     out = []
     for line in open(records()):
         r = json.loads(line)
         if ((model and r["model"] != model) or (corpus and r["corpus"] != corpus) or (steps and r["steps"] != steps)
-                or r.get("pattern", "2:4") != pattern or (tag and r.get("tag") != tag)):
+                or r.get("pattern", "2:4") != pattern or (tag and r.get("tag") != tag) or r.get("seed", 0) != seed):
             continue
         out.append(r)
     return out
@@ -382,6 +384,16 @@ def cmd_report(a) -> None:
             continue
         print(f"| {steps} | {dc['ppl']:.4f} | {100 * (1 - dc['ppl'] / dc['dense']):.2f}% | {sr['ppl']:.4f} | "
               f"{100 * (sr['ppl'] / dc['ppl'] - 1):+.2f}% | {cd['ppl']:.4f} | {100 * (cd['ppl'] / dc['ppl'] - 1):+.2f}% |")
+    print("\n#### seeds (small, stdlib, 400 steps; the seed of the sparse-training batches)\n")
+    print("| seed | dense_continued | SR-STE | SR-STE tax | CAST | CAST tax | CAST lead (points) |")
+    print("|---|---|---|---|---|---|---|")
+    for seed in (0, 1, 2):
+        rs = _rows("small", "stdlib", 400, seed=seed)
+        dc, sr, cd = (_last(rs, m) for m in ("dense_continued", "srste", default))
+        if not (dc and sr and cd):
+            continue
+        st, ct = (100 * (r["ppl"] / dc["ppl"] - 1) for r in (sr, cd))
+        print(f"| {seed} | {dc['ppl']:.4f} | {sr['ppl']:.4f} | {st:+.2f}% | {cd['ppl']:.4f} | {ct:+.2f}% | {st - ct:.2f} |")
     print("\n#### N:M patterns (small, stdlib, 400 steps)\n")
     print("| pattern | magnitude | SR-STE | SR-STE tax | CAST | CAST tax |")
     print("|---|---|---|---|---|---|")
