@@ -21,25 +21,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Any, Callable
 
 import torch
 
 import cast_rs
 from cast_rs import _cast_rs
+from bench_optimizer import timed  # the same timing loop (benchmarks/ is on sys.path when run)
 from cast_rs.scaling import _scale_forward_op, _ScaleFn
 
 
 def median_us(fn: Callable[[], Any], repeats: int) -> float:
-    for _ in range(max(5, repeats // 10)):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e6 * statistics.median(times)
+    return 1e6 * statistics.median(timed(fn, repeats, warmup=max(5, repeats // 10)))
 
 
 def main() -> None:

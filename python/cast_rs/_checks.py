@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ._cast_rs import CastError
 
@@ -18,3 +19,10 @@ def check_plain_tensor(t: torch.Tensor, name: str) -> None:
         kind = type(t).__name__
         hint = " (pass .to_local() for the local shard or .full_tensor() for the whole tensor)" if kind == "DTensor" else ""
         raise CastError(f"{name}: {kind} tensors are not supported, only plain torch.Tensor / nn.Parameter{hint}")
+
+
+def tracing(t: torch.Tensor) -> bool:
+    """True while ``t`` is traced (``torch.compile``, ``torch.export``, fake tensors): the
+    registered operators (``torch.ops.cast_rs.*``) must be called then, not the pyo3 functions,
+    which need real storage. Eager calls keep the direct path (~10 µs cheaper per call)."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or isinstance(t, FakeTensor)

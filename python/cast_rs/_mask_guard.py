@@ -66,8 +66,8 @@ class MaskGuard:
             if not _dtensor.is_dtensor(w) and w.requires_grad:
                 self._handles.append(w.register_post_accumulate_grad_hook(_grad_hook(bits)))
         # The global hook registry holds the guard (not the SparseModel handle, which users
-        # drop: `sparsify(model).finalize()`); the guard holds its weights weakly and removes
-        # itself at the first step after they are all gone.
+        # drop: `sparsify(model).finalize()`); the guard holds its weights weakly, goes inert
+        # at the first step after they are all gone, and the next guard removes its hook.
         self._handles.append(register_optimizer_step_post_hook(lambda optimizer, args, kwargs: self._after_step()))
         self.active = True
         _GUARDS.append(self)

@@ -19,7 +19,7 @@ import gc
 import os
 import socket
 import time
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import nn
@@ -55,10 +55,10 @@ def main(mode: str = "fsdp", steps: int = 600, pattern: str = "2:4", save: Optio
 
     if mode not in ("fsdp", "ddp"):
         raise ValueError(f"mode: expected 'fsdp' or 'ddp', got {mode!r}")
-    n, m = parse_pattern(pattern)
+    parse_pattern(pattern)  # a bad pattern fails before the process group starts
     device = _init_process_group()
     try:
-        code = _run(mode, steps, (n, m), pattern, save, seed, device)
+        code = _run(mode, steps, pattern, save, seed, device)
         dist.barrier()  # every rank is done before any tears the group down
         return code
     finally:
@@ -72,11 +72,10 @@ def main(mode: str = "fsdp", steps: int = 600, pattern: str = "2:4", save: Optio
         dist.destroy_process_group()
 
 
-def _run(mode: str, steps: int, nm: Tuple[int, int], pattern: str, save: Optional[str], seed: int,
-         device: torch.device) -> int:
+def _run(mode: str, steps: int, pattern: str, save: Optional[str], seed: int, device: torch.device) -> int:
     import torch.distributed as dist
 
-    n, m = nm
+    n, m = parse_pattern(pattern)
     rank, world = dist.get_rank(), dist.get_world_size()
     if GLOBAL_BATCH % world:
         raise ValueError(f"world size {world} must divide the global batch of {GLOBAL_BATCH}")

@@ -19,10 +19,9 @@ from typing import Any, Optional, Tuple, Union, overload
 
 import numpy as np
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
 
 from . import _cast_rs
-from ._checks import check_plain_tensor
+from ._checks import check_plain_tensor, tracing
 from ._config import generic_path_forced
 
 Pattern = Union[str, Tuple[int, int]]
@@ -118,7 +117,7 @@ def nm_mask(x: Union[torch.Tensor, np.ndarray], pattern: Pattern = "2:4", dim: i
         d = _normalize_dim(dim, x.dim())
         if not x.is_floating_point():
             raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or isinstance(x, FakeTensor):
+        if tracing(x):
             return _nm_mask_op(x.detach(), n, m, d, generic_path_forced())
         check_plain_tensor(x, "x")
         return _cast_rs.nm_mask_tensor(x.detach(), n, m, d, generic_path_forced())

@@ -318,6 +318,7 @@ class AdamS(Optimizer):
         parameter; messages are only built when something is wrong.
         """
         params, grads, specs, locals_, indices = [], [], [], [], []
+        scale_lookup = None  # (weight scales, ids of this optimizer's parameters), built once if needed
         group_spec = None
         if group.get("pattern") is not None:
             n, m = parse_pattern(group["pattern"])
@@ -343,7 +344,9 @@ class AdamS(Optimizer):
             if spec is not None:
                 st = self.state.get(p)
                 if st is None or "mask" not in st:  # sparse for the first time
-                    self._check_scale_is_optimized(group, gi, i, p)
+                    if scale_lookup is None:
+                        scale_lookup = (weight_scales(), {id(q) for g_ in self.param_groups for q in g_["params"]})
+                    self._check_scale_is_optimized(group, gi, i, p, *scale_lookup)
                 size = group_dim_size(tuple(p.shape), spec[2])
                 if size is None or size % spec[1]:
                     name = self._param_name(group, gi, i)
@@ -366,14 +369,14 @@ class AdamS(Optimizer):
             indices.append(i)
         return params, grads, specs, locals_, indices
 
-    def _check_scale_is_optimized(self, group: Dict[str, Any], gi: int, i: int, p: torch.Tensor) -> None:
+    def _check_scale_is_optimized(self, group: Dict[str, Any], gi: int, i: int, p: torch.Tensor,
+                                  scales: Dict[int, torch.Tensor], held: set) -> None:
         """A weight that :func:`cast_rs.sparsify` gave a learnable scale must be optimized with
         that scale: when ``sparsify`` ran after the optimizer was built, the scale is not in
-        it and would silently stay 1 while its gradients pile up. Refused, before any write."""
-        scale = weight_scales().get(id(p))
-        if scale is None or not scale.requires_grad:
-            return
-        if any(q is scale for g in self.param_groups for q in g["params"]):
+        it and would silently stay 1 while its gradients pile up. Refused, before any write.
+        ``scales``: :func:`weight_scales`; ``held``: ids of this optimizer's parameters."""
+        scale = scales.get(id(p))
+        if scale is None or not scale.requires_grad or id(scale) in held:
             return
         raise ValueError(
             f"{self._param_name(group, gi, i)}: this N:M weight's scale (WeightScale.scale, added by "

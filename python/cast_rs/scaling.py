@@ -15,10 +15,9 @@ from typing import Any, Tuple
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor
 
 from . import _cast_rs
-from ._checks import check_plain_tensor
+from ._checks import check_plain_tensor, tracing
 from ._config import generic_path_forced
 
 
@@ -98,7 +97,7 @@ def scale_weight(weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: in
     ``torch.compile`` / ``torch.export`` (or with fake tensors) the registered operator
     ``torch.ops.cast_rs.scale_forward`` is used. Both run the same kernels."""
     force_generic = generic_path_forced()
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or isinstance(weight, FakeTensor):
+    if tracing(weight):
         return _scale_forward_op(weight, scale, groups, dim, force_generic)
     check_plain_tensor(weight, "weight")  # another subclass (a DTensor): a clear error
     check_plain_tensor(scale, "scale")
