@@ -4,6 +4,13 @@
 // a fallback for loading the extension on its own, and it is *relative* to the installed
 // extension (site-packages/cast_rs/ -> site-packages/torch/lib), so a wheel built here works
 // in any other environment.
+//
+// With the `python` feature this also compiles `csrc/` (the PyTorch operator registrations)
+// against the same libtorch: torch-sys passes its library directory to direct dependents as
+// DEP_TCH_LIBTORCH_LIB (`links = "tch"`), and the headers sit next to it in the torch package
+// (`torch/lib` -> `torch/include`).
+use std::path::PathBuf;
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     let python = std::env::var_os("CARGO_FEATURE_PYTHON").is_some();
@@ -13,4 +20,45 @@ fn main() {
     if python && linux {
         println!("cargo:rustc-link-arg-cdylib=-Wl,-rpath,$ORIGIN/../torch/lib");
     }
+    if python {
+        compile_operators();
+    }
+}
+
+fn compile_operators() {
+    const SOURCE: &str = "csrc/cast_rs_ops.cpp";
+    println!("cargo:rerun-if-changed={SOURCE}");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let lib = PathBuf::from(
+        std::env::var("DEP_TCH_LIBTORCH_LIB")
+            .expect("torch-sys did not report its libtorch directory (DEP_TCH_LIBTORCH_LIB)"),
+    );
+    let include = lib
+        .parent()
+        .expect("libtorch directory has a parent")
+        .join("include");
+    // Every torch wheel since 2.7 (this crate needs 2.13) is built with the C++11 ABI;
+    // LIBTORCH_CXX11_ABI=0 (torch-sys's variable) is for a libtorch built without it.
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .pic(true)
+        .std("c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .define("GLOG_USE_GLOG_EXPORT", None)
+        // The torch headers as system headers: warnings are ours only.
+        .flag("-isystem")
+        .flag(include.to_str().expect("utf-8 include path"))
+        .flag("-isystem")
+        .flag(
+            include
+                .join("torch/csrc/api/include")
+                .to_str()
+                .expect("utf-8 include path"),
+        )
+        .warnings(true)
+        .extra_warnings(true)
+        .file(SOURCE);
+    build.compile("cast_rs_ops");
 }

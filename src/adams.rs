@@ -21,7 +21,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::error::{CastError, Result};
+use crate::error::{Arg, CastError, Result};
 use crate::nm::{keep_flags, pack_bits, packed_len, unpack_flags, GroupLayout};
 
 /// Hyper-parameters shared by every tensor of one call (one param group).
@@ -38,7 +38,7 @@ pub struct AdamsHyper {
 
 impl AdamsHyper {
     pub fn validate(&self) -> Result<()> {
-        let finite_nonneg = |name: &str, x: f64| {
+        let finite_nonneg = |name: &'static str, x: f64| {
             if x.is_finite() && x >= 0.0 {
                 Ok(())
             } else {
@@ -69,7 +69,7 @@ impl AdamsHyper {
 /// name the offending entry (AdamS's relative λ: `l1_decays`; weight-scale parameters, which
 /// take no weight decay: `weight_decays`).
 pub fn per_tensor(
-    name: &str,
+    name: &'static str,
     values: Option<Vec<f64>>,
     default: f64,
     k: usize,
@@ -86,7 +86,7 @@ pub fn per_tensor(
             for (i, &x) in v.iter().enumerate() {
                 if !(x.is_finite() && x >= 0.0) {
                     return Err(CastError::value(
-                        format!("{name}[{i}]"),
+                        Arg::at(name, i),
                         format!("expected a finite value >= 0, got {x}"),
                     ));
                 }
@@ -161,7 +161,7 @@ impl AdamsTensor<'_> {
         let check = |what: &str, len: usize| {
             if len != n {
                 Err(CastError::value(
-                    format!("{what}[{index}]"),
+                    Arg::at(what.to_string(), index),
                     format!("expected {n} elements (the parameter's), got {len}"),
                 ))
             } else {
@@ -175,7 +175,7 @@ impl AdamsTensor<'_> {
             check("layout", layout.numel)?;
             if bits.len() != packed_len(n) {
                 return Err(CastError::value(
-                    format!("masks[{index}]"),
+                    Arg::at("masks", index),
                     format!(
                         "expected {} packed bytes for {n} weights, got {}",
                         packed_len(n),

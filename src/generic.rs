@@ -127,7 +127,7 @@ impl GenericScalars {
             step_size: h.lr / (1.0 - h.beta1.powf(step)),
             inv_bc2_sqrt: 1.0 / (1.0 - h.beta2.powf(step)).sqrt(),
             alpha,
-            refresh: mask_interval > 0 && (s - 1) % mask_interval == 0,
+            refresh: mask_interval > 0 && (s - 1).is_multiple_of(mask_interval),
         }
     }
 }

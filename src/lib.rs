@@ -3,12 +3,16 @@
 //! * [`nm`]: N:M masks (selection, packing) on plain slices.
 //! * [`adams`]: the fused AdamS optimizer step on contiguous `f32` slices.
 //! * `generic` (feature `python`): the same kernels from tch tensor ops, for any dtype/device.
+//! * [`checks`]: every argument rule of the entry points, on tensor metadata (pure Rust).
+//! * `ops` (feature `python`): the entry points on libtorch tensors (check, pick the path, run).
 //! * `bindings` (feature `python`): the thin pyo3 layer, `cast_rs._cast_rs`.
+//! * `capi` (feature `python`): the C ABI that the `csrc/` PyTorch operators call.
 //!
 //! The slice kernels know nothing of Python or libtorch, so `cargo test` runs them without
 //! either (the default build has no `python` feature).
 
 pub mod adams;
+pub mod checks;
 pub mod error;
 pub mod nm;
 pub mod parallel;
@@ -18,4 +22,8 @@ pub mod simd;
 #[cfg(feature = "python")]
 mod bindings;
 #[cfg(feature = "python")]
+mod capi;
+#[cfg(feature = "python")]
 pub mod generic;
+#[cfg(feature = "python")]
+pub mod ops;

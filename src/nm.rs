@@ -99,7 +99,7 @@ impl GroupLayout {
     pub fn new(pattern: NmPattern, shape: &[i64], dim: GroupDim, param: &str) -> Result<Self> {
         if shape.is_empty() {
             return Err(CastError::value(
-                param,
+                param.to_string(),
                 "N:M groups need a tensor with at least one dimension, got a 0-d tensor",
             ));
         }
@@ -114,7 +114,7 @@ impl GroupLayout {
                 GroupDim::First => "dimension 0",
             };
             return Err(CastError::value(
-                param,
+                param.to_string(),
                 format!(
                     "{}:{} groups run along the {which}, whose size {len} is not divisible by M={} (shape {:?})",
                     pattern.n, pattern.m, pattern.m, shape
@@ -360,7 +360,7 @@ fn check_len(layout: &GroupLayout, got: usize, what: &str, expected: usize) -> R
     let _ = layout;
     if got != expected {
         return Err(CastError::value(
-            what,
+            what.to_string(),
             format!("expected {expected} elements, got {got}"),
         ));
     }

@@ -60,11 +60,13 @@ def test_gpt2_sparsify_train_finalize_reload(kernel_path):
     assert report.ok and len(report) == 8, str(report)
 
 
-def test_trainer_with_weight_decay_does_not_decay_the_scales(tmp_path):
+@pytest.mark.parametrize("built_by", ["trainer", "user"])
+def test_trainer_with_weight_decay_does_not_decay_the_scales(tmp_path, built_by):
     """The Trainer builds AdamS itself (optimizer_cls_and_kwargs) with its default grouping,
-    which puts the weight-scale parameters in the decay group. With lr·wd = 0.5 a decayed
-    parameter halves at every step; the scales stay within Adam's per-step move (about lr)
-    of 1 while the embeddings, decayed, shrink."""
+    which puts the weight-scale parameters in the decay group; or the user builds it with
+    their own groups (every parameter decayed) and hands it over with ``optimizers=``. With
+    lr·wd = 0.5 a decayed parameter halves at every step; the scales stay within Adam's
+    per-step move (about lr) of 1 while the embeddings, decayed, shrink."""
     pytest.importorskip("accelerate", reason="the Trainer needs accelerate (a pinned test dependency)")
     model, cfg = small_gpt2()
     sp = cast_rs.sparsify(model, "2:4")
@@ -75,8 +77,13 @@ def test_trainer_with_weight_decay_does_not_decay_the_scales(tmp_path):
         output_dir=str(tmp_path), max_steps=steps, learning_rate=lr, weight_decay=500.0, lr_scheduler_type="constant",
         per_device_train_batch_size=4, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
     )
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
-                                   optimizer_cls_and_kwargs=(cast_rs.AdamS, dict(total_steps=steps)))
+    if built_by == "trainer":
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                       optimizer_cls_and_kwargs=(cast_rs.AdamS, dict(total_steps=steps)))
+    else:
+        own = cast_rs.AdamS([{"params": list(model.parameters()), "weight_decay": 500.0}], lr=lr, total_steps=steps)
+        sched = torch.optim.lr_scheduler.ConstantLR(own, factor=1.0, total_iters=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(own, sched))
     wte = model.transformer.wte.weight.detach().clone()
     trainer.train()
     opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
@@ -87,7 +94,7 @@ def test_trainer_with_weight_decay_does_not_decay_the_scales(tmp_path):
         # Adam's bias-corrected step is at most ~1.004·lr in each of the first 3 steps
         # (Cauchy–Schwarz on m̂/√v̂ with betas (0.9, 0.999)); decayed, 1 would become 0.125.
         assert float((s.detach() - 1).abs().max()) <= 2 * steps * lr
-    assert float(model.transformer.wte.weight.norm()) < 0.2 * float(wte.norm())  # the decay did act
+    assert float(model.transformer.wte.weight.detach().norm()) < 0.2 * float(wte.norm())  # the decay did act
 
 
 def test_mid_run_checkpoint_becomes_a_plain_model(tmp_path):

@@ -334,6 +334,6 @@ def TinyLM_nm():
     """A TinyLM whose sparsify-able layers are exactly 2:4."""
     model = TinyLM()
     with torch.no_grad():
-        for _, mod, dim in cast_rs.sparsity._nm_layers(model, (2, 4)):
+        for _, mod, dim in cast_rs.checking._nm_layers(model, (2, 4)):
             mod.weight.mul_(cast_rs.nm_mask(mod.weight, "2:4", dim=dim))
     return model

@@ -24,16 +24,9 @@ from .optim import DEFAULT_L1_DECAY, AdamS
 from .distill import distill_loss
 from .scaling import WeightScale, scale_weight
 from ._mask_guard import MaskGuard
-from .sparsity import (
-    NMReport,
-    SparseModel,
-    check_nm,
-    export_semi_structured,
-    find_layers,
-    keep_nm,
-    plain_state_dict,
-    sparsify,
-)
+from .sparsity import SparseModel, find_layers, sparsify
+from .checking import NMReport, check_nm, keep_nm
+from .export import export_semi_structured, plain_state_dict
 from . import baselines
 
 __version__: str = _cast_rs.__version__

@@ -7,10 +7,21 @@ import numpy.typing as npt
 import torch
 
 __version__: str
+#: Largest supported group size M (the Rust core's ``nm::MAX_M``).
+MAX_M: int
+#: True: the C++ operators ``torch.ops.cast_rs.*`` (``csrc/``) are linked in and registered.
+OPERATORS: bool
 
 class CastError(Exception):
     """Errors from cast-rs that are neither ValueError nor TypeError (libtorch failures,
     internal errors)."""
+
+# Every exception raised by this module (CastError, and the ValueError / TypeError it raises)
+# carries the failing argument as data:
+#   param: Optional[str]        the argument ("grads", "lr"), None for errors about no argument
+#   index: Optional[int]        the entry of a per-parameter list argument, else None
+#   detail: str                 the message after "param: " ("{other}" marks the second buffer)
+#   other_param, other_index    the second buffer of a "shares memory" error, else None
 
 def nm_mask_tensor(x: torch.Tensor, n: int, m: int, dim: int = -1, force_generic: bool = False) -> torch.Tensor: ...
 def nm_mask_packed(x: torch.Tensor, n: int, m: int, dim: int = -1, force_generic: bool = False) -> torch.Tensor: ...

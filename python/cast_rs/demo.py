@@ -56,7 +56,8 @@ with warnings.catch_warnings():  # in Jupyter without ipywidgets it falls back t
 from . import baselines
 from .distill import distill_loss
 from .optim import DEFAULT_L1_DECAY, AdamS
-from .sparsity import check_nm, sparsify
+from .checking import check_nm
+from .sparsity import sparsify
 
 __all__ = ["DemoConfig", "TinyGPT", "load_corpus", "run_demo", "format_results", "plot_results"]
 

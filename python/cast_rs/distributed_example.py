@@ -27,7 +27,9 @@ from torch import nn
 from .example import _mlp
 from .nm import parse_pattern
 from .optim import AdamS
-from .sparsity import check_nm, plain_state_dict, sparsify
+from .checking import check_nm
+from .export import plain_state_dict
+from .sparsity import sparsify
 
 GLOBAL_BATCH = 256
 

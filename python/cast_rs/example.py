@@ -28,7 +28,8 @@ with warnings.catch_warnings():  # in Jupyter without ipywidgets it falls back t
 
 from .nm import nm_mask, parse_pattern
 from .optim import AdamS
-from .sparsity import check_nm, sparsify
+from .checking import check_nm
+from .sparsity import sparsify
 
 
 def _mlp(width: int) -> nn.Sequential:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import _cast_rs
+from ._ops import ops
 from ._checks import check_plain_tensor, tracing
 from ._config import generic_path_forced
 
@@ -28,8 +29,8 @@ Pattern = Union[str, Tuple[int, int]]
 
 _PATTERN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
-#: Largest supported group size M.
-MAX_M = 32
+#: Largest supported group size M (defined once, in the Rust core: ``nm::MAX_M``).
+MAX_M: int = _cast_rs.MAX_M
 
 
 def parse_pattern(pattern: Any, *, param: str = "pattern") -> Tuple[int, int]:
@@ -73,23 +74,6 @@ def _normalize_dim(dim: int, ndim: int, param: str = "dim") -> int:
     return -1 if d == ndim - 1 else 0
 
 
-# The mask kernel as a PyTorch operator, torch.ops.cast_rs.nm_mask (mutates nothing; a fake
-# implementation for tracing): torch.compile / torch.export trace through nm_mask (SR-STE's
-# forward calls it at every step). Eager calls keep the direct pyo3 call, which is ~10 µs
-# cheaper per call (./run bench ops).
-@torch.library.custom_op("cast_rs::nm_mask", mutates_args=())
-def _nm_mask_op(x: torch.Tensor, n: int, m: int, dim: int, force_generic: bool) -> torch.Tensor:
-    return _cast_rs.nm_mask_tensor(x, n, m, dim, force_generic)
-
-
-@_nm_mask_op.register_fake
-def _(x: torch.Tensor, n: int, m: int, dim: int, force_generic: bool) -> torch.Tensor:
-    size = x.shape[dim]
-    if size % m:
-        raise ValueError(f"x: the group dimension (dim {dim}, size {size}) is not divisible by M={m}")
-    return torch.empty(x.shape, dtype=torch.bool, device=x.device)
-
-
 @overload
 def nm_mask(x: torch.Tensor, pattern: Pattern = ..., dim: int = ...) -> torch.Tensor: ...
 @overload
@@ -118,7 +102,7 @@ def nm_mask(x: Union[torch.Tensor, np.ndarray], pattern: Pattern = "2:4", dim: i
         if not x.is_floating_point():
             raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
         if tracing(x):
-            return _nm_mask_op(x.detach(), n, m, d, generic_path_forced())
+            return ops.nm_mask(x.detach(), n, m, d, generic_path_forced())
         check_plain_tensor(x, "x")
         return _cast_rs.nm_mask_tensor(x.detach(), n, m, d, generic_path_forced())
     if isinstance(x, np.ndarray):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import re
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -566,28 +565,31 @@ class AdamS(Optimizer):
             out.append(lam if math.isfinite(lam) else 0.0)
         return out
 
-    _KERNEL_ARG = re.compile(r"\b(params|grads|exp_avgs|exp_avg_sqs|masks|steps)\[(\d+)\]")
+    # The kernel's per-parameter list arguments, and how an error names them for a user.
     _STATE_NAME = {"params": "", "grads": " gradient", "exp_avgs": " state 'exp_avg'",
                    "exp_avg_sqs": " state 'exp_avg_sq'", "masks": " state 'mask'", "steps": " state 'step'"}
 
     def _run_kernel(self, gi: int, group: Dict[str, Any], indices: List[int], args: tuple, kwargs: Dict[str, Any]):
         """One kernel call; its errors name the parameter (``param_groups[g]['params'][i]`` or
-        its name) instead of the kernel's per-call argument lists (``grads[3]``)."""
+        its name) instead of the kernel's per-call argument lists (``grads[3]``). The kernel's
+        exceptions carry the failing argument as data (``param``, ``index``, ``detail``,
+        ``other_param``, ``other_index``; see ``src/error.rs``)."""
         try:
             return _cast_rs.adams_step(*args, **kwargs)
         except (ValueError, TypeError, _cast_rs.CastError) as e:
-            message = str(e)
+            def name(arg: Optional[str], k: Optional[int]) -> Optional[str]:
+                if arg not in self._STATE_NAME or k is None or k >= len(indices):
+                    return None
+                return self._param_name(group, gi, indices[k]) + self._STATE_NAME[arg]
 
-            def name(m: "re.Match[str]") -> str:
-                k = int(m.group(2))
-                if k >= len(indices):
-                    return m.group(0)
-                return self._param_name(group, gi, indices[k]) + self._STATE_NAME[m.group(1)]
-
-            renamed = self._KERNEL_ARG.sub(name, message)
-            if renamed == message:
+            who = name(getattr(e, "param", None), getattr(e, "index", None))
+            if who is None:
                 raise
-            raise type(e)(renamed) from e
+            detail: str = e.detail  # type: ignore[union-attr]
+            if "{other}" in detail:
+                other = name(e.other_param, e.other_index)  # type: ignore[union-attr]
+                detail = detail.replace("{other}", other or f"{e.other_param}[{e.other_index}]")  # type: ignore[union-attr]
+            raise type(e)(f"{who}: {detail}") from e
 
     # ----------------------------------------------------------------- helpers
     def masks(self) -> Dict[torch.Tensor, torch.Tensor]:

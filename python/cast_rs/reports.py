@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+from typing import Any, List, Sequence, Tuple
 
 
 def _fmt(v: Any) -> str:
@@ -33,3 +33,21 @@ def format_table(headers: Sequence[str], rows: List[Sequence[Any]], title: str =
     out.append("  ".join("-" * w for w in widths))
     out.extend(line(r) for r in cells)
     return "\n".join(out)
+
+
+class Table(list):
+    """A list of rows that prints as a table."""
+
+    headers: Tuple[str, ...] = ()
+    title: str = ""
+
+    def _rows(self) -> List[Sequence[Any]]:  # pragma: no cover - overridden
+        return []
+
+    def __str__(self) -> str:
+        if not self:
+            return f"{self.title}: none"
+        return format_table(self.headers, self._rows(), title=self.title)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython / Jupyter
+        p.text(str(self))

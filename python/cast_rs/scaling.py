@@ -5,8 +5,9 @@ layer computes with ``W_s = W · A[r, c // (C/n)]``; ``A`` starts at ones and is
 ordinary dense parameter. Scaling is element-wise: the zeros of ``W`` (its N:M pattern) are
 those of ``W_s``. Forward and backward are Rust kernels (fast path for contiguous float32 /
 float64 on CPU, tensor ops otherwise), registered as the PyTorch operators
-``torch.ops.cast_rs.scale_forward`` / ``scale_backward`` (with fake implementations and
-autograd, so ``torch.compile(fullgraph=True)`` and ``torch.export`` trace through them).
+``torch.ops.cast_rs.scale_forward`` / ``scale_backward`` (C++, ``csrc/``; fake
+implementations and autograd in ``_ops``, so ``torch.compile(fullgraph=True)`` and
+``torch.export`` trace through them).
 """
 
 from __future__ import annotations
@@ -17,62 +18,15 @@ import torch
 from torch import nn
 
 from . import _cast_rs
+from ._ops import input_grads, ops
 from ._checks import check_plain_tensor, tracing
 from ._config import generic_path_forced
 
 
-# The kernels as PyTorch operators (``torch.ops.cast_rs.scale_forward`` / ``scale_backward``):
-# schemas that state they mutate nothing, fake implementations (shapes only) for tracing, and
-# autograd, so that ``torch.compile`` (``fullgraph=True`` included) and ``torch.export`` see
-# one opaque node per sparse layer instead of breaking the graph at the Rust call.
-@torch.library.custom_op("cast_rs::scale_forward", mutates_args=())
-def _scale_forward_op(weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: int, force_generic: bool) -> torch.Tensor:
-    return _cast_rs.scale_forward(weight, scale, groups, dim, force_generic)
-
-
-@_scale_forward_op.register_fake
-def _(weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: int, force_generic: bool) -> torch.Tensor:
-    return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-
-
-@torch.library.custom_op("cast_rs::scale_backward", mutates_args=())
-def _scale_backward_op(
-    grad: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: int, force_generic: bool
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _cast_rs.scale_backward(grad.contiguous(), weight, scale, groups, dim, force_generic)
-
-
-@_scale_backward_op.register_fake
-def _(grad: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: int, force_generic: bool):
-    return (torch.empty(weight.shape, dtype=weight.dtype, device=weight.device),
-            torch.empty(scale.shape, dtype=scale.dtype, device=scale.device))
-
-
-def _input_grads(ctx: Any, grad_w: torch.Tensor, grad_a: torch.Tensor) -> Tuple[Any, ...]:
-    """Autograd's answer for the inputs (weight, scale, groups, dim, force_generic)."""
-    return (grad_w if ctx.needs_input_grad[0] else None, grad_a if ctx.needs_input_grad[1] else None, None, None, None)
-
-
-def _scale_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: torch.Tensor) -> None:
-    weight, scale, groups, dim, force_generic = inputs
-    ctx.save_for_backward(weight, scale)
-    ctx.groups, ctx.dim, ctx.force_generic = groups, dim, force_generic
-
-
-def _scale_backward(ctx: Any, grad: torch.Tensor) -> Tuple[Any, ...]:
-    weight, scale = ctx.saved_tensors
-    grad_w, grad_a = _scale_backward_op(grad, weight, scale, ctx.groups, ctx.dim, ctx.force_generic)
-    return _input_grads(ctx, grad_w, grad_a)
-
-
-_scale_forward_op.register_autograd(_scale_backward, setup_context=_scale_setup_context)
-
-
 class _ScaleFn(torch.autograd.Function):
-    """Eager mode's path: the same kernels called directly. The operator's Python dispatch
-    (``torch.library.custom_op``) costs about 10 µs per call and its autograd wrapper about 60 µs
-    per forward + backward on this machine (``./run bench ops``), which a small layer feels on
-    every step; tracing needs the operator, eager mode does not."""
+    """Eager mode's path: the same Rust entry points called directly through pyo3, which
+    costs less per call than the dispatcher operator with its Python autograd formula
+    (``./run bench ops`` prints both); tracing needs the operator, eager mode does not."""
 
     @staticmethod
     def forward(ctx: Any, weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: int, force_generic: bool) -> torch.Tensor:
@@ -86,7 +40,7 @@ class _ScaleFn(torch.autograd.Function):
         grad_w, grad_a = _cast_rs.scale_backward(
             grad.contiguous(), weight.detach(), scale.detach(), ctx.groups, ctx.dim, ctx.force_generic
         )
-        return _input_grads(ctx, grad_w, grad_a)
+        return input_grads(ctx, grad_w, grad_a)
 
 
 def scale_weight(weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: int = -1) -> torch.Tensor:
@@ -98,7 +52,7 @@ def scale_weight(weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: in
     ``torch.ops.cast_rs.scale_forward`` is used. Both run the same kernels."""
     force_generic = generic_path_forced()
     if tracing(weight):
-        return _scale_forward_op(weight, scale, groups, dim, force_generic)
+        return ops.scale_forward(weight, scale, groups, dim, force_generic)
     check_plain_tensor(weight, "weight")  # another subclass (a DTensor): a clear error
     check_plain_tensor(scale, "scale")
     return _ScaleFn.apply(weight, scale, groups, dim, force_generic)

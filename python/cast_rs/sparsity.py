@@ -1,4 +1,8 @@
-"""Model surgery for existing training loops: ``sparsify`` → train → ``finalize``; ``check_nm``.
+"""Model surgery for existing training loops: ``sparsify`` → train → ``finalize``.
+
+(Checking a model, :func:`~cast_rs.check_nm` and :func:`~cast_rs.keep_nm`, lives in
+``checking``; leaving cast-rs's structures, ``export_semi_structured`` and
+``plain_state_dict``, in ``export``.)
 
 Which layers become N:M: ``nn.Linear`` (weight ``[out, in]``: groups along the last dim) and
 Hugging Face GPT-2-style ``Conv1D`` (weight ``[in, out]``: groups along dim 0) whose input
@@ -24,7 +28,7 @@ from . import _dtensor
 from ._mask_guard import MaskGuard
 from ._markers import NM_ATTR, mark, module_spec, original_weight, unmark
 from .nm import Pattern, format_pattern, nm_mask, parse_pattern
-from .reports import format_table
+from .reports import Table
 from .scaling import WeightScale, scale_weight
 
 __all__ = [
@@ -32,13 +36,9 @@ __all__ = [
     "SparseModel",
     "SparseLayer",
     "SkippedLayer",
-    "check_nm",
-    "NMReport",
     "FinalizeReport",
     "SparsityStats",
     "find_layers",
-    "export_semi_structured",
-    "plain_state_dict",
 ]
 
 #: Module attribute left by ``finalize`` (and set while sparse) so that ``check_nm`` knows
@@ -138,25 +138,7 @@ class SkippedLayer:
     reason: str
 
 
-class _Table(list):
-    """A list of rows that prints as a table."""
-
-    headers: Tuple[str, ...] = ()
-    title: str = ""
-
-    def _rows(self) -> List[Sequence[Any]]:  # pragma: no cover - overridden
-        return []
-
-    def __str__(self) -> str:
-        if not self:
-            return f"{self.title}: none"
-        return format_table(self.headers, self._rows(), title=self.title)
-
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython / Jupyter
-        p.text(str(self))
-
-
-class LayerTable(_Table):
+class LayerTable(Table):
     headers = ("layer", "type", "shape", "group dim", "pattern", "scale groups")
     title = "sparse layers"
 
@@ -164,7 +146,7 @@ class LayerTable(_Table):
         return [(l.name, l.kind, l.shape, "in (last)" if l.dim == -1 else "in (dim 0)", l.pattern, l.scaling_groups or "-") for l in self]
 
 
-class SkippedTable(_Table):
+class SkippedTable(Table):
     headers = ("layer", "type", "shape", "reason")
     title = "left dense"
 
@@ -234,7 +216,7 @@ class LayerFinal:
     kept_fraction: float
 
 
-class FinalizeReport(_Table):
+class FinalizeReport(Table):
     """What ``SparseModel.finalize`` did, one row per layer; ``total_l1_removed_fraction``."""
 
     headers = ("layer", "shape", "L1 removed", "L1 removed %", "nonzero %")
@@ -257,7 +239,7 @@ class LayerStats:
     mask_flip_rate: Optional[float]
 
 
-class SparsityStats(_Table):
+class SparsityStats(Table):
     """``‖W⊙m‖₁ / ‖W‖₁`` per layer (→ 1 as masked weights reach 0) and the last flip rate."""
 
     headers = ("layer", "sparse weight ratio", "last mask flip rate")
@@ -445,186 +427,3 @@ def sparsify(
         setattr(mod, SPARSE_MODULE_ATTR, format_pattern((n, m)))
         layers.append(SparseLayer(name, kind, tuple(w.shape), dim, format_pattern((n, m)), groups, mod))
     return SparseModel(model, (n, m), layers, skipped)
-
-
-# ------------------------------------------------------------------------------------ check
-
-
-@dataclass
-class NMRow:
-    name: str
-    shape: Tuple[int, ...]
-    dim: int
-    groups: int
-    violating_groups: int
-    zero_fraction: float
-
-
-class NMReport(_Table):
-    """Result of :func:`check_nm`: ``.ok`` and one row per checked tensor."""
-
-    headers = ("layer", "shape", "group dim", "groups", "violating", "zero %")
-    pattern: str = ""
-
-    def _rows(self) -> List[Sequence[Any]]:
-        return [(r.name, r.shape, r.dim, r.groups, r.violating_groups, 100 * r.zero_fraction) for r in self]
-
-    @property
-    def ok(self) -> bool:
-        return len(self) > 0 and all(r.violating_groups == 0 for r in self)
-
-    def __str__(self) -> str:
-        verdict = "OK" if self.ok else "NOT N:M"
-        self.title = f"check_nm {self.pattern}: {verdict}"
-        return super().__str__()
-
-
-def _violations(w: torch.Tensor, n: int, m: int, dim: int) -> Tuple[int, int]:
-    nz = (w.detach() != 0)
-    if dim == -1:
-        per_group = nz.reshape(-1, m).sum(-1)
-    else:
-        per_group = nz.reshape(w.shape[0] // m, m, -1).sum(1)
-    return int((per_group > n).sum()), per_group.numel()
-
-
-def check_nm(model_or_tensor: Union[nn.Module, torch.Tensor], pattern: Pattern = "2:4", *, dim: int = -1) -> NMReport:
-    """Check that weights are N:M: at most N nonzeros in every group of M.
-
-    For a tensor: one row, groups along ``dim`` (-1 or 0). For a model: the layers that
-    :func:`sparsify` made sparse (they carry a marker, also after ``finalize``); a model that
-    was never sparsified (e.g. a finalized state dict loaded into a fresh model) has the layers
-    that ``sparsify`` would pick checked: every ``nn.Linear`` / ``Conv1D`` whose input
-    dimension M divides, except heads tied to an embedding. ``report.ok`` is True when every
-    checked group passes (and something was checked).
-    """
-    n, m = parse_pattern(pattern)
-    report = NMReport()
-    report.pattern = format_pattern((n, m))
-    if isinstance(model_or_tensor, torch.Tensor):
-        t = _dtensor.full(model_or_tensor)
-        d = -1 if dim in (-1, t.dim() - 1) else 0
-        size = t.shape[-1] if d == -1 else t.shape[0]
-        if t.dim() == 0 or size % m:
-            raise ValueError(f"tensor: shape {tuple(t.shape)} cannot hold {n}:{m} groups along dim {dim}")
-        bad, groups = _violations(t, n, m, d)
-        report.append(NMRow("tensor", tuple(t.shape), d, groups, bad, float((t == 0).float().mean())))
-        return report
-    if not isinstance(model_or_tensor, nn.Module):
-        raise TypeError(f"model_or_tensor: expected an nn.Module or a torch.Tensor, got {type(model_or_tensor).__name__}")
-    for name, mod, d in _nm_layers(model_or_tensor, (n, m)):
-        w = _effective_full_weight(mod)  # scaled, if still parametrized; gathered if DTensor
-        bad, groups = _violations(w, n, m, d)
-        report.append(NMRow(name, tuple(w.shape), d, groups, bad, float((w.detach() == 0).float().mean())))
-    return report
-
-
-def _nm_layers(model: nn.Module, pattern: Tuple[int, int]) -> List[Tuple[str, nn.Module, int]]:
-    """(name, module, group dim) of the layers that are meant to be N:M: those :func:`sparsify`
-    made sparse (they carry a marker, also after ``finalize`` and in a deep copy), else what
-    ``sparsify`` would pick by default: every Linear / Conv1D whose input dimension M divides,
-    except heads tied to an embedding."""
-    marked = [(name, mod) for name, mod in model.named_modules() if getattr(mod, SPARSE_MODULE_ATTR, None)]
-    if marked:
-        return [(name, mod, _layer_kind(mod)[1]) for name, mod in marked if _layer_kind(mod)]
-    picked, _ = find_layers(model, pattern)
-    return [(name, mod, d) for name, mod, _, d in picked]
-
-
-def keep_nm(model: nn.Module, pattern: Pattern = "2:4") -> MaskGuard:
-    """Keep an exactly N:M model N:M while it is trained further: after every optimizer step
-    (any ``torch.optim`` optimizer) masked weights are set back to 0, and their gradients are
-    masked as they are accumulated. :meth:`SparseModel.finalize` does this by itself; call
-    ``keep_nm`` for a model that ``finalize`` did not touch: a fresh model loaded with finalized
-    weights, or a ``copy.deepcopy`` of a finalized one. The layers are those :func:`check_nm`
-    checks, and each keeps the support it has now.
-
-    Returns the guard; ``guard.release()`` lets the weights become dense again. Raises
-    ``ValueError`` if the model is not exactly N:M (finalize it first).
-    """
-    n, m = parse_pattern(pattern)
-    report = check_nm(model, (n, m))
-    if not report.ok:
-        raise ValueError(f"keep_nm: the model is not exactly {n}:{m} (finalize it first):\n{report}")
-    return MaskGuard([(original_weight(mod), (n, m), d) for _, mod, d in _nm_layers(model, (n, m))])
-
-
-# ----------------------------------------------------------------------------------- export
-
-
-def export_semi_structured(model: nn.Module, pattern: Pattern = "2:4") -> List[str]:
-    """Replace exact 2:4 fp16/bf16 ``nn.Linear`` weights on CUDA by
-    ``torch.sparse.to_sparse_semi_structured`` tensors (hardware 2:4 kernels). Returns the
-    names of the converted layers.
-
-    Needs a CUDA GPU with 2:4 sparse tensor cores (compute capability >= 8.0), weights in
-    float16 or bfloat16, and the pattern 2:4; raises ``CastError`` otherwise. ``Conv1D``
-    layers are not converted (transpose them into ``nn.Linear`` first).
-    """
-    from ._cast_rs import CastError
-
-    n, m = parse_pattern(pattern)
-    if (n, m) != (2, 4):
-        raise CastError(f"export_semi_structured: hardware semi-structured sparsity is 2:4 only, got {n}:{m}")
-    linears = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, nn.Linear) and getattr(mod, SPARSE_MODULE_ATTR, None)]
-    if not linears:
-        raise CastError("export_semi_structured: no finalized sparse nn.Linear layer found (run sparsify(...).finalize() first)")
-    devices = {mod.weight.device.type for _, mod in linears}
-    if devices != {"cuda"} or not torch.cuda.is_available():
-        raise CastError(
-            "export_semi_structured: needs the sparse layers on a CUDA GPU with 2:4 sparse tensor cores "
-            f"(compute capability >= 8.0); this model's sparse weights are on {sorted(devices)} "
-            f"(torch.cuda.is_available() = {torch.cuda.is_available()}). Move the model with .cuda().half() first."
-        )
-    major, _ = torch.cuda.get_device_capability()
-    if major < 8:
-        raise CastError(f"export_semi_structured: needs compute capability >= 8.0, this GPU has {major}.x")
-    bad = [name for name, mod in linears if mod.weight.dtype not in (torch.float16, torch.bfloat16)]
-    if bad:
-        raise CastError(f"export_semi_structured: weights must be float16 or bfloat16; {bad} are not (use .half())")
-    report = check_nm(model, "2:4")
-    if not report.ok:
-        raise CastError(f"export_semi_structured: the model is not exactly 2:4:\n{report}")
-    from torch.sparse import to_sparse_semi_structured
-
-    done = []
-    for name, mod in linears:
-        mod.weight = nn.Parameter(to_sparse_semi_structured(mod.weight.detach()), requires_grad=False)
-        done.append(name)
-    return done
-
-
-_ORIGINAL_SUFFIX = ".parametrizations.weight.original"
-_SCALE_SUFFIX = ".parametrizations.weight.0.scale"
-
-
-def plain_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Map a full state dict of a finalized model that still carries weight-scale
-    parametrizations (a ``fully_shard``-ed model: see :meth:`SparseModel.finalize`) onto the
-    original architecture's keys: ``<layer>.parametrizations.weight.original`` becomes
-    ``<layer>.weight`` and the all-ones ``<layer>.parametrizations.weight.0.scale`` is dropped.
-
-    Gather the state dict first, e.g. ``get_model_state_dict(model,
-    options=StateDictOptions(full_state_dict=True, cpu_offload=True))``. Raises ``ValueError``
-    when a scale is not all ones (the model was not finalized) or a value is still a DTensor.
-    Keys of other layers are copied unchanged.
-    """
-    out: Dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if _dtensor.is_dtensor(value):
-            raise ValueError(
-                f"state_dict[{key!r}]: a DTensor (a sharded state dict); gather a full one with "
-                "StateDictOptions(full_state_dict=True)"
-            )
-        if key.endswith(_SCALE_SUFFIX):
-            if not bool((value == 1).all()):
-                raise ValueError(
-                    f"state_dict[{key!r}]: the weight scale is not all ones; call SparseModel.finalize() "
-                    "before converting (it folds the scale into the weight)"
-                )
-            continue
-        if key.endswith(_ORIGINAL_SUFFIX):
-            key = key[: -len(_ORIGINAL_SUFFIX)] + ".weight"
-        out[key] = value
-    return out

@@ -1,0 +1,202 @@
+// cast-rs kernels as PyTorch operators: torch.ops.cast_rs.* from Python, TorchScript and C++
+// (c10::Dispatcher), visible to torch.compile and torch.export.
+//
+// An operator here is a schema (TORCH_LIBRARY) plus one thin function per device
+// (TORCH_LIBRARY_IMPL) that checks what only C++ sees and calls the Rust entry point through
+// the small C ABI of src/capi.rs. The Rust side owns every argument rule (src/checks.rs) and
+// picks the path: the slice kernels for contiguous CPU tensors of their dtype, the generic
+// libtorch ops otherwise (any device, CUDA included), so the CPU and CUDA registrations are
+// the same function until CUDA kernels of our own exist.
+//
+// Fake (meta) implementations and autograd formulas are registered from Python, in
+// python/cast_rs/_ops.py (set_python_module below tells torch where to find them).
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+extern "C" {
+// Mirrors CastStepScalars in src/capi.rs.
+struct CastStepScalars {
+  double lr, beta1, beta2, eps, weight_decay, l1_decay;
+  double total_steps;
+  bool has_total_steps;
+  int64_t mask_interval;
+  bool force_generic;
+};
+
+void cast_rs_free_message(char* message);
+int32_t cast_rs_nm_mask(const at::Tensor* x, int64_t n, int64_t m, int64_t dim, bool force_generic,
+                        bool packed, at::Tensor** out, char** message);
+int32_t cast_rs_unpack_mask(const at::Tensor* bits, const int64_t* shape, size_t ndim, at::Tensor** out,
+                            char** message);
+int32_t cast_rs_scale_forward(const at::Tensor* weight, const at::Tensor* scale, int64_t groups, int64_t dim,
+                              bool force_generic, at::Tensor** out, char** message);
+int32_t cast_rs_scale_backward(const at::Tensor* grad, const at::Tensor* weight, const at::Tensor* scale,
+                               int64_t groups, int64_t dim, bool force_generic, at::Tensor** grad_weight,
+                               at::Tensor** grad_scale, char** message);
+int32_t cast_rs_adams_step(size_t k, const at::Tensor* const* params, const at::Tensor* const* grads,
+                           const at::Tensor* const* exp_avgs, const at::Tensor* const* exp_avg_sqs,
+                           const at::Tensor* const* masks, const int64_t* patterns,
+                           const at::Tensor* const* steps, const CastStepScalars* scalars,
+                           const double* l1_decays, const double* weight_decays, int64_t* flips,
+                           char** message);
+// Anchors this object file in the extension (src/capi.rs calls it once at import), so the
+// linker keeps the static registrations below.
+int32_t cast_rs_operators_linked() { return 1; }
+}
+
+namespace cast_rs {
+namespace {
+
+// Status codes of src/capi.rs.
+constexpr int32_t kOk = 0, kValueError = 1, kTypeError = 2;
+
+// Throws the c10 error of a failed Rust call: ValueError / TypeError / RuntimeError in Python.
+// (Called after the Rust call returned, never as `check(call(..., &message), message)`: the
+// order in which arguments are evaluated is unspecified.)
+void check(int32_t status, char* message) {
+  if (status == kOk) return;
+  std::string text = message ? message : "cast-rs: unknown error";
+  cast_rs_free_message(message);
+  TORCH_CHECK_VALUE(status != kValueError, text);
+  TORCH_CHECK_TYPE(status != kTypeError, text);
+  TORCH_CHECK(false, text);
+}
+
+// Takes over a tensor handed out by Rust (a heap at::Tensor).
+at::Tensor take(at::Tensor* p) {
+  at::Tensor t = std::move(*p);
+  delete p;
+  return t;
+}
+
+at::Tensor mask(const at::Tensor& x, int64_t n, int64_t m, int64_t dim, bool force_generic, bool packed) {
+  at::Tensor* out = nullptr;
+  char* message = nullptr;
+  const int32_t status = cast_rs_nm_mask(&x, n, m, dim, force_generic, packed, &out, &message);
+  check(status, message);
+  return take(out);
+}
+
+at::Tensor nm_mask(const at::Tensor& x, int64_t n, int64_t m, int64_t dim, bool force_generic) {
+  return mask(x, n, m, dim, force_generic, false);
+}
+
+at::Tensor nm_mask_packed(const at::Tensor& x, int64_t n, int64_t m, int64_t dim, bool force_generic) {
+  return mask(x, n, m, dim, force_generic, true);
+}
+
+at::Tensor unpack_mask(const at::Tensor& bits, at::IntArrayRef shape) {
+  at::Tensor* out = nullptr;
+  char* message = nullptr;
+  const int32_t status = cast_rs_unpack_mask(&bits, shape.data(), shape.size(), &out, &message);
+  check(status, message);
+  return take(out);
+}
+
+at::Tensor scale_forward(const at::Tensor& weight, const at::Tensor& scale, int64_t groups, int64_t dim,
+                         bool force_generic) {
+  at::Tensor* out = nullptr;
+  char* message = nullptr;
+  const int32_t status = cast_rs_scale_forward(&weight, &scale, groups, dim, force_generic, &out, &message);
+  check(status, message);
+  return take(out);
+}
+
+std::tuple<at::Tensor, at::Tensor> scale_backward(const at::Tensor& grad, const at::Tensor& weight,
+                                                  const at::Tensor& scale, int64_t groups, int64_t dim,
+                                                  bool force_generic) {
+  at::Tensor *gw = nullptr, *ga = nullptr;
+  char* message = nullptr;
+  // The kernels read the incoming gradient as one block (autograd may hand over an
+  // expanded or transposed one).
+  at::Tensor g = grad.contiguous();
+  const int32_t status = cast_rs_scale_backward(&g, &weight, &scale, groups, dim, force_generic, &gw, &ga, &message);
+  check(status, message);
+  return {take(gw), take(ga)};
+}
+
+std::vector<const at::Tensor*> pointers(at::TensorList ts) {
+  std::vector<const at::Tensor*> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(&t);
+  return out;
+}
+
+at::Tensor adams_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& masks,
+                       at::IntArrayRef patterns, at::TensorList steps, double lr, double beta1, double beta2,
+                       double eps, double weight_decay, double l1_decay, std::optional<double> total_steps,
+                       int64_t mask_interval, std::optional<at::ArrayRef<double>> l1_decays,
+                       std::optional<at::ArrayRef<double>> weight_decays, bool force_generic) {
+  const size_t k = params.size();
+  // List lengths are the one thing the C ABI cannot check (it takes k entries of each).
+  auto same = [k](const char* name, size_t len) {
+    TORCH_CHECK_VALUE(len == k, name, ": expected ", k, " entries (one per parameter), got ", len);
+  };
+  same("grads", grads.size());
+  same("exp_avgs", exp_avgs.size());
+  same("exp_avg_sqs", exp_avg_sqs.size());
+  same("masks", masks.size());
+  TORCH_CHECK_VALUE(patterns.size() == 3 * k, "patterns: expected ", 3 * k,
+                    " values ((n, m, dim) per parameter, n = 0 for a dense one), got ", patterns.size());
+  same("steps", steps.size());
+  if (l1_decays) same("l1_decays", l1_decays->size());
+  if (weight_decays) same("weight_decays", weight_decays->size());
+
+  std::vector<at::Tensor> mask_values;  // keeps the optional masks alive and addressable
+  mask_values.reserve(k);
+  std::vector<const at::Tensor*> mask_ptrs(k, nullptr);
+  for (size_t i = 0; i < k; ++i) {
+    std::optional<at::Tensor> m = masks.get(i);
+    mask_values.push_back(m.has_value() ? *m : at::Tensor());
+    if (m.has_value() && m->defined()) mask_ptrs[i] = &mask_values.back();
+  }
+  const CastStepScalars scalars{lr,   beta1, beta2, eps, weight_decay, l1_decay, total_steps.value_or(0.0),
+                                total_steps.has_value(), mask_interval, force_generic};
+  at::Tensor flips = at::empty({static_cast<int64_t>(k)}, at::kLong);
+  char* message = nullptr;
+  auto p = pointers(params), g = pointers(grads), mu = pointers(exp_avgs), v = pointers(exp_avg_sqs),
+       s = pointers(steps);
+  const int32_t status = cast_rs_adams_step(k, p.data(), g.data(), mu.data(), v.data(), mask_ptrs.data(), patterns.data(), s.data(),
+                           &scalars, l1_decays ? l1_decays->data() : nullptr,
+                           weight_decays ? weight_decays->data() : nullptr, flips.data_ptr<int64_t>(), &message);
+  check(status, message);
+  return flips;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(cast_rs, m) {
+  m.set_python_module("cast_rs._ops");
+  m.def("nm_mask(Tensor x, int n, int m, int dim=-1, bool force_generic=False) -> Tensor");
+  m.def("nm_mask_packed(Tensor x, int n, int m, int dim=-1, bool force_generic=False) -> Tensor");
+  m.def("unpack_mask(Tensor bits, int[] shape) -> Tensor");
+  m.def("scale_forward(Tensor weight, Tensor scale, int groups, int dim=-1, bool force_generic=False) -> Tensor");
+  m.def(
+      "scale_backward(Tensor grad, Tensor weight, Tensor scale, int groups, int dim=-1, "
+      "bool force_generic=False) -> (Tensor, Tensor)");
+  m.def(
+      "adams_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)?[] masks, int[] patterns, Tensor(e!)[] steps, *, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay, float l1_decay, float? total_steps, int mask_interval, "
+      "float[]? l1_decays=None, float[]? weight_decays=None, bool force_generic=False) -> Tensor");
+}
+
+// One registration per device; the Rust side picks the slice kernels or the generic path.
+#define CAST_RS_REGISTER(m)                           \
+  m.impl("nm_mask", &nm_mask);                        \
+  m.impl("nm_mask_packed", &nm_mask_packed);          \
+  m.impl("unpack_mask", &unpack_mask);                \
+  m.impl("scale_forward", &scale_forward);            \
+  m.impl("scale_backward", &scale_backward);          \
+  m.impl("adams_step_", &adams_step_)
+
+TORCH_LIBRARY_IMPL(cast_rs, CPU, m) { CAST_RS_REGISTER(m); }
+TORCH_LIBRARY_IMPL(cast_rs, CUDA, m) { CAST_RS_REGISTER(m); }
+
+}  // namespace cast_rs
