@@ -1,0 +1,89 @@
+"""Per-call cost of the eager Python API, for comparing two builds of cast-rs.
+
+    ./run bench calls [--repeats 300]
+
+Times what a training loop calls at every step, on a small input (where the binding layer
+dominates) and a large one (where the kernel does):
+
+* ``AdamS.step()`` on a 2:4 group (8 weights) through the whole Python optimizer;
+* ``_cast_rs.adams_step`` directly (the binding and the kernel, no Python optimizer);
+* ``scale_weight`` forward + backward (eager: the autograd Function around the kernels);
+* ``_cast_rs.scale_forward`` directly;
+* ``nm_mask``.
+
+To compare with another commit (the "before" of a change to the binding layer), build that
+commit's extension and put its package first on ``sys.path``; see the closing note of issue 10
+for the recipe (``git worktree`` + ``cargo build --release --features python`` + PYTHONPATH).
+Every figure is a median of ``--repeats`` calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+import cast_rs
+from cast_rs import _cast_rs
+
+
+def median_us(fn: Callable[[], Any], repeats: int) -> float:
+    for _ in range(max(5, repeats // 10)):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(out)
+
+
+def adams_group(rows: int, cols: int):
+    params = [torch.nn.Parameter(torch.randn(rows, cols)) for _ in range(8)]
+    for p in params:
+        p.grad = torch.randn(rows, cols)
+    opt = cast_rs.AdamS([{"params": params, "pattern": "2:4"}], lr=1e-4, total_steps=10**9)
+    return opt
+
+
+def raw_step(rows: int, cols: int):
+    k = 8
+    p = [torch.randn(rows, cols) for _ in range(k)]
+    g = [torch.randn(rows, cols) for _ in range(k)]
+    mu = [torch.zeros(rows, cols) for _ in range(k)]
+    v = [torch.zeros(rows, cols) for _ in range(k)]
+    masks = [torch.zeros((rows * cols + 7) // 8, dtype=torch.uint8) for _ in range(k)]
+    steps = [torch.tensor(0.0) for _ in range(k)]
+    kw = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, l1_decay=0.1, total_steps=1e9, mask_interval=10)
+    return lambda: _cast_rs.adams_step(p, g, mu, v, masks, [(2, 4, -1)] * k, steps, **kw)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=300)
+    a = ap.parse_args()
+    print(f"cast-rs from {cast_rs.__file__}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median µs per call")
+    print(f"{'call':>34} {'64x64':>10} {'1024x1024':>10}")
+    rows = []
+    for name, make in [
+        ("AdamS.step() (8 weights, 2:4)", lambda r, c: adams_group(r, c).step),
+        ("_cast_rs.adams_step (8 weights)", raw_step),
+        ("scale_weight fwd + bwd", lambda r, c: (lambda w=torch.randn(r, c, requires_grad=True),
+                                                 s=torch.rand(r, 2, requires_grad=True):
+                                                 cast_rs.scale_weight(w, s, 2).sum().backward())),
+        ("_cast_rs.scale_forward", lambda r, c: (lambda w=torch.randn(r, c), s=torch.rand(r, 2):
+                                                 _cast_rs.scale_forward(w, s, 2))),
+        ("nm_mask", lambda r, c: (lambda x=torch.randn(r, c): cast_rs.nm_mask(x, "2:4"))),
+    ]:
+        small = median_us(make(64, 64), a.repeats)
+        large = median_us(make(1024, 1024), max(20, a.repeats // 10))
+        rows.append((name, small, large))
+        print(f"{name:>34} {small:10.1f} {large:10.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
