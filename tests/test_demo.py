@@ -113,3 +113,21 @@ def test_shipped_dense_checkpoint_is_the_default_start():
     logs = []
     dense_start(small, tr, Batches(tr, 2, small.model.context, 1), show=False, log=logs.append)
     assert "pretraining here" in logs[0]
+
+
+def test_every_trained_method_warms_up_then_decays():
+    """The demo's schedule: linear warmup over `warmup · steps` (10 % by default), then cosine
+    to 0; `train` applies it to dense_continued, SR-STE and CAST alike."""
+    from cast_rs.demo import DemoConfig, _cosine
+
+    assert DemoConfig().warmup_steps() == 40 and DemoConfig(warmup=0.0).warmup_steps() == 0
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = _cosine(opt, 10, 4)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == 1.0 and all(a > b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] > 0

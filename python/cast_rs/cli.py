@@ -49,6 +49,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     l1 = getattr(args, "l1_decay", None)
     if l1 is not None and not (math.isfinite(l1) and l1 >= 0):
         parser.error(f"--l1-decay must be a finite number >= 0, got {l1}")
+    warmup = getattr(args, "warmup", None)
+    if warmup is not None and not (math.isfinite(warmup) and 0 <= warmup < 1):
+        parser.error(f"--warmup must be a fraction in [0, 1), got {warmup}")
     pattern = getattr(args, "pattern", None)
     if pattern is not None:
         from .nm import parse_pattern
@@ -92,6 +95,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                       help="pretrain the dense model here (3000 steps, ~12 min) instead of loading the shipped checkpoint")
     demo.add_argument("--lr", type=float, help="learning rate of continued training")
     demo.add_argument("--l1-decay", dest="l1_decay", type=float, help="AdamS l1_decay (lambda)")
+    demo.add_argument("--warmup", type=float, metavar="FRACTION",
+                      help="linear learning-rate warmup over this fraction of the steps, every trained method (default 0.1)")
     demo.add_argument("--batch", type=int, help="sequences per batch")
     demo.add_argument("--seed", type=int, help="seed of the batches and, with --from-scratch, of the dense model "
                       "(the shipped dense checkpoint is seed 0; another seed pretrains here)")

@@ -194,6 +194,10 @@ class DemoConfig:
     from_scratch: bool = False  # pretrain here even when the shipped dense checkpoint fits
     steps: int = 400  # per trained method, after pretraining
     lr: float = 1e-3  # continued training (every method); 3e-3 made CAST diverge (sweep)
+    # Linear learning-rate warmup over this fraction of `steps`, then cosine to 0, for every
+    # trained method (dense continued, SR-STE, CAST): it tempers AdamS's near-sign first
+    # steps on a well-trained model (docs/sparsity_tax.md, finding 12).
+    warmup: float = 0.1
     l1_decay: float = DEFAULT_L1_DECAY  # AdamS's documented default (docs/sparsity_tax.md)
     mask_interval: int = 10
     scaling_groups: int = 2
@@ -203,6 +207,10 @@ class DemoConfig:
     calib_batches: int = 8  # Wanda
     seed: int = 0
     pattern: str = "2:4"
+
+    def warmup_steps(self) -> int:
+        """Warmup steps of each trained method: ``round(warmup · steps)``."""
+        return round(self.warmup * self.steps)
 
     @classmethod
     def quick(cls) -> "DemoConfig":
@@ -353,7 +361,7 @@ def train_cast(m: nn.Module, cfg: DemoConfig, batches: Batches, teacher: nn.Modu
     opt = AdamS(m.parameters(), lr=lr, betas=(0.9, 0.95), l1_decay=l1_decay, total_steps=cfg.steps,
                 mask_interval=mask_interval)
     curve = train(m, opt, batches, cfg.steps, desc="CAST (AdamS)", teacher=teacher, eval_fn=eval_fn,
-                  curve_points=cfg.curve_points if eval_fn else 0, show=show)
+                  curve_points=cfg.curve_points if eval_fn else 0, show=show, warmup=cfg.warmup_steps())
     return handle, opt, curve
 
 
@@ -428,7 +436,8 @@ def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool =
     m = fresh()
     opt = torch.optim.AdamW(_no_decay_groups(m, 0.0), lr=cfg.lr, betas=(0.9, 0.95))
     curve = train(m, opt, cont_batches, cfg.steps, desc="dense continued", teacher=teacher,
-                  eval_fn=lambda: evaluate_full(m), curve_points=cfg.curve_points, show=show)
+                  eval_fn=lambda: evaluate_full(m), curve_points=cfg.curve_points, show=show,
+                  warmup=cfg.warmup_steps())
     secs = time.perf_counter() - t0
     record("dense_continued", m, cfg.steps, secs, False, curve)
     t0 = time.perf_counter()
@@ -441,7 +450,8 @@ def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool =
     srste = baselines.SRSTE(m, cfg.pattern, decay=cfg.srste_decay)
     opt = torch.optim.AdamW(_no_decay_groups(m, 0.0), lr=cfg.lr, betas=(0.9, 0.95))
     curve = train(m, opt, cont_batches, cfg.steps, desc="SR-STE", teacher=teacher,
-                  eval_fn=lambda: evaluate_full(m), curve_points=cfg.curve_points, show=show)
+                  eval_fn=lambda: evaluate_full(m), curve_points=cfg.curve_points, show=show,
+                  warmup=cfg.warmup_steps())
     srste.finalize()
     record("srste", m, cfg.steps, time.perf_counter() - t0, True, curve)
 
@@ -513,7 +523,7 @@ def plot_results(results: Dict[str, Dict], path: str) -> None:
 
 def main(args) -> int:
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
-    for key in ("steps", "pretrain_steps", "lr", "l1_decay", "seed", "batch"):
+    for key in ("steps", "pretrain_steps", "lr", "l1_decay", "warmup", "seed", "batch"):
         v = getattr(args, key, None)
         if v is not None:
             setattr(cfg, key, v)
