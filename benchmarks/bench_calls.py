@@ -20,25 +20,11 @@ Every figure is a median of ``--repeats`` calls.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from typing import Any, Callable
-
 import torch
 
 import cast_rs
 from cast_rs import _cast_rs
-
-
-def median_us(fn: Callable[[], Any], repeats: int) -> float:
-    for _ in range(max(5, repeats // 10)):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return 1e6 * statistics.median(out)
+from bench_ops import median_us, step_args  # benchmarks/ is on sys.path when run
 
 
 def adams_group(rows: int, cols: int):
@@ -50,15 +36,8 @@ def adams_group(rows: int, cols: int):
 
 
 def raw_step(rows: int, cols: int):
-    k = 8
-    p = [torch.randn(rows, cols) for _ in range(k)]
-    g = [torch.randn(rows, cols) for _ in range(k)]
-    mu = [torch.zeros(rows, cols) for _ in range(k)]
-    v = [torch.zeros(rows, cols) for _ in range(k)]
-    masks = [torch.zeros((rows * cols + 7) // 8, dtype=torch.uint8) for _ in range(k)]
-    steps = [torch.tensor(0.0) for _ in range(k)]
-    kw = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, l1_decay=0.1, total_steps=1e9, mask_interval=10)
-    return lambda: _cast_rs.adams_step(p, g, mu, v, masks, [(2, 4, -1)] * k, steps, **kw)
+    p, g, mu, v, masks, steps, kw = step_args(8, rows, cols)
+    return lambda: _cast_rs.adams_step(p, g, mu, v, masks, [(2, 4, -1)] * len(p), steps, **kw)
 
 
 def main() -> None:
