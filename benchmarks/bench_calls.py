@@ -20,6 +20,7 @@ Every figure is a median of ``--repeats`` calls.
 from __future__ import annotations
 
 import argparse
+
 import torch
 
 import cast_rs
