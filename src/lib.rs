@@ -3,6 +3,7 @@
 //! * [`nm`]: N:M masks (selection, packing) on plain slices.
 //! * [`adams`]: the fused AdamS optimizer step on contiguous `f32` slices.
 //! * `generic` (feature `python`): the same kernels from tch tensor ops, for any dtype/device.
+//! * [`half`]: bf16 / fp16 ⇄ f32 conversions, bit-exact with torch's (for the fused bf16 path).
 //! * [`checks`]: every argument rule of the entry points, on tensor metadata (pure Rust).
 //! * `ops` (feature `python`): the entry points on libtorch tensors (check, pick the path, run).
 //! * `bindings` (feature `python`): the thin pyo3 layer, `cast_rs._cast_rs`.
@@ -14,6 +15,7 @@
 pub mod adams;
 pub mod checks;
 pub mod error;
+pub mod half;
 pub mod nm;
 pub mod parallel;
 pub mod scaling;
