@@ -191,7 +191,7 @@ impl AdamsTensor<'_> {
 const TILE_TARGET: usize = 4096;
 
 #[inline(always)]
-fn sign(x: f32) -> f32 {
+pub(crate) fn sign(x: f32) -> f32 {
     // As torch.sign (which the generic path uses): +1, -1, and +0 for ±0 and for NaN.
     if x > 0.0 {
         1.0
@@ -205,7 +205,13 @@ fn sign(x: f32) -> f32 {
 /// Element loop of a dense tensor: plain AdamW.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn dense_tile(theta: &mut [f32], grad: &[f32], mu: &mut [f32], v: &mut [f32], sc: &StepScalars) {
+pub(crate) fn dense_tile(
+    theta: &mut [f32],
+    grad: &[f32],
+    mu: &mut [f32],
+    v: &mut [f32],
+    sc: &StepScalars,
+) {
     let (b1c, b2, b2c, eps, decay) = (sc.b1c, sc.b2, sc.b2c, sc.eps, sc.decay);
     let n = theta.len();
     let (grad, mu, v) = (&grad[..n], &mut mu[..n], &mut v[..n]);
@@ -228,7 +234,7 @@ fn dense_tile(theta: &mut [f32], grad: &[f32], mu: &mut [f32], v: &mut [f32], sc
 /// Element loop of a sparse tensor: AdamS with keep flags (0/1 bytes) for this tile.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn sparse_tile(
+pub(crate) fn sparse_tile(
     theta: &mut [f32],
     grad: &[f32],
     mu: &mut [f32],

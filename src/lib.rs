@@ -2,6 +2,7 @@
 //!
 //! * [`nm`]: N:M masks (selection, packing) on plain slices.
 //! * [`adams`]: the fused AdamS optimizer step on contiguous `f32` slices.
+//! * [`adams_lp`]: its element loops on bf16 / fp16 storage (not wired into the step yet).
 //! * `generic` (feature `python`): the same kernels from tch tensor ops, for any dtype/device.
 //! * [`half`]: bf16 / fp16 ⇄ f32 conversions, bit-exact with torch's (for the fused bf16 path).
 //! * [`checks`]: every argument rule of the entry points, on tensor metadata (pure Rust).
@@ -13,6 +14,7 @@
 //! either (the default build has no `python` feature).
 
 pub mod adams;
+pub mod adams_lp;
 pub mod checks;
 pub mod error;
 pub mod half;
