@@ -6,6 +6,9 @@
 * torch.optim.AdamW(fused=True): the memory-bandwidth yardstick (same 28 bytes per weight)
 * plain-PyTorch AdamS (foreach ops, float masks, topk mask pass): what one writes without
   a kernel (tests/reference.py: foreach_adams_step)
+* bf16 (and with --fp16 also fp16) parameters: AdamS on its fused 16-bit path vs
+  AdamW(fused=True) and AdamW(foreach=True) on the same dtype
+* the generic path forced (float32): AdamS vs AdamW(foreach=True), torch's multi-tensor path
 * N:M mask: cast_rs.nm_mask vs a torch.topk-based mask
 
 Timings are wall-clock medians over the measured steps, after warm-up, in this process;
@@ -40,11 +43,83 @@ def timed(fn, steps: int, warmup: int = 3) -> list:
     return out
 
 
+def interleaved(contenders: dict, rounds: int, every: dict | None = None) -> dict:
+    """Median seconds per call of each contender, timed in interleaved rounds (one call of
+    each per round, the order rotated every round) after 3 warm-up rounds, so drift in the
+    machine's speed (a shared VM) and the after-effects of one step on the next (allocator,
+    thread-pool state) hit them alike. ``every[name] = k`` runs a slow one every k-th round."""
+    every = every or {}
+    times = {k: [] for k in contenders}
+    names = list(contenders)
+    for r in range(rounds + 3):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            if r % every.get(name, 1):
+                continue
+            t0 = time.perf_counter()
+            contenders[name]()
+            if r >= 3:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def lowp_section(shape, tensors: int, rounds: int, dtype: torch.dtype) -> None:
+    """AdamS on bf16/fp16 parameters (fused 16-bit path) vs torch's AdamW on the same dtype."""
+    def params():
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(shape).to(dtype)) for _ in range(tensors)]
+        for p in ps:
+            p.grad = (torch.randn(shape) * 1e-2).to(dtype)
+        return ps
+
+    adams = cast_rs.AdamS(params(), lr=1e-3, pattern="2:4", total_steps=10_000, mask_interval=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "acts as AdamW": intended here
+        dense = cast_rs.AdamS(params(), lr=1e-3)
+    fused = torch.optim.AdamW(params(), lr=1e-3, fused=True)
+    foreach = torch.optim.AdamW(params(), lr=1e-3, foreach=True)
+    med = interleaved({"adams": adams.step, "dense": dense.step, "fused": fused.step, "foreach": foreach.step},
+                      rounds)
+    assert adams._kernel_calls[1] == 0 and dense._kernel_calls[1] == 0, "must run on the fused 16-bit path"
+    name = str(dtype).replace("torch.", "")
+    print(f"\n{name} parameters ({tensors} x {shape[0]}x{shape[1]}), state in {name}   median ms   vs fused   vs foreach")
+    for key, label in (("adams", f"cast_rs.AdamS (2:4, fused {name})"), ("dense", "cast_rs.AdamS, dense (= AdamW)"),
+                       ("fused", "torch AdamW(fused=True)"), ("foreach", "torch AdamW(foreach=True)")):
+        print(f"{label:<40}{med[key] * 1e3:9.1f}   {med[key] / med['fused']:6.2f}x   {med[key] / med['foreach']:7.2f}x")
+
+
+def generic_section(shape, tensors: int, rounds: int) -> None:
+    """The generic (tensor-op) path, forced on float32 CPU tensors: the path CUDA tensors take."""
+    def params():
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(shape)) for _ in range(tensors)]
+        for p in ps:
+            p.grad = torch.randn(shape) * 1e-2
+        return ps
+
+    adams = cast_rs.AdamS(params(), lr=1e-3, pattern="2:4", total_steps=10_000, mask_interval=10)
+
+    def generic_step():
+        with cast_rs.force_generic_path():
+            adams.step()
+
+    foreach = torch.optim.AdamW(params(), lr=1e-3, foreach=True)
+    fused = torch.optim.AdamW(params(), lr=1e-3, fused=True)
+    med = interleaved({"adams": generic_step, "foreach": foreach.step, "fused": fused.step}, rounds)
+    assert adams._kernel_calls[0] == 0, "must run on the generic path"
+    print(f"\ngeneric path forced, float32 ({tensors} x {shape[0]}x{shape[1]})   median ms   vs foreach   vs fused")
+    for key, label in (("adams", "cast_rs.AdamS (2:4, generic path)"), ("foreach", "torch AdamW(foreach=True)"),
+                       ("fused", "torch AdamW(fused=True)")):
+        print(f"{label:<40}{med[key] * 1e3:9.1f}   {med[key] / med['foreach']:8.2f}x   {med[key] / med['fused']:6.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tensors", type=int, default=24)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=40, help="timed rounds (default 40)")
+    ap.add_argument("--fp16", action="store_true", help="also time float16 parameters")
+    ap.add_argument("--lowp-tensors", type=int, default=8,
+                    help="tensors in the bf16/fp16 and generic-path sections (default 8)")
     args = ap.parse_args()
     shape = (args.size, args.size)
     numel = args.tensors * args.size * args.size
@@ -83,31 +158,23 @@ def main() -> None:
         foreach_adams_step(ps, grads, mus, vs, masks, counter[0], lr=1e-3, total_steps=T, mask_interval=10)
 
     contenders = {"adams": adams.step, "dense": adams_dense.step, "adamw": adamw.step, "plain": plain_step}
-    times = {k: [] for k in contenders}
-    names = list(contenders)
-    for r in range(args.steps + 3):
-        # Rotate the order every round: a step runs measurably slower right after some
-        # others (allocator and thread-pool state), so every contender takes every position.
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            if name == "plain" and r % 3:
-                continue  # 10x slower: a third of the rounds is plenty for its median
-            t0 = time.perf_counter()
-            contenders[name]()
-            if r >= 3:
-                times[name].append(time.perf_counter() - t0)
+    # The plain-PyTorch step is 10x slower: a third of the rounds is plenty for its median.
+    med = interleaved(contenders, args.steps, every={"plain": 3})
     assert adams._kernel_calls[1] == 0, "benchmark must run on the fast path"
     del ps_adams, ps_adamw, ps_dense, adams_dense, ps, grads, mus, vs, masks, adams, adamw
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    mean = {k: statistics.fmean(v) for k, v in times.items()}
     gbps = numel * 28 / med["adams"] / 1e9
-    print("\noptimizer step                      median ms   mean ms   vs fused AdamW")
-    print(f"cast_rs.AdamS (2:4, fast path)      {med['adams'] * 1e3:9.1f} {mean['adams'] * 1e3:9.1f}   {med['adams'] / med['adamw']:6.2f}x")
-    print(f"cast_rs.AdamS, dense (= AdamW)      {med['dense'] * 1e3:9.1f} {mean['dense'] * 1e3:9.1f}   {med['dense'] / med['adamw']:6.2f}x")
-    print(f"torch AdamW(fused=True)             {med['adamw'] * 1e3:9.1f} {mean['adamw'] * 1e3:9.1f}   {1.0:6.2f}x")
-    print(f"plain-PyTorch AdamS (foreach)       {med['plain'] * 1e3:9.1f} {mean['plain'] * 1e3:9.1f}   {med['plain'] / med['adamw']:6.2f}x")
+    print("\nfloat32 optimizer step              median ms   vs fused AdamW")
+    print(f"cast_rs.AdamS (2:4, fast path)      {med['adams'] * 1e3:9.1f}   {med['adams'] / med['adamw']:6.2f}x")
+    print(f"cast_rs.AdamS, dense (= AdamW)      {med['dense'] * 1e3:9.1f}   {med['dense'] / med['adamw']:6.2f}x")
+    print(f"torch AdamW(fused=True)             {med['adamw'] * 1e3:9.1f}   {1.0:6.2f}x")
+    print(f"plain-PyTorch AdamS (foreach)       {med['plain'] * 1e3:9.1f}   {med['plain'] / med['adamw']:6.2f}x")
     print(f"-> cast_rs.AdamS is {med['plain'] / med['adams']:.1f}x faster than plain-PyTorch AdamS and takes "
           f"{med['adams'] / med['adamw']:.2f}x the time of fused AdamW ({gbps:.1f} GB/s of the 28 B/weight traffic)")
+
+    for dtype in [torch.bfloat16] + ([torch.float16] if args.fp16 else []):
+        lowp_section(shape, args.lowp_tensors, args.steps, dtype)
+    generic_section(shape, args.lowp_tensors, max(10, args.steps // 2))
 
     # Mask kernel, on the same 24 tensors (one refresh of the whole model).
     torch.manual_seed(1)

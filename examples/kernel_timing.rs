@@ -2,7 +2,7 @@
 //! (The side-by-side comparison with torch is `./run bench`.)
 use std::time::Instant;
 
-use _cast_rs::adams::{adams_step_f32, AdamsHyper, AdamsTensor, StepScalars};
+use _cast_rs::adams::{adams_step_fused, AdamsHyper, AdamsTensor, StepScalars};
 use _cast_rs::nm::{nm_keep, nm_mask_packed, packed_len, GroupDim, GroupLayout, NmPattern};
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -71,7 +71,7 @@ fn main() {
                         scalars: StepScalars::new(&h, s as f64, Some(100.0), interval),
                     })
                     .collect();
-                adams_step_f32(tensors, &h).unwrap();
+                adams_step_fused(tensors, &h).unwrap();
                 ts.push(t0.elapsed().as_secs_f64() * 1e3);
             }
             println!(

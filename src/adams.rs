@@ -1,4 +1,5 @@
-//! The fused AdamS step on contiguous `f32` slices (the CPU fast path).
+//! The fused AdamS step on contiguous CPU slices (the fast path): f32 here, bf16 / fp16
+//! through the loops of [`crate::adams_lp`] ([`StepElem`] picks them).
 //!
 //! One pass over memory per tensor: each tile of a few thousand elements (whole N:M blocks)
 //! first refreshes or unpacks its mask bits, then runs one vectorisable element loop that
@@ -21,8 +22,11 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::adams_lp::{dense_tile_lp, sparse_tile_lp};
 use crate::error::{Arg, CastError, Result};
-use crate::nm::{keep_flags, pack_bits, packed_len, unpack_flags, GroupLayout};
+use crate::nm::{
+    keep_flags, pack_bits, packed_len, unpack_flags, Bf16Bits, F16Bits, GroupLayout, MaskKey,
+};
 
 /// Hyper-parameters shared by every tensor of one call (one param group).
 #[derive(Debug, Clone, Copy)]
@@ -103,6 +107,8 @@ pub struct StepScalars {
     /// 1 / sqrt(1 − β2^s): a multiply instead of a per-element divide (within 1 ulp of
     /// torch's `sqrt(v) / bias_correction2_sqrt`).
     pub inv_bc2_sqrt: f32,
+    /// sqrt(1 − β2^s), for the 16-bit loops, which divide as torch's fused kernel does.
+    pub bc2_sqrt: f32,
     pub wd_factor: f32,
     /// α·λ and 1 − α for the decay of masked-out weights.
     pub alpha_l1: f32,
@@ -131,6 +137,7 @@ impl StepScalars {
         StepScalars {
             step_size: (h.lr / bc1) as f32,
             inv_bc2_sqrt: (1.0 / bc2.sqrt()) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
             wd_factor: (1.0 - h.lr * h.weight_decay) as f32,
             alpha_l1: (alpha * h.l1_decay) as f32,
             one_minus_alpha: (1.0 - alpha) as f32,
@@ -144,18 +151,124 @@ impl StepScalars {
     }
 }
 
+/// An element type of the fast path: its element loops. The mask of a sparse tensor is
+/// computed from θ through [`MaskKey`] (the magnitude order, on the stored values).
+pub trait StepElem: MaskKey {
+    fn dense_tile(
+        theta: &mut [Self],
+        grad: &[Self],
+        mu: &mut [Self],
+        v: &mut [Self],
+        sc: &StepScalars,
+    );
+    fn sparse_tile(
+        theta: &mut [Self],
+        grad: &[Self],
+        mu: &mut [Self],
+        v: &mut [Self],
+        keep: &[u8],
+        sc: &StepScalars,
+    );
+    /// The sparse loop reading the packed mask bits directly, where a specialised one exists
+    /// and the CPU runs it; `false` (nothing done) otherwise.
+    #[inline(always)]
+    fn sparse_tile_bits(
+        _theta: &mut [Self],
+        _grad: &[Self],
+        _mu: &mut [Self],
+        _v: &mut [Self],
+        _bits: &[u8],
+        _sc: &StepScalars,
+    ) -> bool {
+        false
+    }
+}
+
+impl StepElem for f32 {
+    #[inline(always)]
+    fn dense_tile(
+        theta: &mut [f32],
+        grad: &[f32],
+        mu: &mut [f32],
+        v: &mut [f32],
+        sc: &StepScalars,
+    ) {
+        dense_tile(theta, grad, mu, v, sc)
+    }
+    #[inline(always)]
+    fn sparse_tile(
+        theta: &mut [f32],
+        grad: &[f32],
+        mu: &mut [f32],
+        v: &mut [f32],
+        keep: &[u8],
+        sc: &StepScalars,
+    ) {
+        sparse_tile(theta, grad, mu, v, keep, sc)
+    }
+    #[inline(always)]
+    fn sparse_tile_bits(
+        theta: &mut [f32],
+        grad: &[f32],
+        mu: &mut [f32],
+        v: &mut [f32],
+        bits: &[u8],
+        sc: &StepScalars,
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::level() == crate::simd::Level::Avx512 {
+            // SAFETY: AVX-512F is present (checked by `simd::level`); the caller passes equal
+            // lengths and ceil(len / 8) mask bytes.
+            unsafe { avx512::sparse_tile_bits(theta, grad, mu, v, bits, sc) };
+            return true;
+        }
+        let _ = (theta, grad, mu, v, bits, sc);
+        false
+    }
+}
+
+macro_rules! low_precision_elem {
+    ($t:ty) => {
+        impl StepElem for $t {
+            #[inline(always)]
+            fn dense_tile(
+                theta: &mut [$t],
+                grad: &[$t],
+                mu: &mut [$t],
+                v: &mut [$t],
+                sc: &StepScalars,
+            ) {
+                dense_tile_lp(theta, grad, mu, v, sc)
+            }
+            #[inline(always)]
+            fn sparse_tile(
+                theta: &mut [$t],
+                grad: &[$t],
+                mu: &mut [$t],
+                v: &mut [$t],
+                keep: &[u8],
+                sc: &StepScalars,
+            ) {
+                sparse_tile_lp(theta, grad, mu, v, keep, sc)
+            }
+        }
+    };
+}
+low_precision_elem!(Bf16Bits);
+low_precision_elem!(F16Bits);
+
 /// One tensor's buffers for the fast path.
-pub struct AdamsTensor<'a> {
-    pub theta: &'a mut [f32],
-    pub grad: &'a [f32],
-    pub exp_avg: &'a mut [f32],
-    pub exp_avg_sq: &'a mut [f32],
+pub struct AdamsTensor<'a, E = f32> {
+    pub theta: &'a mut [E],
+    pub grad: &'a [E],
+    pub exp_avg: &'a mut [E],
+    pub exp_avg_sq: &'a mut [E],
     /// Packed mask and layout of a sparse tensor; `None` for a dense one.
     pub mask: Option<(&'a mut [u8], GroupLayout)>,
     pub scalars: StepScalars,
 }
 
-impl AdamsTensor<'_> {
+impl<E> AdamsTensor<'_, E> {
     pub fn validate(&self, index: usize) -> Result<()> {
         let n = self.theta.len();
         let check = |what: &str, len: usize| {
@@ -365,11 +478,11 @@ mod avx512 {
 }
 
 /// A contiguous piece of one tensor, processed by one parallel task.
-struct Piece<'a> {
-    theta: &'a mut [f32],
-    grad: &'a [f32],
-    mu: &'a mut [f32],
-    v: &'a mut [f32],
+struct Piece<'a, E> {
+    theta: &'a mut [E],
+    grad: &'a [E],
+    mu: &'a mut [E],
+    v: &'a mut [E],
     mask: Option<(&'a mut [u8], GroupLayout)>,
     tile: usize,
     scalars: StepScalars,
@@ -378,7 +491,7 @@ struct Piece<'a> {
 }
 
 /// Runs a piece with the widest vector instructions this CPU has (see `simd`).
-fn run_piece(p: Piece<'_>) {
+fn run_piece<E: StepElem>(p: Piece<'_, E>) {
     crate::simd::dispatch(
         #[inline(always)]
         || run_piece_impl(p),
@@ -386,20 +499,17 @@ fn run_piece(p: Piece<'_>) {
 }
 
 #[inline(always)]
-fn run_piece_impl(p: Piece<'_>) {
+fn run_piece_impl<E: StepElem>(p: Piece<'_, E>) {
     let sc = p.scalars;
     match p.mask {
         None => {
             // Dense: no tiling needed, the loop is purely element-wise.
-            dense_tile(p.theta, p.grad, p.mu, p.v, &sc)
+            E::dense_tile(p.theta, p.grad, p.mu, p.v, &sc)
         }
         Some((bits, layout)) => {
-            #[cfg(target_arch = "x86_64")]
-            if !sc.refresh && crate::simd::level() == crate::simd::Level::Avx512 {
-                // No mask to compute: one pass over the whole piece, reading the bits as lane
-                // masks (pieces start on whole mask bytes).
-                // SAFETY: AVX-512F is present (checked); equal lengths; `bits` covers the piece.
-                unsafe { avx512::sparse_tile_bits(p.theta, p.grad, p.mu, p.v, bits, &sc) };
+            // No mask to compute: one pass over the whole piece, reading the bits as lane
+            // masks where a specialised loop exists (pieces start on whole mask bytes).
+            if !sc.refresh && E::sparse_tile_bits(p.theta, p.grad, p.mu, p.v, bits, &sc) {
                 return;
             }
             let tile = p.tile;
@@ -422,7 +532,6 @@ fn run_piece_impl(p: Piece<'_>) {
                 .zip(p.mu.chunks_mut(tile))
                 .zip(p.v.chunks_mut(tile))
                 .zip(bits.chunks_mut(tile / 8));
-            let avx512 = crate::simd::level() == crate::simd::Level::Avx512;
             for ((((th, g), mu), v), b) in tiles {
                 let len = th.len();
                 if sc.refresh {
@@ -438,18 +547,14 @@ fn run_piece_impl(p: Piece<'_>) {
                     };
                     b.copy_from_slice(fresh);
                 }
-                #[cfg(target_arch = "x86_64")]
-                if avx512 {
-                    // SAFETY: AVX-512F is present (checked by `simd::level`); the slices have
-                    // equal lengths and `b` holds ceil(len / 8) mask bytes.
-                    unsafe { avx512::sparse_tile_bits(th, g, mu, v, b, &sc) };
+                // The slices have equal lengths and `b` holds ceil(len / 8) mask bytes.
+                if E::sparse_tile_bits(th, g, mu, v, b, &sc) {
                     continue;
                 }
-                let _ = avx512;
                 if !sc.refresh {
                     unpack_flags(b, &mut flags[..len]);
                 }
-                sparse_tile(th, g, mu, v, &flags[..len], &sc);
+                E::sparse_tile(th, g, mu, v, &flags[..len], &sc);
             }
             if flips > 0 {
                 p.flips.fetch_add(flips, Ordering::Relaxed);
@@ -547,7 +652,10 @@ fn changed_groups(old: &[u8], new: &[u8], layout: &GroupLayout) -> u64 {
 /// Everything is validated before anything is written: on `Err`, no buffer has changed.
 /// Returns, per tensor, the number of N:M groups whose mask changed if its mask was refreshed
 /// at this step (`None` for dense tensors and steps without a refresh).
-pub fn adams_step_f32(tensors: Vec<AdamsTensor<'_>>, h: &AdamsHyper) -> Result<Vec<Option<u64>>> {
+pub fn adams_step_fused<E: StepElem>(
+    tensors: Vec<AdamsTensor<'_, E>>,
+    h: &AdamsHyper,
+) -> Result<Vec<Option<u64>>> {
     h.validate()?;
     for (i, t) in tensors.iter().enumerate() {
         t.validate(i)?;
@@ -557,7 +665,7 @@ pub fn adams_step_f32(tensors: Vec<AdamsTensor<'_>>, h: &AdamsHyper) -> Result<V
         .iter()
         .map(|t| t.mask.is_some() && t.scalars.refresh)
         .collect();
-    let mut pieces: Vec<Piece<'_>> = Vec::new();
+    let mut pieces: Vec<Piece<'_, E>> = Vec::new();
     for (t, flips) in tensors.into_iter().zip(&counters) {
         let n = t.theta.len();
         if n == 0 {
@@ -753,7 +861,7 @@ mod tests {
                 },
                 scalars,
             };
-            adams_step_f32(vec![t], &h).unwrap();
+            adams_step_fused(vec![t], &h).unwrap();
             reference_step(
                 &mut th64,
                 &g64,
@@ -868,7 +976,7 @@ mod tests {
                 mask: Some((&mut bits, layout)),
                 scalars: StepScalars::new(&h, s as f64, Some(1.0), 10),
             };
-            adams_step_f32(vec![t], &h).unwrap();
+            adams_step_fused(vec![t], &h).unwrap();
         }
         assert_eq!(bits[0], 0b1001);
         assert_eq!(
@@ -912,7 +1020,7 @@ mod tests {
             mask: Some((&mut bits, layout)),
             scalars: StepScalars::new(&h, 1.0, Some(10.0), 10),
         };
-        assert_eq!(adams_step_f32(vec![t], &h).unwrap(), vec![Some(2)]);
+        assert_eq!(adams_step_fused(vec![t], &h).unwrap(), vec![Some(2)]);
         assert_eq!(bits, vec![0b1100_0011, 0b1100_0011]);
     }
 
@@ -970,7 +1078,7 @@ mod tests {
             mask: None,
             scalars: StepScalars::new(&h, 1.0, None, 10),
         };
-        let err = adams_step_f32(vec![good], &h).unwrap_err();
+        let err = adams_step_fused(vec![good], &h).unwrap_err();
         assert!(err.to_string().contains("exp_avg_sqs[0]"), "{err}");
         assert_eq!(th, vec![1.0; 8]);
         let bad = AdamsHyper { beta1: 1.0, ..h };

@@ -303,8 +303,9 @@ pub struct StepPlan {
     /// s, the step being taken (completed steps + 1).
     pub step: f64,
     pub mask: Option<(NmPattern, GroupDim, GroupLayout)>,
-    /// Contiguous f32 CPU buffers: the slice kernel; otherwise the generic tch path.
-    pub fast: bool,
+    /// The dtype of the slice kernel this parameter takes (contiguous CPU buffers of one
+    /// dtype among f32, bf16 and fp16); `None`: the generic tch path.
+    pub fast: Option<Dtype>,
     /// This tensor's hyper-parameters: the group's, with its own λ and weight decay.
     pub hyper: AdamsHyper,
 }
@@ -484,11 +485,13 @@ pub fn step_args(cfg: &StepConfig, tensors: &[StepMeta]) -> Result<Vec<StepPlan>
             }
         }
         first_shared_pair(&own_buffers(t, i))?;
-        let fast = !cfg.force_generic
-            && fast_eligible(&[p, &t.grad, &t.exp_avg, &t.exp_avg_sq], Dtype::F32)
+        let fast = (!cfg.force_generic
+            && matches!(p.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16)
+            && fast_eligible(&[p, &t.grad, &t.exp_avg, &t.exp_avg_sq], p.dtype)
             && t.mask
                 .as_ref()
-                .is_none_or(|b| b.contiguous && b.dev == Dev::Cpu);
+                .is_none_or(|b| b.contiguous && b.dev == Dev::Cpu))
+        .then_some(p.dtype);
         plans.push(StepPlan {
             step,
             mask,
@@ -505,7 +508,7 @@ pub fn step_args(cfg: &StepConfig, tensors: &[StepMeta]) -> Result<Vec<StepPlan>
     let fast_buffers = tensors
         .iter()
         .enumerate()
-        .filter(|(i, _)| plans[*i].fast)
+        .filter(|(i, _)| plans[*i].fast.is_some())
         .flat_map(|(i, t)| own_buffers(t, i).into_iter().map(|(a, r)| (r, a)))
         .collect();
     first_shared_sweep(fast_buffers)?;
@@ -597,10 +600,35 @@ mod tests {
         assert_eq!(plans.len(), 2);
         assert!(plans
             .iter()
-            .all(|p| p.fast && p.step == 1.0 && p.mask.is_some()));
+            .all(|p| p.fast == Some(Dtype::F32) && p.step == 1.0 && p.mask.is_some()));
         let mut c = cfg();
         c.force_generic = true;
-        assert!(step_args(&c, &[sparse(0)]).unwrap().iter().all(|p| !p.fast));
+        assert!(step_args(&c, &[sparse(0)])
+            .unwrap()
+            .iter()
+            .all(|p| p.fast.is_none()));
+    }
+
+    #[test]
+    fn sixteen_bit_params_take_their_fast_path_and_others_the_generic_one() {
+        for (d, want) in [
+            (Dtype::BF16, Some(Dtype::BF16)),
+            (Dtype::F16, Some(Dtype::F16)),
+            (Dtype::F64, None),
+        ] {
+            let mut t = sparse(0);
+            for m in [&mut t.param, &mut t.grad, &mut t.exp_avg, &mut t.exp_avg_sq] {
+                *m = meta(d, &[4, 8], m.start);
+            }
+            assert_eq!(
+                step_args(&cfg(), &[t.clone()]).unwrap()[0].fast,
+                want,
+                "{d:?}"
+            );
+            // A state buffer in another dtype is an error, not a silent generic step.
+            t.exp_avg = meta(Dtype::F32, &[4, 8], t.exp_avg.start);
+            assert!(err(step_args(&cfg(), &[t])).contains("exp_avgs"));
+        }
     }
 
     #[test]

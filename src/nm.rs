@@ -181,9 +181,12 @@ impl MaskKey for f64 {
 }
 
 /// 16-bit floats (bf16 and f16) given as raw bits: the same sign-cleared order holds.
-#[derive(Clone, Copy)]
+/// `repr(transparent)`: a `&mut [u16]` of tensor storage may be viewed as a slice of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(transparent)]
 pub struct Bf16Bits(pub u16);
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(transparent)]
 pub struct F16Bits(pub u16);
 
 impl MaskKey for Bf16Bits {

@@ -8,8 +8,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use tch::{Device, Kind, Tensor};
 
-use crate::adams::{adams_step_f32, AdamsTensor, StepScalars};
-use crate::checks::{self, Dev, Dtype, Meta, StepConfig, StepMeta};
+use crate::adams::{adams_step_fused, AdamsTensor, StepElem, StepScalars};
+use crate::checks::{self, Dev, Dtype, Meta, StepConfig, StepMeta, StepPlan};
 use crate::error::{CastError, Result};
 use crate::generic::{self, torch_err, GenericScalars};
 use crate::nm;
@@ -308,6 +308,63 @@ fn write_step(t: &mut Tensor, value: f64) -> Result<()> {
         .map_err(torch_err("step counter"))
 }
 
+/// The buffers of a step call, for the slice kernels.
+struct FastBuffers<'a> {
+    params: &'a [Tensor],
+    grads: &'a [Tensor],
+    exp_avgs: &'a [Tensor],
+    exp_avg_sqs: &'a [Tensor],
+    masks: &'a [Option<Tensor>],
+}
+
+/// Runs the slice kernel of element type `E` on the parameters planned for it (`dtype`),
+/// recording their mask flips.
+fn step_fast<E: StepElem>(
+    dtype: Dtype,
+    plans: &[StepPlan],
+    b: &FastBuffers<'_>,
+    cfg: &StepConfig,
+    flips: &mut [Option<u64>],
+) -> Result<()> {
+    let mine: Vec<usize> = (0..plans.len())
+        .filter(|&i| plans[i].fast == Some(dtype))
+        .collect();
+    if mine.is_empty() {
+        return Ok(());
+    }
+    let mut tensors = Vec::with_capacity(mine.len());
+    for &i in &mine {
+        let plan = &plans[i];
+        // SAFETY: each tensor is a contiguous CPU tensor of `dtype`, whose elements `E`
+        // represents (f32, or `repr(transparent)` u16 bits); the buffers of one parameter
+        // were checked pairwise disjoint and those of the call's fast-path parameters disjoint
+        // by the sweep; state tensors are per parameter.
+        let tensor = unsafe {
+            AdamsTensor {
+                theta: slice_mut::<E>(&b.params[i]),
+                grad: slice_mut::<E>(&b.grads[i]),
+                exp_avg: slice_mut::<E>(&b.exp_avgs[i]),
+                exp_avg_sq: slice_mut::<E>(&b.exp_avg_sqs[i]),
+                mask: match (&b.masks[i], plan.mask) {
+                    (Some(m), Some((_, _, layout))) => Some((slice_mut::<u8>(m), layout)),
+                    _ => None,
+                },
+                scalars: StepScalars::new(
+                    &plan.hyper,
+                    plan.step,
+                    cfg.total_steps,
+                    cfg.mask_interval,
+                ),
+            }
+        };
+        tensors.push(tensor);
+    }
+    for (i, f) in mine.into_iter().zip(adams_step_fused(tensors, &cfg.hyper)?) {
+        flips[i] = f;
+    }
+    Ok(())
+}
+
 /// One AdamS / AdamW step over a param group (see `cast_rs.AdamS` for the algorithm).
 /// Everything is checked before anything is written; with `validate_only` nothing is.
 pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Result<StepOutcome> {
@@ -337,7 +394,7 @@ pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Resu
         })
         .collect();
     let plans = checks::step_args(cfg, &metas)?;
-    let n_fast = plans.iter().filter(|p| p.fast).count();
+    let n_fast = plans.iter().filter(|p| p.fast.is_some()).count();
     if validate_only {
         return Ok(StepOutcome {
             n_fast,
@@ -357,37 +414,18 @@ pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Resu
     let total = cfg.total_steps;
     let interval = cfg.mask_interval;
     guarded(|| {
-        let mut fast = Vec::with_capacity(n_fast);
-        for (i, plan) in plans.iter().enumerate().filter(|(_, p)| p.fast) {
-            // SAFETY: each tensor is a contiguous CPU f32 tensor (checked); the buffers of one
-            // parameter were checked pairwise disjoint and those of the call's fast-path
-            // parameters disjoint by the sweep; state tensors are per parameter.
-            let tensor = unsafe {
-                AdamsTensor {
-                    theta: slice_mut::<f32>(&params[i]),
-                    grad: slice_mut::<f32>(&grads[i]),
-                    exp_avg: slice_mut::<f32>(&exp_avgs[i]),
-                    exp_avg_sq: slice_mut::<f32>(&exp_avg_sqs[i]),
-                    mask: match (&masks[i], plan.mask) {
-                        (Some(b), Some((_, _, layout))) => Some((slice_mut::<u8>(b), layout)),
-                        _ => None,
-                    },
-                    scalars: StepScalars::new(&plan.hyper, plan.step, total, interval),
-                }
-            };
-            fast.push(tensor);
-        }
-        let fast_flips = adams_step_f32(fast, &cfg.hyper)?;
         let mut flips = vec![None; k];
-        let fast_idx = plans
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.fast)
-            .map(|(i, _)| i);
-        for (i, f) in fast_idx.zip(fast_flips) {
-            flips[i] = f;
-        }
-        for (i, plan) in plans.iter().enumerate().filter(|(_, p)| !p.fast) {
+        let bufs = FastBuffers {
+            params: &params,
+            grads: &grads,
+            exp_avgs: &exp_avgs,
+            exp_avg_sqs: &exp_avg_sqs,
+            masks: &masks,
+        };
+        step_fast::<f32>(Dtype::F32, &plans, &bufs, cfg, &mut flips)?;
+        step_fast::<nm::Bf16Bits>(Dtype::BF16, &plans, &bufs, cfg, &mut flips)?;
+        step_fast::<nm::F16Bits>(Dtype::F16, &plans, &bufs, cfg, &mut flips)?;
+        for (i, plan) in plans.iter().enumerate().filter(|(_, p)| p.fast.is_none()) {
             let sc = GenericScalars::new(&plan.hyper, plan.step, total, interval);
             let mask = match (masks[i].as_mut(), plan.mask) {
                 (Some(b), Some((pat, gdim, _))) => Some((b, pat, gdim)),

@@ -4,7 +4,9 @@
 //! the baseline x86-64 target they get SSE2 only; [`dispatch`] runs a kernel inside a function
 //! compiled for AVX-512 or AVX2 when the CPU has it, so the inlined loops are vectorised 16 or
 //! 8 lanes wide. Every variant performs the same IEEE operations in the same order (Rust never
-//! contracts `a * b + c` into an FMA), so results do not depend on the variant that ran.
+//! contracts `a * b + c` into an FMA; an explicit `mul_add` is one FMA instruction here and a
+//! correctly rounded library call on the baseline), so results do not depend on the variant
+//! that ran. The AVX2 level requires FMA too (every AVX2 CPU has it in practice).
 
 #[cfg(target_arch = "x86_64")]
 use std::sync::OnceLock;
@@ -29,7 +31,9 @@ pub fn level() -> Level {
                 && std::arch::is_x86_feature_detected!("avx512vl")
             {
                 Level::Avx512
-            } else if std::arch::is_x86_feature_detected!("avx2") {
+            } else if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 Level::Avx2
             } else {
                 Level::Baseline
@@ -43,13 +47,13 @@ pub fn level() -> Level {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 unsafe fn run_avx512<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }

@@ -12,8 +12,9 @@ Nothing here imports cast_rs: these are what the Rust kernels are checked agains
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 
@@ -160,3 +161,45 @@ def clone_state(opt: torch.optim.Optimizer) -> Dict:
         "param_groups": [dict(g) for g in sd["param_groups"]],
     }
 
+
+
+def ieee_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded square root of a float32 CPU tensor (NumPy's, the SSE/AVX sqrt
+    instruction). ``torch.sqrt`` on CPU is not: with this machine's torch 2.13 build about 15 %
+    of random float32 inputs come out one unit in the last place away from it, so a bit-exact
+    comparison against a kernel that uses the instruction (torch's fused AdamW, cast-rs) must
+    not take its square roots from torch."""
+    return torch.from_numpy(np.sqrt(x.contiguous().numpy()))
+
+
+def ref_adams_lowp_step(p: torch.Tensor, g: torch.Tensor, mu: torch.Tensor, v: torch.Tensor,
+                        keep: Optional[torch.Tensor], s: int, *, lr: float, betas=(0.9, 0.999), eps=1e-8,
+                        weight_decay=0.0, l1_decay=0.0, alpha=1.0) -> None:
+    """One AdamS (``keep`` a bool mask) or AdamW (``keep=None``) step on bf16/fp16 storage, in
+    place, as the fused CPU kernel defines it: values widened exactly to float32, float32
+    arithmetic in the order of torch's fused AdamW kernel, one round-to-nearest-even per stored
+    value (``copy_``), μ and v unrounded in the θ update.
+
+    The square root is IEEE's (see ``ieee_sqrt``). The two fused multiply-adds are emulated in
+    float64: the product of two float32 is exact
+    there, so the only possible difference from a true FMA is a double-rounding tie (about one
+    in 2^29 operations); the tests' inputs are fixed, so they either hit one or they never do.
+    """
+    f = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731  (a scalar rounded once, as the kernel's)
+    fma = lambda a, b, c: (a.double() * b.double() + c.double()).float()  # noqa: E731
+    b1, b2 = betas
+    th, gf, m, vf = p.float(), g.float(), mu.float(), v.float()
+    if weight_decay != 0.0:
+        th = th * f(1 - lr * weight_decay)
+    m2 = fma(f(1 - b1), gf - m, m)
+    if keep is None:
+        mt, x = m2, gf
+    else:
+        decayed = f(1 - alpha) * m2 + f(alpha * l1_decay) * torch.sign(th)
+        x = mt = torch.where(keep, m2, decayed)
+    v2 = fma(f(1 - b2) * x, x, vf * f(b2))
+    denom = ieee_sqrt(v2) / f(math.sqrt(1 - b2**s)) + f(eps)
+    th2 = th + (f(-lr / (1 - b1**s)) * mt) / denom
+    p.copy_(th2)
+    mu.copy_(m2)
+    v.copy_(v2)

@@ -117,9 +117,13 @@ class AdamS(Optimizer):
     refresh, since the first mask has nothing to change from). All of it is in ``state_dict()``, so
     a resumed run is bit-identical to an uninterrupted one.
 
-    Kernels: contiguous float32 CPU tensors take the Rust fast path (one fused pass, parallel,
-    GIL released); everything else (bf16/fp16/fp64, non-contiguous, CUDA) takes the generic
-    path built from tensor ops. Both implement the same arithmetic in the same order.
+    Kernels: contiguous CPU tensors of float32, bfloat16 or float16 take the Rust fast path
+    (one fused pass, parallel, GIL released); everything else (fp64, non-contiguous, CUDA)
+    takes the generic path built from tensor ops. In float32 both implement the same
+    arithmetic in the same order (``AdamW(foreach=False)``'s). For bf16/fp16 the fast path
+    keeps the state in the parameter's dtype and computes in float32 with one rounding per
+    stored value, in the order of ``AdamW(fused=True)``, so a dense bf16 group is bit-identical
+    to it; the generic path rounds after every tensor op, as ``AdamW(foreach=True)`` does.
 
     Distributed: under DDP parameters are plain tensors and every rank computes the same
     update. FSDP2 (``fully_shard``) parameters are DTensors: each rank steps its local shard,
