@@ -407,6 +407,16 @@ def cmd_report(a) -> None:
             continue
         print(f"| {pat} | {mag['ppl'] if mag else float('nan'):.4f} | {sr['ppl']:.4f} | {100 * (sr['ppl'] / dc['ppl'] - 1):+.2f}% | "
               f"{cd['ppl']:.4f} | {100 * (cd['ppl'] / dc['ppl'] - 1):+.2f}% |")
+    print("\n#### warmup (400 steps, a 40-step linear warmup for every trained method: the demo's schedule)\n")
+    print("| model | corpus | dense_continued | SR-STE | SR-STE tax | CAST defaults | CAST tax | CAST lead (points) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for model, corp in itertools.product(MODELS, ("stdlib", "prose")):
+        rs = _rows(model, corp, 400)
+        dc, sr, cd = (_last(rs, m) for m in ("dense_continued:warmup=40", "srste:warmup=40", default + ",warmup=40"))
+        if not (dc and sr and cd):
+            continue
+        st, ct = (100 * (r["ppl"] / dc["ppl"] - 1) for r in (sr, cd))
+        print(f"| {model} | {corp} | {dc['ppl']:.4f} | {sr['ppl']:.4f} | {st:+.2f}% | {cd['ppl']:.4f} | {ct:+.2f}% | {st - ct:.2f} |")
 
 
 def cmd_plot(a) -> None:

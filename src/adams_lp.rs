@@ -155,6 +155,7 @@ mod tests {
     /// The same step written independently: f64 for the fused multiply-adds (the product of
     /// two f32 is exact in f64, so `(a·b + c)` rounded to f64 then f32 differs from a true
     /// FMA only on a double-rounding tie, which these inputs do not hit: checked by equality).
+    #[allow(clippy::too_many_arguments)] // one element's whole step, written out flat
     fn reference(
         th: f32,
         g: f32,

@@ -354,8 +354,19 @@ pub fn step_call_args(
 /// Every check of one AdamS step call: scalars, then each parameter's dtypes, shapes,
 /// devices, pattern, mask and memory layout, then aliasing across the whole call.
 pub fn step_args(cfg: &StepConfig, tensors: &[StepMeta]) -> Result<Vec<StepPlan>> {
+    let (l1s, wds) = step_call_args(cfg, tensors.len(), &[])?;
+    step_plans(cfg, &l1s, &wds, tensors)
+}
+
+/// The per-parameter half of [`step_args`], for a caller that already ran [`step_call_args`]
+/// (with its list lengths) and holds the per-tensor λ and weight decays it returned.
+pub fn step_plans(
+    cfg: &StepConfig,
+    l1s: &[f64],
+    wds: &[f64],
+    tensors: &[StepMeta],
+) -> Result<Vec<StepPlan>> {
     let k = tensors.len();
-    let (l1s, wds) = step_call_args(cfg, k, &[])?;
     let mut plans = Vec::with_capacity(k);
     for (i, t) in tensors.iter().enumerate() {
         let step = t.steps_done.map(|done| done + 1.0).ok_or_else(|| {

@@ -369,7 +369,7 @@ fn step_fast<E: StepElem>(
 /// Everything is checked before anything is written; with `validate_only` nothing is.
 pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Result<StepOutcome> {
     let k = t.params.len();
-    checks::step_call_args(
+    let (l1s, wds) = checks::step_call_args(
         cfg,
         k,
         &[
@@ -393,7 +393,7 @@ pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Resu
             steps_done: read_step(&t.steps[i]),
         })
         .collect();
-    let plans = checks::step_args(cfg, &metas)?;
+    let plans = checks::step_plans(cfg, &l1s, &wds, &metas)?;
     let n_fast = plans.iter().filter(|p| p.fast.is_some()).count();
     if validate_only {
         return Ok(StepOutcome {
