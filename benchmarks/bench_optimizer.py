@@ -8,7 +8,8 @@
   a kernel (tests/reference.py: foreach_adams_step)
 * bf16 (and with --fp16 also fp16) parameters: AdamS on its fused 16-bit path vs
   AdamW(fused=True) and AdamW(foreach=True) on the same dtype
-* the generic path forced (float32): AdamS vs AdamW(foreach=True), torch's multi-tensor path
+* the generic path forced (float32): AdamS vs AdamW(foreach=True), torch's multi-tensor path,
+  and the ATen operations one step launches for 10 and 100 parameters (torch profiler)
 * N:M mask: cast_rs.nm_mask vs a torch.topk-based mask
 
 Timings are wall-clock medians over the measured steps, after warm-up, in this process;
@@ -112,6 +113,54 @@ def generic_section(shape, tensors: int, rounds: int) -> None:
         print(f"{label:<40}{med[key] * 1e3:9.1f}   {med[key] / med['foreach']:8.2f}x   {med[key] / med['fused']:6.2f}x")
 
 
+def aten_ops_per_step(step, warmup: int = 2) -> int:
+    """ATen operator calls the step makes itself: top-level ``aten::*`` profiler events (not
+    the ops an operator runs inside, e.g. the per-tensor fallback of a ``_foreach_*`` op on
+    CPU, which a CUDA build replaces with one multi-tensor kernel)."""
+    for _ in range(warmup):
+        step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and not _aten_parent(e))
+
+
+def _aten_parent(e) -> bool:
+    p = e.cpu_parent
+    while p is not None:
+        if p.name.startswith("aten::"):
+            return True
+        p = p.cpu_parent
+    return False
+
+
+def op_count_section() -> None:
+    """ATen ops per step for 10 and 100 sparse parameters: AdamS on the generic path (forced)
+    vs AdamW(foreach=True), and AdamS's fused path (one Rust call, no ATen kernels)."""
+    rows = {}
+    for k in (10, 100):
+        def params():
+            torch.manual_seed(0)
+            ps = [torch.nn.Parameter(torch.randn(64, 64)) for _ in range(k)]
+            for p in ps:
+                p.grad = torch.randn(64, 64) * 1e-2
+            return ps
+
+        adams_g = cast_rs.AdamS(params(), lr=1e-3, pattern="2:4", total_steps=10_000, mask_interval=10_000)
+        adams_f = cast_rs.AdamS(params(), lr=1e-3, pattern="2:4", total_steps=10_000, mask_interval=10_000)
+        foreach = torch.optim.AdamW(params(), lr=1e-3, foreach=True)
+
+        def generic_step():
+            with cast_rs.force_generic_path():
+                adams_g.step()
+
+        rows[k] = (aten_ops_per_step(generic_step), aten_ops_per_step(foreach.step), aten_ops_per_step(adams_f.step))
+    print("\nATen ops per step (profiler; no mask refresh)   10 params   100 params")
+    for i, label in enumerate(("cast_rs.AdamS, generic path (forced)", "torch AdamW(foreach=True)",
+                               "cast_rs.AdamS, fused CPU path")):
+        print(f"{label:<48}{rows[10][i]:8d}   {rows[100][i]:10d}")
+    print(f"-> AdamS generic / AdamW foreach at 100 params: {rows[100][0] / rows[100][1]:.1f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tensors", type=int, default=24)
@@ -175,6 +224,7 @@ def main() -> None:
     for dtype in [torch.bfloat16] + ([torch.float16] if args.fp16 else []):
         lowp_section(shape, args.lowp_tensors, args.steps, dtype)
     generic_section(shape, args.lowp_tensors, max(10, args.steps // 2))
+    op_count_section()
 
     # Mask kernel, on the same 24 tensors (one refresh of the whole model).
     torch.manual_seed(1)

@@ -1,8 +1,9 @@
 """Process-wide switches of the kernel layer.
 
 The only one today selects the kernel path. Every kernel has a CPU fast path (contiguous
-float32 tensors as raw slices, parallel, GIL released) and a generic path built from tensor
-ops that runs for any dtype, strides and device. Forcing the generic path is how the test
+tensors as raw slices, parallel, GIL released: float32 for every kernel, also bf16/fp16 for
+the AdamS step and float64 for weight scaling) and a generic path built from tensor ops that
+runs for any dtype, strides and device. Forcing the generic path is how the test
 suite proves that both give the same numbers on CPU; users never need it.
 """
 
