@@ -417,6 +417,27 @@ def cmd_report(a) -> None:
             continue
         st, ct = (100 * (r["ppl"] / dc["ppl"] - 1) for r in (sr, cd))
         print(f"| {model} | {corp} | {dc['ppl']:.4f} | {sr['ppl']:.4f} | {st:+.2f}% | {cd['ppl']:.4f} | {ct:+.2f}% | {st - ct:.2f} |")
+    print("\n#### large (every run on the large model, 400 steps; tax against dense_continued without warmup)\n")
+    print("| run | stdlib | stdlib tax | prose | prose tax | ppl at step 10 (stdlib / prose) |")
+    print("|---|---|---|---|---|---|")
+    by = {c: _rows("large", c, 400) for c in ("stdlib", "prose")}
+    methods = []
+    for c in by:
+        for r in by[c]:
+            if r["method"] not in methods and r["method"] != "magnitude":
+                methods.append(r["method"])
+    dcs = {c: _last(by[c], "dense_continued") for c in by}
+    for meth in methods:
+        cells, early = [], []
+        for c in by:
+            r, dc = _last(by[c], meth), dcs[c]
+            if r is None or dc is None:
+                cells += ["-", "-"]
+                early.append("-")
+                continue
+            cells += [f"{r['ppl']:.4f}", "-" if meth == "dense_continued" else f"{100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%"]
+            early.append(f"{dict(map(tuple, r.get('curve', []))).get(10, float('nan')):.2f}")
+        print(f"| `{meth}` | " + " | ".join(cells) + f" | {' / '.join(early)} |")
 
 
 def cmd_plot(a) -> None:

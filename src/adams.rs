@@ -217,8 +217,8 @@ impl StepElem for f32 {
     ) -> bool {
         #[cfg(target_arch = "x86_64")]
         if crate::simd::level() == crate::simd::Level::Avx512 {
-            // SAFETY: AVX-512F is present (checked by `simd::level`); the caller passes equal
-            // lengths and ceil(len / 8) mask bytes.
+            // SAFETY: AVX-512F is present (checked by `simd::level`); the slice and mask
+            // lengths it reads are asserted inside it.
             unsafe { avx512::sparse_tile_bits(theta, grad, mu, v, bits, sc) };
             return true;
         }

@@ -337,3 +337,31 @@ def TinyLM_nm():
         for _, mod, dim in cast_rs.checking._nm_layers(model, (2, 4)):
             mod.weight.mul_(cast_rs.nm_mask(mod.weight, "2:4", dim=dim))
     return model
+
+
+def test_suggest_lr_is_the_removed_weights_quantile_over_the_schedule_sum():
+    from reference import ref_nm_mask
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    sparse = cast_rs.sparsify(model, "2:4")
+    ws = [layer.weight.detach() for layer in sparse.layers]
+    assert ws, "the test needs sparse layers"
+    removed = torch.cat([w[~ref_nm_mask(w, 2, 4, -1)].abs() for w in ws])
+    q99 = float(torch.quantile(removed, 0.99))
+    assert sparse.suggest_lr(400) == pytest.approx(q99 / (0.5 * 400), rel=1e-6)
+    assert sparse.suggest_lr(400, schedule_sum=1.0) == pytest.approx(q99 / 400, rel=1e-6)
+    median = float(torch.quantile(removed, 0.5))
+    assert sparse.suggest_lr(1000, quantile=0.5) == pytest.approx(median / 500, rel=1e-6)
+    # Scale-free in the right way: weights twice as large need twice the travel.
+    with torch.no_grad():
+        for layer in sparse.layers:
+            layer.weight.mul_(2)
+    assert sparse.suggest_lr(400) == pytest.approx(2 * q99 / 200, rel=1e-6)
+    for kwargs, param in (({"total_steps": 0}, "total_steps"), ({"total_steps": 2.5}, "total_steps"),
+                          ({"total_steps": 10, "quantile": 0.0}, "quantile"),
+                          ({"total_steps": 10, "schedule_sum": 1.5}, "schedule_sum")):
+        with pytest.raises(cast_rs.CastError, match=f"^{param}:"):
+            sparse.suggest_lr(**kwargs)
+    sparse.finalize()
+    with pytest.raises(cast_rs.CastError, match="finalized"):
+        sparse.suggest_lr(400)
