@@ -6,7 +6,7 @@
 //! 8 lanes wide. Every variant performs the same IEEE operations in the same order (Rust never
 //! contracts `a * b + c` into an FMA; an explicit `mul_add` is one FMA instruction here and a
 //! correctly rounded library call on the baseline), so results do not depend on the variant
-//! that ran. The AVX2 level requires FMA too (every AVX2 CPU has it in practice).
+//! that ran. The AVX2 level requires FMA and F16C too (every AVX2 CPU has them in practice).
 
 #[cfg(target_arch = "x86_64")]
 use std::sync::OnceLock;
@@ -33,6 +33,7 @@ pub fn level() -> Level {
                 Level::Avx512
             } else if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
             {
                 Level::Avx2
             } else {
@@ -47,13 +48,13 @@ pub fn level() -> Level {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn run_avx512<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }

@@ -350,12 +350,14 @@ def step_tolerances(dtype, p, g, mu, v_new, step, hp):
     return tol_p, d_mt, tol_v
 
 
-def assert_within(actual, expected, tol, what, same_nonfinite=True):
+def assert_within(actual, expected, tol, what, same_nonfinite=True, where=None):
     a, e = actual.detach().double(), expected.detach().double()
     if same_nonfinite:
         for cls in (torch.isnan, torch.isposinf, torch.isneginf):
             assert torch.equal(cls(a), cls(e)), (f"{what}: non-finite elements differ ({cls.__name__})", a, e)
     both = torch.isfinite(a) & torch.isfinite(e)
+    if where is not None:
+        both = both & where
     bad = both & ((a - e).abs() > tol)
     assert not bool(bad.any()), (what, a[bad], e[bad], tol[bad])
 
@@ -448,9 +450,17 @@ def test_step_property_over_shapes_strides_dtypes(case):
             tols = step_tolerances(dtype, p_before, grad, mu_before, got_f[2], s, hp)
             # bf16/fp16: the generic path rounds every op to the dtype (eps = 1e-8 becomes 0 in
             # fp16, so 0 / 0 gives NaN where the fused path, in float32, gives 0); compare the
-            # elements finite on both sides.
+            # elements finite on both sides. In fp16, moreover, a v below its smallest normal
+            # (6.1e-5: any |μ̃| below about 0.08 at β2 = 0.999) has lost its relative precision
+            # in the generic path, and with it sqrt(v) and the update; the rounding bound holds
+            # only where v stays normal on both sides, so that is where it is checked.
+            where = None
+            if dtype == torch.float16:
+                normal = torch.finfo(dtype).smallest_normal
+                where = (got_f[2].detach().double().abs() >= normal) & (got_g[2].detach().double().abs() >= normal)
             for name, a, b, tol in zip(names, got_g, got_f, tols):
-                assert_within(a, b, tol, f"step {s} {name}: generic vs fast", same_nonfinite=dtype == torch.float32)
+                assert_within(a, b, tol, f"step {s} {name}: generic vs fast", same_nonfinite=dtype == torch.float32,
+                              where=where)
 
         # RefAdamS, one step from the same state, where every input of the step is finite.
         finite = all(bool(torch.isfinite(t).all()) for t in (p_before, grad, mu_before, v_before))
