@@ -227,34 +227,29 @@ impl StepElem for f32 {
     }
 }
 
-macro_rules! low_precision_elem {
-    ($t:ty) => {
-        impl StepElem for $t {
-            #[inline(always)]
-            fn dense_tile(
-                theta: &mut [$t],
-                grad: &[$t],
-                mu: &mut [$t],
-                v: &mut [$t],
-                sc: &StepScalars,
-            ) {
-                dense_tile_lp(theta, grad, mu, v, sc)
-            }
-            #[inline(always)]
-            fn sparse_tile(
-                theta: &mut [$t],
-                grad: &[$t],
-                mu: &mut [$t],
-                v: &mut [$t],
-                keep: &[u8],
-                sc: &StepScalars,
-            ) {
-                sparse_tile_lp(theta, grad, mu, v, keep, sc)
-            }
-        }
-    };
+impl StepElem for Bf16Bits {
+    #[inline(always)]
+    fn dense_tile(
+        theta: &mut [Bf16Bits],
+        grad: &[Bf16Bits],
+        mu: &mut [Bf16Bits],
+        v: &mut [Bf16Bits],
+        sc: &StepScalars,
+    ) {
+        dense_tile_lp(theta, grad, mu, v, sc)
+    }
+    #[inline(always)]
+    fn sparse_tile(
+        theta: &mut [Bf16Bits],
+        grad: &[Bf16Bits],
+        mu: &mut [Bf16Bits],
+        v: &mut [Bf16Bits],
+        keep: &[u8],
+        sc: &StepScalars,
+    ) {
+        sparse_tile_lp(theta, grad, mu, v, keep, sc)
+    }
 }
-low_precision_elem!(Bf16Bits);
 
 impl StepElem for F16Bits {
     // F16C converts 8 values per instruction where the portable conversion takes about ten

@@ -274,18 +274,28 @@ mod tests {
         [th + (-ss * mt) / den, m2, v2]
     }
 
-    fn check<E: LowPrecision + std::fmt::Debug>(bits: fn(E) -> u16) {
-        let n = 1003; // not a multiple of any vector width
-        let h = AdamsHyper {
+    /// The hyper-parameters of these tests: weight decay and L1 decay on.
+    fn test_hyper() -> AdamsHyper {
+        AdamsHyper {
             lr: 1e-2,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.1,
             l1_decay: 0.05,
-        };
+        }
+    }
+
+    /// Keep flags of a 2:4 tensor: the first two of every group of four.
+    fn keep_2_of_4(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i % 4 < 2) as u8).collect()
+    }
+
+    fn check<E: LowPrecision + std::fmt::Debug>(bits: fn(E) -> u16) {
+        let n = 1003; // not a multiple of any vector width
+        let h = test_hyper();
         let lp = |xs: Vec<f32>| xs.into_iter().map(E::from_f32).collect::<Vec<E>>();
-        let keep: Vec<u8> = (0..n).map(|i| (i % 4 < 2) as u8).collect();
+        let keep = keep_2_of_4(n);
         for step in [1.0, 2.0, 7.0, 100.0] {
             let sc = StepScalars::new(&h, step, Some(50.0), 10);
             let alpha = (step / 50.0f64).min(1.0);
@@ -336,16 +346,9 @@ mod tests {
     fn f16c_tiles_equal_the_portable_loops() {
         use crate::adams::StepElem;
         let n = 1003;
-        let h = AdamsHyper {
-            lr: 1e-2,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.1,
-            l1_decay: 0.05,
-        };
+        let h = test_hyper();
         let lp = |xs: Vec<f32>| xs.into_iter().map(F16Bits::from_f32).collect::<Vec<_>>();
-        let keep: Vec<u8> = (0..n).map(|i| (i % 4 < 2) as u8).collect();
+        let keep = keep_2_of_4(n);
         // Values down to fp16 subnormals and up to its overflow range.
         let mut theta = lp(values(1, n, 1.0));
         theta[5] = F16Bits(0x0001);
