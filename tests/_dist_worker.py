@@ -283,13 +283,26 @@ def train_gpt2(model: nn.Module, opt, rank: int = 0, world: int = 1) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-def reference_gpt2():
-    """Single process over the global batch; returns the finalized model."""
+def reference_gpt2(world: int = 2):
+    """One process computing the gradient FSDP2 computes with `world` ranks: the mean of the
+    per-rank gradients, each on its slice of the global batch. The loss is scaled by 1/world
+    (a power of two, so every backward value is the rank's gradient scaled exactly) and
+    accumulated in rank order; a sum of two float32 terms is exact-rounded and commutative,
+    so this reproduces the reduce-scatter's `(g0 + g1) / 2` bit for bit. A single backward
+    over the whole batch would not: its sums run in another order, and AdamS's near-sign
+    steps turn a last-bit difference in a near-zero gradient into a step of up to ±lr."""
     import cast_rs
 
     model, sparse = build_gpt2()
     opt = cast_rs.AdamS(model.parameters(), lr=3e-3, total_steps=GPT2_STEPS, mask_interval=2)
-    train_gpt2(model, opt)
+    per = 4 // world
+    for step in range(1, GPT2_STEPS + 1):
+        batch = gpt2_batch(step)
+        for rank in range(world):
+            ids = batch[rank * per:(rank + 1) * per]
+            (model(ids, labels=ids).loss / world).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     sparse.finalize()
     return model
 
