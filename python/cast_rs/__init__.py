@@ -16,7 +16,13 @@ See ``cast_rs.AdamS`` for the algorithm and ``cast_rs.nm_mask`` for the N:M rule
 # libtorch must be loaded (by importing torch) before the extension that links against it.
 import torch  # noqa: F401
 
-from . import _cast_rs
+from ._torch_compat import built_torch_version, check_torch, load_error
+
+check_torch(torch.__version__, built_torch_version())
+try:
+    from . import _cast_rs
+except ImportError as error:
+    raise load_error(error, torch.__version__) from error
 from ._cast_rs import CastError
 from ._config import force_generic_path, generic_path_forced
 from .nm import nm_mask, nm_mask_packed, parse_pattern, unpack_mask
