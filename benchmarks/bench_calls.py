@@ -41,6 +41,22 @@ def raw_step(rows: int, cols: int):
     return lambda: _cast_rs.adams_step(p, g, mu, v, masks, [(2, 4, -1)] * len(p), steps, **kw)
 
 
+def scale_fwd_bwd(rows: int, cols: int):
+    w = torch.randn(rows, cols, requires_grad=True)
+    s = torch.rand(rows, 2, requires_grad=True)
+    return lambda: cast_rs.scale_weight(w, s, 2).sum().backward()
+
+
+def raw_scale_forward(rows: int, cols: int):
+    w, s = torch.randn(rows, cols), torch.rand(rows, 2)
+    return lambda: _cast_rs.scale_forward(w, s, 2)
+
+
+def nm_mask_call(rows: int, cols: int):
+    x = torch.randn(rows, cols)
+    return lambda: cast_rs.nm_mask(x, "2:4")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=300)
@@ -52,12 +68,9 @@ def main() -> None:
     for name, make in [
         ("AdamS.step() (8 weights, 2:4)", lambda r, c: adams_group(r, c).step),
         ("_cast_rs.adams_step (8 weights)", raw_step),
-        ("scale_weight fwd + bwd", lambda r, c: (lambda w=torch.randn(r, c, requires_grad=True),
-                                                 s=torch.rand(r, 2, requires_grad=True):
-                                                 cast_rs.scale_weight(w, s, 2).sum().backward())),
-        ("_cast_rs.scale_forward", lambda r, c: (lambda w=torch.randn(r, c), s=torch.rand(r, 2):
-                                                 _cast_rs.scale_forward(w, s, 2))),
-        ("nm_mask", lambda r, c: (lambda x=torch.randn(r, c): cast_rs.nm_mask(x, "2:4"))),
+        ("scale_weight fwd + bwd", scale_fwd_bwd),
+        ("_cast_rs.scale_forward", raw_scale_forward),
+        ("nm_mask", nm_mask_call),
     ]:
         small = median_us(make(64, 64), a.repeats)
         large = median_us(make(1024, 1024), max(20, a.repeats // 10))

@@ -95,8 +95,8 @@ def main() -> None:
         repeats = a.repeats if rows <= 64 else max(20, a.repeats // 10)
         w = torch.randn(rows, cols, requires_grad=True)
         s = torch.rand(rows, 2, requires_grad=True)
-        old = median_us(lambda: _ScaleFn.apply(w, s, 2, -1, False).sum().backward(), repeats)
-        new = median_us(lambda: ops.scale_forward(w, s, 2, -1, False).sum().backward(), repeats)
+        old = median_us(lambda w=w, s=s: _ScaleFn.apply(w, s, 2, -1, False).sum().backward(), repeats)
+        new = median_us(lambda w=w, s=s: ops.scale_forward(w, s, 2, -1, False).sum().backward(), repeats)
         print(f"{'autograd':>24} {f'{rows}x{cols}':>10} | {old:9.1f} {new:9.1f} {new / old:6.2f}")
 
 

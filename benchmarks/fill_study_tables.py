@@ -4,7 +4,10 @@
 
 The tables sit between `<!-- STUDY_TABLE_* -->` markers (and `<!-- README_STUDY_TABLE -->` in
 the README); the text around them is written by hand."""
-import re, subprocess, sys
+import re
+import subprocess
+import sys
+
 rep = subprocess.run([sys.executable, "benchmarks/study_tax.py", "report"], capture_output=True, text=True, check=True).stdout
 blocks = {}
 for part in re.split(r"^#### ", rep, flags=re.M)[1:]:
@@ -16,7 +19,8 @@ s = open(p).read()
 for marker, key in names.items():
     start, end = f"<!-- STUDY_TABLE_{marker} -->", f"<!-- /STUDY_TABLE_{marker} -->"
     if start not in s:
-        print("no marker", marker); continue
+        print("no marker", marker)
+        continue
     i, j = s.index(start) + len(start), s.index(end)
     s = s[:i] + "\n" + blocks[key] + s[j:]
 open(p, "w").write(s)

@@ -28,12 +28,8 @@ A CAST method is ``cast:key=value,...``; keys (defaults = the library's AdamS as
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
-import math
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -351,7 +347,7 @@ def cmd_report(a) -> None:
             mag = _last(_rows(model, corp), "magnitude")
             if not dc:
                 continue
-            tax = lambda r: f"{r['ppl']:.4f} ({100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%)" if r else "-"  # noqa: E731
+            tax = lambda r, dc=dc: f"{r['ppl']:.4f} ({100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%)" if r else "-"  # noqa: E731
             # A warmup changes the schedule, so its CAST run is compared with dense_continued
             # and SR-STE under the same warmup (the causes table), not here.
             casts = [r for r in rs if r["method"].startswith("cast") and "warmup=" not in r["method"]]

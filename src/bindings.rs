@@ -89,9 +89,14 @@ impl<'py> FromPyObject<'py> for TensorArg {
     }
 }
 
+// The `text_signature`s spell out `dim=-1`: pyo3 0.24 renders only literal defaults in the
+// generated `__text_signature__` and writes `dim=...` for `-1` (a negation, not a literal),
+// which stubtest reports as differing from `_cast_rs.pyi`. Keep them equal to `signature`.
+
 /// Boolean N:M mask of a torch tensor (same shape, `torch.bool`).
 #[pyfunction]
 #[pyo3(signature = (x, n, m, dim=-1, force_generic=false))]
+#[pyo3(text_signature = "(x, n, m, dim=-1, force_generic=False)")]
 fn nm_mask_tensor(
     py: Python<'_>,
     x: TensorArg,
@@ -108,6 +113,7 @@ fn nm_mask_tensor(
 /// Packed N:M mask of a torch tensor: `uint8` of `ceil(numel / 8)` bytes.
 #[pyfunction]
 #[pyo3(signature = (x, n, m, dim=-1, force_generic=false))]
+#[pyo3(text_signature = "(x, n, m, dim=-1, force_generic=False)")]
 fn nm_mask_packed(
     py: Python<'_>,
     x: TensorArg,
@@ -157,6 +163,7 @@ fn keep_numpy<'py, T: MaskKey + numpy::Element>(
 /// Boolean N:M mask of a C-contiguous float32/float64 numpy array.
 #[pyfunction]
 #[pyo3(signature = (x, n, m, dim=-1))]
+#[pyo3(text_signature = "(x, n, m, dim=-1)")]
 fn nm_mask_numpy<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
@@ -237,6 +244,7 @@ fn adams_step(
 /// `[out, in]`, 0 for `[in, out]`.
 #[pyfunction]
 #[pyo3(signature = (w, a, groups, dim=-1, force_generic=false))]
+#[pyo3(text_signature = "(w, a, groups, dim=-1, force_generic=False)")]
 fn scale_forward(
     py: Python<'_>,
     w: TensorArg,
@@ -253,6 +261,7 @@ fn scale_forward(
 /// Gradients of weight scaling: `(∂L/∂W, ∂L/∂A)` from `∂L/∂W_s`.
 #[pyfunction]
 #[pyo3(signature = (grad, w, a, groups, dim=-1, force_generic=false))]
+#[pyo3(text_signature = "(grad, w, a, groups, dim=-1, force_generic=False)")]
 fn scale_backward(
     py: Python<'_>,
     grad: TensorArg,

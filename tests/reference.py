@@ -49,7 +49,7 @@ def brute_nm_mask(values: List[float], n: int, m: int) -> List[bool]:
     for start in range(0, len(values), m):
         grp = values[start : start + m]
 
-        def key(j: int) -> Tuple[int, float, int]:
+        def key(j: int, grp: List[float] = grp) -> Tuple[int, float, int]:
             v = grp[j]
             return (0 if math.isnan(v) else 1, -abs(v) if not math.isnan(v) else 0.0, j)
 

@@ -83,7 +83,7 @@ def test_compiled_forward_fullgraph_equals_eager(name, backend):
             assert torch.equal(p.grad, grads[n]), n
         else:
             atol = x.numel() * width * torch.finfo(torch.float32).eps * float(grads[n].abs().max())
-            torch.testing.assert_close(p.grad, grads[n], rtol=0, atol=atol, msg=lambda m: f"{n}: {m}")
+            torch.testing.assert_close(p.grad, grads[n], rtol=0, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -1,7 +1,6 @@
 """The demo pipeline (quick mode), its CLI, and the quickstart notebook."""
 
 import json
-import os
 import re
 import subprocess
 import sys

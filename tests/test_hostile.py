@@ -339,7 +339,7 @@ def step_tolerances(dtype, p, g, mu, v_new, step, hp):
     or a μ update g − μ that cancels) and sqrt(v) is small. |update| <= γ/(1 − β1^s)·sqrt((1 − β2^s)/(1 − β2))."""
     fi = torch.finfo(dtype)
     u, tiny = fi.eps, fi.smallest_normal * fi.eps
-    lr, (b1, b2), eps, wd, lam = hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"], hp["l1_decay"]
+    lr, (_b1, b2), eps, wd, lam = hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"], hp["l1_decay"]
     sc = step_scalars(step, hp)
     p, g, mu, v_new = (t.detach().double() for t in (p, g, mu, v_new))
     d_mt = 4 * u * (mu.abs() + g.abs() + sc["alpha"] * lam) + 4 * tiny

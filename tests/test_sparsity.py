@@ -211,7 +211,7 @@ def test_adams_remarks_weights_replaced_after_sparsify():
 def test_plain_state_dict_maps_keys_and_refuses_unfinalized_scales():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 4))
-    sparse = cast_rs.sparsify(model, "2:4")
+    cast_rs.sparsify(model, "2:4")
     with torch.no_grad():
         model[0].parametrizations.weight[0].scale.fill_(2.0)
     sd = model.state_dict()

@@ -6,6 +6,22 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+# pyo3 appends every name the module init adds to the module's __all__.
+__all__ = [
+    "OPERATORS",
+    "CastError",
+    "nm_mask_tensor",
+    "nm_mask_packed",
+    "unpack_mask",
+    "nm_mask_numpy",
+    "adams_step",
+    "num_threads",
+    "scale_forward",
+    "scale_backward",
+    "MAX_M",
+    "__version__",
+]
+
 __version__: str
 #: Largest supported group size M (the Rust core's ``nm::MAX_M``).
 MAX_M: int

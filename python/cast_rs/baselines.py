@@ -30,7 +30,7 @@ def magnitude_prune(model: nn.Module, pattern: Pattern = "2:4", *, include: Rule
     """One-shot magnitude N:M pruning in place. Returns the pruned layer names."""
     n, m = parse_pattern(pattern)
     picked, _ = find_layers(model, (n, m), include=include, exclude=exclude)
-    for name, mod, _, dim in picked:
+    for _name, mod, _, dim in picked:
         w = mod.weight
         w.mul_(nm_mask(w, (n, m), dim=dim))
         setattr(mod, SPARSE_MODULE_ATTR, format_pattern((n, m)))
@@ -140,7 +140,7 @@ class SRSTE:
     def finalize(self) -> List[str]:
         """Apply the final masks and remove the reparametrization. Returns the layer names."""
         n, m = self.pattern
-        for name, mod, dim in self.layers:
+        for _name, mod, dim in self.layers:
             w = mod.parametrizations.weight.original
             keep = nm_mask(w, (n, m), dim=dim)
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)

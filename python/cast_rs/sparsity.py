@@ -181,7 +181,7 @@ def find_layers(
         w = original_weight(mod)
         shape = tuple(w.shape)
 
-        def skip(reason: str) -> None:
+        def skip(reason: str, name: str = name, kind: str = kind, shape: Tuple[int, ...] = shape) -> None:
             skipped.append(SkippedLayer(name, kind, shape, reason))
 
         if inc and not any(_matches(r, name, mod) for r in inc):
