@@ -15,16 +15,18 @@ environment. So around every maturin hook this backend
    only ``PATH`` changes, so a shared target directory would link a later build against the
    torch of an earlier, possibly deleted, build environment. Target directories whose torch no
    longer exists are removed first;
-3. writes ``python/cast_rs/_build_info.py`` (the torch version the extension is compiled for),
-   which ``cast_rs`` reads before loading the extension to refuse a mismatched torch with a
-   clear ``ImportError``. The file is tracked in git with the default torch (maturin leaves
-   git-ignored files out of wheels); after a wheel build it is put back, after an editable
-   build it stays, since the checkout is then what gets imported;
-4. puts the Cargo lock file for that torch in place (``build_backend/locks/``; tch binds one
-   torch per release) for the duration of the build, and builds ``--locked``;
-5. rewrites the wheel's ``Requires-Dist: torch`` to the minor release it was built against
-   (``torch>=2.13.0,<2.14``): libtorch has no stable C++ ABI across minor releases, so a wheel
-   works with exactly that one.
+3. uses the Cargo lock file for that torch (tch binds one torch per release): Cargo.lock for
+   the default torch, ``build_backend/locks/torch-<X.Y>.Cargo.lock`` otherwise, and builds
+   ``--locked``. A wheel for a non-default torch is built from a staging copy of the tree
+   (``target/pep517/<key>/source``) with that lock as its Cargo.lock, so the checkout is never
+   edited by a wheel build; an editable build swaps the lock in place for its duration;
+4. stamps the wheel with the torch it was built against: ``Requires-Dist: torch`` becomes that
+   minor release (``torch>=2.13.0,<2.14``; libtorch has no stable C++ ABI across minor
+   releases, so a wheel works with exactly that one), and ``cast_rs/_build_info.py`` its
+   version, which ``cast_rs`` reads before loading the extension to refuse a mismatched torch
+   with a clear ``ImportError``. (The file is tracked in git with the default torch, since
+   maturin leaves git-ignored files out of wheels; an editable build rewrites it in place,
+   the checkout being what gets imported.)
 
 torch is a build requirement (``[build-system] requires`` in pyproject.toml). An isolated build
 uses the torch pinned there; to build against the torch already in your environment, use
@@ -97,37 +99,34 @@ def _target_dir(torch_dir: Path, version: str) -> Path:
     return target
 
 
-@contextmanager
-def _build_info(version: str, keep: bool) -> Iterator[None]:
+def _build_info_text(version: str) -> str:
     major, minor = _minor(version)
-    text = (
+    return (
         '"""The torch the extension was compiled against: written by the build backend\n'
         '(build_backend/cast_rs_build.py). In git with the default torch."""\n'
         f"TORCH_VERSION = {version.split('+')[0]!r}\n"
         f"TORCH_MINOR = ({major}, {minor})\n"
     )
-    saved = BUILD_INFO.read_text() if BUILD_INFO.is_file() else None
-    if saved != text:
-        BUILD_INFO.write_text(text)
-    try:
-        yield
-    finally:
-        if not keep and saved is not None and saved != text:
-            BUILD_INFO.write_text(saved)
 
 
 def supported() -> str:
     return ", ".join(f"{a}.{b}" for a, b in sorted(LOCKS))
 
 
-@contextmanager
-def _lock_for(version: str) -> Iterator[None]:
-    """Put the lock file for this torch in place for the build (and the default one back)."""
+def _lock(version: str) -> Path | None:
+    """This torch's Cargo lock file (None: Cargo.lock, the default torch)."""
     if _minor(version) not in LOCKS:
         raise RuntimeError(f"cast-rs builds against torch {supported()}; the building interpreter has "
                            f"torch {version}. Install one of those (or build with build isolation, "
                            "which installs the torch pinned in pyproject.toml).")
-    lock = LOCKS[_minor(version)]
+    return LOCKS[_minor(version)]
+
+
+@contextmanager
+def _lock_for(version: str) -> Iterator[None]:
+    """Put this torch's lock file in place as Cargo.lock for an in-place build, and the
+    default one back afterwards."""
+    lock = _lock(version)
     if lock is None:
         yield
         return
@@ -140,9 +139,29 @@ def _lock_for(version: str) -> Iterator[None]:
         default.write_bytes(saved)
 
 
+# What a staging copy of the source tree leaves out: build products and environments.
+_NOT_SOURCE = shutil.ignore_patterns("target", ".git", ".venv", "dist", "results", "__pycache__",
+                                     "*.so", ".pytest_cache", ".hypothesis", ".ipynb_checkpoints")
+
+
+def _staging_copy(home: Path, lock: Path) -> Path:
+    """A copy of the source tree under `home`, with `lock` as its Cargo.lock. Wheels for a
+    non-default torch are built there, so a build never edits the checkout (which someone may
+    be importing from meanwhile). copytree keeps modification times and the path is stable
+    per torch, so Cargo's fingerprints still make the next build incremental."""
+    staging = home / "source"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(ROOT, staging, ignore=_NOT_SOURCE, symlinks=True)
+    (staging / "Cargo.lock").write_bytes(lock.read_bytes())
+    return staging
+
+
 @contextmanager
-def _torch_build_env(editable: bool = False) -> Iterator[str]:
+def _torch_build_env() -> Iterator[tuple[str, Path]]:
+    """Environment for a build against the importable torch; yields (torch version, the
+    directory this torch's build state lives in)."""
     torch_dir, version = _torch()
+    _lock(version)  # an unsupported torch stops here, before any work
     saved = dict(os.environ)
     shims = tempfile.mkdtemp(prefix="cast_rs_python_")
     try:
@@ -154,16 +173,26 @@ def _torch_build_env(editable: bool = False) -> Iterator[str]:
         os.environ["LIBTORCH_USE_PYTORCH"] = "1"
         # The lock file is the dependency pin: never re-resolve it during a build.
         os.environ["MATURIN_PEP517_ARGS"] = (os.environ.get("MATURIN_PEP517_ARGS", "") + " --locked").strip()
+        home = _target_dir(torch_dir, version)
         if not os.environ.get("CARGO_TARGET_DIR"):
-            os.environ["CARGO_TARGET_DIR"] = str(_target_dir(torch_dir, version))
+            os.environ["CARGO_TARGET_DIR"] = str(home)
         print(f"cast-rs: building against torch {version} at {torch_dir} "
               f"(Cargo target directory {os.environ['CARGO_TARGET_DIR']})", flush=True)
-        with _lock_for(version), _build_info(version, keep=editable):
-            yield version
+        yield version, home
     finally:
         os.environ.clear()
         os.environ.update(saved)
         shutil.rmtree(shims, ignore_errors=True)
+
+
+@contextmanager
+def _cwd(path: Path) -> Iterator[None]:
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def _record_hash(data: bytes) -> str:
@@ -171,8 +200,9 @@ def _record_hash(data: bytes) -> str:
     return f"sha256={digest}"
 
 
-def _pin_torch(wheel: Path, version: str) -> None:
-    """Rewrite the wheel's torch requirement to the minor release it was built against."""
+def _stamp_wheel(wheel: Path, version: str) -> None:
+    """Make the wheel say which torch it was built against: its ``Requires-Dist: torch``
+    becomes that minor release, and ``cast_rs/_build_info.py`` that version (RECORD updated)."""
     major, minor = _minor(version)
     requirement = f"Requires-Dist: torch>={version.split('+')[0]},<{major}.{minor + 1}"
     tmp = wheel.with_suffix(".tmp")
@@ -184,15 +214,18 @@ def _pin_torch(wheel: Path, version: str) -> None:
         metadata, count = re.subn(r"^Requires-Dist: torch\b[^\n;]*", requirement, metadata, flags=re.M)
         if count != 1:
             raise RuntimeError(f"expected one torch requirement in {metadata_name}, found {count}")
-        new_metadata = metadata.encode()
+        replaced = {metadata_name: metadata.encode()}
+        if "cast_rs/_build_info.py" in names:  # an editable wheel points at the checkout instead
+            replaced["cast_rs/_build_info.py"] = _build_info_text(version).encode()
         record_lines = []
         for line in src.read(record_name).decode().splitlines():
-            if line.startswith(metadata_name + ","):
-                line = f"{metadata_name},{_record_hash(new_metadata)},{len(new_metadata)}"
+            name = line.rsplit(",", 2)[0]
+            if name in replaced:
+                line = f"{name},{_record_hash(replaced[name])},{len(replaced[name])}"
             record_lines.append(line)
         for info in src.infolist():
-            if info.filename == metadata_name:
-                dst.writestr(info, new_metadata)
+            if info.filename in replaced:
+                dst.writestr(info, replaced[info.filename])
             elif info.filename == record_name:
                 dst.writestr(info, ("\n".join(record_lines) + "\n").encode())
             else:
@@ -202,17 +235,26 @@ def _pin_torch(wheel: Path, version: str) -> None:
 
 def build_wheel(wheel_directory: str, config_settings: Mapping[str, Any] | None = None,
                 metadata_directory: str | None = None) -> str:
-    with _torch_build_env() as version:
-        name = maturin.build_wheel(wheel_directory, config_settings, None)
-    _pin_torch(Path(wheel_directory) / name, version)
+    wheel_directory = os.path.abspath(wheel_directory)
+    with _torch_build_env() as (version, home):
+        lock = _lock(version)
+        source = ROOT if lock is None else _staging_copy(home, lock)
+        with _cwd(source):
+            name = maturin.build_wheel(wheel_directory, config_settings, None)
+    _stamp_wheel(Path(wheel_directory) / name, version)
     return name
 
 
 def build_editable(wheel_directory: str, config_settings: Mapping[str, Any] | None = None,
                    metadata_directory: str | None = None) -> str:
-    with _torch_build_env(editable=True) as version:
+    """An editable install imports the checkout itself, so this builds in place: the torch's
+    lock file is swapped in for the build, and _build_info.py keeps the torch it names."""
+    with _torch_build_env() as (version, _home), _lock_for(version):
+        text = _build_info_text(version)
+        if not BUILD_INFO.is_file() or BUILD_INFO.read_text() != text:
+            BUILD_INFO.write_text(text)
         name = maturin.build_editable(wheel_directory, config_settings, None)
-    _pin_torch(Path(wheel_directory) / name, version)
+    _stamp_wheel(Path(wheel_directory) / name, version)
     return name
 
 

@@ -105,35 +105,51 @@ def test_the_wheel_requires_the_torch_minor_it_was_built_for(tmp_path):
                 "Requires-Dist: torch>=2.13,<2.14\nRequires-Dist: numpy>=1.24\n"
                 "Requires-Dist: pytest>=7 ; extra == 'test'\n").encode()
     module = b"print('hi')\n"
+    info = b"TORCH_VERSION = '2.13.0'\nTORCH_MINOR = (2, 13)\n"
     record = (f"cast_rs/__init__.py,{backend._record_hash(module)},{len(module)}\n"
+              f"cast_rs/_build_info.py,{backend._record_hash(info)},{len(info)}\n"
               f"cast_rs-0.1.0.dist-info/METADATA,{backend._record_hash(metadata)},{len(metadata)}\n"
               "cast_rs-0.1.0.dist-info/RECORD,,\n")
     with zipfile.ZipFile(wheel, "w") as z:
         z.writestr("cast_rs/__init__.py", module)
+        z.writestr("cast_rs/_build_info.py", info)
         z.writestr("cast_rs-0.1.0.dist-info/METADATA", metadata)
         z.writestr("cast_rs-0.1.0.dist-info/RECORD", record)
-    backend._pin_torch(wheel, "2.11.0+cu130")
+    backend._stamp_wheel(wheel, "2.11.0+cu130")
     with zipfile.ZipFile(wheel) as z:
         new_metadata = z.read("cast_rs-0.1.0.dist-info/METADATA")
+        new_info = z.read("cast_rs/_build_info.py")
         rows = [line.split(",") for line in z.read("cast_rs-0.1.0.dist-info/RECORD").decode().splitlines()]
         assert z.read("cast_rs/__init__.py") == module
+    namespace = {}
+    exec(new_info.decode(), namespace)
+    assert namespace["TORCH_VERSION"] == "2.11.0" and namespace["TORCH_MINOR"] == (2, 11)
     requires = [line for line in new_metadata.decode().splitlines() if line.startswith("Requires-Dist")]
     assert requires == ["Requires-Dist: torch>=2.11.0,<2.12", "Requires-Dist: numpy>=1.24",
                         "Requires-Dist: pytest>=7 ; extra == 'test'"]
     # RECORD's hash and size of METADATA match the new file (pip verifies them on install).
-    digest = "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(new_metadata).digest()).rstrip(b"=").decode()
-    assert ["cast_rs-0.1.0.dist-info/METADATA", digest, str(len(new_metadata))] in rows
+    for name, data in (("cast_rs-0.1.0.dist-info/METADATA", new_metadata), ("cast_rs/_build_info.py", new_info)):
+        digest = "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        assert [name, digest, str(len(data))] in rows, name
+    assert len(rows) == 4
 
 
-def test_the_build_info_written_for_a_wheel_is_put_back(tmp_path, monkeypatch):
+def test_a_wheel_for_another_torch_builds_from_a_staging_copy_not_the_checkout(tmp_path, monkeypatch):
     backend = load_backend()
-    info = tmp_path / "_build_info.py"
-    info.write_text("TORCH_VERSION = '2.13.0'\n")
-    monkeypatch.setattr(backend, "BUILD_INFO", info)
-    with backend._build_info("2.11.0+cpu", keep=False):
-        assert "TORCH_VERSION = '2.11.0'" in info.read_text()
-    assert info.read_text() == "TORCH_VERSION = '2.13.0'\n"
-    with backend._build_info("2.11.0+cpu", keep=True):
-        pass
-    assert "TORCH_MINOR = (2, 11)" in info.read_text()
-
+    tree = tmp_path / "tree"
+    for rel, text in {"Cargo.lock": "default\n", "src/lib.rs": "// rust\n", "python/cast_rs/x.py": "x = 1\n",
+                      "target/release/big": "build product\n", ".venv/bin/python": "venv\n",
+                      "python/cast_rs/_cast_rs.so": "extension\n"}.items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text(text)
+    lock = tmp_path / "torch-2.11.Cargo.lock"
+    lock.write_text("torch 2.11\n")
+    monkeypatch.setattr(backend, "ROOT", tree)
+    staging = backend._staging_copy(tmp_path / "home", lock)
+    assert (staging / "Cargo.lock").read_text() == "torch 2.11\n"
+    assert (tree / "Cargo.lock").read_text() == "default\n"
+    assert (staging / "src/lib.rs").read_text() == "// rust\n" and (staging / "python/cast_rs/x.py").is_file()
+    assert not (staging / "target").exists() and not (staging / ".venv").exists()
+    assert not (staging / "python/cast_rs/_cast_rs.so").exists()
+    # Modification times survive the copy: Cargo's fingerprints see unchanged sources.
+    assert (staging / "src/lib.rs").stat().st_mtime == (tree / "src/lib.rs").stat().st_mtime
