@@ -171,6 +171,10 @@ def _torch_build_env() -> Iterator[tuple[str, Path]]:
             shim.chmod(shim.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
         os.environ["PATH"] = shims + os.pathsep + os.environ.get("PATH", "")
         os.environ["LIBTORCH_USE_PYTORCH"] = "1"
+        # torch-sys accepts only the exact release its tch binds (2.9.0 for tch 0.22), but
+        # patch releases keep libtorch's ABI: `_lock` has checked the minor release, so a
+        # 2.9.1 builds with tch 0.22 too.
+        os.environ["LIBTORCH_BYPASS_VERSION_CHECK"] = "1"
         # The lock file is the dependency pin: never re-resolve it during a build.
         os.environ["MATURIN_PEP517_ARGS"] = (os.environ.get("MATURIN_PEP517_ARGS", "") + " --locked").strip()
         home = _target_dir(torch_dir, version)
