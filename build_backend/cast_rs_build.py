@@ -8,7 +8,8 @@ environment. So around every maturin hook this backend
 
 1. sets ``LIBTORCH_USE_PYTORCH=1`` and puts a directory first on ``PATH`` whose ``python`` and
    ``python3`` run the building interpreter (``sys.executable``, with the environment pip gave
-   it, so the build environment's torch is the one found);
+   it, so the build environment's torch is the one found) and whose ``maturin`` is the one
+   installed with the imported maturin package (see ``_maturin_binary``);
 2. builds in a Cargo target directory of its own per torch installation
    (``target/pep517/<hash of torch's path and version>``), unless ``CARGO_TARGET_DIR`` is set:
    torch-sys bakes torch's library path into its cached build output and does not rebuild when
@@ -156,6 +157,27 @@ def _staging_copy(home: Path, lock: Path) -> Path:
     return staging
 
 
+def _maturin_binary() -> str:
+    """The maturin executable installed with the maturin package this backend imported.
+
+    maturin's backend runs ``maturin`` from ``PATH``. In a --no-build-isolation build from a
+    virtualenv whose ``bin`` is not on ``PATH``, that can be another installation's, e.g. a
+    pyenv shim, which prepends pyenv's directories to ``PATH``: cargo, and torch-sys's build
+    script, then run pyenv's ``python3`` (no torch) instead of the shims above."""
+    from importlib import metadata
+
+    dist = metadata.distribution("maturin")
+    for file in dist.files or ():
+        if file.name == "maturin" and file.parent.name in ("bin", "Scripts"):
+            path = Path(str(dist.locate_file(file))).resolve()
+            if path.is_file() and os.access(path, os.X_OK):
+                return str(path)
+    found = shutil.which("maturin")
+    if found is None:
+        raise RuntimeError("the maturin executable is missing: install maturin (a build requirement)")
+    return found
+
+
 @contextmanager
 def _torch_build_env() -> Iterator[tuple[str, Path]]:
     """Environment for a build against the importable torch; yields (torch version, the
@@ -165,9 +187,10 @@ def _torch_build_env() -> Iterator[tuple[str, Path]]:
     saved = dict(os.environ)
     shims = tempfile.mkdtemp(prefix="cast_rs_python_")
     try:
-        for name in ("python", "python3"):
+        for name, target in (("python", sys.executable), ("python3", sys.executable),
+                             ("maturin", _maturin_binary())):
             shim = Path(shims) / name
-            shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+            shim.write_text(f'#!/bin/sh\nexec "{target}" "$@"\n')
             shim.chmod(shim.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
         os.environ["PATH"] = shims + os.pathsep + os.environ.get("PATH", "")
         os.environ["LIBTORCH_USE_PYTORCH"] = "1"

@@ -153,3 +153,16 @@ def test_a_wheel_for_another_torch_builds_from_a_staging_copy_not_the_checkout(t
     assert not (staging / "python/cast_rs/_cast_rs.so").exists()
     # Modification times survive the copy: Cargo's fingerprints see unchanged sources.
     assert (staging / "src/lib.rs").stat().st_mtime == (tree / "src/lib.rs").stat().st_mtime
+
+
+def test_the_maturin_the_build_runs_is_the_imported_packages(tmp_path):
+    """Not whichever `maturin` is first on PATH (a pyenv shim there rewrote PATH, and torch-sys
+    then found a python without torch)."""
+    import subprocess
+    from importlib import metadata
+
+    backend = load_backend()
+    binary = backend._maturin_binary()
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["maturin", metadata.version("maturin")]
+    assert "/.pyenv/shims/" not in binary
