@@ -101,12 +101,10 @@ def _target_dir(torch_dir: Path, version: str) -> Path:
 
 
 def _build_info_text(version: str) -> str:
-    major, minor = _minor(version)
     return (
         '"""The torch the extension was compiled against: written by the build backend\n'
         '(build_backend/cast_rs_build.py). In git with the default torch."""\n'
         f"TORCH_VERSION = {version.split('+')[0]!r}\n"
-        f"TORCH_MINOR = ({major}, {minor})\n"
     )
 
 

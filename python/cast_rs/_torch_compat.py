@@ -49,9 +49,9 @@ def built_torch_version() -> Optional[str]:
 def load_error(error: ImportError, installed: str) -> ImportError:
     """The ImportError to raise when the extension itself fails to load (an undefined symbol
     means it was compiled against another libtorch)."""
-    built = built_torch_version() or "another torch version"
-    if "undefined symbol" in str(error):
-        return ImportError(
-            f"cast-rs's extension does not load under torch {installed} ({error}); it was built "
-            f"for torch {built}. " + _advice(built if built[0].isdigit() else installed, installed))
-    return error
+    if "undefined symbol" not in str(error):
+        return error
+    built = built_torch_version()
+    return ImportError(
+        f"cast-rs's extension does not load under torch {installed} ({error}); it was built "
+        f"for torch {built or 'another torch version'}. " + _advice(built or installed, installed))
