@@ -26,8 +26,12 @@ fn main() {
 }
 
 fn compile_operators() {
-    const SOURCE: &str = "csrc/cast_rs_ops.cpp";
-    println!("cargo:rerun-if-changed={SOURCE}");
+    // The operator registrations and the multi-tensor (`_foreach_*`) AdamS step of the
+    // generic path.
+    const SOURCES: [&str; 2] = ["csrc/cast_rs_ops.cpp", "csrc/adams_foreach.cpp"];
+    for source in SOURCES {
+        println!("cargo:rerun-if-changed={source}");
+    }
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let lib = PathBuf::from(
         std::env::var("DEP_TCH_LIBTORCH_LIB")
@@ -59,6 +63,6 @@ fn compile_operators() {
         )
         .warnings(true)
         .extra_warnings(true)
-        .file(SOURCE);
+        .files(SOURCES);
     build.compile("cast_rs_ops");
 }

@@ -5,6 +5,7 @@
 use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyList;
 use pyo3_tch::PyTensor;
 use tch::Tensor;
 
@@ -87,6 +88,25 @@ impl<'py> FromPyObject<'py> for TensorArg {
         }
         Ok(TensorArg(ob.extract::<PyTensor>()?.0))
     }
+}
+
+/// The entries of `adams_step`'s `mask_cache` list: `k` tensors or `None`s.
+fn cache_entries(list: &Bound<'_, PyList>, k: usize) -> PyResult<Vec<Option<Tensor>>> {
+    if list.len() != k {
+        return Err(PyValueError::new_err(format!(
+            "mask_cache: expected {k} entries (one per parameter), got {}",
+            list.len()
+        )));
+    }
+    list.iter()
+        .map(|item| {
+            if item.is_none() {
+                Ok(None)
+            } else {
+                Ok(Some(item.extract::<TensorArg>()?.0))
+            }
+        })
+        .collect()
 }
 
 // The `text_signature`s spell out `dim=-1`: pyo3 0.24 renders only literal defaults in the
@@ -186,8 +206,14 @@ fn nm_mask_numpy<'py>(
 /// or `None` for a dense one. Everything is validated before anything is written.
 /// Returns `(tensors on the fast path, tensors on the generic path, flips)` where `flips[i]`
 /// is the number of N:M groups whose mask changed, for tensors refreshed at this step.
+///
+/// `mask_cache` (optional, in/out): a list with one entry per parameter, the generic path's
+/// cached `drop` tensor of a sparse parameter (1 where its mask removes the weight, in the
+/// parameter's dtype) or `None`. On success each entry is replaced by the tensor that step
+/// used (`None` for a parameter not on the generic path), to pass back at the next step; the
+/// caller must drop an entry whenever the packed mask changes by other means.
 #[pyfunction]
-#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, masks, patterns, steps, *, lr, beta1, beta2, eps, weight_decay, l1_decay, total_steps, mask_interval, force_generic=false, validate_only=false, l1_decays=None, weight_decays=None))]
+#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, masks, patterns, steps, *, lr, beta1, beta2, eps, weight_decay, l1_decay, total_steps, mask_interval, force_generic=false, validate_only=false, l1_decays=None, weight_decays=None, mask_cache=None))]
 #[allow(clippy::too_many_arguments)]
 fn adams_step(
     py: Python<'_>,
@@ -210,7 +236,9 @@ fn adams_step(
     validate_only: bool,
     l1_decays: Option<Vec<f64>>,
     weight_decays: Option<Vec<f64>>,
+    mask_cache: Option<Bound<'_, PyList>>,
 ) -> PyResult<(usize, usize, Vec<Option<u64>>)> {
+    let k = params.len();
     let unwrap = |v: Vec<TensorArg>| v.into_iter().map(|t| t.0).collect::<Vec<_>>();
     let tensors = StepTensors {
         params: unwrap(params),
@@ -220,6 +248,10 @@ fn adams_step(
         masks: masks.into_iter().map(|m| m.map(|t| t.0)).collect(),
         patterns,
         steps: unwrap(steps),
+        drops: match &mask_cache {
+            Some(list) => cache_entries(list, k)?,
+            None => Vec::new(),
+        },
     };
     let cfg = StepConfig {
         hyper: AdamsHyper {
@@ -237,6 +269,11 @@ fn adams_step(
         force_generic,
     };
     let out = py.allow_threads(move || ops::adams_step(tensors, &cfg, validate_only))?;
+    if let (Some(list), false) = (&mask_cache, validate_only) {
+        for (i, d) in out.drops.into_iter().enumerate() {
+            list.set_item(i, d.map(PyTensor))?;
+        }
+    }
     Ok((out.n_fast, out.n_generic, out.flips))
 }
 

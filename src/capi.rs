@@ -312,6 +312,9 @@ pub unsafe extern "C" fn cast_rs_adams_step(
                     .map(|p| (p[0] != 0).then_some((p[0], p[1], p[2])))
                     .collect(),
                 steps: list(steps)?,
+                // An operator call keeps no cache between steps: the generic path unpacks
+                // each sparse tensor's mask once per call.
+                drops: Vec::new(),
             };
             let cfg = StepConfig {
                 hyper: AdamsHyper {

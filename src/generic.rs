@@ -6,7 +6,10 @@
 //! Op order mirrors the fast path (`adams.rs`), which mirrors torch's AdamW, so for f32 on CPU
 //! the two paths agree to rounding.
 
+use std::ffi::{c_char, CStr};
+
 use tch::{Device, Kind, Tensor};
+use torch_sys::C_tensor;
 
 use crate::adams::AdamsHyper;
 use crate::error::{CastError, Result};
@@ -132,90 +135,218 @@ impl GenericScalars {
     }
 }
 
-/// One AdamS step of one tensor with tensor ops. `mask` is the packed mask and the group
-/// layout of a sparse tensor. Validation is the caller's: this only fails on libtorch errors.
-#[allow(clippy::too_many_arguments)]
-pub fn adams_step_tensor(
-    p: &mut Tensor,
-    g: &Tensor,
-    mu: &mut Tensor,
-    v: &mut Tensor,
-    mask: Option<(&mut Tensor, NmPattern, GroupDim)>,
-    h: &AdamsHyper,
-    sc: &GenericScalars,
-) -> Result<Option<u64>> {
+/// One parameter of a generic-path step call: where it sits in the call's lists and its
+/// hyperparameters and step scalars. `mask` is the layout of a sparse tensor.
+pub struct GenericItem {
+    pub index: usize,
+    pub hyper: AdamsHyper,
+    pub scalars: GenericScalars,
+    pub mask: Option<(NmPattern, GroupDim)>,
+}
+
+/// The buffers of a step call, one entry per parameter of the call.
+pub struct GenericBuffers<'a> {
+    pub params: &'a [Tensor],
+    pub grads: &'a [Tensor],
+    pub exp_avgs: &'a [Tensor],
+    pub exp_avg_sqs: &'a [Tensor],
+    /// Packed masks (written at a refresh).
+    pub masks: &'a mut [Option<Tensor>],
+    /// The `drop` tensor of each sparse parameter (1 where its mask removes the weight, in
+    /// the parameter's dtype). In: a cache from the previous step (ignored when its shape,
+    /// dtype or device do not match). Out: the one this step used, to cache for the next.
+    pub drops: &'a mut [Option<Tensor>],
+}
+
+/// Mirrors `CastForeachScalars` in `csrc/adams_foreach.cpp`.
+#[repr(C)]
+struct ForeachScalars {
+    decay: f64,
+    l1: f64,
+    alpha: f64,
+    step_size: f64,
+    inv_bc2_sqrt: f64,
+}
+
+extern "C" {
+    /// Defined in `csrc/adams_foreach.cpp`: the multi-tensor step of one (device, dtype)
+    /// group. Returns 0, or 3 with a NUL-terminated message in `message`.
+    fn cast_rs_adams_foreach(
+        k: usize,
+        params: *const *const C_tensor,
+        grads: *const *const C_tensor,
+        exp_avgs: *const *const C_tensor,
+        exp_avg_sqs: *const *const C_tensor,
+        drops: *const *const C_tensor,
+        scalars: *const ForeachScalars,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        message: *mut c_char,
+        message_len: usize,
+    ) -> i32;
+}
+
+/// The `drop` tensor of a sparse parameter for this step, refreshing its mask first when
+/// the step is a refresh step. Returns the number-of-changed-groups tensor (0-d, on the
+/// parameter's device) of a refresh, left on the device so that all of a call's counts come
+/// back to the host in one transfer.
+fn drop_for_step(
+    p: &Tensor,
+    bits: &mut Tensor,
+    cached: Option<Tensor>,
+    pattern: NmPattern,
+    dim: GroupDim,
+    refresh: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
     let e = torch_err("adams_step (generic path)");
-    let mut flips = None;
-    // The new mask is computed before anything is written.
-    let mask = match mask {
-        Some((bits, pattern, dim)) => {
-            if sc.refresh {
-                let keep = nm_keep_tensor(p, pattern, dim)?;
-                let old = unpack_mask(bits, &p.size())?;
-                let changed = old.f_ne_tensor(&keep).map_err(&e)?;
-                let (g, _, _) = grouped(&changed, pattern, dim)?;
-                let n = g
-                    .f_any_dim(-1, false)
-                    .map_err(&e)?
-                    .f_sum(Kind::Int64)
-                    .map_err(&e)?
-                    .f_int64_value(&[])
-                    .map_err(&e)?;
-                flips = Some(n as u64);
-                let packed = pack_mask(&keep)?;
-                bits.f_copy_(&packed).map_err(&e)?;
-                Some(keep)
-            } else {
-                Some(unpack_mask(bits, &p.size())?)
-            }
-        }
-        None => None,
-    };
-    if h.weight_decay != 0.0 {
-        let _ = p.f_mul_scalar_(1.0 - h.lr * h.weight_decay).map_err(&e)?;
-    }
-    let _ = mu.f_lerp_(g, 1.0 - h.beta1).map_err(&e)?;
-    let (mt, second) = match &mask {
-        Some(keep) => {
-            let decayed = mu
-                .f_mul_scalar(1.0 - sc.alpha)
+    let cached = cached.filter(|d| {
+        d.size() == p.size()
+            && d.kind() == p.kind()
+            && d.device() == p.device()
+            && d.is_contiguous()
+    });
+    if !refresh {
+        let d = match cached {
+            Some(d) => d,
+            None => unpack_mask(bits, &p.size())?
+                .f_logical_not()
                 .map_err(&e)?
-                .f_add(
-                    &p.f_sign()
-                        .map_err(&e)?
-                        .f_mul_scalar(sc.alpha * h.l1_decay)
-                        .map_err(&e)?,
-                )
-                .map_err(&e)?;
-            let mt = mu.f_where_self(keep, &decayed).map_err(&e)?;
-            (mt.shallow_clone(), mt)
-        }
-        None => (mu.shallow_clone(), g.shallow_clone()),
-    };
-    let _ = v.f_mul_scalar_(h.beta2).map_err(&e)?;
-    let _ = v
-        .f_add_(
-            &second
-                .f_mul_scalar(1.0 - h.beta2)
-                .map_err(&e)?
-                .f_mul(&second)
+                .f_to_kind(p.kind())
                 .map_err(&e)?,
-        )
-        .map_err(&e)?;
-    let denom = v
-        .f_sqrt()
+        };
+        return Ok((d, None));
+    }
+    // The new mask is computed before anything is written.
+    let keep = nm_keep_tensor(p, pattern, dim)?;
+    let old = unpack_mask(bits, &p.size())?;
+    let changed = old.f_ne_tensor(&keep).map_err(&e)?;
+    let (grouped_changed, _, _) = grouped(&changed, pattern, dim)?;
+    let count = grouped_changed
+        .f_any_dim(-1, false)
         .map_err(&e)?
-        .f_mul_scalar(sc.inv_bc2_sqrt)
-        .map_err(&e)?
-        .f_add_scalar_(h.eps)
+        .f_sum(Kind::Int64)
         .map_err(&e)?;
-    let update = mt
-        .f_mul_scalar(-sc.step_size)
-        .map_err(&e)?
-        .f_div(&denom)
-        .map_err(&e)?;
-    let _ = p.f_add_(&update).map_err(&e)?;
-    Ok(flips)
+    bits.f_copy_(&pack_mask(&keep)?).map_err(&e)?;
+    let dropped = keep.f_logical_not().map_err(&e)?;
+    let d = match cached {
+        Some(mut d) => {
+            d.f_copy_(&dropped).map_err(&e)?;
+            d
+        }
+        None => dropped.f_to_kind(p.kind()).map_err(&e)?,
+    };
+    Ok((d, Some(count)))
+}
+
+/// One AdamS step of the generic-path parameters of a call, with a number of libtorch calls
+/// that does not grow with the number of parameters (except at mask refreshes): the masks
+/// due for a refresh are recomputed (per tensor), then each (device, dtype) group takes one
+/// multi-tensor step (`csrc/adams_foreach.cpp`, 11–12 `_foreach_*` calls). A refresh step
+/// reads its mask-flip counts back to the host in one transfer; other steps never
+/// synchronise with the device. Validation is the caller's: this only fails on libtorch
+/// errors. Returns the flips of the refreshed tensors in `flips`.
+pub fn adams_step_multi(
+    items: &[GenericItem],
+    b: GenericBuffers<'_>,
+    flips: &mut [Option<u64>],
+) -> Result<()> {
+    let e = torch_err("adams_step (generic path)");
+    let mut counts: Vec<(usize, Tensor)> = Vec::new();
+    for it in items {
+        let i = it.index;
+        match (it.mask, b.masks[i].as_mut()) {
+            (Some((pattern, dim)), Some(bits)) => {
+                let cached = b.drops[i].take();
+                let (d, count) =
+                    drop_for_step(&b.params[i], bits, cached, pattern, dim, it.scalars.refresh)?;
+                b.drops[i] = Some(d);
+                if let Some(c) = count {
+                    counts.push((i, c));
+                }
+            }
+            _ => b.drops[i] = None,
+        }
+    }
+    if !counts.is_empty() {
+        let on_device: Vec<&Tensor> = counts.iter().map(|(_, c)| c).collect();
+        let host = Tensor::f_stack(&on_device, 0)
+            .map_err(&e)?
+            .f_to_device(Device::Cpu)
+            .map_err(&e)?;
+        let values = Vec::<i64>::try_from(&host).map_err(&e)?;
+        for ((i, _), n) in counts.iter().zip(values) {
+            flips[*i] = Some(n.max(0) as u64);
+        }
+    }
+    let mut groups: Vec<((Device, Kind), Vec<&GenericItem>)> = Vec::new();
+    for it in items {
+        let key = (b.params[it.index].device(), b.params[it.index].kind());
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, members)) => members.push(it),
+            None => groups.push((key, vec![it])),
+        }
+    }
+    for (_, members) in groups {
+        let ptrs = |ts: &[Tensor]| -> Vec<*const C_tensor> {
+            members.iter().map(|it| ts[it.index].as_ptr()).collect()
+        };
+        let (p, g, mu, v) = (
+            ptrs(b.params),
+            ptrs(b.grads),
+            ptrs(b.exp_avgs),
+            ptrs(b.exp_avg_sqs),
+        );
+        let drops: Vec<*const C_tensor> = members
+            .iter()
+            .map(|it| match (&it.mask, &b.drops[it.index]) {
+                (Some(_), Some(d)) => d.as_ptr(),
+                _ => std::ptr::null(),
+            })
+            .collect();
+        let scalars: Vec<ForeachScalars> = members
+            .iter()
+            .map(|it| ForeachScalars {
+                decay: 1.0 - it.hyper.lr * it.hyper.weight_decay,
+                l1: it.hyper.l1_decay,
+                alpha: it.scalars.alpha,
+                step_size: it.scalars.step_size,
+                inv_bc2_sqrt: it.scalars.inv_bc2_sqrt,
+            })
+            .collect();
+        let h = &members[0].hyper;
+        let mut message = [0 as c_char; 1024];
+        // SAFETY: every pointer array has `members.len()` entries, each a live at::Tensor of
+        // this call (or null in `drops` for a dense tensor), all kept alive by `b` for the
+        // duration of the call; `scalars` has as many entries; `message` is a writable
+        // buffer of the length passed. The C++ side catches every exception.
+        let status = unsafe {
+            cast_rs_adams_foreach(
+                members.len(),
+                p.as_ptr(),
+                g.as_ptr(),
+                mu.as_ptr(),
+                v.as_ptr(),
+                drops.as_ptr(),
+                scalars.as_ptr(),
+                h.beta1,
+                h.beta2,
+                h.eps,
+                message.as_mut_ptr(),
+                message.len(),
+            )
+        };
+        if status != 0 {
+            // SAFETY: the C++ side wrote a NUL-terminated string into `message` (or left it
+            // zeroed, which is the empty string).
+            let text = unsafe { CStr::from_ptr(message.as_ptr()) };
+            return Err(CastError::Torch {
+                context: "adams_step (generic path)".to_string(),
+                msg: text.to_string_lossy().into_owned(),
+            });
+        }
+    }
+    Ok(())
 }
 
 pub fn is_cpu(t: &Tensor) -> bool {

@@ -272,6 +272,9 @@ pub struct StepTensors {
     pub patterns: Vec<Option<(i64, i64, i64)>>,
     /// Completed-step counters (one element each), incremented on success.
     pub steps: Vec<Tensor>,
+    /// The generic path's cached `drop` tensors (see [`generic::GenericBuffers`]), one entry
+    /// per parameter (`None`: none cached); empty when the caller keeps no cache.
+    pub drops: Vec<Option<Tensor>>,
 }
 
 /// What a step call did.
@@ -282,6 +285,9 @@ pub struct StepOutcome {
     pub n_generic: usize,
     /// For tensors whose mask was refreshed: the number of N:M groups whose mask changed.
     pub flips: Vec<Option<u64>>,
+    /// The `drop` tensor each sparse generic-path parameter used (for the caller to cache
+    /// and pass back next step); `None` for the others.
+    pub drops: Vec<Option<Tensor>>,
 }
 
 /// Completed steps held in a one-element counter tensor (torch keeps `state["step"]` as a
@@ -400,6 +406,7 @@ pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Resu
             n_fast,
             n_generic: k - n_fast,
             flips: vec![None; k],
+            drops: (0..k).map(|_| None).collect(),
         });
     }
     let StepTensors {
@@ -409,8 +416,14 @@ pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Resu
         mut exp_avg_sqs,
         mut masks,
         mut steps,
+        drops,
         ..
     } = t;
+    let mut drops: Vec<Option<Tensor>> = if drops.len() == k {
+        drops
+    } else {
+        (0..k).map(|_| None).collect()
+    };
     let total = cfg.total_steps;
     let interval = cfg.mask_interval;
     guarded(|| {
@@ -425,20 +438,34 @@ pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Resu
         step_fast::<f32>(Dtype::F32, &plans, &bufs, cfg, &mut flips)?;
         step_fast::<nm::Bf16Bits>(Dtype::BF16, &plans, &bufs, cfg, &mut flips)?;
         step_fast::<nm::F16Bits>(Dtype::F16, &plans, &bufs, cfg, &mut flips)?;
-        for (i, plan) in plans.iter().enumerate().filter(|(_, p)| p.fast.is_none()) {
-            let sc = GenericScalars::new(&plan.hyper, plan.step, total, interval);
-            let mask = match (masks[i].as_mut(), plan.mask) {
-                (Some(b), Some((pat, gdim, _))) => Some((b, pat, gdim)),
-                _ => None,
-            };
-            flips[i] = generic::adams_step_tensor(
-                &mut params[i],
-                &grads[i],
-                &mut exp_avgs[i],
-                &mut exp_avg_sqs[i],
-                mask,
-                &plan.hyper,
-                &sc,
+        let items: Vec<generic::GenericItem> = plans
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.fast.is_none())
+            .map(|(i, plan)| generic::GenericItem {
+                index: i,
+                hyper: plan.hyper,
+                scalars: GenericScalars::new(&plan.hyper, plan.step, total, interval),
+                mask: plan.mask.map(|(pat, gdim, _)| (pat, gdim)),
+            })
+            .collect();
+        for (i, plan) in plans.iter().enumerate() {
+            if plan.fast.is_some() {
+                drops[i] = None;
+            }
+        }
+        if !items.is_empty() {
+            generic::adams_step_multi(
+                &items,
+                generic::GenericBuffers {
+                    params: &params,
+                    grads: &grads,
+                    exp_avgs: &exp_avgs,
+                    exp_avg_sqs: &exp_avg_sqs,
+                    masks: &mut masks,
+                    drops: &mut drops,
+                },
+                &mut flips,
             )?;
         }
         for (s, plan) in steps.iter_mut().zip(&plans) {
@@ -448,6 +475,7 @@ pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Resu
             n_fast,
             n_generic: k - n_fast,
             flips,
+            drops: std::mem::take(&mut drops),
         })
     })
 }

@@ -351,8 +351,12 @@ def step_tolerances(dtype, p, g, mu, v_new, step, hp):
 
 
 def assert_within(actual, expected, tol, what, same_nonfinite=True, where=None):
+    """``same_nonfinite``: True, the same NaN / +inf / -inf elements; "finite", the same
+    non-finite elements, whichever non-finite value each holds; False, not compared."""
     a, e = actual.detach().double(), expected.detach().double()
-    if same_nonfinite:
+    if same_nonfinite == "finite":
+        assert torch.equal(torch.isfinite(a), torch.isfinite(e)), (f"{what}: non-finite elements differ", a, e)
+    elif same_nonfinite:
         for cls in (torch.isnan, torch.isposinf, torch.isneginf):
             assert torch.equal(cls(a), cls(e)), (f"{what}: non-finite elements differ ({cls.__name__})", a, e)
     both = torch.isfinite(a) & torch.isfinite(e)
@@ -458,9 +462,13 @@ def test_step_property_over_shapes_strides_dtypes(case):
             if dtype == torch.float16:
                 normal = torch.finfo(dtype).smallest_normal
                 where = (got_f[2].detach().double().abs() >= normal) & (got_g[2].detach().double().abs() >= normal)
+            # float32: the same elements are non-finite on both paths, but not always with the
+            # same value: the multi-tensor path blends μ̃ = μ + α·drop·(λ·sign(θ) − μ)
+            # arithmetically (there is no `_foreach_where`), so an infinite μ gives NaN where
+            # the fast path's per-element select keeps ±inf.
             for name, a, b, tol in zip(names, got_g, got_f, tols):
-                assert_within(a, b, tol, f"step {s} {name}: generic vs fast", same_nonfinite=dtype == torch.float32,
-                              where=where)
+                assert_within(a, b, tol, f"step {s} {name}: generic vs fast",
+                              same_nonfinite="finite" if dtype == torch.float32 else False, where=where)
 
         # RefAdamS, one step from the same state, where every input of the step is finite.
         finite = all(bool(torch.isfinite(t).all()) for t in (p_before, grad, mu_before, v_before))
@@ -706,8 +714,14 @@ def test_nan_weight_sign_agrees_on_both_paths():
         assert opt._kernel_calls == ([0, 1] if generic else [1, 0])
         assert torch.equal(cast_rs.unpack_mask(opt.state[p]["mask"], p.shape), torch.tensor([[True, False, False, True]]))
         state.append((p.detach().clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone()))
-    for name, a, b in zip(("param", "exp_avg", "exp_avg_sq"), *state):
+    for name, a, b in zip(("param", "exp_avg"), state[0][:2], state[1][:2]):
         assert_exact(a, b, name)
+    # v squares μ̃, which the two paths blend with different (equally exact) formulas for a
+    # masked weight: (1 − α)·μ + αλ·sign(θ) against μ − α·μ + αλ·sign(θ), a few float32
+    # roundings apart. The NaNs must be where they are.
+    v_fast, v_generic = state[0][2], state[1][2]
+    assert torch.equal(torch.isnan(v_fast), torch.isnan(v_generic))
+    torch.testing.assert_close(v_generic, v_fast, rtol=4 * 2.0**-24, atol=0, equal_nan=True)
 
 
 META_CALLS = {

@@ -165,6 +165,12 @@ class AdamS(Optimizer):
         self._validate_hyper(defaults, where="")
         # Tensors stepped on the (fast, generic) kernel path so far: for tests and diagnostics.
         self._kernel_calls = [0, 0]
+        # The generic path's `drop` tensors (1 where the mask removes a weight, in the
+        # parameter's dtype), kept between steps so that a step need not unpack every packed
+        # mask (see _cast_rs.adams_step's mask_cache). A cache, never state: not in
+        # state_dict(), and an entry is used only while the packed mask it was made from is
+        # unchanged (same storage, same version counter).
+        self._drop_cache: Dict[torch.Tensor, Tuple[torch.Tensor, int, int]] = {}
         # fully_shard (FSDP2) replaces parameters and drops sparsify's markers: restore them.
         remark_weights()
         super().__init__(params, defaults)
@@ -290,6 +296,7 @@ class AdamS(Optimizer):
     # ----------------------------------------------------------------- state
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        self._drop_cache = {}
         # torch casts every non-"step" state tensor of a float parameter to the parameter's
         # dtype; the packed mask is bytes, so restore it (0..255 survive float exactly).
         for gi, group in enumerate(self.param_groups):
@@ -491,7 +498,10 @@ class AdamS(Optimizer):
                     self.state[p].pop("mask", None)
             raise
         for ci, (gi, group, indices, (args, kwargs)) in enumerate(calls):
-            fast, generic, flips = results[ci] if ci < len(results) else self._run_kernel(gi, group, indices, args, kwargs)
+            if ci < len(results):
+                fast, generic, flips = results[ci]
+            else:
+                fast, generic, flips = self._run_kernel(gi, group, indices, args, kwargs)
             self._kernel_calls[0] += fast
             self._kernel_calls[1] += generic
             params, _, specs, locals_, _ = plans[gi]
@@ -578,8 +588,20 @@ class AdamS(Optimizer):
         its name) instead of the kernel's per-call argument lists (``grads[3]``). The kernel's
         exceptions carry the failing argument as data (``param``, ``index``, ``detail``,
         ``other_param``, ``other_index``; see ``src/error.rs``)."""
+        # Keyed by the parameter itself (args[0] holds the local tensors, which for a DTensor
+        # are new objects at every step).
+        params, masks = [group["params"][i] for i in indices], args[4]
+        cache = None
+        if not kwargs.get("validate_only", False):
+            store = self.__dict__.setdefault("_drop_cache", {})
+            cache = []
+            for p, bits in zip(params, masks):
+                entry = store.get(p) if bits is not None else None
+                fresh = entry is not None and entry[1] == bits.data_ptr() and entry[2] == bits._version
+                cache.append(entry[0] if fresh else None)
+            kwargs = dict(kwargs, mask_cache=cache)
         try:
-            return _cast_rs.adams_step(*args, **kwargs)
+            out = _cast_rs.adams_step(*args, **kwargs)
         except (ValueError, TypeError, _cast_rs.CastError) as e:
             def name(arg: Optional[str], k: Optional[int]) -> Optional[str]:
                 if arg not in self._STATE_NAME or k is None or k >= len(indices):
@@ -594,6 +616,13 @@ class AdamS(Optimizer):
                 other = name(e.other_param, e.other_index)  # type: ignore[union-attr]
                 detail = detail.replace("{other}", other or f"{e.other_param}[{e.other_index}]")  # type: ignore[union-attr]
             raise type(e)(f"{who}: {detail}") from e
+        if cache is not None:
+            for p, bits, drop in zip(params, masks, cache):
+                if drop is None:
+                    store.pop(p, None)
+                else:
+                    store[p] = (drop, bits.data_ptr(), bits._version)
+        return out
 
     # ----------------------------------------------------------------- helpers
     def masks(self) -> Dict[torch.Tensor, torch.Tensor]:
