@@ -409,11 +409,13 @@ pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Resu
             drops: (0..k).map(|_| None).collect(),
         });
     }
+    // The generic path writes through libtorch (in-place ops on shared tensor handles) and
+    // the fast path through raw slices, so only the masks and counters need `mut` here.
     let StepTensors {
-        mut params,
+        params,
         grads,
-        mut exp_avgs,
-        mut exp_avg_sqs,
+        exp_avgs,
+        exp_avg_sqs,
         mut masks,
         mut steps,
         drops,
