@@ -112,6 +112,8 @@ pub fn unpack_mask(bits: &Tensor, shape: &[i64]) -> Result<Tensor> {
 
 /// Step-dependent scalars in f64 (tch converts them to the tensor's type per op).
 pub struct GenericScalars {
+    /// The step being taken (1 for the first).
+    pub step: f64,
     pub step_size: f64,
     /// 1 / sqrt(1 − β2^s), as the fast path (a multiply, not a divide).
     pub inv_bc2_sqrt: f64,
@@ -127,6 +129,7 @@ impl GenericScalars {
         };
         let s = step.max(1.0) as u64;
         GenericScalars {
+            step,
             step_size: h.lr / (1.0 - h.beta1.powf(step)),
             inv_bc2_sqrt: 1.0 / (1.0 - h.beta2.powf(step)).sqrt(),
             alpha,
@@ -161,6 +164,7 @@ pub struct GenericBuffers<'a> {
 /// Mirrors `CastForeachScalars` in `csrc/adams_foreach.cpp`.
 #[repr(C)]
 struct ForeachScalars {
+    step: f64,
     decay: f64,
     l1: f64,
     alpha: f64,
@@ -179,6 +183,7 @@ extern "C" {
         exp_avg_sqs: *const *const C_tensor,
         drops: *const *const C_tensor,
         scalars: *const ForeachScalars,
+        lr: f64,
         beta1: f64,
         beta2: f64,
         eps: f64,
@@ -242,7 +247,8 @@ fn drop_for_step(
 /// One AdamS step of the generic-path parameters of a call, with a number of libtorch calls
 /// that does not grow with the number of parameters (except at mask refreshes): the masks
 /// due for a refresh are recomputed (per tensor), then each (device, dtype) group takes one
-/// multi-tensor step (`csrc/adams_foreach.cpp`, 11–12 `_foreach_*` calls). A refresh step
+/// multi-tensor step (`csrc/adams_foreach.cpp`: 5–7 calls, torch's `_fused_adam_` and a few
+/// `_foreach_*` ones). A refresh step
 /// reads its mask-flip counts back to the host in one transfer; other steps never
 /// synchronise with the device. Validation is the caller's: this only fails on libtorch
 /// errors. Returns the flips of the refreshed tensors in `flips`.
@@ -307,6 +313,7 @@ pub fn adams_step_multi(
         let scalars: Vec<ForeachScalars> = members
             .iter()
             .map(|it| ForeachScalars {
+                step: it.scalars.step,
                 decay: 1.0 - it.hyper.lr * it.hyper.weight_decay,
                 l1: it.hyper.l1_decay,
                 alpha: it.scalars.alpha,
@@ -329,6 +336,7 @@ pub fn adams_step_multi(
                 v.as_ptr(),
                 drops.as_ptr(),
                 scalars.as_ptr(),
+                h.lr,
                 h.beta1,
                 h.beta2,
                 h.eps,
