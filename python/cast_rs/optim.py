@@ -119,11 +119,18 @@ class AdamS(Optimizer):
 
     Kernels: contiguous CPU tensors of float32, bfloat16 or float16 take the Rust fast path
     (one fused pass, parallel, GIL released); everything else (fp64, non-contiguous, CUDA)
-    takes the generic path built from tensor ops. In float32 both implement the same
-    arithmetic in the same order (``AdamW(foreach=False)``'s). For bf16/fp16 the fast path
+    takes the generic path: per (device, dtype) group a fixed number of multi-tensor ATen
+    calls whatever the number of parameters (torch's ``_fused_adam_`` on the blended momentum
+    μ̃, after a ``lerp``, a ``sign`` and two ``addcmul`` over the sparse tensors; ``_foreach_*``
+    calls for non-contiguous ones), with no host synchronisation except one transfer of the
+    mask-flip counts at a refresh step. Masks are recomputed per tensor at refresh steps. The
+    generic path keeps, for each sparse parameter, a cached ``drop`` tensor (1 where the mask
+    removes the weight, in the parameter's dtype; not in ``state_dict()``) so that a step
+    need not unpack the 1-bit masks: one parameter-sized buffer per sparse tensor. In
+    float32 the two paths agree to a few roundings (tested). For bf16/fp16 the fast path
     keeps the state in the parameter's dtype and computes in float32 with one rounding per
     stored value, in the order of ``AdamW(fused=True)``, so a dense bf16 group is bit-identical
-    to it; the generic path rounds after every tensor op, as ``AdamW(foreach=True)`` does.
+    to it; the generic path rounds μ and μ̃ to the dtype between its calls.
 
     Distributed: under DDP parameters are plain tensors and every rank computes the same
     update. FSDP2 (``fully_shard``) parameters are DTensors: each rank steps its local shard,
