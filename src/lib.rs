@@ -1,6 +1,7 @@
 //! cast-rs: the Rust core of CAST (Continuous Adaptive Sparse Trainer) for PyTorch.
 //!
 //! * [`nm`]: N:M masks (selection, packing) on plain slices.
+//! * [`nm_linear`]: compressed N:M weights and the CPU kernels of an N:M linear layer.
 //! * [`adams`]: the fused AdamS optimizer step on contiguous `f32` slices.
 //! * [`adams_lp`]: its element loops on bf16 / fp16 storage (not wired into the step yet).
 //! * `generic` (feature `python`): the same kernels from tch tensor ops, for any dtype/device.
@@ -19,6 +20,7 @@ pub mod checks;
 pub mod error;
 pub mod half;
 pub mod nm;
+pub mod nm_linear;
 pub mod parallel;
 pub mod scaling;
 pub mod simd;

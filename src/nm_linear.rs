@@ -1,0 +1,835 @@
+//! Compressed N:M weights and the kernels of an N:M linear layer on a CPU (issue 11).
+//!
+//! Token-by-token decoding is memory-bound: every weight is read once per token. A dense f32
+//! weight costs 4 bytes; a 2:4 weight stored compressed costs its kept values (half of them)
+//! plus their positions, 2.125 bytes per dense weight in f32 (1.125 in bf16).
+//!
+//! ## Layout ([`NmLayout`])
+//!
+//! `W` is `[rows, cols]` (an `nn.Linear` weight: output rows, N:M groups of M consecutive
+//! inputs along a row). Rows are taken in **blocks of 16** (the last block padded with zero
+//! rows), so that one 16-lane vector load serves 16 output rows at once. Within a block, the
+//! kept values are stored slot by slot: slot `t = k·N + j` is the `j`-th kept weight of group
+//! `k` of each of the 16 rows:
+//!
+//! ```text
+//! values[(block · kept + t) · 16 + lane]   = W[16·block + lane, M·k + pos]   (kept = cols/M · N)
+//! index word (block · kept + t), lane bits = pos (0 ≤ pos < M), idx_bits bits per lane
+//! ```
+//!
+//! `idx_bits` is 2 for M ≤ 4 (one `u32` word per slot: 16 lanes × 2 bits) and 4 for
+//! 4 < M ≤ 8 (two `u32` words per slot). Within a group the kept positions are stored in
+//! increasing order; a group with fewer than N nonzeros (a kept weight that is exactly 0)
+//! fills its slots with zero values at the lowest free positions.
+//!
+//! ## Kernels
+//!
+//! `y[b, r] = Σ_c x[b, c] · W[r, c]` (+ bias) for a batch of `b` input rows. For each block
+//! and group the kernel broadcasts the group's M inputs across the vector, picks each lane's
+//! input with one permute (`vpermps`) from the lane's index bits, and accumulates value ×
+//! input with an FMA, for up to 8 batch rows at a time (the values, the expensive stream, are
+//! loaded once per 8 rows). Accumulation is in f32 in slot order, so every dispatch level
+//! (AVX-512, AVX2, portable) gives the same sums up to the FMA's single rounding.
+
+use crate::error::{CastError, Result};
+
+/// Output rows per block: the f32 lanes of one AVX-512 vector.
+pub const ROW_BLOCK: usize = 16;
+
+/// Shape of a compressed N:M weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NmLayout {
+    pub rows: usize,
+    pub cols: usize,
+    pub n: usize,
+    pub m: usize,
+}
+
+impl NmLayout {
+    /// Checks `1 ≤ n < m ≤ 8` and that `cols` is a multiple of `m`.
+    pub fn new(rows: usize, cols: usize, n: usize, m: usize) -> Result<Self> {
+        if !(2..=8).contains(&m) || n == 0 || n >= m {
+            return Err(CastError::value(
+                "pattern",
+                format!("expected N:M with 1 <= N < M <= 8, got {n}:{m}"),
+            ));
+        }
+        if !cols.is_multiple_of(m) {
+            return Err(CastError::value(
+                "weight",
+                format!("its {cols} input columns are not a multiple of M = {m}"),
+            ));
+        }
+        Ok(NmLayout { rows, cols, n, m })
+    }
+
+    /// Bits of one position index: 2 for M ≤ 4, 4 for M ≤ 8.
+    pub fn idx_bits(&self) -> usize {
+        if self.m <= 4 {
+            2
+        } else {
+            4
+        }
+    }
+
+    /// `u32` index words per slot (16 lanes × `idx_bits`).
+    pub fn words_per_slot(&self) -> usize {
+        ROW_BLOCK * self.idx_bits() / 32
+    }
+
+    pub fn blocks(&self) -> usize {
+        self.rows.div_ceil(ROW_BLOCK)
+    }
+
+    pub fn groups(&self) -> usize {
+        self.cols / self.m
+    }
+
+    /// Kept weights per row.
+    pub fn kept(&self) -> usize {
+        self.groups() * self.n
+    }
+
+    /// Length of the values array (padding rows included).
+    pub fn values_len(&self) -> usize {
+        self.blocks() * self.kept() * ROW_BLOCK
+    }
+
+    /// Length of the index array in `u32` words.
+    pub fn index_len(&self) -> usize {
+        self.blocks() * self.kept() * self.words_per_slot()
+    }
+
+    /// Position of lane `lane` of slot `slot` (global slot number `block · kept + t`).
+    #[inline(always)]
+    fn position(&self, index: &[u32], slot: usize, lane: usize) -> usize {
+        let bits = self.idx_bits();
+        let bit = lane * bits;
+        let word = index[slot * self.words_per_slot() + bit / 32];
+        ((word >> (bit % 32)) & ((1 << bits) - 1)) as usize
+    }
+}
+
+/// A stored weight element: f32, or bf16 as its bits.
+pub trait NmElem: Copy + Send + Sync + 'static {
+    const ZERO: Self;
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+    fn is_zero(self) -> bool;
+}
+
+impl NmElem for f32 {
+    const ZERO: Self = 0.0;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn is_zero(self) -> bool {
+        self == 0.0
+    }
+}
+
+/// bf16 bits (what torch stores for `torch.bfloat16`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct Bf16(pub u16);
+
+impl NmElem for Bf16 {
+    const ZERO: Self = Bf16(0);
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.0 as u32) << 16)
+    }
+    fn from_f32(x: f32) -> Self {
+        Bf16(crate::half::f32_to_bf16(x))
+    }
+    fn is_zero(self) -> bool {
+        self.0 & 0x7fff == 0
+    }
+}
+
+/// Compresses a dense row-major `[rows, cols]` weight that is exactly N:M (at most N nonzeros
+/// in every group of M). Returns `(values, index)` in the layout of the module docs.
+pub fn compress<E: NmElem>(layout: &NmLayout, dense: &[E]) -> Result<(Vec<E>, Vec<u32>)> {
+    let NmLayout { rows, cols, n, m } = *layout;
+    if dense.len() != rows * cols {
+        return Err(CastError::value(
+            "weight",
+            format!(
+                "expected {} elements ({rows} x {cols}), got {}",
+                rows * cols,
+                dense.len()
+            ),
+        ));
+    }
+    let kept = layout.kept();
+    let bits = layout.idx_bits();
+    let wps = layout.words_per_slot();
+    let mut values = vec![E::ZERO; layout.values_len()];
+    let mut index = vec![0u32; layout.index_len()];
+    let mut pos = [0usize; 8];
+    for r in 0..rows {
+        let (block, lane) = (r / ROW_BLOCK, r % ROW_BLOCK);
+        for k in 0..layout.groups() {
+            let group = &dense[r * cols + k * m..r * cols + (k + 1) * m];
+            let mut taken = 0;
+            for (p, v) in group.iter().enumerate() {
+                if !v.is_zero() {
+                    if taken == n {
+                        return Err(CastError::value(
+                            "weight",
+                            format!(
+                                "not {n}:{m}: row {r}, group {k} (columns {}..{}) has more than \
+                                 {n} nonzeros; finalize the model (or project it with nm_mask) first",
+                                k * m,
+                                (k + 1) * m
+                            ),
+                        ));
+                    }
+                    pos[taken] = p;
+                    taken += 1;
+                }
+            }
+            // Fill the remaining slots with zero weights at the lowest free positions, then
+            // keep the slots in increasing position order.
+            let mut p = 0;
+            while taken < n {
+                if !pos[..taken].contains(&p) {
+                    pos[taken] = p;
+                    taken += 1;
+                }
+                p += 1;
+            }
+            pos[..n].sort_unstable();
+            for (j, &p) in pos[..n].iter().enumerate() {
+                let slot = block * kept + k * n + j;
+                values[slot * ROW_BLOCK + lane] = group[p];
+                let bit = lane * bits;
+                index[slot * wps + bit / 32] |= (p as u32) << (bit % 32);
+            }
+        }
+    }
+    Ok((values, index))
+}
+
+/// The dense row-major `[rows, cols]` weight of a compressed one (the inverse of
+/// [`compress`], for `state_dict` round trips and tests).
+pub fn decompress<E: NmElem>(layout: &NmLayout, values: &[E], index: &[u32]) -> Result<Vec<E>> {
+    check_buffers(layout, values.len(), index.len())?;
+    let NmLayout { rows, cols, n, m } = *layout;
+    let kept = layout.kept();
+    let mut dense = vec![E::ZERO; rows * cols];
+    for r in 0..rows {
+        let (block, lane) = (r / ROW_BLOCK, r % ROW_BLOCK);
+        for t in 0..kept {
+            let slot = block * kept + t;
+            let p = layout.position(index, slot, lane);
+            if p >= m {
+                return Err(CastError::value(
+                    "index",
+                    format!("position {p} out of range for M = {m} (row {r}, slot {t})"),
+                ));
+            }
+            dense[r * cols + (t / n) * m + p] = values[slot * ROW_BLOCK + lane];
+        }
+    }
+    Ok(dense)
+}
+
+fn check_buffers(layout: &NmLayout, values: usize, index: usize) -> Result<()> {
+    if values != layout.values_len() {
+        return Err(CastError::value(
+            "values",
+            format!(
+                "expected {} elements for {layout:?}, got {values}",
+                layout.values_len()
+            ),
+        ));
+    }
+    if index != layout.index_len() {
+        return Err(CastError::value(
+            "index",
+            format!(
+                "expected {} words for {layout:?}, got {index}",
+                layout.index_len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `y[b, r] = Σ_c x[b, c] · W[r, c] + bias[r]` for `batch` rows of `x` (`[batch, cols]`,
+/// row-major) into `y` (`[batch, rows]`), with the best kernel this CPU has, on
+/// `threads` pieces of the row blocks (the caller's pool runs them; see
+/// [`nm_linear_pieces`]). Positions must be valid (< M), which [`compress`] guarantees; a
+/// layout built elsewhere is checked by [`check_index`].
+pub fn nm_linear<E: NmElem>(
+    layout: &NmLayout,
+    values: &[E],
+    index: &[u32],
+    bias: Option<&[f32]>,
+    x: &[f32],
+    batch: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    check_call(layout, values, index, bias, x, batch, y)?;
+    run_blocks(
+        layout,
+        values,
+        index,
+        bias,
+        x,
+        batch,
+        y,
+        0,
+        layout.blocks(),
+        level(),
+    );
+    Ok(())
+}
+
+/// Checks every buffer length of a call.
+pub fn check_call<E: NmElem>(
+    layout: &NmLayout,
+    values: &[E],
+    index: &[u32],
+    bias: Option<&[f32]>,
+    x: &[f32],
+    batch: usize,
+    y: &[f32],
+) -> Result<()> {
+    check_buffers(layout, values.len(), index.len())?;
+    if x.len() != batch * layout.cols {
+        return Err(CastError::value(
+            "input",
+            format!(
+                "expected {batch} x {} elements, got {}",
+                layout.cols,
+                x.len()
+            ),
+        ));
+    }
+    if y.len() != batch * layout.rows {
+        return Err(CastError::value(
+            "out",
+            format!(
+                "expected {batch} x {} elements, got {}",
+                layout.rows,
+                y.len()
+            ),
+        ));
+    }
+    if let Some(b) = bias {
+        if b.len() != layout.rows {
+            return Err(CastError::value(
+                "bias",
+                format!("expected {} elements, got {}", layout.rows, b.len()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Every index lane holds a position below M (the kernels index the broadcast group with it).
+pub fn check_index(layout: &NmLayout, index: &[u32]) -> Result<()> {
+    if index.len() != layout.index_len() {
+        return Err(CastError::value(
+            "index",
+            format!("expected {} words, got {}", layout.index_len(), index.len()),
+        ));
+    }
+    let slots = layout.blocks() * layout.kept();
+    for slot in 0..slots {
+        for lane in 0..ROW_BLOCK {
+            if layout.position(index, slot, lane) >= layout.m {
+                return Err(CastError::value(
+                    "index",
+                    format!(
+                        "slot {slot}, lane {lane}: position out of range for M = {}",
+                        layout.m
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Which kernel ran (tests run each one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+/// The best kernel for this CPU (`CAST_RS_NO_SIMD` forces the portable one).
+pub fn level() -> Kernel {
+    match crate::simd::level() {
+        crate::simd::Level::Avx512 => Kernel::Avx512,
+        crate::simd::Level::Avx2 => Kernel::Avx2,
+        crate::simd::Level::Baseline => Kernel::Portable,
+    }
+}
+
+/// Row blocks `[b0, b1)` of a call with kernel `kernel` (which the CPU must support). `y`
+/// is the whole output; only the rows of these blocks are written.
+#[allow(clippy::too_many_arguments)]
+pub fn run_blocks<E: NmElem>(
+    layout: &NmLayout,
+    values: &[E],
+    index: &[u32],
+    bias: Option<&[f32]>,
+    x: &[f32],
+    batch: usize,
+    y: &mut [f32],
+    b0: usize,
+    b1: usize,
+    kernel: Kernel,
+) {
+    let mut acc = vec![0f32; ROW_BLOCK * 8];
+    for block in b0..b1 {
+        let mut b = 0;
+        while b < batch {
+            let nb = (batch - b).min(8);
+            let xs = &x[b * layout.cols..(b + nb) * layout.cols];
+            let acc = &mut acc[..ROW_BLOCK * nb];
+            match kernel {
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512 => {
+                    // SAFETY: the caller only picks Avx512 on a CPU that has it (`level`);
+                    // buffer lengths were checked (`check_call`) and positions are < M.
+                    unsafe { x86::block_avx512(layout, values, index, xs, nb, block, acc) }
+                }
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2 => {
+                    // SAFETY: as above, for AVX2 + FMA.
+                    unsafe { x86::block_avx2(layout, values, index, xs, nb, block, acc) }
+                }
+                _ => block_portable(layout, values, index, xs, nb, block, acc),
+            }
+            for bb in 0..nb {
+                for lane in 0..ROW_BLOCK {
+                    let r = block * ROW_BLOCK + lane;
+                    if r < layout.rows {
+                        let add = bias.map_or(0.0, |bv| bv[r]);
+                        y[(b + bb) * layout.rows + r] = acc[bb * ROW_BLOCK + lane] + add;
+                    }
+                }
+            }
+            b += nb;
+        }
+    }
+}
+
+/// The portable kernel: one block, `nb` batch rows, into `acc[bb · 16 + lane]`.
+fn block_portable<E: NmElem>(
+    layout: &NmLayout,
+    values: &[E],
+    index: &[u32],
+    xs: &[f32],
+    nb: usize,
+    block: usize,
+    acc: &mut [f32],
+) {
+    acc.fill(0.0);
+    let (n, m, cols, kept) = (layout.n, layout.m, layout.cols, layout.kept());
+    for t in 0..kept {
+        let slot = block * kept + t;
+        let base = (t / n) * m;
+        for lane in 0..ROW_BLOCK {
+            let w = values[slot * ROW_BLOCK + lane].to_f32();
+            let c = base + layout.position(index, slot, lane);
+            for bb in 0..nb {
+                let a = &mut acc[bb * ROW_BLOCK + lane];
+                *a = w.mul_add(xs[bb * cols + c], *a);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{NmElem, NmLayout, ROW_BLOCK};
+    use std::arch::x86_64::*;
+
+    /// The 16 lanes' values of slot `slot` as f32.
+    #[inline(always)]
+    unsafe fn load16<E: NmElem>(values: &[E], slot: usize) -> __m512 {
+        let p = values.as_ptr().add(slot * ROW_BLOCK);
+        if std::mem::size_of::<E>() == 4 {
+            _mm512_loadu_ps(p as *const f32)
+        } else {
+            // bf16 → f32: the bits, widened and shifted into the high half.
+            let h = _mm256_loadu_si256(p as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
+
+    /// Lane positions of slot `slot`: lane l gets bits [l·b, l·b + b) of the slot's words.
+    #[inline(always)]
+    unsafe fn positions16(index: &[u32], slot: usize, bits: usize) -> __m512i {
+        if bits == 2 {
+            let w = _mm512_set1_epi32(*index.get_unchecked(slot) as i32);
+            let shifts =
+                _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            _mm512_and_si512(_mm512_srlv_epi32(w, shifts), _mm512_set1_epi32(3))
+        } else {
+            let lo = _mm256_set1_epi32(*index.get_unchecked(2 * slot) as i32);
+            let hi = _mm256_set1_epi32(*index.get_unchecked(2 * slot + 1) as i32);
+            let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            let shifts =
+                _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+            _mm512_and_si512(_mm512_srlv_epi32(w, shifts), _mm512_set1_epi32(15))
+        }
+    }
+
+    /// The group's M inputs (M ≤ 8) repeated across the vector, so that a permute by a
+    /// position < M picks input `position`.
+    #[inline(always)]
+    unsafe fn group16(x: &[f32], start: usize, m: usize) -> __m512 {
+        let p = x.as_ptr().add(start);
+        if m == 4 {
+            _mm512_broadcast_f32x4(_mm_loadu_ps(p))
+        } else {
+            let mut buf = [0f32; 8];
+            std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), m);
+            _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(
+                buf.as_ptr(),
+            ))))
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F/BW/VL/DQ available; buffers as checked by `check_call`; positions < M.
+    // Batch rows and vector halves index several arrays in step: index loops read best here.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+    pub unsafe fn block_avx512<E: NmElem>(
+        layout: &NmLayout,
+        values: &[E],
+        index: &[u32],
+        xs: &[f32],
+        nb: usize,
+        block: usize,
+        acc: &mut [f32],
+    ) {
+        let (n, m, cols, kept) = (layout.n, layout.m, layout.cols, layout.kept());
+        let bits = layout.idx_bits();
+        let mut a = [_mm512_setzero_ps(); 8];
+        let first = block * kept;
+        for k in 0..layout.groups() {
+            let mut xg = [_mm512_setzero_ps(); 8];
+            for (bb, g) in xg.iter_mut().enumerate().take(nb) {
+                *g = group16(xs, bb * cols + k * m, m);
+            }
+            for j in 0..n {
+                let slot = first + k * n + j;
+                // Prefetch the value stream a few slots ahead (the stream that sets the speed).
+                // (`wrapping_add`: the address may lie past the end, which a prefetch tolerates.)
+                _mm_prefetch::<_MM_HINT_T0>(
+                    values.as_ptr().wrapping_add((slot + 8) * ROW_BLOCK) as *const i8
+                );
+                let w = load16(values, slot);
+                let pos = positions16(index, slot, bits);
+                for bb in 0..nb {
+                    a[bb] = _mm512_fmadd_ps(w, _mm512_permutexvar_ps(pos, xg[bb]), a[bb]);
+                }
+            }
+        }
+        for bb in 0..nb {
+            _mm512_storeu_ps(acc.as_mut_ptr().add(bb * ROW_BLOCK), a[bb]);
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA available; buffers as checked by `check_call`; positions < M.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn block_avx2<E: NmElem>(
+        layout: &NmLayout,
+        values: &[E],
+        index: &[u32],
+        xs: &[f32],
+        nb: usize,
+        block: usize,
+        acc: &mut [f32],
+    ) {
+        let (n, m, cols, kept) = (layout.n, layout.m, layout.cols, layout.kept());
+        let bits = layout.idx_bits() as i32;
+        let mask = _mm256_set1_epi32((1 << bits) - 1);
+        let mut a = [[_mm256_setzero_ps(); 2]; 8];
+        let first = block * kept;
+        for k in 0..layout.groups() {
+            let mut xg = [_mm256_setzero_ps(); 8];
+            for (bb, g) in xg.iter_mut().enumerate().take(nb) {
+                let p = xs.as_ptr().add(bb * cols + k * m);
+                *g = if m == 4 {
+                    _mm256_broadcast_ps(&*(p as *const __m128))
+                } else {
+                    let mut buf = [0f32; 8];
+                    std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), m);
+                    _mm256_loadu_ps(buf.as_ptr())
+                };
+            }
+            for j in 0..n {
+                let slot = first + k * n + j;
+                for half in 0..2 {
+                    let lane0 = half * 8;
+                    let w = if std::mem::size_of::<E>() == 4 {
+                        _mm256_loadu_ps(values.as_ptr().add(slot * ROW_BLOCK + lane0) as *const f32)
+                    } else {
+                        let h = _mm_loadu_si128(
+                            values.as_ptr().add(slot * ROW_BLOCK + lane0) as *const __m128i
+                        );
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+                    };
+                    // Lane l's position: bits [l·b, l·b + b) of the slot's words. With 2 bits
+                    // the 16 lanes share one word (this half starts at bit 16·half); with 4
+                    // bits each half has its own word.
+                    let raw = if bits == 2 {
+                        let w = _mm256_set1_epi32(*index.get_unchecked(slot) as i32);
+                        let base = 16 * half as i32;
+                        let shifts = _mm256_setr_epi32(
+                            base,
+                            base + 2,
+                            base + 4,
+                            base + 6,
+                            base + 8,
+                            base + 10,
+                            base + 12,
+                            base + 14,
+                        );
+                        _mm256_srlv_epi32(w, shifts)
+                    } else {
+                        let w = _mm256_set1_epi32(*index.get_unchecked(2 * slot + half) as i32);
+                        _mm256_srlv_epi32(w, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28))
+                    };
+                    let pos = _mm256_and_si256(raw, mask);
+                    for bb in 0..nb {
+                        a[bb][half] =
+                            _mm256_fmadd_ps(w, _mm256_permutevar8x32_ps(xg[bb], pos), a[bb][half]);
+                    }
+                }
+            }
+        }
+        for bb in 0..nb {
+            _mm256_storeu_ps(acc.as_mut_ptr().add(bb * ROW_BLOCK), a[bb][0]);
+            _mm256_storeu_ps(acc.as_mut_ptr().add(bb * ROW_BLOCK + 8), a[bb][1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// xorshift64*: deterministic test data without a dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> f32 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let u = (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 24) as f32;
+            2.0 * u - 1.0
+        }
+    }
+
+    /// A random exactly-N:M weight: in each group, N random positions get random values
+    /// (a few of them exactly 0, to exercise the zero-filled slots).
+    fn nm_weight(rows: usize, cols: usize, n: usize, m: usize, rng: &mut Rng) -> Vec<f32> {
+        let mut w = vec![0f32; rows * cols];
+        for r in 0..rows {
+            for k in 0..cols / m {
+                let mut order: Vec<usize> = (0..m).collect();
+                for i in (1..m).rev() {
+                    let j = ((rng.next() + 1.0) * 0.5 * (i + 1) as f32) as usize % (i + 1);
+                    order.swap(i, j);
+                }
+                for &p in &order[..n] {
+                    let v = rng.next();
+                    w[r * cols + k * m + p] = if v.abs() < 0.05 { 0.0 } else { v };
+                }
+            }
+        }
+        w
+    }
+
+    fn kernels() -> Vec<Kernel> {
+        let mut ks = vec![Kernel::Portable];
+        if matches!(level(), Kernel::Avx2 | Kernel::Avx512) {
+            ks.push(Kernel::Avx2);
+        }
+        if level() == Kernel::Avx512 {
+            ks.push(Kernel::Avx512);
+        }
+        ks
+    }
+
+    /// f64 reference: y = x · Wᵀ + bias.
+    fn reference(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        x: &[f32],
+        batch: usize,
+        bias: &[f32],
+    ) -> Vec<f64> {
+        let mut y = vec![0f64; batch * rows];
+        for b in 0..batch {
+            for r in 0..rows {
+                let mut s = bias[r] as f64;
+                for c in 0..cols {
+                    s += w[r * cols + c] as f64 * x[b * cols + c] as f64;
+                }
+                y[b * rows + r] = s;
+            }
+        }
+        y
+    }
+
+    fn run_with(
+        kernel: Kernel,
+        l: &NmLayout,
+        v: &[f32],
+        idx: &[u32],
+        bias: &[f32],
+        x: &[f32],
+        batch: usize,
+    ) -> Vec<f32> {
+        let mut y = vec![f32::NAN; batch * l.rows];
+        check_call(l, v, idx, Some(bias), x, batch, &y).unwrap();
+        run_blocks(
+            l,
+            v,
+            idx,
+            Some(bias),
+            x,
+            batch,
+            &mut y,
+            0,
+            l.blocks(),
+            kernel,
+        );
+        y
+    }
+
+    #[test]
+    fn round_trip_and_every_kernel_against_the_dense_reference() {
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        for &(n, m) in &[(2, 4), (1, 4), (3, 4), (1, 2), (2, 8), (4, 8), (3, 6)] {
+            for &(rows, cols) in &[(16, 8 * m), (37, 4 * m), (5, m), (64, 32 * m)] {
+                let l = NmLayout::new(rows, cols, n, m).unwrap();
+                let w = nm_weight(rows, cols, n, m, &mut rng);
+                let (v, idx) = compress(&l, &w).unwrap();
+                assert_eq!(
+                    decompress(&l, &v, &idx).unwrap(),
+                    w,
+                    "{n}:{m} {rows}x{cols} round trip"
+                );
+                check_index(&l, &idx).unwrap();
+                let bias: Vec<f32> = (0..rows).map(|_| rng.next()).collect();
+                for batch in [1usize, 3, 8, 11, 16] {
+                    let x: Vec<f32> = (0..batch * cols).map(|_| rng.next()).collect();
+                    let want = reference(&w, rows, cols, &x, batch, &bias);
+                    let mut first: Option<Vec<f32>> = None;
+                    for k in kernels() {
+                        let y = run_with(k, &l, &v, &idx, &bias, &x, batch);
+                        // f32 accumulation of cols/M·N products of |w|,|x| ≤ 1: each FMA rounds
+                        // once (≤ 2^-24 relative of the running sum, itself ≤ Σ|w·x|).
+                        for (i, (&got, &exact)) in y.iter().zip(&want).enumerate() {
+                            let r = i % rows;
+                            let mass: f64 = (0..cols)
+                                .map(|c| {
+                                    (w[r * cols + c] as f64 * x[(i / rows) * cols + c] as f64).abs()
+                                })
+                                .sum::<f64>()
+                                + bias[r].abs() as f64;
+                            let tol =
+                                (l.kept() as f64 + 2.0) * mass * f32::EPSILON as f64 / 2.0 + 1e-30;
+                            assert!(
+                                (got as f64 - exact).abs() <= tol,
+                                "{k:?} {n}:{m} {rows}x{cols} b{batch} [{i}]: {got} vs {exact}"
+                            );
+                        }
+                        // Every kernel sums in the same order with FMAs: identical results.
+                        match &first {
+                            None => first = Some(y),
+                            Some(f) => assert_eq!(f, &y, "{k:?} differs from the portable kernel"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_values_compute_in_f32() {
+        let mut rng = Rng(99);
+        let (rows, cols, n, m) = (40, 64, 2, 4);
+        let l = NmLayout::new(rows, cols, n, m).unwrap();
+        let w32 = nm_weight(rows, cols, n, m, &mut rng);
+        let w: Vec<Bf16> = w32.iter().map(|&v| Bf16::from_f32(v)).collect();
+        let (v, idx) = compress(&l, &w).unwrap();
+        assert_eq!(decompress(&l, &v, &idx).unwrap(), w);
+        let wr: Vec<f32> = w.iter().map(|b| b.to_f32()).collect();
+        let (v32, idx32) = compress(&l, &wr).unwrap();
+        assert_eq!(idx, idx32);
+        let bias = vec![0.5f32; rows];
+        for batch in [1usize, 5, 16] {
+            let x: Vec<f32> = (0..batch * cols).map(|_| rng.next()).collect();
+            // The bf16 layer equals the f32 layer on the bf16-rounded weights, bit for bit.
+            let want = run_with(Kernel::Portable, &l, &v32, &idx32, &bias, &x, batch);
+            for k in kernels() {
+                let mut y = vec![0f32; batch * rows];
+                run_blocks(
+                    &l,
+                    &v,
+                    &idx,
+                    Some(&bias),
+                    &x,
+                    batch,
+                    &mut y,
+                    0,
+                    l.blocks(),
+                    k,
+                );
+                assert_eq!(y, want, "{k:?} batch {batch}");
+            }
+        }
+    }
+
+    #[test]
+    fn not_nm_and_bad_shapes_are_refused() {
+        let l = NmLayout::new(2, 8, 2, 4).unwrap();
+        let mut w = vec![0f32; 16];
+        w[0] = 1.0;
+        w[1] = 1.0;
+        w[2] = 1.0; // three nonzeros in a 2:4 group
+        let e = compress(&l, &w).unwrap_err().to_string();
+        assert!(e.contains("not 2:4") && e.contains("row 0, group 0"), "{e}");
+        assert!(NmLayout::new(2, 6, 2, 4)
+            .unwrap_err()
+            .to_string()
+            .contains("multiple of M = 4"));
+        assert!(NmLayout::new(2, 8, 4, 4).is_err() && NmLayout::new(2, 18, 2, 9).is_err());
+        let (v, idx) = compress(&l, &[0f32; 16]).unwrap();
+        let mut y = vec![0f32; 2];
+        let e = nm_linear(&l, &v, &idx, None, &[0f32; 7], 1, &mut y)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("input: expected 1 x 8"), "{e}");
+        let mut bad = idx.clone();
+        bad[0] = u32::MAX; // positions 3 are fine for M = 4; use M = 3 to make them invalid
+        let l3 = NmLayout::new(2, 6, 1, 3).unwrap();
+        let (_, idx3) = compress(&l3, &[0f32; 12]).unwrap();
+        let mut bad3 = idx3.clone();
+        bad3[0] = u32::MAX;
+        assert!(check_index(&l3, &bad3).is_err());
+        assert!(check_index(&l, &bad).is_ok());
+    }
+}
