@@ -357,9 +357,15 @@ def test_suggest_lr_is_the_removed_weights_quantile_over_the_schedule_sum():
         for layer in sparse.layers:
             layer.weight.mul_(2)
     assert sparse.suggest_lr(400) == pytest.approx(2 * q99 / 200, rel=1e-6)
+    # With the dense lr: half of it, never below the floor.
+    floor = 2 * q99 / 200
+    assert sparse.suggest_lr(400, dense_lr=1e3 * floor) == pytest.approx(500 * floor, rel=1e-6)
+    assert sparse.suggest_lr(400, dense_lr=floor) == pytest.approx(floor, rel=1e-6)
     for kwargs, param in (({"total_steps": 0}, "total_steps"), ({"total_steps": 2.5}, "total_steps"),
                           ({"total_steps": 10, "quantile": 0.0}, "quantile"),
-                          ({"total_steps": 10, "schedule_sum": 1.5}, "schedule_sum")):
+                          ({"total_steps": 10, "schedule_sum": 1.5}, "schedule_sum"),
+                          ({"total_steps": 10, "dense_lr": 0.0}, "dense_lr"),
+                          ({"total_steps": 10, "dense_lr": float("nan")}, "dense_lr")):
         with pytest.raises(cast_rs.CastError, match=f"^{param}:"):
             sparse.suggest_lr(**kwargs)
     sparse.finalize()

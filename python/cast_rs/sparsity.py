@@ -310,29 +310,35 @@ class SparseModel:
         return out
 
     @torch.no_grad()
-    def suggest_lr(self, total_steps: int, *, quantile: float = 0.99, schedule_sum: float = 0.5) -> float:
-        """A learning rate for :class:`AdamS` on this model, from the weights its masks remove.
+    def suggest_lr(self, total_steps: int, *, dense_lr: Optional[float] = None, quantile: float = 0.99,
+                   schedule_sum: float = 0.5) -> float:
+        """A learning rate for :class:`AdamS` on this model: at least what the weights its masks
+        remove need to travel to zero, and, given ``dense_lr``, half of that.
 
         Once the L1 decay has taken over, AdamS moves a masked weight toward zero by about
-        ``lr_s`` per step whatever λ is (μ̃ is normalised by ``sqrt(v)``), and it moves a kept
-        weight by about as much (its steps are near-sign), so the best learning rate is the
-        smallest with which the masked weights can still travel to zero within the run::
+        ``lr_s`` per step whatever λ is (μ̃ is normalised by ``sqrt(v)``), so the masked
+        weights can reach zero within the run only if::
 
             Σ_s lr_s = schedule_sum · lr · total_steps  >=  q,
             q = the ``quantile`` of |w| over the weights the current N:M masks remove
 
-        and this returns ``q / (schedule_sum · total_steps)``. ``schedule_sum`` is your
-        schedule's mean learning rate relative to its peak: 0.5 for a cosine or linear decay to
-        0 (a linear warmup keeps it at 0.5), 1 for a constant rate.
+        which gives the floor ``q / (schedule_sum · total_steps)``. ``schedule_sum`` is your
+        schedule's mean learning rate relative to its peak: 0.5 for a cosine or linear decay
+        to 0 (a linear warmup keeps it at 0.5), 1 for a constant rate. Without ``dense_lr``
+        this returns the floor; with it, ``max(floor, dense_lr / 2)``, where ``dense_lr`` is
+        the AdamW learning rate you would continue training the dense model with.
 
-        Evidence (docs/sparsity_tax.md, finding 15; 2:4, 400 steps, cosine to 0): both study
-        models (0.8 M and 6.4 M parameters, well-trained dense starts) have q ≈ 0.10, so this
-        gives 5.2e-4. lr 5e-4 beat the study's default 1e-3 on all four model × corpus settings
-        (small 2.851 / 3.436 against 2.870 / 3.447; large 2.525 / 3.005 against 2.544 / 3.034),
-        and 3e-4 and 2e-3 were worse on the small model. The large-model runs came first and
-        suggested the rule; the small-model runs at 5e-4 were its first test. Two models and a
-        handful of learning rates: a starting point, not a law. Call it after :func:`sparsify`
-        and before training (on a finalized model the masked weights are already zero).
+        Why half the dense rate: AdamS's steps are near-sign (v averages μ̃², not g²), so a
+        kept weight moves about ``lr`` per step where AdamW's noise-dominated steps are a
+        quarter to a half of it; a smaller lr shakes a well-trained model less, but the
+        kept weights still have to re-fit. Evidence (docs/sparsity_tax.md, findings 15 and
+        19; 2:4, cosine to 0, dense AdamW lr 1e-3): at 400 steps the floor is 5.2e-4 on both
+        study models and lr 5e-4 beat 1e-3 on all four model × corpus settings; at 1000 steps
+        the floor (2.1e-4) was far too low (small model, stdlib +3.4 % against +1.5 % at 5e-4
+        and +1.3 % at 1e-3; prose +3.8 % against +1.9 % at 1e-3): the floor is a floor, not
+        the optimum, once the run is long. Two models and a handful of learning rates: a
+        starting point, not a law. Call it after :func:`sparsify` and before training (on a
+        finalized model the masked weights are already zero).
         """
         if self.finalized:
             raise CastError("suggest_lr: the model is finalized; its masked weights are already zero")
@@ -343,6 +349,9 @@ class SparseModel:
             raise CastError(f"quantile: expected a number in (0, 1], got {quantile!r}")
         if not (isinstance(schedule_sum, (int, float)) and 0.0 < float(schedule_sum) <= 1.0):
             raise CastError(f"schedule_sum: expected a number in (0, 1], got {schedule_sum!r}")
+        if dense_lr is not None and not (isinstance(dense_lr, (int, float)) and not isinstance(dense_lr, bool)
+                                         and math.isfinite(dense_lr) and dense_lr > 0):
+            raise CastError(f"dense_lr: expected a positive number (the dense AdamW lr) or None, got {dense_lr!r}")
         n, m = self.pattern
         removed = []
         for layer in self.layers:
@@ -355,7 +364,8 @@ class SparseModel:
         if mags.numel() > limit:
             mags = mags[:: -(-mags.numel() // limit)]
         q = float(torch.quantile(mags, float(quantile)))
-        return q / (float(schedule_sum) * steps)
+        floor = q / (float(schedule_sum) * steps)
+        return floor if dense_lr is None else max(floor, float(dense_lr) / 2.0)
 
     @torch.no_grad()
     def finalize(self) -> FinalizeReport:
