@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <string>
+#include <tuple>
 #include <vector>
 
 extern "C" {
@@ -44,6 +45,13 @@ int32_t cast_rs_adams_step(size_t k, const at::Tensor* const* params, const at::
                            const at::Tensor* const* steps, const CastStepScalars* scalars,
                            const double* l1_decays, const double* weight_decays, int64_t* flips,
                            char** message);
+int32_t cast_rs_nm_compress(const at::Tensor* weight, int64_t n, int64_t m, at::Tensor** values, at::Tensor** index,
+                            char** message);
+int32_t cast_rs_nm_decompress(const at::Tensor* values, const at::Tensor* index, int64_t rows, int64_t cols,
+                              int64_t n, int64_t m, at::Tensor** out, char** message);
+int32_t cast_rs_nm_linear(const at::Tensor* input, const at::Tensor* values, const at::Tensor* index,
+                          const at::Tensor* bias, int64_t rows, int64_t cols, int64_t n, int64_t m, at::Tensor** out,
+                          char** message);
 // Anchors this object file in the extension (src/capi.rs calls it once at import), so the
 // linker keeps the static registrations below.
 int32_t cast_rs_operators_linked() { return 1; }
@@ -169,6 +177,33 @@ at::Tensor adams_step_(at::TensorList params, at::TensorList grads, at::TensorLi
   return flips;
 }
 
+std::tuple<at::Tensor, at::Tensor> nm_compress(const at::Tensor& weight, int64_t n, int64_t m) {
+  at::Tensor *values = nullptr, *index = nullptr;
+  char* message = nullptr;
+  const int32_t status = cast_rs_nm_compress(&weight, n, m, &values, &index, &message);
+  check(status, message);
+  return {take(values), take(index)};
+}
+
+at::Tensor nm_decompress(const at::Tensor& values, const at::Tensor& index, int64_t rows, int64_t cols, int64_t n,
+                         int64_t m) {
+  at::Tensor* out = nullptr;
+  char* message = nullptr;
+  const int32_t status = cast_rs_nm_decompress(&values, &index, rows, cols, n, m, &out, &message);
+  check(status, message);
+  return take(out);
+}
+
+at::Tensor nm_linear(const at::Tensor& input, const at::Tensor& values, const at::Tensor& index,
+                     const std::optional<at::Tensor>& bias, int64_t rows, int64_t cols, int64_t n, int64_t m) {
+  at::Tensor* out = nullptr;
+  char* message = nullptr;
+  const at::Tensor* b = bias.has_value() && bias->defined() ? &*bias : nullptr;
+  const int32_t status = cast_rs_nm_linear(&input, &values, &index, b, rows, cols, n, m, &out, &message);
+  check(status, message);
+  return take(out);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(cast_rs, m) {
@@ -185,6 +220,12 @@ TORCH_LIBRARY(cast_rs, m) {
       "Tensor(d!)?[] masks, int[] patterns, Tensor(e!)[] steps, *, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, float l1_decay, float? total_steps, int mask_interval, "
       "float[]? l1_decays=None, float[]? weight_decays=None, bool force_generic=False) -> Tensor");
+  // Compressed N:M linear layers (CPU inference): src/nm_linear.rs has the layout.
+  m.def("nm_compress(Tensor weight, int n, int m) -> (Tensor, Tensor)");
+  m.def("nm_decompress(Tensor values, Tensor index, int rows, int cols, int n, int m) -> Tensor");
+  m.def(
+      "nm_linear(Tensor input, Tensor values, Tensor index, Tensor? bias, int rows, int cols, int n, int m) "
+      "-> Tensor");
 }
 
 // One registration per device; the Rust side picks the slice kernels or the generic path.
@@ -196,7 +237,14 @@ TORCH_LIBRARY(cast_rs, m) {
   m.impl("scale_backward", &scale_backward);          \
   m.impl("adams_step_", &adams_step_)
 
-TORCH_LIBRARY_IMPL(cast_rs, CPU, m) { CAST_RS_REGISTER(m); }
+TORCH_LIBRARY_IMPL(cast_rs, CPU, m) {
+  CAST_RS_REGISTER(m);
+  // CPU only: the compressed layout is read by the CPU kernels (a CUDA tensor gets the
+  // dispatcher's "no kernel for CUDA" error).
+  m.impl("nm_compress", &nm_compress);
+  m.impl("nm_decompress", &nm_decompress);
+  m.impl("nm_linear", &nm_linear);
+}
 TORCH_LIBRARY_IMPL(cast_rs, CUDA, m) { CAST_RS_REGISTER(m); }
 
 }  // namespace cast_rs

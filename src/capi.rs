@@ -344,3 +344,95 @@ pub unsafe extern "C" fn cast_rs_adams_step(
     // SAFETY: the caller's contract.
     unsafe { status(r, message) }
 }
+
+/// `nm_compress(weight, n, m) -> (values, index)`.
+///
+/// # Safety
+/// As [`cast_rs_nm_mask`], with two outputs.
+#[no_mangle]
+pub unsafe extern "C" fn cast_rs_nm_compress(
+    weight: *const C_tensor,
+    n: i64,
+    m: i64,
+    values: *mut *mut C_tensor,
+    index: *mut *mut C_tensor,
+    message: *mut *mut c_char,
+) -> i32 {
+    let r = guarded(|| {
+        // SAFETY: the caller's contract.
+        let w = unsafe { borrow(weight) }?;
+        let (v, i) = ops::nm_compress(&w, n, m)?;
+        // SAFETY: as above.
+        unsafe {
+            *values = give(v);
+            *index = give(i);
+        }
+        Ok(())
+    });
+    // SAFETY: the caller's contract.
+    unsafe { status(r, message) }
+}
+
+/// `nm_decompress(values, index, rows, cols, n, m) -> weight`.
+///
+/// # Safety
+/// As [`cast_rs_nm_mask`].
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn cast_rs_nm_decompress(
+    values: *const C_tensor,
+    index: *const C_tensor,
+    rows: i64,
+    cols: i64,
+    n: i64,
+    m: i64,
+    out: *mut *mut C_tensor,
+    message: *mut *mut c_char,
+) -> i32 {
+    let r = guarded(|| {
+        // SAFETY: the caller's contract.
+        let (v, i) = unsafe { (borrow(values)?, borrow(index)?) };
+        let t = ops::nm_decompress(&v, &i, rows, cols, n, m)?;
+        // SAFETY: as above.
+        unsafe { *out = give(t) };
+        Ok(())
+    });
+    // SAFETY: the caller's contract.
+    unsafe { status(r, message) }
+}
+
+/// `nm_linear(input, values, index, bias?, rows, cols, n, m) -> output`; `bias` may be null.
+///
+/// # Safety
+/// As [`cast_rs_nm_mask`]; `bias` is null or points to a live tensor.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn cast_rs_nm_linear(
+    input: *const C_tensor,
+    values: *const C_tensor,
+    index: *const C_tensor,
+    bias: *const C_tensor,
+    rows: i64,
+    cols: i64,
+    n: i64,
+    m: i64,
+    out: *mut *mut C_tensor,
+    message: *mut *mut c_char,
+) -> i32 {
+    let r = guarded(|| {
+        // SAFETY: the caller's contract.
+        let (x, v, i) = unsafe { (borrow(input)?, borrow(values)?, borrow(index)?) };
+        let b = if bias.is_null() {
+            None
+        } else {
+            // SAFETY: non-null, so a live tensor (the caller's contract).
+            Some(unsafe { borrow(bias) }?)
+        };
+        let t = ops::nm_linear(&x, &v, &i, b.as_ref(), rows, cols, n, m)?;
+        // SAFETY: as above.
+        unsafe { *out = give(t) };
+        Ok(())
+    });
+    // SAFETY: the caller's contract.
+    unsafe { status(r, message) }
+}

@@ -390,7 +390,44 @@ pub fn run_blocks<E: NmElem>(
     b1: usize,
     kernel: Kernel,
 ) {
-    let mut acc = vec![0f32; ROW_BLOCK * 8];
+    assert!(y.len() >= batch * layout.rows && b1 <= layout.blocks());
+    // SAFETY: `y` is exclusively borrowed and long enough (asserted).
+    unsafe {
+        run_blocks_raw(
+            layout,
+            values,
+            index,
+            bias,
+            x,
+            batch,
+            y.as_mut_ptr(),
+            b0,
+            b1,
+            kernel,
+        )
+    }
+}
+
+/// [`run_blocks`] writing through a raw pointer, so that threads can fill disjoint row
+/// blocks of one output.
+///
+/// # Safety
+/// `y` must be valid for writes of `batch · rows` f32; no other thread may access the rows
+/// of blocks `[b0, b1)` of any batch row meanwhile; buffers as checked by [`check_call`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_blocks_raw<E: NmElem>(
+    layout: &NmLayout,
+    values: &[E],
+    index: &[u32],
+    bias: Option<&[f32]>,
+    x: &[f32],
+    batch: usize,
+    y: *mut f32,
+    b0: usize,
+    b1: usize,
+    kernel: Kernel,
+) {
+    let mut acc = [0f32; ROW_BLOCK * 8];
     for block in b0..b1 {
         let mut b = 0;
         while b < batch {
@@ -411,18 +448,85 @@ pub fn run_blocks<E: NmElem>(
                 }
                 _ => block_portable(layout, values, index, xs, nb, block, acc),
             }
+            let rows_here = ROW_BLOCK.min(layout.rows - block * ROW_BLOCK);
             for bb in 0..nb {
-                for lane in 0..ROW_BLOCK {
+                for lane in 0..rows_here {
                     let r = block * ROW_BLOCK + lane;
-                    if r < layout.rows {
-                        let add = bias.map_or(0.0, |bv| bv[r]);
-                        y[(b + bb) * layout.rows + r] = acc[bb * ROW_BLOCK + lane] + add;
-                    }
+                    let add = bias.map_or(0.0, |bv| bv[r]);
+                    // SAFETY: in bounds (r < rows, b + bb < batch); these rows are this
+                    // call's (the caller's contract).
+                    unsafe {
+                        *y.add((b + bb) * layout.rows + r) = acc[bb * ROW_BLOCK + lane] + add
+                    };
                 }
             }
             b += nb;
         }
     }
+}
+
+/// A raw output pointer that may cross threads (each thread writes its own row blocks).
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: used only by `nm_linear_parallel`, whose pieces write disjoint row blocks.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    // A method (not `.0`) so that a closure captures the whole `Sync` wrapper.
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// [`nm_linear`] on the crate's thread pool (torch's, in the extension): the row blocks are
+/// cut into a few pieces per thread, handed out dynamically; the calling thread works too.
+pub fn nm_linear_parallel<E: NmElem>(
+    layout: &NmLayout,
+    values: &[E],
+    index: &[u32],
+    bias: Option<&[f32]>,
+    x: &[f32],
+    batch: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    check_call(layout, values, index, bias, x, batch, y)?;
+    let blocks = layout.blocks();
+    let threads = crate::parallel::num_threads().max(1);
+    // Enough pieces to balance (4 per thread), each at least 4 blocks (64 rows) so that a
+    // piece streams a useful stretch of the weight.
+    let pieces = (threads * 4).min(blocks.div_ceil(4)).max(1);
+    let kernel = level();
+    if pieces == 1 || threads == 1 {
+        run_blocks(layout, values, index, bias, x, batch, y, 0, blocks, kernel);
+        return Ok(());
+    }
+    let per = blocks.div_ceil(pieces);
+    let ranges: Vec<(usize, usize)> = (0..blocks)
+        .step_by(per)
+        .map(|b0| (b0, (b0 + per).min(blocks)))
+        .collect();
+    let out = OutPtr(y.as_mut_ptr());
+    crate::parallel::for_each(ranges, |(b0, b1)| {
+        // SAFETY: `y` is borrowed for the whole call and long enough (checked); pieces cover
+        // disjoint block ranges, so no two threads write the same element.
+        unsafe {
+            run_blocks_raw(
+                layout,
+                values,
+                index,
+                bias,
+                x,
+                batch,
+                out.get(),
+                b0,
+                b1,
+                kernel,
+            )
+        }
+    });
+    Ok(())
 }
 
 /// The portable kernel: one block, `nb` batch rows, into `acc[bb · 16 + lane]`.
@@ -800,6 +904,23 @@ mod tests {
                 );
                 assert_eq!(y, want, "{k:?} batch {batch}");
             }
+        }
+    }
+
+    #[test]
+    fn parallel_equals_one_piece() {
+        let mut rng = Rng(7);
+        let (rows, cols) = (1000, 256);
+        let l = NmLayout::new(rows, cols, 2, 4).unwrap();
+        let w = nm_weight(rows, cols, 2, 4, &mut rng);
+        let (v, idx) = compress(&l, &w).unwrap();
+        for batch in [1usize, 4, 16] {
+            let x: Vec<f32> = (0..batch * cols).map(|_| rng.next()).collect();
+            let mut one = vec![0f32; batch * rows];
+            let mut par = vec![f32::NAN; batch * rows];
+            nm_linear(&l, &v, &idx, None, &x, batch, &mut one).unwrap();
+            nm_linear_parallel(&l, &v, &idx, None, &x, batch, &mut par).unwrap();
+            assert_eq!(one, par);
         }
     }
 
