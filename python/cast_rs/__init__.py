@@ -34,11 +34,15 @@ from .sparsity import SparseModel, find_layers, sparsify
 from .checking import NMReport, check_nm, keep_nm
 from .export import export_semi_structured, plain_state_dict
 from . import baselines
+from .inference import CompressReport, NMLinear, compress
 
 __version__: str = _cast_rs.__version__
 
 __all__ = [
     "AdamS",
+    "CompressReport",
+    "NMLinear",
+    "compress",
     "MaskGuard",
     "NMReport",
     "SparseModel",

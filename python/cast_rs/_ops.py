@@ -15,7 +15,12 @@ operator                    schema (abridged)                                   
 ``scale_forward``           ``(Tensor weight, Tensor scale, int groups, int dim)``  yes
 ``scale_backward``          ``(Tensor grad, Tensor weight, Tensor scale, ...)``     --
 ``adams_step_``             mutates params, exp_avgs, exp_avg_sqs, masks, steps     --
+``nm_compress``             ``(Tensor weight, int n, int m) -> (values, index)``    none
+``nm_decompress``           ``(Tensor values, Tensor index, int rows, ...)``        none
+``nm_linear``               ``(Tensor input, Tensor values, Tensor index, ...)``    none
 ==========================  =====================================================  =========
+
+The last three (CPU only) are the compressed N:M layers of ``cast_rs.inference``.
 
 Every operator also takes ``force_generic: bool = False`` (the tests' way to run the generic
 path on CPU). ``adams_step_`` takes the per-parameter patterns flat, ``(n, m, dim)`` each with
@@ -81,6 +86,32 @@ def _adams_step_fake(params: List[torch.Tensor], grads: List[torch.Tensor], exp_
                      exp_avg_sqs: List[torch.Tensor], masks: List[Optional[torch.Tensor]], patterns: List[int],
                      steps: List[torch.Tensor], **scalars: Any) -> torch.Tensor:
     return torch.empty((len(params),), dtype=torch.int64)
+
+
+def _nm_sizes(rows: int, cols: int, n: int, m: int) -> Tuple[int, int]:
+    from .inference import _layout_sizes
+
+    return _layout_sizes(rows, cols, n, m)
+
+
+@torch.library.register_fake("cast_rs::nm_compress")
+def _nm_compress_fake(weight: torch.Tensor, n: int, m: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    values_len, index_len = _nm_sizes(weight.shape[0], weight.shape[1], n, m)
+    return (torch.empty((values_len,), dtype=weight.dtype, device=weight.device),
+            torch.empty((index_len,), dtype=torch.int32, device=weight.device))
+
+
+@torch.library.register_fake("cast_rs::nm_decompress")
+def _nm_decompress_fake(values: torch.Tensor, index: torch.Tensor, rows: int, cols: int, n: int, m: int) -> torch.Tensor:
+    return torch.empty((rows, cols), dtype=values.dtype, device=values.device)
+
+
+@torch.library.register_fake("cast_rs::nm_linear")
+def _nm_linear_fake(input: torch.Tensor, values: torch.Tensor, index: torch.Tensor, bias: Optional[torch.Tensor],
+                    rows: int, cols: int, n: int, m: int) -> torch.Tensor:
+    if input.shape[-1] != cols:
+        raise ValueError(f"input: expected a last dimension of {cols} (in_features), got shape {tuple(input.shape)}")
+    return input.new_empty((*input.shape[:-1], rows))
 
 
 def _scale_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: torch.Tensor) -> None:

@@ -1,0 +1,221 @@
+"""CPU inference with compressed N:M weights: :class:`NMLinear` and :func:`compress`.
+
+A finalized N:M model computes exactly like a dense one and is as large. :func:`compress`
+swaps its N:M ``nn.Linear`` (and Hugging Face ``Conv1D``) layers for :class:`NMLinear`, which
+stores only the kept weights and their positions (2:4 in float32: 2.125 bytes per dense
+weight instead of 4; bfloat16: 1.125 instead of 2) and multiplies with Rust kernels that read
+that format directly (AVX-512 / AVX2, on torch's threads). Token-by-token decoding reads every
+weight once per token, so it is memory-bound and the smaller weights are faster to read.
+
+The layout (``src/nm_linear.rs``): output rows in blocks of 16; for each block and kept slot
+(group ``k``, ``j``-th kept weight) the 16 rows' values are contiguous (``values``), and their
+positions in the group are packed 2 bits each (4 for M > 4) into ``index`` (int32 words)::
+
+    values[(block * kept + k * N + j) * 16 + lane] = W[16 * block + lane, M * k + pos]
+
+Inference only: ``nm_linear`` has no backward (use the dense model to train).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import _ops  # noqa: F401  (registers the operators' fake implementations)
+from ._cast_rs import CastError
+from .nm import format_pattern, parse_pattern
+from .sparsity import _layer_kind
+
+__all__ = ["NMLinear", "CompressReport", "compress"]
+
+ROW_BLOCK = 16
+
+
+def _layout_sizes(out_features: int, in_features: int, n: int, m: int) -> Tuple[int, int]:
+    """(values length, index length in int32 words) of the compressed layout."""
+    if not (2 <= m <= 8 and 1 <= n < m):
+        raise CastError(f"pattern: expected N:M with 1 <= N < M <= 8, got {n}:{m}")
+    if in_features % m:
+        raise CastError(f"in_features: {in_features} is not a multiple of M = {m}")
+    blocks = -(-out_features // ROW_BLOCK)
+    kept = in_features // m * n
+    words_per_slot = ROW_BLOCK * (2 if m <= 4 else 4) // 32
+    return blocks * kept * ROW_BLOCK, blocks * kept * words_per_slot
+
+
+class NMLinear(nn.Module):
+    r"""``y = x Wᵀ + b`` with an N:M weight ``W`` (``[out_features, in_features]``) stored
+    compressed: the drop-in inference replacement of an N:M ``nn.Linear``.
+
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        bias: whether the layer has a bias (float32).
+        pattern: ``"N:M"`` or ``(N, M)`` with ``1 <= N < M <= 8`` (groups of M along the
+            input dimension).
+        dtype: of the stored values, ``torch.float32`` or ``torch.bfloat16``. The input may
+            be float32 or bfloat16 (products and sums are float32); the output has the
+            input's dtype.
+
+    A new layer holds zeros; :meth:`from_dense` converts an ``nn.Linear`` and
+    ``load_state_dict`` fills one from a saved ``state_dict`` (buffers ``values``, ``index``
+    and the ``bias``), so a model can be rebuilt and loaded without any dense weight.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, pattern: Union[str, Tuple[int, int]] = "2:4",
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"dtype: expected torch.float32 or torch.bfloat16, got {dtype}")
+        n, m = parse_pattern(pattern)
+        values_len, index_len = _layout_sizes(out_features, in_features, n, m)
+        self.in_features, self.out_features, self.n, self.m = in_features, out_features, n, m
+        self.register_buffer("values", torch.zeros(values_len, dtype=dtype))
+        self.register_buffer("index", torch.zeros(index_len, dtype=torch.int32))
+        if bias:
+            self.bias: Optional[nn.Parameter] = nn.Parameter(torch.zeros(out_features), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Module, pattern: Union[str, Tuple[int, int]] = "2:4",
+                   dtype: Optional[torch.dtype] = None) -> "NMLinear":
+        """An :class:`NMLinear` computing what ``linear`` computes. ``linear`` is an
+        ``nn.Linear`` or a Hugging Face ``Conv1D`` whose weight is exactly N:M along its input
+        dimension (at most N nonzeros per group: finalize the model first); ``dtype`` defaults
+        to the weight's (float32 or bfloat16). Raises ``ValueError`` naming the first group
+        that is not N:M."""
+        kind = _layer_kind(linear)
+        if kind is None:
+            raise TypeError(f"linear: expected an nn.Linear or a Hugging Face Conv1D, got {type(linear).__name__}")
+        n, m = parse_pattern(pattern)
+        w = linear.weight.detach()
+        if kind[0] == "Conv1D":  # stored [in, out]: x @ W + b
+            w = w.t()
+        if w.device.type != "cpu":
+            raise ValueError(f"linear: NMLinear runs on the CPU; the weight is on {w.device} (move the model to the CPU)")
+        dtype = dtype or (w.dtype if w.dtype in (torch.float32, torch.bfloat16) else torch.float32)
+        out_features, in_features = w.shape
+        layer = cls(in_features, out_features, bias=linear.bias is not None, pattern=(n, m), dtype=dtype)
+        values, index = torch.ops.cast_rs.nm_compress(w.to(dtype).contiguous(), n, m)
+        with torch.no_grad():
+            layer.values.copy_(values)
+            layer.index.copy_(index)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach().float())
+        return layer
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return torch.ops.cast_rs.nm_linear(input, self.values, self.index, self.bias, self.out_features,
+                                           self.in_features, self.n, self.m)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense ``[out_features, in_features]`` weight (a new tensor, the values' dtype)."""
+        return torch.ops.cast_rs.nm_decompress(self.values, self.index, self.out_features, self.in_features,
+                                               self.n, self.m)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weight as stored (values and positions; the bias not included)."""
+        return self.values.numel() * self.values.element_size() + self.index.numel() * 4
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"pattern={format_pattern((self.n, self.m))}, dtype={self.values.dtype}")
+
+
+@dataclass
+class CompressedLayer:
+    name: str
+    shape: Tuple[int, int]  # (out_features, in_features)
+    dense_bytes: int  # the weight as it was (its dtype)
+    compressed_bytes: int
+
+
+@dataclass
+class CompressReport:
+    """What :func:`compress` did: the converted layers (bytes before and after) and the
+    layers it left dense, with the reason."""
+
+    pattern: Tuple[int, int]
+    layers: List[CompressedLayer] = field(default_factory=list)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(layer.dense_bytes for layer in self.layers)
+
+    @property
+    def compressed_bytes(self) -> int:
+        return sum(layer.compressed_bytes for layer in self.layers)
+
+    def __str__(self) -> str:
+        lines = [f"compress({format_pattern(self.pattern)}): {len(self.layers)} layers converted, "
+                 f"{self.dense_bytes / 2**20:.2f} MiB -> {self.compressed_bytes / 2**20:.2f} MiB "
+                 f"({self.compressed_bytes / max(1, self.dense_bytes):.3f}x)"]
+        width = max([len(layer.name) for layer in self.layers] + [5])
+        for layer in self.layers:
+            lines.append(f"  {layer.name:<{width}}  {str(layer.shape):>14}  {layer.dense_bytes:>11,d} B -> "
+                         f"{layer.compressed_bytes:>11,d} B")
+        for name, why in self.skipped:
+            lines.append(f"  {name:<{width}}  left dense: {why}")
+        return "\n".join(lines)
+
+
+def _weight_is_nm(w: torch.Tensor, n: int, m: int) -> bool:
+    return bool(((w != 0).reshape(-1, m).sum(-1) <= n).all())
+
+
+def compress(model: nn.Module, pattern: Union[str, Tuple[int, int]] = "2:4", *,
+             include: Optional[Iterable[str]] = None, dtype: Optional[torch.dtype] = None) -> CompressReport:
+    """Replace, in place, the N:M ``nn.Linear`` / Hugging Face ``Conv1D`` layers of a finalized
+    model by :class:`NMLinear` and return a :class:`CompressReport`.
+
+    By default every such layer whose weight is exactly N:M along its input dimension is
+    converted, and the others (a head tied to the embedding, layers ``sparsify`` skipped) are
+    left dense and listed in ``report.skipped`` with the reason. ``include`` names the layers
+    to convert (module names as in ``model.named_modules()``); then each of them must be N:M,
+    and a ``ValueError`` names the first that is not (nothing is converted). ``dtype``:
+    ``torch.float32`` or ``torch.bfloat16`` for the stored values (default: each weight's own
+    dtype when it is one of those, else float32). The model must be on the CPU.
+    """
+    n, m = parse_pattern(pattern)
+    wanted = None if include is None else list(include)
+    modules = dict(model.named_modules())
+    if wanted is not None:
+        missing = [name for name in wanted if name not in modules]
+        if missing:
+            raise ValueError(f"include: no module named {missing[0]!r} in the model")
+    report = CompressReport((n, m))
+    plan = []
+    for name, mod in modules.items():
+        kind = _layer_kind(mod)
+        if kind is None or (wanted is not None and name not in wanted):
+            continue
+        w = mod.weight.detach()
+        w2 = w.t() if kind[0] == "Conv1D" else w
+        why = None
+        if name == "":
+            why = "the model itself is the layer (use NMLinear.from_dense)"
+        elif w2.shape[1] % m:
+            why = f"in_features {w2.shape[1]} is not a multiple of M = {m}"
+        elif w.device.type != "cpu":
+            why = f"on {w.device} (NMLinear runs on the CPU)"
+        elif not _weight_is_nm(w2, n, m):
+            why = f"not {n}:{m} (finalize the model first)"
+        if why is not None:
+            if wanted is not None:
+                raise ValueError(f"compress: layer {name!r} cannot be converted: {why}")
+            report.skipped.append((name, why))
+            continue
+        plan.append((name, mod))
+    for name, mod in plan:
+        new = NMLinear.from_dense(mod, (n, m), dtype=dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, new)
+        w = mod.weight
+        report.layers.append(CompressedLayer(name, (new.out_features, new.in_features), w.numel() * w.element_size(),
+                                             new.nbytes))
+    return report

@@ -1,0 +1,160 @@
+"""Compressed N:M layers for CPU inference (cast_rs.NMLinear, cast_rs.compress; issue 11).
+
+The kernels themselves are checked against a dense f64 reference on every dispatch level by
+`cargo test` (src/nm_linear.rs); here the layer is checked against the dense masked layer it
+replaces, through the PyTorch operator, with a rounding bound: both sides sum in float32, in
+different orders, so each output may differ from the exact sum by at most about
+(terms + 1) · 2^-24 · Σ|w·x| (+ the bias)."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import cast_rs
+from cast_rs import NMLinear
+
+
+def nm_linear_layer(in_f, out_f, pattern="2:4", bias=True, dtype=torch.float32):
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        lin.weight.mul_(cast_rs.nm_mask(lin.weight, pattern))
+        if bias:
+            lin.bias.normal_()
+    return lin.to(dtype)
+
+
+def assert_matches_dense(y, x, w, b):
+    """y ≈ x · wᵀ + b within float32 summation rounding (see the module docstring)."""
+    x64, w64 = x.double(), w.double()
+    exact = x64 @ w64.t() + (0 if b is None else b.double())
+    mass = x64.abs() @ w64.abs().t() + (0 if b is None else b.double().abs())
+    tol = (w.shape[1] + 2) * 2.0**-24 * mass + 1e-30
+    err = (y.double() - exact).abs()
+    assert bool((err <= tol).all()), f"max error {float(err.max())}, max tolerance {float(tol.max())}"
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "4:8", "1:2"])
+@pytest.mark.parametrize("shape", [(64, 48), (256, 100), (32, 7)])
+@pytest.mark.parametrize("batch", [(1,), (4,), (16,), (2, 3)])
+def test_nmlinear_equals_the_dense_masked_layer(pattern, shape, batch):
+    in_f, out_f = shape
+    _, m = cast_rs.parse_pattern(pattern)
+    if in_f % m:
+        pytest.skip(f"in_features {in_f} is not a multiple of M = {m} (refused: tested below)")
+    lin = nm_linear_layer(in_f, out_f, pattern)
+    layer = NMLinear.from_dense(lin, pattern)
+    x = torch.randn(*batch, in_f)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.shape == (*batch, out_f) and y.dtype == torch.float32
+    assert_matches_dense(y.reshape(-1, out_f), x.reshape(-1, in_f), lin.weight.detach(), lin.bias.detach())
+    assert torch.equal(layer.dense_weight(), lin.weight.detach())
+
+
+def test_bf16_values_and_inputs():
+    lin = nm_linear_layer(128, 96)
+    layer = NMLinear.from_dense(lin, "2:4", dtype=torch.bfloat16)
+    assert layer.values.dtype == torch.bfloat16
+    w_bf16 = lin.weight.detach().bfloat16().float()  # what the layer stores, exactly
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        assert_matches_dense(layer(x), x, w_bf16, lin.bias.detach())
+        # A bfloat16 input is widened to float32 exactly; the output is rounded to bf16 once.
+        xb = x.bfloat16()
+        yb = layer(xb)
+        assert yb.dtype == torch.bfloat16
+        assert torch.equal(yb, layer(xb.float()).bfloat16())
+
+
+def test_no_bias_and_a_strided_input():
+    lin = nm_linear_layer(64, 40, bias=False)
+    layer = NMLinear.from_dense(lin)
+    x = torch.randn(64, 6).t()  # non-contiguous
+    with torch.no_grad():
+        assert_matches_dense(layer(x), x, lin.weight.detach(), None)
+
+
+def test_compress_a_finalized_model_and_reload_it_without_dense_weights(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 10))
+    sparse = cast_rs.sparsify(model, "2:4", exclude=["4"])
+    sparse.finalize()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        want = model(x)
+    report = cast_rs.compress(model)
+    assert [layer.name for layer in report.layers] == ["0", "2"]
+    assert [name for name, _ in report.skipped] == ["4"] and "not 2:4" in report.skipped[0][1]
+    assert isinstance(model[0], NMLinear) and isinstance(model[4], nn.Linear)
+    # 2:4 float32: 2.125 bytes per dense weight for row counts that fill the 16-row blocks.
+    assert report.layers[0].compressed_bytes == 128 * 64 * 2.125 and report.layers[0].dense_bytes == 128 * 64 * 4
+    assert "2 layers converted" in str(report)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+    state = model.state_dict()
+    assert set(state) == {"0.values", "0.index", "0.bias", "2.values", "2.index", "2.bias", "4.weight", "4.bias"}
+    # torch.save / load into a model rebuilt with empty NMLinear layers (no dense weight).
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    fresh = nn.Sequential(NMLinear(64, 128), nn.GELU(), NMLinear(128, 64), nn.GELU(), nn.Linear(64, 10))
+    fresh.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    # safetensors, the format Hugging Face checkpoints use.
+    safetensors_torch = pytest.importorskip("safetensors.torch", reason="safetensors is not installed")
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    again = nn.Sequential(NMLinear(64, 128), nn.GELU(), NMLinear(128, 64), nn.GELU(), nn.Linear(64, 10))
+    again.load_state_dict(safetensors_torch.load_file(str(path)))
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+def test_hf_conv1d_layers():
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    conv = transformers.pytorch_utils.Conv1D(48, 64)  # nf=48 outputs, nx=64 inputs: weight [64, 48]
+    with torch.no_grad():
+        conv.weight.mul_(cast_rs.nm_mask(conv.weight, "2:4", dim=0))
+        conv.bias.normal_()
+    layer = NMLinear.from_dense(conv)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        assert_matches_dense(layer(x).reshape(-1, 48), x.reshape(-1, 64), conv.weight.detach().t(), conv.bias.detach())
+    model = nn.Sequential(conv)
+    assert [layer.name for layer in cast_rs.compress(model).layers] == ["0"]
+
+
+def test_torch_compile_and_export():
+    lin = nm_linear_layer(64, 32)
+    model = nn.Sequential(NMLinear.from_dense(lin), nn.ReLU())
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        want = model(x)
+        compiled = torch.compile(model, fullgraph=True)
+        assert torch.equal(compiled(x), want)
+        exported = torch.export.export(model, (x,))
+        assert torch.equal(exported.module()(x), want)
+    assert any("nm_linear" in str(node.target) for node in exported.graph.nodes)
+
+
+def test_refusals_name_what_is_wrong():
+    dense = nn.Linear(16, 8)
+    with pytest.raises(ValueError, match=r"weight: not 2:4: row \d+, group \d+"):
+        NMLinear.from_dense(dense)
+    with pytest.raises(ValueError, match="include: no module named 'nope'"):
+        cast_rs.compress(nn.Sequential(dense), include=["nope"])
+    with pytest.raises(ValueError, match="layer '0' cannot be converted: not 2:4"):
+        cast_rs.compress(nn.Sequential(dense), include=["0"])
+    with pytest.raises(cast_rs.CastError, match="in_features: 10 is not a multiple of M = 4"):
+        NMLinear(10, 8)
+    with pytest.raises(TypeError, match="dtype: expected torch.float32 or torch.bfloat16"):
+        NMLinear(16, 8, dtype=torch.float16)
+    layer = NMLinear.from_dense(nm_linear_layer(16, 8))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"input: expected a last dimension of 16"):
+        layer(torch.randn(2, 12))
+    with torch.no_grad(), pytest.raises(TypeError, match="input: expected dtype float32 or bfloat16"):
+        layer(torch.randn(2, 16, dtype=torch.float64))
+    report = cast_rs.compress(nn.Sequential(nn.Linear(10, 4)))
+    assert report.layers == [] and "not a multiple of M = 4" in report.skipped[0][1]
