@@ -622,6 +622,12 @@ pub fn nm_decompress(
     })
 }
 
+/// Above this many input rows `nm_linear` expands the weight and calls a dense matmul: the
+/// compressed kernels win while reading the weight dominates (decoding: a few rows), dense
+/// BLAS once multiply-adds do. Measured crossover on a 2-core AVX-512 VM: `./run bench
+/// inference` (batch 16 is still the compressed kernel's).
+pub const NM_LINEAR_DENSE_BATCH: i64 = 24;
+
 /// `input · Wᵀ + bias` for a compressed N:M weight `W` (`[rows, cols]`): `input` is
 /// `[..., cols]` (float32 or bfloat16, any strides; computed in float32), the result
 /// `[..., rows]` in the input's dtype. On torch's thread pool.
@@ -703,6 +709,25 @@ pub fn nm_linear(
             ),
             None => None,
         };
+        if batch > NM_LINEAR_DENSE_BATCH {
+            // Many rows at once (a prompt, a training-size batch): the product is compute-bound
+            // and a dense BLAS matmul wins over the gather kernels, so expand the weight once
+            // (rows × cols writes, small against batch × rows × cols multiply-adds).
+            let w = nm_decompress(values, index, rows, cols, n, m)?
+                .f_to_kind(Kind::Float)
+                .map_err(&e)?;
+            let mut y = x.f_matmul(&w.f_tr().map_err(&e)?).map_err(&e)?;
+            if let Some(b) = &b {
+                y = y.f_add_(b).map_err(&e)?;
+            }
+            let mut out_shape = shape.clone();
+            *out_shape.last_mut().expect("input has a last dimension") = rows;
+            return y
+                .f_reshape(out_shape.as_slice())
+                .map_err(&e)?
+                .f_to_kind(input.kind())
+                .map_err(&e);
+        }
         let y = Tensor::f_empty([batch, rows], (Kind::Float, Device::Cpu)).map_err(&e)?;
         // SAFETY: checked contiguous CPU tensors of these element types and lengths; `x` and
         // `b` are (possibly converted) inputs only read; `y` is fresh.

@@ -56,6 +56,30 @@ def test_demo_quick_cli_writes_json_and_plot(tmp_path):
             assert r["exact_nm"] is True
     assert res["dense_continued"]["train_steps"] == res["cast"]["train_steps"] == res["srste"]["train_steps"]
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The demo ends with the CAST model compressed for CPU inference, generating from the same
+    # prompt as the dense model, with tokens per second for both.
+    assert "CPU inference: the CAST model converted with cast_rs.compress" in proc.stdout
+    inf = res["_inference"]
+    assert inf["compressed_bytes"] < 0.6 * inf["dense_bytes"] and inf["max_logit_diff"] < 1e-3
+    assert inf["tokens_per_s_dense"] > 0 and inf["tokens_per_s_compressed"] > 0
+
+
+def test_cached_greedy_decoding_equals_the_full_forward():
+    """The demo's KV-cached generator takes the same greedy path as re-running the model on the
+    whole window each token."""
+    from cast_rs import demo
+
+    torch.manual_seed(0)
+    model = demo.TinyGPT(demo.GPTConfig()).eval()
+    prompt = b"import os\n\ndef "
+    text, tps = demo.greedy_bytes(model, prompt, 30)
+    idx = torch.tensor([list(prompt)])
+    with torch.no_grad():
+        for _ in range(30):
+            idx = torch.cat([idx, model(idx)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert bytes(idx[0, len(prompt):].tolist()) == text and tps > 0
+    with pytest.raises(ValueError, match="at most 128 bytes"):
+        demo.greedy_bytes(model, prompt, 200)
 
 
 def test_quickstart_notebook_runs():

@@ -37,7 +37,9 @@ def assert_matches_dense(y, x, w, b):
 
 @pytest.mark.parametrize("pattern", ["2:4", "1:4", "4:8", "1:2"])
 @pytest.mark.parametrize("shape", [(64, 48), (256, 100), (32, 7)])
-@pytest.mark.parametrize("batch", [(1,), (4,), (16,), (2, 3)])
+# (5, 8) = 40 rows: above NM_LINEAR_DENSE_BATCH (24) the operator expands the weight and
+# calls a dense matmul; the result must be the same layer.
+@pytest.mark.parametrize("batch", [(1,), (4,), (16,), (2, 3), (5, 8)])
 def test_nmlinear_equals_the_dense_masked_layer(pattern, shape, batch):
     in_f, out_f = shape
     _, m = cast_rs.parse_pattern(pattern)
@@ -66,6 +68,8 @@ def test_bf16_values_and_inputs():
         yb = layer(xb)
         assert yb.dtype == torch.bfloat16
         assert torch.equal(yb, layer(xb.float()).bfloat16())
+        x_many = torch.randn(40, 128)  # the dense-matmul route
+        assert_matches_dense(layer(x_many), x_many, w_bf16, lin.bias.detach())
 
 
 def test_no_bias_and_a_strided_input():

@@ -384,8 +384,10 @@ def dense_start(cfg: DemoConfig, train_data: torch.Tensor, batches: Batches, *, 
 
 
 def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool = True,
-             log: Callable[[str], None] = print) -> Dict[str, Dict]:
-    """Runs the whole pipeline; returns {method: {val_ppl, train_steps, seconds, exact_nm, curve}}."""
+             log: Callable[[str], None] = print, keep_models: Optional[Dict[str, nn.Module]] = None) -> Dict[str, Dict]:
+    """Runs the whole pipeline; returns {method: {val_ppl, train_steps, seconds, exact_nm, curve}}.
+    ``keep_models``, if given, receives the dense model (``"dense"``) and the finalized CAST
+    model (``"cast"``)."""
     torch.manual_seed(cfg.seed)
     train_data, val_data, desc = load_corpus(data)
     log(f"corpus: {desc}")
@@ -465,7 +467,79 @@ def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool =
     record("cast", m, cfg.steps, time.perf_counter() - t0, True, curve)
     results["cast"]["sparse_weight_ratio_before_finalize"] = stats.overall
     results["cast"]["l1_removed_at_finalize"] = fin.total_l1_removed_fraction
+    if keep_models is not None:
+        keep_models["dense"] = teacher
+        keep_models["cast"] = m
     return {k: results[k] for k in METHODS}
+
+
+@torch.no_grad()
+def greedy_bytes(model: "TinyGPT", prompt: bytes, new: int) -> Tuple[bytes, float]:
+    """Greedy continuation of ``prompt`` by ``new`` bytes with a KV cache (as a decoder runs:
+    after the prompt, every layer sees one row per token). ``len(prompt) + new`` must fit the
+    model's context. Returns the bytes and the decoding speed in tokens per second."""
+    c = model.config
+    if len(prompt) + new > c.context:
+        raise ValueError(f"prompt + new: at most {c.context} bytes (the model's context)")
+    caches: List[Tuple[List[torch.Tensor], List[torch.Tensor]]] = [([], []) for _ in model.blocks]
+
+    def step(tokens: torch.Tensor, start: int) -> torch.Tensor:
+        t = tokens.shape[1]
+        x = model.tok(tokens) + model.pos(torch.arange(start, start + t))
+        for blk, (ks, vs) in zip(model.blocks, caches):
+            b, _, d = x.shape
+            q, k, v = blk.qkv(blk.ln1(x)).view(b, t, 3, blk.heads, d // blk.heads).permute(2, 0, 3, 1, 4)
+            ks.append(k)
+            vs.append(v)
+            kk, vv = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+            a = F.scaled_dot_product_attention(q, kk, vv, is_causal=start == 0 and t > 1)
+            x = x + blk.proj(a.transpose(1, 2).reshape(b, t, d))
+            x = x + blk.fc2(F.gelu(blk.fc1(blk.ln2(x))))
+        return model.head(model.ln(x))[:, -1]
+
+    idx = torch.tensor([list(prompt)], dtype=torch.long)
+    logits = step(idx, 0)
+    out: List[int] = []
+    t0 = time.perf_counter()
+    for i in range(new):
+        nxt = logits.argmax(-1, keepdim=True)
+        out.append(int(nxt))
+        if i + 1 < new:
+            logits = step(nxt, len(prompt) + i)
+    return bytes(out), new / (time.perf_counter() - t0)
+
+
+def inference_showcase(models: Dict[str, nn.Module], cfg: DemoConfig, log: Callable[[str], None] = print) -> Dict:
+    """Converts the finalized CAST model with :func:`cast_rs.compress` and generates a short
+    sample with it and with the dense model from the same prompt (tokens per second for both).
+    The demo model is tiny (0.8 M parameters, 128-wide layers): its speed is set by per-call
+    overhead, not by reading weights, so it says little about 2:4 speed; ``./run bench
+    inference`` measures the real shapes."""
+    from .inference import compress
+
+    sparse = copy.deepcopy(models["cast"]).eval()
+    dense = models["dense"].eval()
+    report = compress(sparse, cfg.pattern)
+    prompt = b"import os\n\ndef "
+    context = cfg.model.context
+    with torch.no_grad():
+        probe = torch.tensor([list(b"def main():\n    return 0\n")])
+        agree = float((sparse(probe) - models["cast"](probe)).abs().max())
+    new = context - len(prompt)
+    text_dense, tps_dense = greedy_bytes(dense, prompt, new)
+    text_sparse, tps_sparse = greedy_bytes(sparse, prompt, new)
+    log(f"\nCPU inference: the CAST model converted with cast_rs.compress ({len(report.layers)} layers, "
+        f"{report.dense_bytes / 1024:.0f} KiB -> {report.compressed_bytes / 1024:.0f} KiB of weights; "
+        f"logits within {agree:.1e} of the finalized model)")
+    for name, text, tps in (("dense", text_dense, tps_dense), ("CAST 2:4, compressed", text_sparse, tps_sparse)):
+        shown = (prompt + text).decode("utf-8", errors="replace")
+        log(f"--- {name}: {tps:.0f} tokens/s (greedy, KV cache, batch 1)\n{shown}")
+    log("(This 0.8 M-parameter model is too small for 2:4 to pay off: its speed is per-call overhead. "
+        "`./run bench inference` measures real layer shapes and a 1.1 B-parameter model.)")
+    return {"tokens_per_s_dense": tps_dense, "tokens_per_s_compressed": tps_sparse, "max_logit_diff": agree,
+            "dense_bytes": report.dense_bytes, "compressed_bytes": report.compressed_bytes,
+            "sample_dense": text_dense.decode("utf-8", errors="replace"),
+            "sample_compressed": text_sparse.decode("utf-8", errors="replace")}
 
 
 def format_results(results: Dict[str, Dict]) -> str:
@@ -532,16 +606,19 @@ def main(args) -> int:
     t0 = time.perf_counter()
     print(f"cast-rs demo ({'quick' if args.quick else 'default'} settings): CAST 2:4 vs baselines; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    results = run_demo(cfg, data=args.data, show=not args.no_progress)
+    models: Dict[str, nn.Module] = {}
+    results = run_demo(cfg, data=args.data, show=not args.no_progress, keep_models=models)
     print()
     print(format_results(results))
     c = results["cast"]
     print(f"\nCAST: sparse weight ratio before finalize {c['sparse_weight_ratio_before_finalize']:.4f}; "
           f"finalize cut {100 * c['l1_removed_at_finalize']:.2f}% of the sparse layers' L1 mass.")
+    inference = inference_showcase(models, cfg)
     print(f"total {time.perf_counter() - t0:.0f} s")
     if args.json:
         out = {k: {kk: vv for kk, vv in v.items()} for k, v in results.items()}
         out["_config"] = asdict(cfg)
+        out["_inference"] = inference
         Path(args.json).write_text(json.dumps(out, indent=2))
         print(f"wrote {args.json}")
     if args.plot:
