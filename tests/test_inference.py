@@ -94,7 +94,8 @@ def test_compress_a_finalized_model_and_reload_it_without_dense_weights(tmp_path
     assert isinstance(model[0], NMLinear) and isinstance(model[4], nn.Linear)
     # 2:4 float32: 2.125 bytes per dense weight for row counts that fill the 16-row blocks.
     assert report.layers[0].compressed_bytes == 128 * 64 * 2.125 and report.layers[0].dense_bytes == 128 * 64 * 4
-    assert "2 layers converted" in str(report)
+    assert "2 layers converted" in str(report) and "bytes per weight" in str(report)
+    assert report.bytes_per_weight == pytest.approx((128 * 64 * 2.125 + 64 * 128 * 2.125) / (2 * 128 * 64))
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
     state = model.state_dict()
@@ -162,3 +163,19 @@ def test_refusals_name_what_is_wrong():
         layer(torch.randn(2, 16, dtype=torch.float64))
     report = cast_rs.compress(nn.Sequential(nn.Linear(10, 4)))
     assert report.layers == [] and "not a multiple of M = 4" in report.skipped[0][1]
+
+
+def test_a_corrupt_index_is_refused_at_load():
+    """With M = 6 a 4-bit position can point past the group; loading such an index fails
+    instead of computing with the wrong inputs."""
+    lin = nn.Linear(12, 16)
+    with torch.no_grad():
+        lin.weight.mul_(cast_rs.nm_mask(lin.weight, "2:6"))
+    layer = NMLinear.from_dense(lin, "2:6")
+    state = layer.state_dict()
+    fresh = NMLinear(12, 16, pattern="2:6")
+    fresh.load_state_dict(state)  # a valid index loads
+    state["index"] = state["index"].clone()
+    state["index"][0] = -1  # every position 15
+    with pytest.raises(ValueError, match="index: positions must be below M = 6"):
+        NMLinear(12, 16, pattern="2:6").load_state_dict(state)

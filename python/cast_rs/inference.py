@@ -78,6 +78,23 @@ class NMLinear(nn.Module):
             self.bias: Optional[nn.Parameter] = nn.Parameter(torch.zeros(out_features), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self.register_load_state_dict_post_hook(NMLinear._check_positions)
+
+    @staticmethod
+    def _check_positions(module: nn.Module, incompatible_keys) -> None:
+        """A loaded ``index`` must hold positions below M: with M a power of two every bit
+        pattern is one; otherwise (M = 3, 5, 6, 7) a corrupt file could point past a group,
+        which the kernels would read as the wrong input, so it is refused here."""
+        assert isinstance(module, NMLinear)
+        m = module.m
+        if m & (m - 1) == 0:
+            return
+        bits = 2 if m <= 4 else 4
+        words = module.index.to(torch.int64) & 0xFFFFFFFF
+        shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+        positions = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        if bool((positions >= m).any()):
+            raise ValueError(f"index: positions must be below M = {m}; this state_dict's index is corrupt")
 
     @classmethod
     def from_dense(cls, linear: nn.Module, pattern: Union[str, Tuple[int, int]] = "2:4",
@@ -151,10 +168,18 @@ class CompressReport:
     def compressed_bytes(self) -> int:
         return sum(layer.compressed_bytes for layer in self.layers)
 
+    @property
+    def bytes_per_weight(self) -> float:
+        """Stored bytes per dense weight of the converted layers (2:4 float32: 2.125; dense
+        float32: 4)."""
+        weights = sum(layer.shape[0] * layer.shape[1] for layer in self.layers)
+        return self.compressed_bytes / max(1, weights)
+
     def __str__(self) -> str:
         lines = [f"compress({format_pattern(self.pattern)}): {len(self.layers)} layers converted, "
                  f"{self.dense_bytes / 2**20:.2f} MiB -> {self.compressed_bytes / 2**20:.2f} MiB "
-                 f"({self.compressed_bytes / max(1, self.dense_bytes):.3f}x)"]
+                 f"({self.compressed_bytes / max(1, self.dense_bytes):.3f}x, "
+                 f"{self.bytes_per_weight:.3f} bytes per weight)"]
         width = max([len(layer.name) for layer in self.layers] + [5])
         for layer in self.layers:
             lines.append(f"  {layer.name:<{width}}  {str(layer.shape):>14}  {layer.dense_bytes:>11,d} B -> "
