@@ -96,8 +96,10 @@ def layer_section(rounds: int, threads_list, shapes) -> None:
         for dtype in (torch.float32, torch.bfloat16):
             copies = max(2, -(-2 * llc // (out_f * in_f * 4 // 2)))  # the smallest format decides
             ws = [nm_weight(out_f, in_f, s) for s in range(copies)]
-            dense_same = [w.to(dtype) for w in ws]
-            dense_f32 = ws if dtype == torch.float32 else [w.clone() for w in ws]
+            # Every contender has copies of its own (F.linear f32 and F.linear on float32 read
+            # the same values, but must not read the same memory: the second would hit cache).
+            dense_same = [w.to(dtype).clone() for w in ws]
+            dense_f32 = [w.clone() for w in ws]
             layers = []
             for w in ws:
                 lin = torch.nn.Linear(in_f, out_f, bias=False)

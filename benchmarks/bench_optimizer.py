@@ -158,7 +158,7 @@ def op_count_section() -> None:
     for i, label in enumerate(("cast_rs.AdamS, generic path (forced)", "torch AdamW(foreach=True)",
                                "cast_rs.AdamS, fused CPU path")):
         print(f"{label:<48}{rows[10][i]:8d}   {rows[100][i]:10d}")
-    print(f"-> AdamS generic / AdamW foreach at 100 params: {rows[100][0] / rows[100][1]:.1f}x")
+    print(f"-> AdamS generic / AdamW foreach at 100 params: {rows[100][0] / rows[100][1]:.2f}x")
 
 
 def main() -> None:
