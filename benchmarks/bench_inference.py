@@ -18,7 +18,7 @@ shaped model (12 layers, width 768) and a Llama-shaped model of about 1.1 B para
 layers, width 2048, MLP 5632; TinyLlama's shape), random weights pruned to 2:4 by magnitude
 (speed does not depend on the values), dense against `cast_rs.compress`-ed, float32 and
 bfloat16: tokens per second and the peak resident memory of the decoding (after the
-conversion, the peak counter reset), each configuration in its own process.
+conversion, its freed memory trimmed and the peak counter reset), each configuration in its own process.
 """
 
 from __future__ import annotations
@@ -154,6 +154,12 @@ def e2e_child(kind: str, dtype_name: str, compressed: bool, new_tokens: int, thr
     import gc
 
     gc.collect()
+    try:  # return the freed heap pages to the OS (glibc keeps them resident otherwise)
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
