@@ -262,10 +262,11 @@ fn check_buffers(layout: &NmLayout, values: usize, index: usize) -> Result<()> {
 }
 
 /// `y[b, r] = Σ_c x[b, c] · W[r, c] + bias[r]` for `batch` rows of `x` (`[batch, cols]`,
-/// row-major) into `y` (`[batch, rows]`), with the best kernel this CPU has, on
-/// `threads` pieces of the row blocks (the caller's pool runs them; see
-/// [`nm_linear_pieces`]). Positions must be valid (< M), which [`compress`] guarantees; a
-/// layout built elsewhere is checked by [`check_index`].
+/// row-major) into `y` (`[batch, rows]`), with the best kernel this CPU has, on the calling
+/// thread ([`nm_linear_parallel`] splits the row blocks over the thread pool). Memory-safe
+/// whatever the index holds (the vector kernels mask a position to the broadcast group, the
+/// portable one is bounds-checked), but positions of M or more give wrong sums, so an index
+/// not made by [`compress`] should pass [`check_index`].
 pub fn nm_linear<E: NmElem>(
     layout: &NmLayout,
     values: &[E],

@@ -531,6 +531,27 @@ fn check_flat(
     Ok(())
 }
 
+/// The layout of a compressed weight whose `values` and `index` tensors are checked against it.
+fn compressed_args(
+    values: &Tensor,
+    index: &Tensor,
+    rows: i64,
+    cols: i64,
+    n: i64,
+    m: i64,
+) -> Result<crate::nm_linear::NmLayout> {
+    let layout = nm_layout(rows, cols, n, m)?;
+    check_flat(
+        values,
+        "values",
+        &[Kind::Float, Kind::BFloat16],
+        layout.values_len(),
+        "float32 or bfloat16",
+    )?;
+    check_flat(index, "index", &[Kind::Int], layout.index_len(), "int32")?;
+    Ok(layout)
+}
+
 /// Compresses a 2-D `[rows, cols]` weight that is exactly N:M along its rows (float32 or
 /// bfloat16, CPU): `(values, index)` as in [`crate::nm_linear`] (values in the weight's dtype,
 /// index int32).
@@ -589,15 +610,7 @@ pub fn nm_decompress(
     m: i64,
 ) -> Result<Tensor> {
     use crate::nm_linear::{decompress, Bf16};
-    let layout = nm_layout(rows, cols, n, m)?;
-    check_flat(
-        values,
-        "values",
-        &[Kind::Float, Kind::BFloat16],
-        layout.values_len(),
-        "float32 or bfloat16",
-    )?;
-    check_flat(index, "index", &[Kind::Int], layout.index_len(), "int32")?;
+    let layout = compressed_args(values, index, rows, cols, n, m)?;
     guarded(|| {
         let out = Tensor::f_empty([rows, cols], (values.kind(), Device::Cpu))
             .map_err(torch_err("nm_decompress"))?;
@@ -643,15 +656,7 @@ pub fn nm_linear(
     m: i64,
 ) -> Result<Tensor> {
     use crate::nm_linear::{nm_linear_parallel, Bf16};
-    let layout = nm_layout(rows, cols, n, m)?;
-    check_flat(
-        values,
-        "values",
-        &[Kind::Float, Kind::BFloat16],
-        layout.values_len(),
-        "float32 or bfloat16",
-    )?;
-    check_flat(index, "index", &[Kind::Int], layout.index_len(), "int32")?;
+    let layout = compressed_args(values, index, rows, cols, n, m)?;
     let shape = input.size();
     if shape.last() != Some(&cols) {
         return Err(CastError::value(
