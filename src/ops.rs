@@ -705,6 +705,15 @@ pub fn nm_linear(
             .map_err(&e)?
             .f_contiguous()
             .map_err(&e)?;
+        // `[batch, rows]` float32 back to the input's leading dimensions and dtype.
+        let restore_shape = |y: Tensor| -> Result<Tensor> {
+            let mut out_shape = shape.clone();
+            *out_shape.last_mut().expect("input has a last dimension") = rows;
+            y.f_reshape(out_shape.as_slice())
+                .map_err(&e)?
+                .f_to_kind(input.kind())
+                .map_err(&e)
+        };
         let b = match bias {
             Some(b) => Some(
                 b.f_to_kind(Kind::Float)
@@ -725,13 +734,7 @@ pub fn nm_linear(
             if let Some(b) = &b {
                 y = y.f_add_(b).map_err(&e)?;
             }
-            let mut out_shape = shape.clone();
-            *out_shape.last_mut().expect("input has a last dimension") = rows;
-            return y
-                .f_reshape(out_shape.as_slice())
-                .map_err(&e)?
-                .f_to_kind(input.kind())
-                .map_err(&e);
+            return restore_shape(y);
         }
         let y = Tensor::f_empty([batch, rows], (Kind::Float, Device::Cpu)).map_err(&e)?;
         // SAFETY: checked contiguous CPU tensors of these element types and lengths; `x` and
@@ -765,11 +768,6 @@ pub fn nm_linear(
                 )?;
             }
         }
-        let mut out_shape = shape.clone();
-        *out_shape.last_mut().expect("input has a last dimension") = rows;
-        y.f_reshape(out_shape.as_slice())
-            .map_err(&e)?
-            .f_to_kind(input.kind())
-            .map_err(&e)
+        restore_shape(y)
     })
 }

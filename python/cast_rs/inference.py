@@ -26,6 +26,7 @@ from torch import nn
 
 from . import _ops  # noqa: F401  (registers the operators' fake implementations)
 from ._cast_rs import CastError
+from .checking import _violations
 from .nm import format_pattern, parse_pattern
 from .sparsity import _layer_kind
 
@@ -189,10 +190,6 @@ class CompressReport:
         return "\n".join(lines)
 
 
-def _weight_is_nm(w: torch.Tensor, n: int, m: int) -> bool:
-    return bool(((w != 0).reshape(-1, m).sum(-1) <= n).all())
-
-
 def compress(model: nn.Module, pattern: Union[str, Tuple[int, int]] = "2:4", *,
              include: Optional[Iterable[str]] = None, dtype: Optional[torch.dtype] = None) -> CompressReport:
     """Replace, in place, the N:M ``nn.Linear`` / Hugging Face ``Conv1D`` layers of a finalized
@@ -228,7 +225,7 @@ def compress(model: nn.Module, pattern: Union[str, Tuple[int, int]] = "2:4", *,
             why = f"in_features {w2.shape[1]} is not a multiple of M = {m}"
         elif w.device.type != "cpu":
             why = f"on {w.device} (NMLinear runs on the CPU)"
-        elif not _weight_is_nm(w2, n, m):
+        elif _violations(w2, n, m, -1)[0]:
             why = f"not {n}:{m} (finalize the model first)"
         if why is not None:
             if wanted is not None:
