@@ -17,6 +17,9 @@
 //! index word (block · kept + t), lane bits = pos (0 ≤ pos < M), idx_bits bits per lane
 //! ```
 //!
+//! That is the f32 order; bf16 values interleave each pair of slots lane by lane so that one
+//! load gives two slots ([`NmLayout::value_offset`]). The index is the same for both.
+//!
 //! `idx_bits` is 2 for M ≤ 4 (one `u32` word per slot: 16 lanes × 2 bits) and 4 for
 //! 4 < M ≤ 8 (two `u32` words per slot). Within a group the kept positions are stored in
 //! increasing order; a group with fewer than N nonzeros (a kept weight that is exactly 0)
@@ -28,8 +31,9 @@
 //! and group the kernel broadcasts the group's M inputs across the vector, picks each lane's
 //! input with one permute (`vpermps`) from the lane's index bits, and accumulates value ×
 //! input with an FMA, for up to 8 batch rows at a time (the values, the expensive stream, are
-//! loaded once per 8 rows). Accumulation is in f32 in slot order, so every dispatch level
-//! (AVX-512, AVX2, portable) gives the same sums up to the FMA's single rounding.
+//! loaded once per 8 rows). Accumulation is in f32: even and odd slots in two FMA chains (so
+//! that batch 1 does not wait out the FMA latency on every slot), added at the end. Every
+//! dispatch level (AVX-512, AVX2, portable) sums in that order, so all give the same bits.
 
 use crate::error::{CastError, Result};
 
@@ -100,6 +104,24 @@ impl NmLayout {
         self.blocks() * self.kept() * self.words_per_slot()
     }
 
+    /// Offset in `values` of lane `lane` of slot `t` (`0 ≤ t < kept`) of block `block`.
+    ///
+    /// 4-byte values (f32) are slot-major: `(block · kept + t) · 16 + lane`. 2-byte values
+    /// (bf16, `paired`) interleave each **pair of slots** `(2i, 2i + 1)` of a block lane by
+    /// lane: `(block · kept + 2i) · 16 + 2 · lane + (t mod 2)`, so that one 32-bit word holds a
+    /// lane's two values (the low half is slot 2i) and one 64-byte load gives both slots as
+    /// f32 with a shift and a mask (instead of two widening loads). An odd last slot of a
+    /// block stays plain. The values array has the same length either way.
+    #[inline(always)]
+    pub fn value_offset(&self, paired: bool, block: usize, t: usize, lane: usize) -> usize {
+        let kept = self.kept();
+        if paired && (t | 1) < kept {
+            (block * kept + (t & !1)) * ROW_BLOCK + 2 * lane + (t & 1)
+        } else {
+            (block * kept + t) * ROW_BLOCK + lane
+        }
+    }
+
     /// Position of lane `lane` of slot `slot` (global slot number `block · kept + t`).
     #[inline(always)]
     fn position(&self, index: &[u32], slot: usize, lane: usize) -> usize {
@@ -113,6 +135,8 @@ impl NmLayout {
 /// A stored weight element: f32, or bf16 as its bits.
 pub trait NmElem: Copy + Send + Sync + 'static {
     const ZERO: Self;
+    /// Stored as interleaved pairs of slots ([`NmLayout::value_offset`]): the 2-byte types.
+    const PAIRED: bool;
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
     fn is_zero(self) -> bool;
@@ -120,6 +144,7 @@ pub trait NmElem: Copy + Send + Sync + 'static {
 
 impl NmElem for f32 {
     const ZERO: Self = 0.0;
+    const PAIRED: bool = false;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -139,6 +164,7 @@ pub struct Bf16(pub u16);
 
 impl NmElem for Bf16 {
     const ZERO: Self = Bf16(0);
+    const PAIRED: bool = true;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f32::from_bits((self.0 as u32) << 16)
@@ -206,7 +232,7 @@ pub fn compress<E: NmElem>(layout: &NmLayout, dense: &[E]) -> Result<(Vec<E>, Ve
             pos[..n].sort_unstable();
             for (j, &p) in pos[..n].iter().enumerate() {
                 let slot = block * kept + k * n + j;
-                values[slot * ROW_BLOCK + lane] = group[p];
+                values[layout.value_offset(E::PAIRED, block, k * n + j, lane)] = group[p];
                 let bit = lane * bits;
                 index[slot * wps + bit / 32] |= (p as u32) << (bit % 32);
             }
@@ -233,7 +259,8 @@ pub fn decompress<E: NmElem>(layout: &NmLayout, values: &[E], index: &[u32]) -> 
                     format!("position {p} out of range for M = {m} (row {r}, slot {t})"),
                 ));
             }
-            dense[r * cols + (t / n) * m + p] = values[slot * ROW_BLOCK + lane];
+            dense[r * cols + (t / n) * m + p] =
+                values[layout.value_offset(E::PAIRED, block, t, lane)];
         }
     }
     Ok(dense)
@@ -531,6 +558,10 @@ pub fn nm_linear_parallel<E: NmElem>(
 }
 
 /// The portable kernel: one block, `nb` batch rows, into `acc[bb · 16 + lane]`.
+///
+/// Every output sums its even slots and its odd slots in two separate FMA chains and adds
+/// the two at the end: the order of the vector kernels, where two independent chains keep
+/// the FMA unit busy at batch 1 (one chain waits out the FMA latency on every slot).
 fn block_portable<E: NmElem>(
     layout: &NmLayout,
     values: &[E],
@@ -540,19 +571,24 @@ fn block_portable<E: NmElem>(
     block: usize,
     acc: &mut [f32],
 ) {
-    acc.fill(0.0);
     let (n, m, cols, kept) = (layout.n, layout.m, layout.cols, layout.kept());
+    let mut even = [0f32; ROW_BLOCK * 8];
+    let mut odd = [0f32; ROW_BLOCK * 8];
     for t in 0..kept {
         let slot = block * kept + t;
         let base = (t / n) * m;
+        let chain = if t % 2 == 0 { &mut even } else { &mut odd };
         for lane in 0..ROW_BLOCK {
-            let w = values[slot * ROW_BLOCK + lane].to_f32();
+            let w = values[layout.value_offset(E::PAIRED, block, t, lane)].to_f32();
             let c = base + layout.position(index, slot, lane);
             for bb in 0..nb {
-                let a = &mut acc[bb * ROW_BLOCK + lane];
+                let a = &mut chain[bb * ROW_BLOCK + lane];
                 *a = w.mul_add(xs[bb * cols + c], *a);
             }
         }
+    }
+    for (i, a) in acc[..nb * ROW_BLOCK].iter_mut().enumerate() {
+        *a = even[i] + odd[i];
     }
 }
 
@@ -561,10 +597,10 @@ mod x86 {
     use super::{NmElem, NmLayout, ROW_BLOCK};
     use std::arch::x86_64::*;
 
-    /// The 16 lanes' values of slot `slot` as f32.
+    /// One unpaired slot's 16 values (at element offset `off`) as f32.
     #[inline(always)]
-    unsafe fn load16<E: NmElem>(values: &[E], slot: usize) -> __m512 {
-        let p = values.as_ptr().add(slot * ROW_BLOCK);
+    unsafe fn load16<E: NmElem>(values: &[E], off: usize) -> __m512 {
+        let p = values.as_ptr().add(off);
         if std::mem::size_of::<E>() == 4 {
             _mm512_loadu_ps(p as *const f32)
         } else {
@@ -574,31 +610,57 @@ mod x86 {
         }
     }
 
-    /// Lane positions of slot `slot`: lane l gets bits [l·b, l·b + b) of the slot's words.
+    /// The two slots of a pair (at element offset `off`) as f32: f32 takes two loads; bf16
+    /// pairs are interleaved (`value_offset`), so one load, a shift (the low halves, the
+    /// first slot) and a mask (the high halves, the second slot).
+    #[inline(always)]
+    unsafe fn load_pair<E: NmElem>(values: &[E], off: usize) -> (__m512, __m512) {
+        let p = values.as_ptr().add(off);
+        if std::mem::size_of::<E>() == 4 {
+            let p = p as *const f32;
+            (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(ROW_BLOCK)))
+        } else {
+            let v = _mm512_loadu_si512(p as *const __m512i);
+            let high = _mm512_set1_epi32(0xffff_0000_u32 as i32);
+            (
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v)),
+                _mm512_castsi512_ps(_mm512_and_si512(v, high)),
+            )
+        }
+    }
+
+    /// Lane positions of slot `slot`: lane l's field is bits [l·b, l·b + b) of the slot's
+    /// words. Not masked: `vpermps` reads only the low 4 bits, and the group vector repeats
+    /// with period 4 (M ≤ 4) or 8 (M ≤ 8) (`group16`), so the neighbouring field's bits that
+    /// land above the lane's own select a copy of the same input.
     #[inline(always)]
     unsafe fn positions16(index: &[u32], slot: usize, bits: usize) -> __m512i {
         if bits == 2 {
             let w = _mm512_set1_epi32(*index.get_unchecked(slot) as i32);
             let shifts =
                 _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-            _mm512_and_si512(_mm512_srlv_epi32(w, shifts), _mm512_set1_epi32(3))
+            _mm512_srlv_epi32(w, shifts)
         } else {
             let lo = _mm256_set1_epi32(*index.get_unchecked(2 * slot) as i32);
             let hi = _mm256_set1_epi32(*index.get_unchecked(2 * slot + 1) as i32);
             let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
             let shifts =
                 _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
-            _mm512_and_si512(_mm512_srlv_epi32(w, shifts), _mm512_set1_epi32(15))
+            _mm512_srlv_epi32(w, shifts)
         }
     }
 
-    /// The group's M inputs (M ≤ 8) repeated across the vector, so that a permute by a
-    /// position < M picks input `position`.
+    /// The group's M inputs repeated across the vector with period 4 (M ≤ 4, zero-padded)
+    /// or 8 (M ≤ 8), so that a permute by a position < M picks input `position`.
     #[inline(always)]
     unsafe fn group16(x: &[f32], start: usize, m: usize) -> __m512 {
         let p = x.as_ptr().add(start);
         if m == 4 {
             _mm512_broadcast_f32x4(_mm_loadu_ps(p))
+        } else if m < 4 {
+            let mut buf = [0f32; 4];
+            std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), m);
+            _mm512_broadcast_f32x4(_mm_loadu_ps(buf.as_ptr()))
         } else {
             let mut buf = [0f32; 8];
             std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), m);
@@ -609,9 +671,7 @@ mod x86 {
     }
 
     /// # Safety
-    /// AVX-512F/BW/VL/DQ available; buffers as checked by `check_call`; positions < M.
-    // Batch rows and vector halves index several arrays in step: index loops read best here.
-    #[allow(clippy::needless_range_loop)]
+    /// AVX-512F/BW/VL/DQ available; buffers as checked by `check_call`; `1 ≤ nb ≤ 8`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
     pub unsafe fn block_avx512<E: NmElem>(
         layout: &NmLayout,
@@ -622,37 +682,112 @@ mod x86 {
         block: usize,
         acc: &mut [f32],
     ) {
+        // One instance per batch width, so that the accumulators live in registers (a
+        // run-time width leaves them in memory, and every FMA waits on a store).
+        let f = match nb {
+            1 => block_avx512_nb::<E, 1>,
+            2 => block_avx512_nb::<E, 2>,
+            3 => block_avx512_nb::<E, 3>,
+            4 => block_avx512_nb::<E, 4>,
+            5 => block_avx512_nb::<E, 5>,
+            6 => block_avx512_nb::<E, 6>,
+            7 => block_avx512_nb::<E, 7>,
+            8 => block_avx512_nb::<E, 8>,
+            _ => unreachable!("batch chunks have 1 to 8 rows"),
+        };
+        f(layout, values, index, xs, block, acc)
+    }
+
+    /// [`block_avx512`] for `NB` batch rows.
+    ///
+    /// # Safety
+    /// As `block_avx512`.
+    // Batch rows index several arrays in step: index loops read best here.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+    unsafe fn block_avx512_nb<E: NmElem, const NB: usize>(
+        layout: &NmLayout,
+        values: &[E],
+        index: &[u32],
+        xs: &[f32],
+        block: usize,
+        acc: &mut [f32],
+    ) {
         let (n, m, cols, kept) = (layout.n, layout.m, layout.cols, layout.kept());
         let bits = layout.idx_bits();
-        let mut a = [_mm512_setzero_ps(); 8];
         let first = block * kept;
-        for k in 0..layout.groups() {
-            let mut xg = [_mm512_setzero_ps(); 8];
-            for (bb, g) in xg.iter_mut().enumerate().take(nb) {
-                *g = group16(xs, bb * cols + k * m, m);
-            }
-            for j in 0..n {
-                let slot = first + k * n + j;
-                // Prefetch the value stream a few slots ahead (the stream that sets the speed).
-                // (`wrapping_add`: the address may lie past the end, which a prefetch tolerates.)
-                _mm_prefetch::<_MM_HINT_T0>(
-                    values.as_ptr().wrapping_add((slot + 8) * ROW_BLOCK) as *const i8
-                );
-                let w = load16(values, slot);
-                let pos = positions16(index, slot, bits);
-                for bb in 0..nb {
-                    a[bb] = _mm512_fmadd_ps(w, _mm512_permutexvar_ps(pos, xg[bb]), a[bb]);
+        // Element offset of slot t's values (of the pair, for an even t).
+        let off = |t: usize| (first + t) * ROW_BLOCK;
+        // Prefetch the value stream a few slots ahead (the stream that sets the speed).
+        // (`wrapping_add`: the address may lie past the end, which a prefetch tolerates.)
+        let prefetch = |t: usize| {
+            _mm_prefetch::<_MM_HINT_T0>(values.as_ptr().wrapping_add(off(t + 8)) as *const i8)
+        };
+        let mut even = [_mm512_setzero_ps(); NB];
+        let mut odd = [_mm512_setzero_ps(); NB];
+        let mut xg = [_mm512_setzero_ps(); NB];
+        if n == 2 && m == 4 {
+            // 2:4: a pair of slots is one group.
+            for k in 0..kept / 2 {
+                let t = 2 * k;
+                for bb in 0..NB {
+                    xg[bb] = group16(xs, bb * cols + 4 * k, 4);
+                }
+                prefetch(t);
+                let (w0, w1) = load_pair(values, off(t));
+                let p0 = positions16(index, first + t, 2);
+                let p1 = positions16(index, first + t + 1, 2);
+                for bb in 0..NB {
+                    even[bb] = _mm512_fmadd_ps(w0, _mm512_permutexvar_ps(p0, xg[bb]), even[bb]);
+                    odd[bb] = _mm512_fmadd_ps(w1, _mm512_permutexvar_ps(p1, xg[bb]), odd[bb]);
                 }
             }
+        } else {
+            // Any N:M: slots in pairs (t, t + 1); slot t is the j-th kept weight of group k.
+            let (mut k, mut j, mut t) = (0, 0, 0);
+            while t < kept {
+                let pair = t + 1 < kept;
+                prefetch(t);
+                let (w0, w1) = if pair {
+                    load_pair(values, off(t))
+                } else {
+                    (load16(values, off(t)), _mm512_setzero_ps())
+                };
+                if j == 0 {
+                    for bb in 0..NB {
+                        xg[bb] = group16(xs, bb * cols + k * m, m);
+                    }
+                }
+                let p0 = positions16(index, first + t, bits);
+                for bb in 0..NB {
+                    even[bb] = _mm512_fmadd_ps(w0, _mm512_permutexvar_ps(p0, xg[bb]), even[bb]);
+                }
+                (k, j) = if j + 1 == n { (k + 1, 0) } else { (k, j + 1) };
+                if pair {
+                    if j == 0 {
+                        for bb in 0..NB {
+                            xg[bb] = group16(xs, bb * cols + k * m, m);
+                        }
+                    }
+                    let p1 = positions16(index, first + t + 1, bits);
+                    for bb in 0..NB {
+                        odd[bb] = _mm512_fmadd_ps(w1, _mm512_permutexvar_ps(p1, xg[bb]), odd[bb]);
+                    }
+                    (k, j) = if j + 1 == n { (k + 1, 0) } else { (k, j + 1) };
+                }
+                t += 2;
+            }
         }
-        for bb in 0..nb {
-            _mm512_storeu_ps(acc.as_mut_ptr().add(bb * ROW_BLOCK), a[bb]);
+        for bb in 0..NB {
+            _mm512_storeu_ps(
+                acc.as_mut_ptr().add(bb * ROW_BLOCK),
+                _mm512_add_ps(even[bb], odd[bb]),
+            );
         }
     }
 
     /// # Safety
-    /// AVX2 and FMA available; buffers as checked by `check_call`; positions < M.
-    #[allow(clippy::needless_range_loop)]
+    /// AVX2 and FMA available; buffers as checked by `check_call`; `1 ≤ nb ≤ 8`.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn block_avx2<E: NmElem>(
         layout: &NmLayout,
@@ -663,67 +798,145 @@ mod x86 {
         block: usize,
         acc: &mut [f32],
     ) {
+        // One instance per batch width (registers, as in `block_avx512`); AVX2's 16 vector
+        // registers hold the chains of at most 4 rows, so wider chunks run as two.
+        let f = |rows: usize| match rows {
+            1 => block_avx2_nb::<E, 1>,
+            2 => block_avx2_nb::<E, 2>,
+            3 => block_avx2_nb::<E, 3>,
+            4 => block_avx2_nb::<E, 4>,
+            _ => unreachable!("AVX2 chunks have 1 to 4 rows"),
+        };
+        let first = nb.min(4);
+        f(first)(layout, values, index, xs, block, acc);
+        if nb > 4 {
+            let (cols, rest) = (layout.cols, nb - 4);
+            f(rest)(
+                layout,
+                values,
+                index,
+                &xs[4 * cols..],
+                block,
+                &mut acc[4 * ROW_BLOCK..],
+            );
+        }
+    }
+
+    /// [`block_avx2`] for `NB ≤ 4` batch rows: the 16 lanes as two halves of 8, one after
+    /// the other (the second pass reads the block's values from cache).
+    ///
+    /// # Safety
+    /// As `block_avx2`.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block_avx2_nb<E: NmElem, const NB: usize>(
+        layout: &NmLayout,
+        values: &[E],
+        index: &[u32],
+        xs: &[f32],
+        block: usize,
+        acc: &mut [f32],
+    ) {
         let (n, m, cols, kept) = (layout.n, layout.m, layout.cols, layout.kept());
-        let bits = layout.idx_bits() as i32;
-        let mask = _mm256_set1_epi32((1 << bits) - 1);
-        let mut a = [[_mm256_setzero_ps(); 2]; 8];
+        let bits = layout.idx_bits();
         let first = block * kept;
-        for k in 0..layout.groups() {
-            let mut xg = [_mm256_setzero_ps(); 8];
-            for (bb, g) in xg.iter_mut().enumerate().take(nb) {
-                let p = xs.as_ptr().add(bb * cols + k * m);
-                *g = if m == 4 {
+        let paired = std::mem::size_of::<E>() == 2;
+        for half in 0..2 {
+            let lane0 = 8 * half;
+            // Slot t's 8 values of this half as f32 (unpaired slot, or the first of a pair).
+            let load8 = |t: usize| -> __m256 {
+                let p = values.as_ptr().add((first + t) * ROW_BLOCK + lane0);
+                if paired {
+                    let h = _mm_loadu_si128(p as *const __m128i);
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+                } else {
+                    _mm256_loadu_ps(p as *const f32)
+                }
+            };
+            // Both slots of the pair starting at t (see `x86::load_pair`).
+            let load_pair8 = |t: usize| -> (__m256, __m256) {
+                if paired {
+                    let p = values.as_ptr().add((first + t) * ROW_BLOCK + 2 * lane0);
+                    let v = _mm256_loadu_si256(p as *const __m256i);
+                    let high = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+                    (
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)),
+                        _mm256_castsi256_ps(_mm256_and_si256(v, high)),
+                    )
+                } else {
+                    (load8(t), load8(t + 1))
+                }
+            };
+            // Lane positions (not masked: `vpermps` reads 3 bits, and the group repeats
+            // with period 4 for M ≤ 4, as in `positions16`).
+            let positions8 = |slot: usize| -> __m256i {
+                if bits == 2 {
+                    let w = _mm256_set1_epi32(*index.get_unchecked(slot) as i32);
+                    let b = 16 * half as i32;
+                    let shifts =
+                        _mm256_setr_epi32(b, b + 2, b + 4, b + 6, b + 8, b + 10, b + 12, b + 14);
+                    _mm256_srlv_epi32(w, shifts)
+                } else {
+                    let w = _mm256_set1_epi32(*index.get_unchecked(2 * slot + half) as i32);
+                    _mm256_srlv_epi32(w, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28))
+                }
+            };
+            let group8 = |start: usize| -> __m256 {
+                let p = xs.as_ptr().add(start);
+                if m == 4 {
                     _mm256_broadcast_ps(&*(p as *const __m128))
+                } else if m < 4 {
+                    let mut buf = [0f32; 4];
+                    std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), m);
+                    _mm256_broadcast_ps(&*(buf.as_ptr() as *const __m128))
                 } else {
                     let mut buf = [0f32; 8];
                     std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), m);
                     _mm256_loadu_ps(buf.as_ptr())
+                }
+            };
+            let mut even = [_mm256_setzero_ps(); NB];
+            let mut odd = [_mm256_setzero_ps(); NB];
+            let mut xg = [_mm256_setzero_ps(); NB];
+            let (mut k, mut j, mut t) = (0, 0, 0);
+            while t < kept {
+                let pair = t + 1 < kept;
+                let (w0, w1) = if pair {
+                    load_pair8(t)
+                } else {
+                    (load8(t), _mm256_setzero_ps())
                 };
-            }
-            for j in 0..n {
-                let slot = first + k * n + j;
-                for half in 0..2 {
-                    let lane0 = half * 8;
-                    let w = if std::mem::size_of::<E>() == 4 {
-                        _mm256_loadu_ps(values.as_ptr().add(slot * ROW_BLOCK + lane0) as *const f32)
-                    } else {
-                        let h = _mm_loadu_si128(
-                            values.as_ptr().add(slot * ROW_BLOCK + lane0) as *const __m128i
-                        );
-                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-                    };
-                    // Lane l's position: bits [l·b, l·b + b) of the slot's words. With 2 bits
-                    // the 16 lanes share one word (this half starts at bit 16·half); with 4
-                    // bits each half has its own word.
-                    let raw = if bits == 2 {
-                        let w = _mm256_set1_epi32(*index.get_unchecked(slot) as i32);
-                        let base = 16 * half as i32;
-                        let shifts = _mm256_setr_epi32(
-                            base,
-                            base + 2,
-                            base + 4,
-                            base + 6,
-                            base + 8,
-                            base + 10,
-                            base + 12,
-                            base + 14,
-                        );
-                        _mm256_srlv_epi32(w, shifts)
-                    } else {
-                        let w = _mm256_set1_epi32(*index.get_unchecked(2 * slot + half) as i32);
-                        _mm256_srlv_epi32(w, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28))
-                    };
-                    let pos = _mm256_and_si256(raw, mask);
-                    for bb in 0..nb {
-                        a[bb][half] =
-                            _mm256_fmadd_ps(w, _mm256_permutevar8x32_ps(xg[bb], pos), a[bb][half]);
+                if j == 0 {
+                    for bb in 0..NB {
+                        xg[bb] = group8(bb * cols + k * m);
                     }
                 }
+                let p0 = positions8(first + t);
+                for bb in 0..NB {
+                    even[bb] = _mm256_fmadd_ps(w0, _mm256_permutevar8x32_ps(xg[bb], p0), even[bb]);
+                }
+                (k, j) = if j + 1 == n { (k + 1, 0) } else { (k, j + 1) };
+                if pair {
+                    if j == 0 {
+                        for bb in 0..NB {
+                            xg[bb] = group8(bb * cols + k * m);
+                        }
+                    }
+                    let p1 = positions8(first + t + 1);
+                    for bb in 0..NB {
+                        odd[bb] =
+                            _mm256_fmadd_ps(w1, _mm256_permutevar8x32_ps(xg[bb], p1), odd[bb]);
+                    }
+                    (k, j) = if j + 1 == n { (k + 1, 0) } else { (k, j + 1) };
+                }
+                t += 2;
             }
-        }
-        for bb in 0..nb {
-            _mm256_storeu_ps(acc.as_mut_ptr().add(bb * ROW_BLOCK), a[bb][0]);
-            _mm256_storeu_ps(acc.as_mut_ptr().add(bb * ROW_BLOCK + 8), a[bb][1]);
+            for bb in 0..NB {
+                _mm256_storeu_ps(
+                    acc.as_mut_ptr().add(bb * ROW_BLOCK + lane0),
+                    _mm256_add_ps(even[bb], odd[bb]),
+                );
+            }
         }
     }
 }
@@ -797,10 +1010,10 @@ mod tests {
         y
     }
 
-    fn run_with(
+    fn run_with<E: NmElem>(
         kernel: Kernel,
         l: &NmLayout,
-        v: &[f32],
+        v: &[E],
         idx: &[u32],
         bias: &[f32],
         x: &[f32],
@@ -867,9 +1080,51 @@ mod tests {
                             Some(f) => assert_eq!(f, &y, "{k:?} differs from the portable kernel"),
                         }
                     }
+                    // bf16 values (stored in interleaved slot pairs, an odd last slot plain):
+                    // every kernel equals the f32 layer on the bf16-rounded weight, bit for bit.
+                    let wb: Vec<Bf16> = w.iter().map(|&v| Bf16::from_f32(v)).collect();
+                    let wr: Vec<f32> = wb.iter().map(|b| b.to_f32()).collect();
+                    let (vb, idxb) = compress(&l, &wb).unwrap();
+                    assert_eq!(
+                        decompress(&l, &vb, &idxb).unwrap(),
+                        wb,
+                        "{n}:{m} bf16 round trip"
+                    );
+                    let (vr, idxr) = compress(&l, &wr).unwrap();
+                    assert_eq!(idxb, idxr);
+                    let want = run_with(Kernel::Portable, &l, &vr, &idxr, &bias, &x, batch);
+                    for k in kernels() {
+                        let y = run_with(k, &l, &vb, &idxb, &bias, &x, batch);
+                        assert_eq!(y, want, "{k:?} {n}:{m} {rows}x{cols} b{batch} bf16");
+                    }
                 }
             }
         }
+    }
+
+    #[test]
+    fn bf16_pairs_interleave_lane_by_lane() {
+        // One block of 16 rows, 2:4 over 8 columns: slots 0, 1 (group 0) and 2, 3 (group 1).
+        let l = NmLayout::new(16, 8, 2, 4).unwrap();
+        let w: Vec<f32> = (0..16 * 8)
+            .map(|i| {
+                if i % 4 == 1 || i % 4 == 2 {
+                    i as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let wb: Vec<Bf16> = w.iter().map(|&v| Bf16::from_f32(v)).collect();
+        let (v32, _) = compress(&l, &w).unwrap();
+        let (vb, _) = compress(&l, &wb).unwrap();
+        // f32: slot-major, 16 lanes per slot. Row r keeps columns 1 and 2 of each group.
+        assert_eq!(&v32[..3], &[1.0, 9.0, 17.0]); // slot 0, lanes 0..3: W[r, 1]
+        assert_eq!(v32[16], 2.0); // slot 1, lane 0: W[0, 2]
+                                  // bf16: a lane's two slots side by side (W[0, 1], W[0, 2], W[1, 1], W[1, 2], ...).
+        let got: Vec<f32> = vb[..4].iter().map(|b| b.to_f32()).collect();
+        assert_eq!(got, [1.0, 2.0, 9.0, 10.0]);
+        assert_eq!(vb[32].to_f32(), 5.0); // the next pair (slots 2, 3): W[0, 5]
     }
 
     #[test]

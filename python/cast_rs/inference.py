@@ -11,7 +11,14 @@ The layout (``src/nm_linear.rs``): output rows in blocks of 16; for each block a
 (group ``k``, ``j``-th kept weight) the 16 rows' values are contiguous (``values``), and their
 positions in the group are packed 2 bits each (4 for M > 4) into ``index`` (int32 words)::
 
-    values[(block * kept + k * N + j) * 16 + lane] = W[16 * block + lane, M * k + pos]
+    values[(block * kept + k * N + j) * 16 + lane] = W[16 * block + lane, M * k + pos]    # float32
+
+bfloat16 values interleave each pair of slots ``(2i, 2i + 1)`` of a block lane by lane, so that one
+32-bit word holds a lane's two values (the kernel widens both with a shift and a mask)::
+
+    values[(block * kept + 2i) * 16 + 2 * lane + (t % 2)]  for slot t in {2i, 2i + 1}
+
+(an odd last slot of a block stays plain).
 
 Inference only: ``nm_linear`` has no backward (use the dense model to train).
 """
