@@ -291,7 +291,7 @@ fn check_buffers(layout: &NmLayout, values: usize, index: usize) -> Result<()> {
 /// `y[b, r] = Σ_c x[b, c] · W[r, c] + bias[r]` for `batch` rows of `x` (`[batch, cols]`,
 /// row-major) into `y` (`[batch, rows]`), with the best kernel this CPU has, on the calling
 /// thread ([`nm_linear_parallel`] splits the row blocks over the thread pool). Memory-safe
-/// whatever the index holds (the vector kernels mask a position to the broadcast group, the
+/// whatever the index holds (the vector kernels pick inputs inside a register holding the group, the
 /// portable one is bounds-checked), but positions of M or more give wrong sums, so an index
 /// not made by [`compress`] should pass [`check_index`].
 pub fn nm_linear<E: NmElem>(
@@ -320,12 +320,12 @@ pub fn nm_linear<E: NmElem>(
 }
 
 /// Checks every buffer length of a call.
-pub fn check_call<E: NmElem>(
+pub fn check_call<E: NmElem, X: NmElem>(
     layout: &NmLayout,
     values: &[E],
     index: &[u32],
     bias: Option<&[f32]>,
-    x: &[f32],
+    x: &[X],
     batch: usize,
     y: &[f32],
 ) -> Result<()> {
@@ -455,27 +455,50 @@ unsafe fn run_blocks_raw<E: NmElem>(
     b1: usize,
     kernel: Kernel,
 ) {
+    let cols = layout.cols;
+    let block_kernel = |b: usize, nb: usize, block: usize, acc: &mut [f32]| {
+        let xs = &x[b * cols..(b + nb) * cols];
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => {
+                // SAFETY: the caller only picks Avx512 on a CPU that has it (`level`);
+                // buffer lengths were checked (`check_call`).
+                unsafe { x86::block_avx512(layout, values, index, xs, nb, block, acc) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => {
+                // SAFETY: as above, for AVX2 + FMA.
+                unsafe { x86::block_avx2(layout, values, index, xs, nb, block, acc) }
+            }
+            _ => block_portable(layout, values, index, xs, nb, block, acc),
+        }
+    };
+    // SAFETY: the caller's contract, forwarded.
+    unsafe { for_chunks(layout, bias, batch, y, b0, b1, block_kernel) }
+}
+
+/// The loop every kernel shares: for each block of `[b0, b1)` and each chunk of up to 8
+/// batch rows, `kernel(b, nb, block, acc)` sums batch rows `b..b + nb` of the block into
+/// `acc[bb · 16 + lane]`, and the chunk's rows (plus bias) are written into `y`.
+///
+/// # Safety
+/// As [`run_blocks_raw`].
+unsafe fn for_chunks(
+    layout: &NmLayout,
+    bias: Option<&[f32]>,
+    batch: usize,
+    y: *mut f32,
+    b0: usize,
+    b1: usize,
+    mut kernel: impl FnMut(usize, usize, usize, &mut [f32]),
+) {
     let mut acc = [0f32; ROW_BLOCK * 8];
     for block in b0..b1 {
         let mut b = 0;
         while b < batch {
             let nb = (batch - b).min(8);
-            let xs = &x[b * layout.cols..(b + nb) * layout.cols];
             let acc = &mut acc[..ROW_BLOCK * nb];
-            match kernel {
-                #[cfg(target_arch = "x86_64")]
-                Kernel::Avx512 => {
-                    // SAFETY: the caller only picks Avx512 on a CPU that has it (`level`);
-                    // buffer lengths were checked (`check_call`) and positions are < M.
-                    unsafe { x86::block_avx512(layout, values, index, xs, nb, block, acc) }
-                }
-                #[cfg(target_arch = "x86_64")]
-                Kernel::Avx2 => {
-                    // SAFETY: as above, for AVX2 + FMA.
-                    unsafe { x86::block_avx2(layout, values, index, xs, nb, block, acc) }
-                }
-                _ => block_portable(layout, values, index, xs, nb, block, acc),
-            }
+            kernel(b, nb, block, acc);
             let rows_here = ROW_BLOCK.min(layout.rows - block * ROW_BLOCK);
             for bb in 0..nb {
                 for lane in 0..rows_here {
@@ -496,7 +519,7 @@ unsafe fn run_blocks_raw<E: NmElem>(
 /// A raw output pointer that may cross threads (each thread writes its own row blocks).
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
-// SAFETY: used only by `nm_linear_parallel`, whose pieces write disjoint row blocks.
+// SAFETY: used only by `in_pieces`' callers, whose pieces write disjoint row blocks.
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
@@ -506,6 +529,28 @@ impl OutPtr {
     fn get(&self) -> *mut f32 {
         self.0
     }
+}
+
+/// Runs `piece(b0, b1, y)` over disjoint ranges of the row blocks on the crate's thread pool
+/// (torch's, in the extension): a few pieces per thread, handed out dynamically; the calling
+/// thread works too. One piece, on this thread, when there is one thread or little work.
+fn in_pieces(layout: &NmLayout, y: &mut [f32], piece: impl Fn(usize, usize, *mut f32) + Sync) {
+    let blocks = layout.blocks();
+    let threads = crate::parallel::num_threads().max(1);
+    // Enough pieces to balance (4 per thread), each at least 4 blocks (64 rows) so that a
+    // piece streams a useful stretch of the weight.
+    let pieces = (threads * 4).min(blocks.div_ceil(4)).max(1);
+    if pieces == 1 || threads == 1 {
+        piece(0, blocks, y.as_mut_ptr());
+        return;
+    }
+    let per = blocks.div_ceil(pieces);
+    let ranges: Vec<(usize, usize)> = (0..blocks)
+        .step_by(per)
+        .map(|b0| (b0, (b0 + per).min(blocks)))
+        .collect();
+    let out = OutPtr(y.as_mut_ptr());
+    crate::parallel::for_each(ranges, |(b0, b1)| piece(b0, b1, out.get()));
 }
 
 /// [`nm_linear`] on the crate's thread pool (torch's, in the extension): the row blocks are
@@ -520,39 +565,68 @@ pub fn nm_linear_parallel<E: NmElem>(
     y: &mut [f32],
 ) -> Result<()> {
     check_call(layout, values, index, bias, x, batch, y)?;
-    let blocks = layout.blocks();
-    let threads = crate::parallel::num_threads().max(1);
-    // Enough pieces to balance (4 per thread), each at least 4 blocks (64 rows) so that a
-    // piece streams a useful stretch of the weight.
-    let pieces = (threads * 4).min(blocks.div_ceil(4)).max(1);
     let kernel = level();
-    if pieces == 1 || threads == 1 {
-        run_blocks(layout, values, index, bias, x, batch, y, 0, blocks, kernel);
-        return Ok(());
-    }
-    let per = blocks.div_ceil(pieces);
-    let ranges: Vec<(usize, usize)> = (0..blocks)
-        .step_by(per)
-        .map(|b0| (b0, (b0 + per).min(blocks)))
-        .collect();
-    let out = OutPtr(y.as_mut_ptr());
-    crate::parallel::for_each(ranges, |(b0, b1)| {
+    in_pieces(layout, y, |b0, b1, out| {
         // SAFETY: `y` is borrowed for the whole call and long enough (checked); pieces cover
         // disjoint block ranges, so no two threads write the same element.
-        unsafe {
-            run_blocks_raw(
-                layout,
-                values,
-                index,
-                bias,
-                x,
-                batch,
-                out.get(),
-                b0,
-                b1,
-                kernel,
-            )
-        }
+        unsafe { run_blocks_raw(layout, values, index, bias, x, batch, out, b0, b1, kernel) }
+    });
+    Ok(())
+}
+
+/// Whether [`nm_linear_bf16_parallel`] runs its `vdpbf16ps` kernel for `layout`: a CPU with
+/// AVX-512 BF16 (and the AVX-512 level, so `CAST_RS_NO_SIMD` turns it off) and an even N,
+/// so that a pair of slots never straddles two groups.
+pub fn bf16_dot_kernel(layout: &NmLayout) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static BF16: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let cpu = *BF16.get_or_init(|| std::arch::is_x86_feature_detected!("avx512bf16"));
+        cpu && level() == Kernel::Avx512 && layout.n.is_multiple_of(2)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = layout;
+        false
+    }
+}
+
+/// [`nm_linear_parallel`] for bf16 weights **and bf16 inputs** (a bf16 model's activations).
+///
+/// With [`bf16_dot_kernel`], `vdpbf16ps` multiplies each lane's two kept values of a slot pair
+/// by their two inputs in one instruction: a product of two bf16 is exact in f32, and each of
+/// the two additions into the f32 sum rounds once, as an FMA does (measured on this CPU: the
+/// instruction adds the products one after the other, not fused), so the error bound is the
+/// f32 kernels'; the order differs (a pair's second slot, then its first), so results are
+/// not bit-identical to them. Inputs or outputs below f32's normal range are flushed to zero
+/// by the instruction (bf16 shares f32's exponent range, so only values under 1.2e-38).
+/// Without it, the inputs are widened to f32 and [`nm_linear_parallel`] runs.
+pub fn nm_linear_bf16_parallel(
+    layout: &NmLayout,
+    values: &[Bf16],
+    index: &[u32],
+    bias: Option<&[f32]>,
+    x: &[Bf16],
+    batch: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    check_call(layout, values, index, bias, x, batch, y)?;
+    if !bf16_dot_kernel(layout) {
+        let x32: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        return nm_linear_parallel(layout, values, index, bias, &x32, batch, y);
+    }
+    #[cfg(target_arch = "x86_64")]
+    in_pieces(layout, y, |b0, b1, out| {
+        let cols = layout.cols;
+        let block_kernel = |b: usize, nb: usize, block: usize, acc: &mut [f32]| {
+            let xs = &x[b * cols..(b + nb) * cols];
+            // SAFETY: the CPU features and an even N were checked (`bf16_dot_kernel`), the
+            // buffer lengths by `check_call`.
+            unsafe { x86::block_dpbf16(layout, values, index, xs, nb, block, acc) }
+        };
+        // SAFETY: as in `nm_linear_parallel`: `y` is borrowed for the whole call and long
+        // enough; pieces write disjoint block ranges.
+        unsafe { for_chunks(layout, bias, batch, out, b0, b1, block_kernel) }
     });
     Ok(())
 }
@@ -594,7 +668,7 @@ fn block_portable<E: NmElem>(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{NmElem, NmLayout, ROW_BLOCK};
+    use super::{Bf16, NmElem, NmLayout, ROW_BLOCK};
     use std::arch::x86_64::*;
 
     /// One unpaired slot's 16 values (at element offset `off`) as f32.
@@ -775,6 +849,221 @@ mod x86 {
                     }
                     (k, j) = if j + 1 == n { (k + 1, 0) } else { (k, j + 1) };
                 }
+                t += 2;
+            }
+        }
+        for bb in 0..NB {
+            _mm512_storeu_ps(
+                acc.as_mut_ptr().add(bb * ROW_BLOCK),
+                _mm512_add_ps(even[bb], odd[bb]),
+            );
+        }
+    }
+
+    /// Word-selection and shift constants that turn a slot pair's four index words (M > 4:
+    /// 4 bits per lane and slot) into the 32 `vpermw` indices of [`block_dpbf16`] (word 2l:
+    /// lane l's position in the pair's first slot, word 2l + 1: in its second): as 16-bit
+    /// chunks c0..c7, c0..c3 hold the first slot's lanes four at a time, c4..c7 the second's.
+    fn pair_index_consts() -> ([u16; 32], [u16; 32]) {
+        let (mut sel, mut shift) = ([0u16; 32], [0u16; 32]);
+        for l in 0..16 {
+            sel[2 * l] = (l / 4) as u16;
+            sel[2 * l + 1] = (4 + l / 4) as u16;
+            shift[2 * l] = (4 * (l % 4)) as u16;
+            shift[2 * l + 1] = (4 * (l % 4)) as u16;
+        }
+        (sel, shift)
+    }
+
+    /// A group's M bf16 inputs repeated across the 32 words with period 4 (M ≤ 4,
+    /// zero-padded) or 8 (M ≤ 8).
+    #[inline(always)]
+    unsafe fn group32_bf16(x: &[Bf16], start: usize, m: usize) -> __m512i {
+        let p = x.as_ptr().add(start);
+        if m == 4 {
+            _mm512_set1_epi64((p as *const i64).read_unaligned())
+        } else if m < 4 {
+            let mut buf = [0u16; 4];
+            std::ptr::copy_nonoverlapping(p as *const u16, buf.as_mut_ptr(), m);
+            _mm512_set1_epi64(i64::from_ne_bytes(
+                std::mem::transmute::<[u16; 4], [u8; 8]>(buf),
+            ))
+        } else {
+            let mut buf = [0u16; 8];
+            std::ptr::copy_nonoverlapping(p as *const u16, buf.as_mut_ptr(), m);
+            _mm512_broadcast_i32x4(_mm_loadu_si128(buf.as_ptr() as *const __m128i))
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F/BW/VL/DQ and AVX-512 BF16 available; N even; buffers as checked by
+    /// `check_call` (`xs` holds `nb` rows of `cols` bf16); `1 ≤ nb ≤ 8`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")]
+    pub unsafe fn block_dpbf16(
+        layout: &NmLayout,
+        values: &[Bf16],
+        index: &[u32],
+        xs: &[Bf16],
+        nb: usize,
+        block: usize,
+        acc: &mut [f32],
+    ) {
+        // One instance per batch width (registers) and input selection: M ≤ 4 picks a
+        // lane's two inputs with a byte shuffle (`vpshufb`, cheap), M > 4 with a word permute
+        // (`vpermw`, slower here, but its control needs no table).
+        let f = |rows| {
+            if layout.idx_bits() == 2 {
+                by_width::<true>(rows)
+            } else {
+                by_width::<false>(rows)
+            }
+        };
+        // At most 4 rows per pass: two chains per row, the group and the constants fill
+        // the registers (8 rows would spill); a second pass reads the block from cache.
+        f(nb.min(4))(layout, values, index, xs, block, acc);
+        if nb > 4 {
+            let cols = layout.cols;
+            f(nb - 4)(
+                layout,
+                values,
+                index,
+                &xs[4 * cols..],
+                block,
+                &mut acc[4 * ROW_BLOCK..],
+            );
+        }
+    }
+
+    type DotKernel = unsafe fn(&NmLayout, &[Bf16], &[u32], &[Bf16], usize, &mut [f32]);
+
+    fn by_width<const SHUFFLE: bool>(nb: usize) -> DotKernel {
+        match nb {
+            1 => block_dpbf16_nb::<1, SHUFFLE>,
+            2 => block_dpbf16_nb::<2, SHUFFLE>,
+            3 => block_dpbf16_nb::<3, SHUFFLE>,
+            4 => block_dpbf16_nb::<4, SHUFFLE>,
+            _ => unreachable!("passes have 1 to 4 rows"),
+        }
+    }
+
+    /// `vpshufb` control for M ≤ 4, by 4-bit code `p0 + 4·p1` (a lane's two positions): the
+    /// bytes of inputs p0 and p1 (two bytes each) from a 128-bit lane holding the group.
+    const SHUFFLE_BY_CODE: [u32; 16] = {
+        let mut t = [0u32; 16];
+        let mut c = 0;
+        while c < 16 {
+            let (p0, p1) = ((c % 4) as u32, (c / 4) as u32);
+            t[c] = (2 * p0) | ((2 * p0 + 1) << 8) | ((2 * p1) << 16) | ((2 * p1 + 1) << 24);
+            c += 1;
+        }
+        t
+    };
+
+    /// One slot pair into one chain: per batch row, pick each lane's two inputs (`vpermw`)
+    /// and add both products (`vdpbf16ps`).
+    #[inline(always)]
+    unsafe fn dot_pair<const NB: usize, const SHUFFLE: bool>(
+        w: __m512i,
+        select: __m512i,
+        xg: &[__m512i; NB],
+        chain: &mut [__m512; NB],
+    ) {
+        for bb in 0..NB {
+            let picked = if SHUFFLE {
+                _mm512_shuffle_epi8(xg[bb], select)
+            } else {
+                _mm512_permutexvar_epi16(select, xg[bb])
+            };
+            // SAFETY (of the transmutes): both are 64 bytes of plain bits.
+            chain[bb] = _mm512_dpbf16_ps(
+                chain[bb],
+                std::mem::transmute::<__m512i, __m512bh>(w),
+                std::mem::transmute::<__m512i, __m512bh>(picked),
+            );
+        }
+    }
+
+    /// [`block_dpbf16`] for `NB` batch rows. Slot pairs alternate between two chains, as
+    /// the even and odd slots do in the f32-input kernels.
+    ///
+    /// # Safety
+    /// As `block_dpbf16`.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")]
+    unsafe fn block_dpbf16_nb<const NB: usize, const SHUFFLE: bool>(
+        layout: &NmLayout,
+        values: &[Bf16],
+        index: &[u32],
+        xs: &[Bf16],
+        block: usize,
+        acc: &mut [f32],
+    ) {
+        let (n, m, cols, kept) = (layout.n, layout.m, layout.cols, layout.kept());
+        let wps = layout.words_per_slot();
+        let first = block * kept;
+        let (sel, shift) = pair_index_consts();
+        let sel = _mm512_loadu_si512(sel.as_ptr() as *const __m512i);
+        let shift = _mm512_loadu_si512(shift.as_ptr() as *const __m512i);
+        let by_code = _mm512_loadu_si512(SHUFFLE_BY_CODE.as_ptr() as *const __m512i);
+        let lane_shift =
+            _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        // The pair (t, t + 1): its 32 values (interleaved, `value_offset`) and the control
+        // that picks each lane's two inputs. Neighbouring fields' bits above a position are
+        // either masked or select a copy of the same input (the group repeats with period 4
+        // or 8 words).
+        let pair = |t: usize| -> (__m512i, __m512i) {
+            let slot = first + t;
+            _mm_prefetch::<_MM_HINT_T0>(
+                values.as_ptr().wrapping_add((slot + 8) * ROW_BLOCK) as *const i8
+            );
+            let w = _mm512_loadu_si512(values.as_ptr().add(slot * ROW_BLOCK) as *const __m512i);
+            let words = index.as_ptr().add(slot * wps);
+            if SHUFFLE {
+                // Lane l's code p0 + 4·p1 from the pair's two index words, then its shuffle
+                // control from the table (`vpermd` reads the code's 4 low bits).
+                let p0 = _mm512_srlv_epi32(_mm512_set1_epi32(*words as i32), lane_shift);
+                let p1 = _mm512_srlv_epi32(_mm512_set1_epi32(*words.add(1) as i32), lane_shift);
+                // (p0 & 3) | (p1 << 2): ternary-logic table 0xEC is (A & C) | B.
+                let code = _mm512_ternarylogic_epi32::<0xEC>(
+                    p0,
+                    _mm512_slli_epi32::<2>(p1),
+                    _mm512_set1_epi32(3),
+                );
+                (w, _mm512_permutexvar_epi32(code, by_code))
+            } else {
+                // The pair's 4 index words as 16-bit chunks, each lane's two fields moved
+                // into words 2l and 2l + 1 (`pair_index_consts`).
+                let q = _mm512_broadcast_i32x4(_mm_loadu_si128(words as *const __m128i));
+                (
+                    w,
+                    _mm512_srlv_epi16(_mm512_permutexvar_epi16(sel, q), shift),
+                )
+            }
+        };
+        let mut even = [_mm512_setzero_ps(); NB];
+        let mut odd = [_mm512_setzero_ps(); NB];
+        let mut xg = [_mm512_setzero_si512(); NB];
+        // Slot t is the j-th kept weight of group k (j even: N is even, pairs stay in a group).
+        let (mut k, mut j, mut t) = (0, 0, 0);
+        while t < kept {
+            if j == 0 {
+                for bb in 0..NB {
+                    xg[bb] = group32_bf16(xs, bb * cols + k * m, m);
+                }
+            }
+            let (w, idx) = pair(t);
+            dot_pair::<NB, SHUFFLE>(w, idx, &xg, &mut even);
+            (k, j) = if j + 2 == n { (k + 1, 0) } else { (k, j + 2) };
+            t += 2;
+            if t < kept {
+                if j == 0 {
+                    for bb in 0..NB {
+                        xg[bb] = group32_bf16(xs, bb * cols + k * m, m);
+                    }
+                }
+                let (w, idx) = pair(t);
+                dot_pair::<NB, SHUFFLE>(w, idx, &xg, &mut odd);
+                (k, j) = if j + 2 == n { (k + 1, 0) } else { (k, j + 2) };
                 t += 2;
             }
         }
@@ -1160,6 +1449,63 @@ mod tests {
                 );
                 assert_eq!(y, want, "{k:?} batch {batch}");
             }
+        }
+    }
+
+    #[test]
+    fn bf16_inputs_against_the_dense_reference() {
+        let mut rng = Rng(0x5eed_bf16);
+        let mut used_dot = false;
+        for &(n, m) in &[(2, 4), (2, 3), (2, 8), (4, 8), (2, 6), (1, 4), (3, 8)] {
+            for &(rows, cols) in &[(16, 8 * m), (37, 4 * m), (5, m), (64, 32 * m)] {
+                let l = NmLayout::new(rows, cols, n, m).unwrap();
+                let w: Vec<Bf16> = nm_weight(rows, cols, n, m, &mut rng)
+                    .iter()
+                    .map(|&v| Bf16::from_f32(v))
+                    .collect();
+                let wf: Vec<f32> = w.iter().map(|b| b.to_f32()).collect();
+                let (v, idx) = compress(&l, &w).unwrap();
+                let bias: Vec<f32> = (0..rows).map(|_| rng.next()).collect();
+                used_dot |= bf16_dot_kernel(&l);
+                for batch in [1usize, 3, 8, 11, 16] {
+                    let x: Vec<Bf16> = (0..batch * cols)
+                        .map(|_| Bf16::from_f32(rng.next()))
+                        .collect();
+                    let xf: Vec<f32> = x.iter().map(|b| b.to_f32()).collect();
+                    let mut y = vec![f32::NAN; batch * rows];
+                    nm_linear_bf16_parallel(&l, &v, &idx, Some(&bias), &x, batch, &mut y).unwrap();
+                    let want = reference(&wf, rows, cols, &xf, batch, &bias);
+                    let mut f32_path = vec![0f32; batch * rows];
+                    nm_linear(&l, &v, &idx, Some(&bias), &xf, batch, &mut f32_path).unwrap();
+                    for (i, (&got, &exact)) in y.iter().zip(&want).enumerate() {
+                        let r = i % rows;
+                        let mass: f64 = (0..cols)
+                            .map(|c| {
+                                (wf[r * cols + c] as f64 * xf[(i / rows) * cols + c] as f64).abs()
+                            })
+                            .sum::<f64>()
+                            + bias[r].abs() as f64;
+                        // Products of bf16 are exact in f32; each addition rounds once (as in
+                        // the f32 kernels), so the same bound holds in any order.
+                        let tol =
+                            (l.kept() as f64 + 2.0) * mass * f32::EPSILON as f64 / 2.0 + 1e-30;
+                        assert!(
+                            (got as f64 - exact).abs() <= tol,
+                            "{n}:{m} {rows}x{cols} b{batch} [{i}]: {got} vs {exact}"
+                        );
+                    }
+                    if !bf16_dot_kernel(&l) {
+                        // Without the dot kernel the inputs are widened: the f32 path's bits.
+                        assert_eq!(y, f32_path, "{n}:{m} fallback");
+                    }
+                }
+            }
+        }
+        if !used_dot {
+            eprintln!(
+                "bf16_inputs_against_the_dense_reference: this CPU has no AVX-512 BF16 (or \
+                 CAST_RS_NO_SIMD is set): only the widening fallback was tested"
+            );
         }
     }
 

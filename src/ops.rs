@@ -655,7 +655,7 @@ pub fn nm_linear(
     n: i64,
     m: i64,
 ) -> Result<Tensor> {
-    use crate::nm_linear::{nm_linear_parallel, Bf16};
+    use crate::nm_linear::{nm_linear_bf16_parallel, nm_linear_parallel, Bf16};
     let layout = compressed_args(values, index, rows, cols, n, m)?;
     let shape = input.size();
     if shape.last() != Some(&cols) {
@@ -698,10 +698,19 @@ pub fn nm_linear(
         } else {
             input.numel() as i64 / cols
         };
+        // bf16 inputs to bf16 weights stay bf16 for the kernels (`vdpbf16ps` multiplies them
+        // as they are; widening would only double the bytes read); anything else is f32.
+        let bf16_inputs = input.kind() == Kind::BFloat16
+            && values.kind() == Kind::BFloat16
+            && batch <= NM_LINEAR_DENSE_BATCH;
         let x = input
             .f_reshape([batch, cols])
             .map_err(&e)?
-            .f_to_kind(Kind::Float)
+            .f_to_kind(if bf16_inputs {
+                Kind::BFloat16
+            } else {
+                Kind::Float
+            })
             .map_err(&e)?
             .f_contiguous()
             .map_err(&e)?;
@@ -740,13 +749,20 @@ pub fn nm_linear(
         // SAFETY: checked contiguous CPU tensors of these element types and lengths; `x` and
         // `b` are (possibly converted) inputs only read; `y` is fresh.
         unsafe {
-            let (xs, ys, idx) = (
-                slice_mut::<f32>(&x),
-                slice_mut::<f32>(&y),
-                slice_mut::<u32>(index),
-            );
+            let (ys, idx) = (slice_mut::<f32>(&y), slice_mut::<u32>(index));
             let bs = b.as_ref().map(|b| &*slice_mut::<f32>(b));
-            if values.kind() == Kind::Float {
+            if bf16_inputs {
+                nm_linear_bf16_parallel(
+                    &layout,
+                    slice_mut::<Bf16>(values),
+                    idx,
+                    bs,
+                    slice_mut::<Bf16>(&x),
+                    batch as usize,
+                    ys,
+                )?;
+            } else if values.kind() == Kind::Float {
+                let xs = slice_mut::<f32>(&x);
                 nm_linear_parallel(
                     &layout,
                     slice_mut::<f32>(values),
@@ -762,7 +778,7 @@ pub fn nm_linear(
                     slice_mut::<Bf16>(values),
                     idx,
                     bs,
-                    xs,
+                    slice_mut::<f32>(&x),
                     batch as usize,
                     ys,
                 )?;

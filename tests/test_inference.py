@@ -25,12 +25,14 @@ def nm_linear_layer(in_f, out_f, pattern="2:4", bias=True, dtype=torch.float32):
     return lin.to(dtype)
 
 
-def assert_matches_dense(y, x, w, b):
-    """y ≈ x · wᵀ + b within float32 summation rounding (see the module docstring)."""
+def assert_matches_dense(y, x, w, b, out_rounding=0.0):
+    """y ≈ x · wᵀ + b within float32 summation rounding (see the module docstring), plus
+    ``out_rounding`` (the unit roundoff of the output's dtype: 2^-8 for bfloat16) of |y|."""
     x64, w64 = x.double(), w.double()
     exact = x64 @ w64.t() + (0 if b is None else b.double())
     mass = x64.abs() @ w64.abs().t() + (0 if b is None else b.double().abs())
     tol = (w.shape[1] + 2) * 2.0**-24 * mass + 1e-30
+    tol = tol + out_rounding * (exact.abs() + tol)
     err = (y.double() - exact).abs()
     assert bool((err <= tol).all()), f"max error {float(err.max())}, max tolerance {float(tol.max())}"
 
@@ -63,13 +65,31 @@ def test_bf16_values_and_inputs():
     x = torch.randn(5, 128)
     with torch.no_grad():
         assert_matches_dense(layer(x), x, w_bf16, lin.bias.detach())
-        # A bfloat16 input is widened to float32 exactly; the output is rounded to bf16 once.
+        # A bfloat16 input: products of bf16 are exact in float32 and the sums are float32
+        # (with bf16 values, by `vdpbf16ps` where the CPU has it, in its own order); the
+        # output is rounded to bf16 once.
         xb = x.bfloat16()
         yb = layer(xb)
         assert yb.dtype == torch.bfloat16
-        assert torch.equal(yb, layer(xb.float()).bfloat16())
+        assert_matches_dense(yb, xb.float(), w_bf16, lin.bias.detach(), out_rounding=2.0**-8)
         x_many = torch.randn(40, 128)  # the dense-matmul route
         assert_matches_dense(layer(x_many), x_many, w_bf16, lin.bias.detach())
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "2:8", "1:4"])  # 1:4: odd N, widened path
+@pytest.mark.parametrize("batch", [1, 3, 8, 16, 24])
+def test_bf16_inputs_to_bf16_values(pattern, batch):
+    """bf16 × bf16 (a bf16 model decoding): the `vdpbf16ps` kernel for even N on a CPU with
+    AVX-512 BF16 (2:4: byte shuffles, 4:8 and 2:8: word permutes), else widened to float32;
+    either way the float32 sum of exact products, rounded to bf16 once."""
+    lin = nm_linear_layer(160, 72, pattern)
+    layer = NMLinear.from_dense(lin, pattern, dtype=torch.bfloat16)
+    w = lin.weight.detach().bfloat16().float()
+    x = torch.randn(batch, 160).bfloat16()
+    with torch.no_grad():
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (batch, 72)
+    assert_matches_dense(y, x.float(), w, lin.bias.detach(), out_rounding=2.0**-8)
 
 
 def test_no_bias_and_a_strided_input():
