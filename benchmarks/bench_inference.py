@@ -3,6 +3,7 @@
     ./run bench inference                 # layers, then end-to-end decoding
     ./run bench inference --layers        # the layer table only
     ./run bench inference --e2e           # the decoding table only
+    ./run bench inference --crossover     # batches 1-256 on one shape: where 2:4 stops paying
     ./run bench inference --quick         # fewer rounds, the small model only (a smoke run)
 
 **Layers.** For each weight shape (out, in) and dtype (float32, bfloat16), at batch 1, 4 and
@@ -127,6 +128,40 @@ def layer_section(rounds: int, threads_list, shapes) -> None:
             del ws, dense_same, dense_f32, layers
 
 
+def crossover_section(rounds: int, threads_list, shape=(4096, 4096)) -> None:
+    """Where 2:4 stops paying: the compressed layer against ``F.linear`` on the same dtype at
+    batches 1 to 256 on one shape (the operator runs its kernels at every batch)."""
+    llc = llc_bytes()
+    out_f, in_f = shape
+    print(f"\n## Crossover: ({out_f}, {in_f}), compressed 2:4 vs F.linear by batch (medians of {rounds} "
+          f"interleaved rounds; copies cover >= 2x the {llc // 2**20} MiB LLC)\n")
+    print("| dtype | threads | batch | compressed ms | F.linear ms | compressed vs F.linear |")
+    print("|---|---|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        copies = max(2, -(-2 * llc // (out_f * in_f * 4 // 2)))
+        ws = [nm_weight(out_f, in_f, s) for s in range(copies)]
+        dense = [w.to(dtype).clone() for w in ws]
+        layers = []
+        for w in ws:
+            lin = torch.nn.Linear(in_f, out_f, bias=False)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+            layers.append(cast_rs.NMLinear.from_dense(lin, dtype=dtype))
+        for threads in threads_list:
+            torch.set_num_threads(threads)
+            for batch in (1, 4, 8, 16, 24, 32, 48, 64, 128, 256):
+                x = torch.randn(batch, in_f).to(dtype)
+                with torch.no_grad():
+                    med = interleaved({
+                        "nm": Rotating(layers, lambda layer, x=x: layer(x)),
+                        "same": Rotating(dense, lambda w, x=x: F.linear(x, w)),
+                    }, rounds)
+                k, d = med["nm"][0], med["same"][0]
+                name = "f32" if dtype == torch.float32 else "bf16"
+                print(f"| {name} | {threads} | {batch} | {k * 1e3:.3f} | {d * 1e3:.3f} | **{d / k:.2f}x** |", flush=True)
+        del ws, dense, layers
+
+
 def e2e_child(kind: str, dtype_name: str, compressed: bool, new_tokens: int, threads: int) -> dict:
     """One decoding measurement (run in its own process so that peak memory is its own)."""
     import resource
@@ -210,6 +245,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", action="store_true", help="only the layer table")
     ap.add_argument("--e2e", action="store_true", help="only the end-to-end table")
+    ap.add_argument("--crossover", action="store_true",
+                    help="only the crossover table (batches 1-256 on (4096, 4096): where the kernel stops paying)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few rounds, small shapes and model")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per layer row (default 30)")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per decoding run (default 64)")
@@ -221,10 +258,12 @@ def main() -> None:
     all_threads = os.cpu_count() or 1
     threads_list = sorted({1, torch.get_num_threads(), all_threads})
     print(f"torch {torch.__version__}, cast-rs {cast_rs.__version__}, {all_threads} CPUs")
-    both = not (a.layers or a.e2e)
+    both = not (a.layers or a.e2e or a.crossover)
     if a.layers or both:
         shapes = SHAPES[3:] if a.quick else SHAPES
         layer_section(a.rounds or (5 if a.quick else 30), threads_list, shapes)
+    if a.crossover or both:
+        crossover_section(a.rounds or (3 if a.quick else 15), threads_list, (768, 3072) if a.quick else (4096, 4096))
     if a.e2e or both:
         e2e_section(["gpt2"] if a.quick else ["gpt2", "llama"], a.tokens or (8 if a.quick else 64), all_threads)
 

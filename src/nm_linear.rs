@@ -244,26 +244,52 @@ pub fn compress<E: NmElem>(layout: &NmLayout, dense: &[E]) -> Result<(Vec<E>, Ve
 /// The dense row-major `[rows, cols]` weight of a compressed one (the inverse of
 /// [`compress`], for `state_dict` round trips and tests).
 pub fn decompress<E: NmElem>(layout: &NmLayout, values: &[E], index: &[u32]) -> Result<Vec<E>> {
+    let mut dense = vec![E::ZERO; layout.rows * layout.cols];
+    decompress_into(layout, values, index, &mut dense)?;
+    Ok(dense)
+}
+
+/// [`decompress`] into `dense` (`rows · cols` elements, every one written), on the thread
+/// pool: the index is checked first ([`check_index`]: nothing is written if a position is out
+/// of range), then each piece zeroes its rows and scatters its blocks' values slot by slot,
+/// reading the values in storage order.
+pub fn decompress_into<E: NmElem>(
+    layout: &NmLayout,
+    values: &[E],
+    index: &[u32],
+    dense: &mut [E],
+) -> Result<()> {
     check_buffers(layout, values.len(), index.len())?;
     let NmLayout { rows, cols, n, m } = *layout;
-    let kept = layout.kept();
-    let mut dense = vec![E::ZERO; rows * cols];
-    for r in 0..rows {
-        let (block, lane) = (r / ROW_BLOCK, r % ROW_BLOCK);
-        for t in 0..kept {
-            let slot = block * kept + t;
-            let p = layout.position(index, slot, lane);
-            if p >= m {
-                return Err(CastError::value(
-                    "index",
-                    format!("position {p} out of range for M = {m} (row {r}, slot {t})"),
-                ));
-            }
-            dense[r * cols + (t / n) * m + p] =
-                values[layout.value_offset(E::PAIRED, block, t, lane)];
-        }
+    if dense.len() != rows * cols {
+        return Err(CastError::value(
+            "out",
+            format!("expected {rows} x {cols} elements, got {}", dense.len()),
+        ));
     }
-    Ok(dense)
+    check_index(layout, index)?;
+    let kept = layout.kept();
+    in_pieces(layout, dense, |b0, b1, out| {
+        let (r0, r1) = (b0 * ROW_BLOCK, (b1 * ROW_BLOCK).min(rows));
+        // SAFETY: `dense` is borrowed for the whole call and holds `rows · cols` elements;
+        // pieces own disjoint row ranges [r0, r1).
+        let piece = unsafe { std::slice::from_raw_parts_mut(out.add(r0 * cols), (r1 - r0) * cols) };
+        piece.fill(E::ZERO);
+        for block in b0..b1 {
+            let lanes = ROW_BLOCK.min(rows - block * ROW_BLOCK);
+            let first_row = block * ROW_BLOCK - r0;
+            for t in 0..kept {
+                let slot = block * kept + t;
+                let base = (t / n) * m;
+                for lane in 0..lanes {
+                    let p = layout.position(index, slot, lane);
+                    piece[(first_row + lane) * cols + base + p] =
+                        values[layout.value_offset(E::PAIRED, block, t, lane)];
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 fn check_buffers(layout: &NmLayout, values: usize, index: usize) -> Result<()> {
@@ -368,6 +394,9 @@ pub fn check_index(layout: &NmLayout, index: &[u32]) -> Result<()> {
             "index",
             format!("expected {} words, got {}", layout.index_len(), index.len()),
         ));
+    }
+    if 1 << layout.idx_bits() == layout.m {
+        return Ok(()); // 2-bit positions and M = 4: every pattern is a position
     }
     let slots = layout.blocks() * layout.kept();
     for slot in 0..slots {
@@ -517,24 +546,30 @@ unsafe fn for_chunks(
 }
 
 /// A raw output pointer that may cross threads (each thread writes its own row blocks).
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: used only by `in_pieces`' callers, whose pieces write disjoint row blocks.
-unsafe impl Send for OutPtr {}
+struct OutPtr<T>(*mut T);
+impl<T> Clone for OutPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for OutPtr<T> {}
+// SAFETY: used only by `in_pieces`, whose pieces write disjoint row blocks.
+unsafe impl<T: Send> Send for OutPtr<T> {}
 // SAFETY: as above.
-unsafe impl Sync for OutPtr {}
+unsafe impl<T: Send> Sync for OutPtr<T> {}
 
-impl OutPtr {
+impl<T> OutPtr<T> {
     // A method (not `.0`) so that a closure captures the whole `Sync` wrapper.
-    fn get(&self) -> *mut f32 {
+    fn get(&self) -> *mut T {
         self.0
     }
 }
 
-/// Runs `piece(b0, b1, y)` over disjoint ranges of the row blocks on the crate's thread pool
-/// (torch's, in the extension): a few pieces per thread, handed out dynamically; the calling
-/// thread works too. One piece, on this thread, when there is one thread or little work.
-fn in_pieces(layout: &NmLayout, y: &mut [f32], piece: impl Fn(usize, usize, *mut f32) + Sync) {
+/// Runs `piece(b0, b1, out)` over disjoint ranges of the row blocks on the crate's thread
+/// pool (torch's, in the extension), `out` pointing at `y`: a few pieces per thread, handed
+/// out dynamically; the calling thread works too. One piece, on this thread, when there is
+/// one thread or little work. A piece may write only the rows of its blocks.
+fn in_pieces<T: Send>(layout: &NmLayout, y: &mut [T], piece: impl Fn(usize, usize, *mut T) + Sync) {
     let blocks = layout.blocks();
     let threads = crate::parallel::num_threads().max(1);
     // Enough pieces to balance (4 per thread), each at least 4 blocks (64 rows) so that a
@@ -1516,6 +1551,8 @@ mod tests {
         let l = NmLayout::new(rows, cols, 2, 4).unwrap();
         let w = nm_weight(rows, cols, 2, 4, &mut rng);
         let (v, idx) = compress(&l, &w).unwrap();
+        // 63 blocks: decompress runs in several pieces too.
+        assert_eq!(decompress(&l, &v, &idx).unwrap(), w);
         for batch in [1usize, 4, 16] {
             let x: Vec<f32> = (0..batch * cols).map(|_| rng.next()).collect();
             let mut one = vec![0f32; batch * rows];
@@ -1553,6 +1590,10 @@ mod tests {
         let mut bad3 = idx3.clone();
         bad3[0] = u32::MAX;
         assert!(check_index(&l3, &bad3).is_err());
+        let mut out = vec![7f32; 12];
+        let e = decompress_into(&l3, &vec![0f32; l3.values_len()], &bad3, &mut out).unwrap_err();
+        assert!(e.to_string().starts_with("index: slot 0, lane 0"), "{e}");
+        assert_eq!(out, vec![7f32; 12], "nothing written after a refused index");
         assert!(check_index(&l, &bad).is_ok());
     }
 }

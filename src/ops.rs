@@ -609,7 +609,7 @@ pub fn nm_decompress(
     n: i64,
     m: i64,
 ) -> Result<Tensor> {
-    use crate::nm_linear::{decompress, Bf16};
+    use crate::nm_linear::{decompress_into, Bf16};
     let layout = compressed_args(values, index, rows, cols, n, m)?;
     guarded(|| {
         let out = Tensor::f_empty([rows, cols], (values.kind(), Device::Cpu))
@@ -618,32 +618,36 @@ pub fn nm_decompress(
         unsafe {
             let idx = slice_mut::<u32>(index);
             if values.kind() == Kind::Float {
-                slice_mut::<f32>(&out).copy_from_slice(&decompress(
+                decompress_into(
                     &layout,
                     slice_mut::<f32>(values),
                     idx,
-                )?);
+                    slice_mut::<f32>(&out),
+                )?;
             } else {
-                slice_mut::<Bf16>(&out).copy_from_slice(&decompress(
+                decompress_into(
                     &layout,
                     slice_mut::<Bf16>(values),
                     idx,
-                )?);
+                    slice_mut::<Bf16>(&out),
+                )?;
             }
         }
         Ok(out)
     })
 }
 
-/// Above this many input rows `nm_linear` expands the weight and calls a dense matmul: the
-/// compressed kernels win while reading the weight dominates (decoding: a few rows), dense
-/// BLAS once multiply-adds do. Measured crossover on a 2-core AVX-512 VM: `./run bench
-/// inference` (batch 16 is still the compressed kernel's).
-pub const NM_LINEAR_DENSE_BATCH: i64 = 24;
-
 /// `input · Wᵀ + bias` for a compressed N:M weight `W` (`[rows, cols]`): `input` is
-/// `[..., cols]` (float32 or bfloat16, any strides; computed in float32), the result
+/// `[..., cols]` (float32 or bfloat16, any strides; products and sums in float32), the result
 /// `[..., rows]` in the input's dtype. On torch's thread pool.
+///
+/// The compressed kernels run at every batch size: the weight is never expanded (no dense
+/// copy, not even for a long prompt). Measured on a 2-core AVX-512 BF16 VM, (4096, 4096)
+/// (`./run bench inference --crossover`): against torch's matmul on the dense weight, f32
+/// stays ahead up to 256 rows (1.2-1.3x there); bf16 inputs to bf16 weights tie near 64 rows
+/// and fall to 0.83-0.85x at 256 (torch's bf16 GEMM needs no input shuffles). Expanding the
+/// weight for many bf16 rows instead was measured slower still: a fresh dense tensor per call
+/// (page faults, 50 ms for (4096, 4096)) costs more than the kernel loses.
 #[allow(clippy::too_many_arguments)]
 pub fn nm_linear(
     input: &Tensor,
@@ -698,11 +702,9 @@ pub fn nm_linear(
         } else {
             input.numel() as i64 / cols
         };
-        // bf16 inputs to bf16 weights stay bf16 for the kernels (`vdpbf16ps` multiplies them
-        // as they are; widening would only double the bytes read); anything else is f32.
-        let bf16_inputs = input.kind() == Kind::BFloat16
-            && values.kind() == Kind::BFloat16
-            && batch <= NM_LINEAR_DENSE_BATCH;
+        // bf16 inputs to bf16 weights stay bf16 (`vdpbf16ps` multiplies them as they are;
+        // widening would double the bytes read); anything else is computed in f32.
+        let bf16_inputs = input.kind() == Kind::BFloat16 && values.kind() == Kind::BFloat16;
         let x = input
             .f_reshape([batch, cols])
             .map_err(&e)?
@@ -732,19 +734,6 @@ pub fn nm_linear(
             ),
             None => None,
         };
-        if batch > NM_LINEAR_DENSE_BATCH {
-            // Many rows at once (a prompt, a training-size batch): the product is compute-bound
-            // and a dense BLAS matmul wins over the gather kernels, so expand the weight once
-            // (rows × cols writes, small against batch × rows × cols multiply-adds).
-            let w = nm_decompress(values, index, rows, cols, n, m)?
-                .f_to_kind(Kind::Float)
-                .map_err(&e)?;
-            let mut y = x.f_matmul(&w.f_tr().map_err(&e)?).map_err(&e)?;
-            if let Some(b) = &b {
-                y = y.f_add_(b).map_err(&e)?;
-            }
-            return restore_shape(y);
-        }
         let y = Tensor::f_empty([batch, rows], (Kind::Float, Device::Cpu)).map_err(&e)?;
         // SAFETY: checked contiguous CPU tensors of these element types and lengths; `x` and
         // `b` are (possibly converted) inputs only read; `y` is fresh.

@@ -39,9 +39,9 @@ def assert_matches_dense(y, x, w, b, out_rounding=0.0):
 
 @pytest.mark.parametrize("pattern", ["2:4", "1:4", "4:8", "1:2"])
 @pytest.mark.parametrize("shape", [(64, 48), (256, 100), (32, 7)])
-# (5, 8) = 40 rows: above NM_LINEAR_DENSE_BATCH (24) the operator expands the weight and
-# calls a dense matmul; the result must be the same layer.
-@pytest.mark.parametrize("batch", [(1,), (4,), (16,), (2, 3), (5, 8)])
+# (5, 8) = 40 and 80 rows: several 8-row chunks per block and a remainder (float32 inputs
+# take the compressed kernel at any batch).
+@pytest.mark.parametrize("batch", [(1,), (4,), (16,), (2, 3), (5, 8), (80,)])
 def test_nmlinear_equals_the_dense_masked_layer(pattern, shape, batch):
     in_f, out_f = shape
     _, m = cast_rs.parse_pattern(pattern)
@@ -72,12 +72,17 @@ def test_bf16_values_and_inputs():
         yb = layer(xb)
         assert yb.dtype == torch.bfloat16
         assert_matches_dense(yb, xb.float(), w_bf16, lin.bias.detach(), out_rounding=2.0**-8)
-        x_many = torch.randn(40, 128)  # the dense-matmul route
+        x_many = torch.randn(100, 128)  # float32 inputs: the kernel at any batch
         assert_matches_dense(layer(x_many), x_many, w_bf16, lin.bias.detach())
+        # Many bf16 rows (a prompt): still the compressed kernel, rounded once.
+        xb_many = torch.randn(100, 128).bfloat16()
+        yb_many = layer(xb_many)
+        assert yb_many.dtype == torch.bfloat16
+        assert_matches_dense(yb_many, xb_many.float(), w_bf16, lin.bias.detach(), out_rounding=2.0**-8)
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8", "2:8", "1:4"])  # 1:4: odd N, widened path
-@pytest.mark.parametrize("batch", [1, 3, 8, 16, 24])
+@pytest.mark.parametrize("batch", [1, 3, 8, 16, 24, 70])
 def test_bf16_inputs_to_bf16_values(pattern, batch):
     """bf16 × bf16 (a bf16 model decoding): the `vdpbf16ps` kernel for even N on a CPU with
     AVX-512 BF16 (2:4: byte shuffles, 4:8 and 2:8: word permutes), else widened to float32;
