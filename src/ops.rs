@@ -646,8 +646,9 @@ pub fn nm_decompress(
 /// (`./run bench inference --crossover`): against torch's matmul on the dense weight, f32
 /// stays ahead up to 256 rows (1.2-1.3x there); bf16 inputs to bf16 weights tie near 64 rows
 /// and fall to 0.83-0.85x at 256 (torch's bf16 GEMM needs no input shuffles). Expanding the
-/// weight for many bf16 rows instead was measured slower still: a fresh dense tensor per call
-/// (page faults, 50 ms for (4096, 4096)) costs more than the kernel loses.
+/// weight for many bf16 rows instead was measured slower still: the expansion into a fresh
+/// dense tensor per call (about 40 ms for (4096, 4096) on one thread, half of it page faults)
+/// costs more than the kernel loses.
 #[allow(clippy::too_many_arguments)]
 pub fn nm_linear(
     input: &Tensor,
