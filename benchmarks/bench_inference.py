@@ -86,6 +86,20 @@ class Rotating:
         return self.fn(c)
 
 
+def weight_copies(out_f: int, in_f: int, dtype: torch.dtype, llc: int):
+    """Enough random 2:4 weights (float32) that even the smallest format's copies cover twice
+    the last-level cache, and their compressed layers in ``dtype``."""
+    copies = max(2, -(-2 * llc // (out_f * in_f * 4 // 2)))
+    ws = [nm_weight(out_f, in_f, s) for s in range(copies)]
+    layers = []
+    for w in ws:
+        lin = torch.nn.Linear(in_f, out_f, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        layers.append(cast_rs.NMLinear.from_dense(lin, dtype=dtype))
+    return ws, layers
+
+
 def layer_section(rounds: int, threads_list, shapes) -> None:
     llc = llc_bytes()
     print(f"\n## Layers: 2:4 compressed vs F.linear (medians of {rounds} interleaved rounds, [q1-q3] in ms; "
@@ -95,18 +109,11 @@ def layer_section(rounds: int, threads_list, shapes) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for out_f, in_f in shapes:
         for dtype in (torch.float32, torch.bfloat16):
-            copies = max(2, -(-2 * llc // (out_f * in_f * 4 // 2)))  # the smallest format decides
-            ws = [nm_weight(out_f, in_f, s) for s in range(copies)]
+            ws, layers = weight_copies(out_f, in_f, dtype, llc)
             # Every contender has copies of its own (F.linear f32 and F.linear on float32 read
             # the same values, but must not read the same memory: the second would hit cache).
             dense_same = [w.to(dtype).clone() for w in ws]
             dense_f32 = [w.clone() for w in ws]
-            layers = []
-            for w in ws:
-                lin = torch.nn.Linear(in_f, out_f, bias=False)
-                with torch.no_grad():
-                    lin.weight.copy_(w)
-                layers.append(cast_rs.NMLinear.from_dense(lin, dtype=dtype))
             nbytes = layers[0].nbytes
             for batch in (1, 4, 16):
                 x32 = torch.randn(batch, in_f)
@@ -138,15 +145,8 @@ def crossover_section(rounds: int, threads_list, shape=(4096, 4096)) -> None:
     print("| dtype | threads | batch | compressed ms | F.linear ms | compressed vs F.linear |")
     print("|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
-        copies = max(2, -(-2 * llc // (out_f * in_f * 4 // 2)))
-        ws = [nm_weight(out_f, in_f, s) for s in range(copies)]
+        ws, layers = weight_copies(out_f, in_f, dtype, llc)
         dense = [w.to(dtype).clone() for w in ws]
-        layers = []
-        for w in ws:
-            lin = torch.nn.Linear(in_f, out_f, bias=False)
-            with torch.no_grad():
-                lin.weight.copy_(w)
-            layers.append(cast_rs.NMLinear.from_dense(lin, dtype=dtype))
         for threads in threads_list:
             torch.set_num_threads(threads)
             for batch in (1, 4, 8, 16, 24, 32, 48, 64, 128, 256):

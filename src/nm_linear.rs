@@ -1347,6 +1347,34 @@ mod tests {
         y
     }
 
+    /// Asserts that `y` is within f32 summation rounding of the f64 reference: each of the
+    /// kept + 1 additions (products and bias) rounds once, by at most 2^-24 of a partial sum,
+    /// itself at most Σ|w·x| + |bias|.
+    fn assert_within_rounding(
+        l: &NmLayout,
+        w: &[f32],
+        x: &[f32],
+        bias: &[f32],
+        batch: usize,
+        y: &[f32],
+        what: &str,
+    ) {
+        let (rows, cols) = (l.rows, l.cols);
+        let want = reference(w, rows, cols, x, batch, bias);
+        for (i, (&got, &exact)) in y.iter().zip(&want).enumerate() {
+            let (b, r) = (i / rows, i % rows);
+            let mass: f64 = (0..cols)
+                .map(|c| (w[r * cols + c] as f64 * x[b * cols + c] as f64).abs())
+                .sum::<f64>()
+                + bias[r].abs() as f64;
+            let tol = (l.kept() as f64 + 2.0) * mass * f32::EPSILON as f64 / 2.0 + 1e-30;
+            assert!(
+                (got as f64 - exact).abs() <= tol,
+                "{what} [{i}]: {got} vs {exact}"
+            );
+        }
+    }
+
     fn run_with<E: NmElem>(
         kernel: Kernel,
         l: &NmLayout,
@@ -1390,27 +1418,11 @@ mod tests {
                 let bias: Vec<f32> = (0..rows).map(|_| rng.next()).collect();
                 for batch in [1usize, 3, 8, 11, 16] {
                     let x: Vec<f32> = (0..batch * cols).map(|_| rng.next()).collect();
-                    let want = reference(&w, rows, cols, &x, batch, &bias);
                     let mut first: Option<Vec<f32>> = None;
                     for k in kernels() {
                         let y = run_with(k, &l, &v, &idx, &bias, &x, batch);
-                        // f32 accumulation of cols/M·N products of |w|,|x| ≤ 1: each FMA rounds
-                        // once (≤ 2^-24 relative of the running sum, itself ≤ Σ|w·x|).
-                        for (i, (&got, &exact)) in y.iter().zip(&want).enumerate() {
-                            let r = i % rows;
-                            let mass: f64 = (0..cols)
-                                .map(|c| {
-                                    (w[r * cols + c] as f64 * x[(i / rows) * cols + c] as f64).abs()
-                                })
-                                .sum::<f64>()
-                                + bias[r].abs() as f64;
-                            let tol =
-                                (l.kept() as f64 + 2.0) * mass * f32::EPSILON as f64 / 2.0 + 1e-30;
-                            assert!(
-                                (got as f64 - exact).abs() <= tol,
-                                "{k:?} {n}:{m} {rows}x{cols} b{batch} [{i}]: {got} vs {exact}"
-                            );
-                        }
+                        let what = format!("{k:?} {n}:{m} {rows}x{cols} b{batch}");
+                        assert_within_rounding(&l, &w, &x, &bias, batch, &y, &what);
                         // Every kernel sums in the same order with FMAs: identical results.
                         match &first {
                             None => first = Some(y),
@@ -1522,26 +1534,12 @@ mod tests {
                     let xf: Vec<f32> = x.iter().map(|b| b.to_f32()).collect();
                     let mut y = vec![f32::NAN; batch * rows];
                     nm_linear_bf16_parallel(&l, &v, &idx, Some(&bias), &x, batch, &mut y).unwrap();
-                    let want = reference(&wf, rows, cols, &xf, batch, &bias);
                     let mut f32_path = vec![0f32; batch * rows];
                     nm_linear(&l, &v, &idx, Some(&bias), &xf, batch, &mut f32_path).unwrap();
-                    for (i, (&got, &exact)) in y.iter().zip(&want).enumerate() {
-                        let r = i % rows;
-                        let mass: f64 = (0..cols)
-                            .map(|c| {
-                                (wf[r * cols + c] as f64 * xf[(i / rows) * cols + c] as f64).abs()
-                            })
-                            .sum::<f64>()
-                            + bias[r].abs() as f64;
-                        // Products of bf16 are exact in f32; each addition rounds once (as in
-                        // the f32 kernels), so the same bound holds in any order.
-                        let tol =
-                            (l.kept() as f64 + 2.0) * mass * f32::EPSILON as f64 / 2.0 + 1e-30;
-                        assert!(
-                            (got as f64 - exact).abs() <= tol,
-                            "{n}:{m} {rows}x{cols} b{batch} [{i}]: {got} vs {exact}"
-                        );
-                    }
+                    // Products of bf16 are exact in f32 and each addition rounds once (as in
+                    // the f32 kernels), so the same bound holds in the dot kernel's order.
+                    let what = format!("dot {n}:{m} {rows}x{cols} b{batch}");
+                    assert_within_rounding(&l, &wf, &xf, &bias, batch, &y, &what);
                     if !bf16_dot_kernel(&l) {
                         // Without the dot kernel the inputs are widened: the f32 path's bits.
                         assert_eq!(y, f32_path, "{n}:{m} fallback");
