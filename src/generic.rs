@@ -218,6 +218,8 @@ fn drop_for_step(
                 .f_logical_not()
                 .map_err(&e)?
                 .f_to_kind(p.kind())
+                .map_err(&e)?
+                .f_contiguous()
                 .map_err(&e)?,
         };
         return Ok((d, None));
@@ -239,7 +241,15 @@ fn drop_for_step(
             d.f_copy_(&dropped).map_err(&e)?;
             d
         }
-        None => dropped.f_to_kind(p.kind()).map_err(&e)?,
+        // Contiguous like the cached one (`keep` of an N:M along another dim is a transposed
+        // view): the drop's layout picks the route (`_fused_adam_` or the `_foreach_` calls,
+        // which round differently), so a fresh drop must not take another route than a
+        // cached one.
+        None => dropped
+            .f_to_kind(p.kind())
+            .map_err(&e)?
+            .f_contiguous()
+            .map_err(&e)?,
     };
     Ok((d, Some(count)))
 }
