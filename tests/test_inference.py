@@ -7,6 +7,9 @@ different orders, so each output may differ from the exact sum by at most about
 (terms + 1) · 2^-24 · Σ|w·x| (+ the bias)."""
 
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -204,3 +207,40 @@ def test_a_corrupt_index_is_refused_at_load():
     state["index"][0] = -1  # every position 15
     with pytest.raises(ValueError, match="index: positions must be below M = 6"):
         NMLinear(12, 16, pattern="2:6").load_state_dict(state)
+
+
+PORTABLE_CHECK = r"""
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+from torch import nn
+import cast_rs
+from cast_rs import NMLinear
+from test_inference import assert_matches_dense, nm_linear_layer
+
+torch.manual_seed(0)
+for pattern in ("2:4", "4:8", "1:4"):
+    lin = nm_linear_layer(96, 40, pattern)
+    w = lin.weight.detach()
+    for dtype in (torch.float32, torch.bfloat16):
+        layer = NMLinear.from_dense(lin, pattern, dtype=dtype)
+        wq = w.to(dtype).float()
+        for batch in (1, 5, 19):
+            x = torch.randn(batch, 96)
+            with torch.no_grad():
+                assert_matches_dense(layer(x), x, wq, lin.bias.detach())
+                xb = x.bfloat16()
+                assert_matches_dense(layer(xb), xb.float(), wq, lin.bias.detach(), out_rounding=2.0**-8)
+        assert torch.equal(layer.dense_weight().float(), wq)
+print("portable ok")
+"""
+
+
+def test_the_portable_kernels_through_the_operator():
+    """`CAST_RS_NO_SIMD=1` (read once per process, hence a subprocess): the portable kernels
+    (what a CPU without AVX2 runs) behind the same operator, f32 and bf16 values, f32 and bf16
+    inputs, against the dense reference. The vector kernels are the in-process tests above."""
+    code = PORTABLE_CHECK.format(tests=os.path.dirname(__file__))
+    env = dict(os.environ, CAST_RS_NO_SIMD="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "portable ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
