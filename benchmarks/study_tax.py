@@ -356,8 +356,9 @@ def cmd_report(a) -> None:
             # and SR-STE under the same warmup (the causes table), not here.
             casts = [r for r in rs if r["method"].startswith("cast") and "warmup=" not in r["method"]]
             best = min(casts, key=lambda r: r["ppl"]) if casts else None
+            best_name = f" `{best['method']}`" if best else ""
             print(f"| {model} | {corp} | {steps} | {dc['dense']:.4f} | {dc['ppl']:.4f} | {mag['ppl'] if mag else float('nan'):.4f} | "
-                  f"{tax(sr)} | {tax(cd)} | {tax(cs)} | {tax(best)} `{best['method'] if best else ''}` |")
+                  f"{tax(sr)} | {tax(cd)} | {tax(cs)} | {tax(best)}{best_name} |")
     print("\n#### causes (small, stdlib, 400 steps)\n")
     rs = _rows("small", "stdlib", 400)
     dc = _last(rs, "dense_continued")
