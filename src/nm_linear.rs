@@ -908,20 +908,22 @@ mod x86 {
         }
     }
 
-    /// Word-selection and shift constants that turn a slot pair's four index words (M > 4:
+    /// Word-selection and shift constants (compile-time) that turn a slot pair's four index words (M > 4:
     /// 4 bits per lane and slot) into the 32 `vpermw` indices of [`block_dpbf16`] (word 2l:
     /// lane l's position in the pair's first slot, word 2l + 1: in its second): as 16-bit
     /// chunks c0..c7, c0..c3 hold the first slot's lanes four at a time, c4..c7 the second's.
-    fn pair_index_consts() -> ([u16; 32], [u16; 32]) {
+    const PAIR_INDEX: ([u16; 32], [u16; 32]) = {
         let (mut sel, mut shift) = ([0u16; 32], [0u16; 32]);
-        for l in 0..16 {
+        let mut l = 0;
+        while l < 16 {
             sel[2 * l] = (l / 4) as u16;
             sel[2 * l + 1] = (4 + l / 4) as u16;
             shift[2 * l] = (4 * (l % 4)) as u16;
             shift[2 * l + 1] = (4 * (l % 4)) as u16;
+            l += 1;
         }
         (sel, shift)
-    }
+    };
 
     /// A group's M bf16 inputs repeated across the 32 words with period 4 (M ≤ 4,
     /// zero-padded) or 8 (M ≤ 8).
@@ -1049,9 +1051,8 @@ mod x86 {
         let (n, m, cols, kept) = (layout.n, layout.m, layout.cols, layout.kept());
         let wps = layout.words_per_slot();
         let first = block * kept;
-        let (sel, shift) = pair_index_consts();
-        let sel = _mm512_loadu_si512(sel.as_ptr() as *const __m512i);
-        let shift = _mm512_loadu_si512(shift.as_ptr() as *const __m512i);
+        let sel = _mm512_loadu_si512(PAIR_INDEX.0.as_ptr() as *const __m512i);
+        let shift = _mm512_loadu_si512(PAIR_INDEX.1.as_ptr() as *const __m512i);
         let by_code = _mm512_loadu_si512(SHUFFLE_BY_CODE.as_ptr() as *const __m512i);
         let lane_shift =
             _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -1080,7 +1081,7 @@ mod x86 {
                 (w, _mm512_permutexvar_epi32(code, by_code))
             } else {
                 // The pair's 4 index words as 16-bit chunks, each lane's two fields moved
-                // into words 2l and 2l + 1 (`pair_index_consts`).
+                // into words 2l and 2l + 1 (`PAIR_INDEX`).
                 let q = _mm512_broadcast_i32x4(_mm_loadu_si128(words as *const __m128i));
                 (
                     w,
@@ -1092,6 +1093,8 @@ mod x86 {
         let mut odd = [_mm512_setzero_ps(); NB];
         let mut xg = [_mm512_setzero_si512(); NB];
         // Slot t is the j-th kept weight of group k (j even: N is even, pairs stay in a group).
+        // The even and odd bodies are written out: folded into one closure over the chain,
+        // the accumulators spilled (measured: batch 4 and 16 ran at 0.35-0.6x).
         let (mut k, mut j, mut t) = (0, 0, 0);
         while t < kept {
             if j == 0 {

@@ -752,13 +752,12 @@ pub fn nm_linear(
                     ys,
                 )?;
             } else if values.kind() == Kind::Float {
-                let xs = slice_mut::<f32>(&x);
                 nm_linear_parallel(
                     &layout,
                     slice_mut::<f32>(values),
                     idx,
                     bs,
-                    xs,
+                    slice_mut::<f32>(&x),
                     batch as usize,
                     ys,
                 )?;
