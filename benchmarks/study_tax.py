@@ -335,13 +335,28 @@ def _last(rows: List[Dict], method: str) -> Optional[Dict]:
     return hits[-1] if hits else None
 
 
+DEFAULT_CAST = "cast:l1=0.1"  # AdamS's defaults (l1_decay 0.1, absolute), at the study's lr 1e-3
+# CAST at lr 5e-4: what suggest_lr(T, dense_lr=1e-3) gives at 400 steps (5.2e-4) and from 1000
+# steps on (5e-4) on both study models (README, "Learning rate").
+SUGGESTED_CAST = "cast:l1=0.1,lr=5e-4"
+
+
+def _length_rows(model: str, corp: str):
+    """(steps, dense_continued, SR-STE, CAST lr 1e-3, CAST at suggest_lr) for every length of one
+    setting that has dense_continued, SR-STE and at least one of the CAST runs."""
+    out = []
+    for steps in sorted({r["steps"] for r in _rows(model, corp)}):
+        rs = _rows(model, corp, steps)
+        dc, sr, cd, cs = (_last(rs, m) for m in ("dense_continued", "srste", DEFAULT_CAST, SUGGESTED_CAST))
+        if dc and sr and (cd or cs):
+            out.append((steps, dc, sr, cd, cs))
+    return out
+
+
 def cmd_report(a) -> None:
     """The markdown tables of docs/sparsity_tax.md, from runs.jsonl."""
-    default = "cast:l1=0.1"  # AdamS's defaults (l1_decay 0.1, absolute)
+    default, suggested = DEFAULT_CAST, SUGGESTED_CAST
     print("#### main\n")
-    # CAST at lr 5e-4: what suggest_lr(T, dense_lr=1e-3) gives at 400 steps (5.2e-4) and 1000
-    # steps (5e-4) on both study models (README, "Learning rate").
-    suggested = "cast:l1=0.1,lr=5e-4"
     print("| model | corpus | sparse steps | dense | dense_continued | magnitude | SR-STE (tax) | CAST lr 1e-3 (tax) "
           "| CAST lr 5e-4 = suggest_lr (tax) | CAST best tried (tax) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -378,15 +393,12 @@ def cmd_report(a) -> None:
         tx = f"{100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%" if r["method"] != "dense_continued" else "-"
         print(f"| `{r['method']}` | {r['ppl']:.4f} | {tx} | {before} | {ratio} | {early} |")
     print("\n#### length (small, stdlib)\n")
-    print("| sparse steps | dense_continued | gain over dense | SR-STE | SR-STE tax | CAST | CAST tax |")
-    print("|---|---|---|---|---|---|---|")
-    for steps in sorted({r["steps"] for r in _rows("small", "stdlib")}):
-        rs = _rows("small", "stdlib", steps)
-        dc, sr, cd = (_last(rs, m) for m in ("dense_continued", "srste", default))
-        if not (dc and sr and cd):
-            continue
-        print(f"| {steps} | {dc['ppl']:.4f} | {100 * (1 - dc['ppl'] / dc['dense']):.2f}% | {sr['ppl']:.4f} | "
-              f"{100 * (sr['ppl'] / dc['ppl'] - 1):+.2f}% | {cd['ppl']:.4f} | {100 * (cd['ppl'] / dc['ppl'] - 1):+.2f}% |")
+    print("| sparse steps | dense_continued | gain over dense | SR-STE | SR-STE tax | CAST lr 1e-3 | CAST tax "
+          "| CAST lr 5e-4 = suggest_lr | CAST tax |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for steps, dc, sr, cd, cs in _length_rows("small", "stdlib"):
+        tx = lambda r, dc=dc: (f"{r['ppl']:.4f} | {100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%" if r else "- | -")  # noqa: E731
+        print(f"| {steps} | {dc['ppl']:.4f} | {100 * (1 - dc['ppl'] / dc['dense']):.2f}% | {tx(sr)} | {tx(cd)} | {tx(cs)} |")
     print("\n#### seeds (small, stdlib, 400 steps; the seed of the sparse-training batches)\n")
     print("| seed | dense_continued | SR-STE | SR-STE tax | CAST | CAST tax | CAST lead (points) |")
     print("|---|---|---|---|---|---|---|")
@@ -472,6 +484,44 @@ def cmd_plot(a) -> None:
     print(f"wrote {a.out}")
 
 
+def cmd_plot_length(a) -> None:
+    """The tax over dense_continued against the number of sparse-training steps (PNG): one panel
+    per model x corpus with at least two lengths, SR-STE and CAST (lr 1e-3 and suggest_lr's)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = [(m, c) for m, c in itertools.product(MODELS, ("stdlib", "prose")) if len(_length_rows(m, c)) >= 2]
+    if not settings:
+        raise SystemExit("no setting has runs at two lengths")
+    cols = min(2, len(settings))
+    nrows = (len(settings) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(settings):]:
+        ax.set_visible(False)
+    for ax, (model, corp) in zip(axes.flat, settings):
+        rows = _length_rows(model, corp)
+        for k, label, style in ((2, "SR-STE (AdamW, lr 1e-3)", "s-"), (3, "CAST, lr 1e-3", "o-"),
+                                (4, "CAST, lr 5e-4 (suggest_lr)", "o--")):
+            pts = [(row[0], 100 * (row[k]["ppl"] / row[1]["ppl"] - 1)) for row in rows if row[k]]
+            if pts:
+                ax.plot(*zip(*pts), style, ms=4, label=label)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.axhline(2, color="gray", ls=":", lw=0.8, label="2 % (the issue's target)")
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks([r[0] for r in rows])
+        ax.set_xticklabels([str(r[0]) for r in rows])
+        ax.set_xlabel("sparse-training steps")
+        ax.set_ylabel("tax over dense_continued (%)")
+        ax.set_title(f"{model} model, {corp}, 2:4")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(a.out, dpi=110)
+    print(f"wrote {a.out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -504,8 +554,10 @@ def main() -> None:
     pl.add_argument("--tag", default="")
     pl.add_argument("--method", action="append")
     pl.add_argument("--out", default="results/study/curves.png")
+    pll = sub.add_parser("plot-length")
+    pll.add_argument("--out", default="results/study/tax_vs_length.png")
     rp = sub.add_parser("report")
-    for q in (p, r, t, pl, rp):
+    for q in (p, r, t, pl, pll, rp):
         q.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
     if a.threads:
@@ -517,6 +569,8 @@ def main() -> None:
         cmd_run(a)
     elif a.cmd == "plot":
         cmd_plot(a)
+    elif a.cmd == "plot-length":
+        cmd_plot_length(a)
     elif a.cmd == "report":
         cmd_report(a)
     else:
