@@ -13,7 +13,9 @@
 * N:M mask: cast_rs.nm_mask vs a torch.topk-based mask
 
 Timings are wall-clock medians over the measured steps, after warm-up, in this process;
-the machine's thread count applies to all (torch threads and the Rust pool alike).
+the machine's thread count applies to all (torch threads and the Rust pool alike). Every
+optimizer runs with weight decay 0.01 (AdamW's default; AdamS's is 0), so all of them do the
+same decoupled-decay work.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import cast_rs  # noqa: E402
 from reference import foreach_adams_step, topk_nm_mask  # noqa: E402
+
+
+WD = 0.01  # torch.optim.AdamW's default weight decay, given to every AdamS here as well
 
 
 def timed(fn, steps: int, warmup: int = 3) -> list:
@@ -72,12 +77,12 @@ def lowp_section(shape, tensors: int, rounds: int, dtype: torch.dtype) -> None:
             p.grad = (torch.randn(shape) * 1e-2).to(dtype)
         return ps
 
-    adams = cast_rs.AdamS(params(), lr=1e-3, pattern="2:4", total_steps=10_000, mask_interval=10)
+    adams = cast_rs.AdamS(params(), lr=1e-3, weight_decay=WD, pattern="2:4", total_steps=10_000, mask_interval=10)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "acts as AdamW": intended here
-        dense = cast_rs.AdamS(params(), lr=1e-3)
-    fused = torch.optim.AdamW(params(), lr=1e-3, fused=True)
-    foreach = torch.optim.AdamW(params(), lr=1e-3, foreach=True)
+        dense = cast_rs.AdamS(params(), lr=1e-3, weight_decay=WD)
+    fused = torch.optim.AdamW(params(), lr=1e-3, weight_decay=WD, fused=True)
+    foreach = torch.optim.AdamW(params(), lr=1e-3, weight_decay=WD, foreach=True)
     med = interleaved({"adams": adams.step, "dense": dense.step, "fused": fused.step, "foreach": foreach.step},
                       rounds)
     assert adams._kernel_calls[1] == 0 and dense._kernel_calls[1] == 0, "must run on the fused 16-bit path"
@@ -97,14 +102,14 @@ def generic_section(shape, tensors: int, rounds: int) -> None:
             p.grad = torch.randn(shape) * 1e-2
         return ps
 
-    adams = cast_rs.AdamS(params(), lr=1e-3, pattern="2:4", total_steps=10_000, mask_interval=10)
+    adams = cast_rs.AdamS(params(), lr=1e-3, weight_decay=WD, pattern="2:4", total_steps=10_000, mask_interval=10)
 
     def generic_step():
         with cast_rs.force_generic_path():
             adams.step()
 
-    foreach = torch.optim.AdamW(params(), lr=1e-3, foreach=True)
-    fused = torch.optim.AdamW(params(), lr=1e-3, fused=True)
+    foreach = torch.optim.AdamW(params(), lr=1e-3, weight_decay=WD, foreach=True)
+    fused = torch.optim.AdamW(params(), lr=1e-3, weight_decay=WD, fused=True)
     med = interleaved({"adams": generic_step, "foreach": foreach.step, "fused": fused.step}, rounds)
     assert adams._kernel_calls[0] == 0, "must run on the generic path"
     print(f"\ngeneric path forced, float32 ({tensors} x {shape[0]}x{shape[1]})   median ms   vs foreach   vs fused")
@@ -145,9 +150,9 @@ def op_count_section() -> None:
                 p.grad = torch.randn(64, 64) * 1e-2
             return ps
 
-        adams_g = cast_rs.AdamS(params(), lr=1e-3, pattern="2:4", total_steps=10_000, mask_interval=10_000)
-        adams_f = cast_rs.AdamS(params(), lr=1e-3, pattern="2:4", total_steps=10_000, mask_interval=10_000)
-        foreach = torch.optim.AdamW(params(), lr=1e-3, foreach=True)
+        adams_g = cast_rs.AdamS(params(), lr=1e-3, weight_decay=WD, pattern="2:4", total_steps=10_000, mask_interval=10_000)
+        adams_f = cast_rs.AdamS(params(), lr=1e-3, weight_decay=WD, pattern="2:4", total_steps=10_000, mask_interval=10_000)
+        foreach = torch.optim.AdamW(params(), lr=1e-3, weight_decay=WD, foreach=True)
 
         def generic_step(adams_g=adams_g):
             with cast_rs.force_generic_path():
@@ -187,13 +192,13 @@ def main() -> None:
     # All optimizers live side by side and are timed in interleaved rounds (one step of each
     # per round), so drift in the machine's speed (a shared VM) hits them alike.
     ps_adams = params()
-    adams = cast_rs.AdamS(ps_adams, lr=1e-3, pattern="2:4", total_steps=T, mask_interval=10)
+    adams = cast_rs.AdamS(ps_adams, lr=1e-3, weight_decay=WD, pattern="2:4", total_steps=T, mask_interval=10)
     ps_dense = params()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "acts as AdamW": intended here
-        adams_dense = cast_rs.AdamS(ps_dense, lr=1e-3)
+        adams_dense = cast_rs.AdamS(ps_dense, lr=1e-3, weight_decay=WD)
     ps_adamw = params()
-    adamw = torch.optim.AdamW(ps_adamw, lr=1e-3, fused=True)
+    adamw = torch.optim.AdamW(ps_adamw, lr=1e-3, weight_decay=WD, fused=True)
     ps = params()
     grads = [p.grad for p in ps]
     mus = [torch.zeros_like(p) for p in ps]

@@ -208,8 +208,8 @@ fn nm_mask_numpy<'py>(
 /// is the number of N:M groups whose mask changed, for tensors refreshed at this step.
 ///
 /// `mask_cache` (optional, in/out): a list with one entry per parameter, the generic path's
-/// cached `drop` tensor of a sparse parameter (1 where its mask removes the weight, in the
-/// parameter's dtype) or `None`. On success each entry is replaced by the tensor that step
+/// cached `keep` tensor of a sparse parameter (1 where its mask keeps the weight, 0 where it
+/// removes it, in the parameter's dtype) or `None`. On success each entry is replaced by the tensor that step
 /// used (`None` for a parameter not on the generic path), to pass back at the next step; the
 /// caller must drop an entry whenever the packed mask changes by other means.
 #[pyfunction]
@@ -248,7 +248,7 @@ fn adams_step(
         masks: masks.into_iter().map(|m| m.map(|t| t.0)).collect(),
         patterns,
         steps: unwrap(steps),
-        drops: match &mask_cache {
+        keeps: match &mask_cache {
             Some(list) => cache_entries(list, k)?,
             None => Vec::new(),
         },
@@ -270,7 +270,7 @@ fn adams_step(
     };
     let out = py.allow_threads(move || ops::adams_step(tensors, &cfg, validate_only))?;
     if let (Some(list), false) = (&mask_cache, validate_only) {
-        for (i, d) in out.drops.into_iter().enumerate() {
+        for (i, d) in out.keeps.into_iter().enumerate() {
             list.set_item(i, d.map(PyTensor))?;
         }
     }

@@ -314,7 +314,7 @@ pub unsafe extern "C" fn cast_rs_adams_step(
                 steps: list(steps)?,
                 // An operator call keeps no cache between steps: the generic path unpacks
                 // each sparse tensor's mask once per call.
-                drops: Vec::new(),
+                keeps: Vec::new(),
             };
             let cfg = StepConfig {
                 hyper: AdamsHyper {

@@ -155,16 +155,17 @@ pub struct GenericBuffers<'a> {
     pub exp_avg_sqs: &'a [Tensor],
     /// Packed masks (written at a refresh).
     pub masks: &'a mut [Option<Tensor>],
-    /// The `drop` tensor of each sparse parameter (1 where its mask removes the weight, in
-    /// the parameter's dtype). In: a cache from the previous step (ignored when its shape,
+    /// The `keep` tensor of each sparse parameter (1 where its mask keeps the weight, 0 where
+    /// it removes it, in the parameter's dtype). In: a cache from the previous step (ignored when its shape,
     /// dtype or device do not match). Out: the one this step used, to cache for the next.
-    pub drops: &'a mut [Option<Tensor>],
+    pub keeps: &'a mut [Option<Tensor>],
 }
 
 /// Mirrors `CastForeachScalars` in `csrc/adams_foreach.cpp`.
 #[repr(C)]
 struct ForeachScalars {
     step: f64,
+    weight_decay: f64,
     decay: f64,
     l1: f64,
     alpha: f64,
@@ -181,7 +182,7 @@ extern "C" {
         grads: *const *const C_tensor,
         exp_avgs: *const *const C_tensor,
         exp_avg_sqs: *const *const C_tensor,
-        drops: *const *const C_tensor,
+        keeps: *const *const C_tensor,
         scalars: *const ForeachScalars,
         lr: f64,
         beta1: f64,
@@ -192,11 +193,11 @@ extern "C" {
     ) -> i32;
 }
 
-/// The `drop` tensor of a sparse parameter for this step, refreshing its mask first when
+/// The `keep` tensor of a sparse parameter for this step, refreshing its mask first when
 /// the step is a refresh step. Returns the number-of-changed-groups tensor (0-d, on the
 /// parameter's device) of a refresh, left on the device so that all of a call's counts come
 /// back to the host in one transfer.
-fn drop_for_step(
+fn keep_for_step(
     p: &Tensor,
     bits: &mut Tensor,
     cached: Option<Tensor>,
@@ -215,8 +216,6 @@ fn drop_for_step(
         let d = match cached {
             Some(d) => d,
             None => unpack_mask(bits, &p.size())?
-                .f_logical_not()
-                .map_err(&e)?
                 .f_to_kind(p.kind())
                 .map_err(&e)?
                 .f_contiguous()
@@ -235,17 +234,16 @@ fn drop_for_step(
         .f_sum(Kind::Int64)
         .map_err(&e)?;
     bits.f_copy_(&pack_mask(&keep)?).map_err(&e)?;
-    let dropped = keep.f_logical_not().map_err(&e)?;
     let d = match cached {
         Some(mut d) => {
-            d.f_copy_(&dropped).map_err(&e)?;
+            d.f_copy_(&keep).map_err(&e)?;
             d
         }
         // Contiguous like the cached one (`keep` of an N:M along another dim is a transposed
-        // view): the drop's layout picks the route (`_fused_adam_` or the `_foreach_` calls,
-        // which round differently), so a fresh drop must not take another route than a
+        // view): the keep tensor's layout picks the route (`_fused_adamw_` or the `_foreach_`
+        // calls, which round differently), so a fresh one must not take another route than a
         // cached one.
-        None => dropped
+        None => keep
             .f_to_kind(p.kind())
             .map_err(&e)?
             .f_contiguous()
@@ -257,7 +255,7 @@ fn drop_for_step(
 /// One AdamS step of the generic-path parameters of a call, with a number of libtorch calls
 /// that does not grow with the number of parameters (except at mask refreshes): the masks
 /// due for a refresh are recomputed (per tensor), then each (device, dtype) group takes one
-/// multi-tensor step (`csrc/adams_foreach.cpp`: 5–7 calls, torch's `_fused_adam_` and a few
+/// multi-tensor step (`csrc/adams_foreach.cpp`: 5–6 calls, torch's `_fused_adamw_` and a few
 /// `_foreach_*` ones). A refresh step
 /// reads its mask-flip counts back to the host in one transfer; other steps never
 /// synchronise with the device. Validation is the caller's: this only fails on libtorch
@@ -273,15 +271,15 @@ pub fn adams_step_multi(
         let i = it.index;
         match (it.mask, b.masks[i].as_mut()) {
             (Some((pattern, dim)), Some(bits)) => {
-                let cached = b.drops[i].take();
+                let cached = b.keeps[i].take();
                 let (d, count) =
-                    drop_for_step(&b.params[i], bits, cached, pattern, dim, it.scalars.refresh)?;
-                b.drops[i] = Some(d);
+                    keep_for_step(&b.params[i], bits, cached, pattern, dim, it.scalars.refresh)?;
+                b.keeps[i] = Some(d);
                 if let Some(c) = count {
                     counts.push((i, c));
                 }
             }
-            _ => b.drops[i] = None,
+            _ => b.keeps[i] = None,
         }
     }
     if !counts.is_empty() {
@@ -313,9 +311,9 @@ pub fn adams_step_multi(
             ptrs(b.exp_avgs),
             ptrs(b.exp_avg_sqs),
         );
-        let drops: Vec<*const C_tensor> = members
+        let keeps: Vec<*const C_tensor> = members
             .iter()
-            .map(|it| match (&it.mask, &b.drops[it.index]) {
+            .map(|it| match (&it.mask, &b.keeps[it.index]) {
                 (Some(_), Some(d)) => d.as_ptr(),
                 _ => std::ptr::null(),
             })
@@ -324,6 +322,7 @@ pub fn adams_step_multi(
             .iter()
             .map(|it| ForeachScalars {
                 step: it.scalars.step,
+                weight_decay: it.hyper.weight_decay,
                 decay: 1.0 - it.hyper.lr * it.hyper.weight_decay,
                 l1: it.hyper.l1_decay,
                 alpha: it.scalars.alpha,
@@ -334,7 +333,7 @@ pub fn adams_step_multi(
         let h = &members[0].hyper;
         let mut message = [0 as c_char; 1024];
         // SAFETY: every pointer array has `members.len()` entries, each a live at::Tensor of
-        // this call (or null in `drops` for a dense tensor), all kept alive by `b` for the
+        // this call (or null in `keeps` for a dense tensor), all kept alive by `b` for the
         // duration of the call; `scalars` has as many entries; `message` is a writable
         // buffer of the length passed. The C++ side catches every exception.
         let status = unsafe {
@@ -344,7 +343,7 @@ pub fn adams_step_multi(
                 g.as_ptr(),
                 mu.as_ptr(),
                 v.as_ptr(),
-                drops.as_ptr(),
+                keeps.as_ptr(),
                 scalars.as_ptr(),
                 h.lr,
                 h.beta1,

@@ -272,9 +272,9 @@ pub struct StepTensors {
     pub patterns: Vec<Option<(i64, i64, i64)>>,
     /// Completed-step counters (one element each), incremented on success.
     pub steps: Vec<Tensor>,
-    /// The generic path's cached `drop` tensors (see [`generic::GenericBuffers`]), one entry
+    /// The generic path's cached `keep` tensors (see [`generic::GenericBuffers`]), one entry
     /// per parameter (`None`: none cached); empty when the caller keeps no cache.
-    pub drops: Vec<Option<Tensor>>,
+    pub keeps: Vec<Option<Tensor>>,
 }
 
 /// What a step call did.
@@ -285,9 +285,9 @@ pub struct StepOutcome {
     pub n_generic: usize,
     /// For tensors whose mask was refreshed: the number of N:M groups whose mask changed.
     pub flips: Vec<Option<u64>>,
-    /// The `drop` tensor each sparse generic-path parameter used (for the caller to cache
+    /// The `keep` tensor each sparse generic-path parameter used (for the caller to cache
     /// and pass back next step); `None` for the others.
-    pub drops: Vec<Option<Tensor>>,
+    pub keeps: Vec<Option<Tensor>>,
 }
 
 /// Completed steps held in a one-element counter tensor (torch keeps `state["step"]` as a
@@ -406,7 +406,7 @@ pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Resu
             n_fast,
             n_generic: k - n_fast,
             flips: vec![None; k],
-            drops: (0..k).map(|_| None).collect(),
+            keeps: (0..k).map(|_| None).collect(),
         });
     }
     // The generic path writes through libtorch (in-place ops on shared tensor handles) and
@@ -418,11 +418,11 @@ pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Resu
         exp_avg_sqs,
         mut masks,
         mut steps,
-        drops,
+        keeps,
         ..
     } = t;
-    let mut drops: Vec<Option<Tensor>> = if drops.len() == k {
-        drops
+    let mut keeps: Vec<Option<Tensor>> = if keeps.len() == k {
+        keeps
     } else {
         (0..k).map(|_| None).collect()
     };
@@ -453,7 +453,7 @@ pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Resu
             .collect();
         for (i, plan) in plans.iter().enumerate() {
             if plan.fast.is_some() {
-                drops[i] = None;
+                keeps[i] = None;
             }
         }
         if !items.is_empty() {
@@ -465,7 +465,7 @@ pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Resu
                     exp_avgs: &exp_avgs,
                     exp_avg_sqs: &exp_avg_sqs,
                     masks: &mut masks,
-                    drops: &mut drops,
+                    keeps: &mut keeps,
                 },
                 &mut flips,
             )?;
@@ -477,7 +477,7 @@ pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Resu
             n_fast,
             n_generic: k - n_fast,
             flips,
-            drops: std::mem::take(&mut drops),
+            keeps: std::mem::take(&mut keeps),
         })
     })
 }

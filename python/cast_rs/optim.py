@@ -120,12 +120,13 @@ class AdamS(Optimizer):
     Kernels: contiguous CPU tensors of float32, bfloat16 or float16 take the Rust fast path
     (one fused pass, parallel, GIL released); everything else (fp64, non-contiguous, CUDA)
     takes the generic path: per (device, dtype) group a fixed number of multi-tensor ATen
-    calls whatever the number of parameters (torch's ``_fused_adam_`` on the blended momentum
-    μ̃, after a ``lerp``, a ``sign`` and two ``addcmul`` over the sparse tensors; ``_foreach_*``
+    calls whatever the number of parameters (torch's ``_fused_adamw_`` on the blended momentum
+    μ̃, after a ``lerp``, a ``sign``, a ``mul`` and one or two ``lerp`` over the sparse tensors;
+    ``_foreach_*``
     calls for non-contiguous ones), with no host synchronisation except one transfer of the
     mask-flip counts at a refresh step. Masks are recomputed per tensor at refresh steps. The
-    generic path keeps, for each sparse parameter, a cached ``drop`` tensor (1 where the mask
-    removes the weight, in the parameter's dtype; not in ``state_dict()``) so that a step
+    generic path keeps, for each sparse parameter, a cached ``keep`` tensor (1 where the mask
+    keeps the weight, 0 where it removes it, in the parameter's dtype; not in ``state_dict()``) so that a step
     need not unpack the 1-bit masks: one parameter-sized buffer per sparse tensor. In
     float32 the two paths agree to a few roundings (tested). For bf16/fp16 the fast path
     keeps the state in the parameter's dtype and computes in float32 with one rounding per
@@ -172,12 +173,12 @@ class AdamS(Optimizer):
         self._validate_hyper(defaults, where="")
         # Tensors stepped on the (fast, generic) kernel path so far: for tests and diagnostics.
         self._kernel_calls = [0, 0]
-        # The generic path's `drop` tensors (1 where the mask removes a weight, in the
-        # parameter's dtype), kept between steps so that a step need not unpack every packed
+        # The generic path's `keep` tensors (1 where the mask keeps a weight, 0 where it removes
+        # it, in the parameter's dtype), kept between steps so that a step need not unpack every packed
         # mask (see _cast_rs.adams_step's mask_cache). A cache, never state: not in
         # state_dict(), and an entry is used only while the packed mask it was made from is
         # unchanged (same storage, same version counter).
-        self._drop_cache: Dict[torch.Tensor, Tuple[torch.Tensor, int, int]] = {}
+        self._keep_cache: Dict[torch.Tensor, Tuple[torch.Tensor, int, int]] = {}
         # fully_shard (FSDP2) replaces parameters and drops sparsify's markers: restore them.
         remark_weights()
         super().__init__(params, defaults)
@@ -303,7 +304,7 @@ class AdamS(Optimizer):
     # ----------------------------------------------------------------- state
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self._drop_cache = {}
+        self._keep_cache = {}
         # torch casts every non-"step" state tensor of a float parameter to the parameter's
         # dtype; the packed mask is bytes, so restore it (0..255 survive float exactly).
         for gi, group in enumerate(self.param_groups):
@@ -600,7 +601,7 @@ class AdamS(Optimizer):
         params, masks = [group["params"][i] for i in indices], args[4]
         cache = None
         if not kwargs.get("validate_only", False):
-            store = self.__dict__.setdefault("_drop_cache", {})
+            store = self.__dict__.setdefault("_keep_cache", {})
             cache = []
             for p, bits in zip(params, masks):
                 entry = store.get(p) if bits is not None else None
@@ -624,11 +625,11 @@ class AdamS(Optimizer):
                 detail = detail.replace("{other}", other or f"{e.other_param}[{e.other_index}]")  # type: ignore[union-attr]
             raise type(e)(f"{who}: {detail}") from e
         if cache is not None:
-            for p, bits, drop in zip(params, masks, cache):
-                if drop is None:
+            for p, bits, keep in zip(params, masks, cache):
+                if keep is None:
                     store.pop(p, None)
                 else:
-                    store[p] = (drop, bits.data_ptr(), bits._version)
+                    store[p] = (keep, bits.data_ptr(), bits._version)
         return out
 
     # ----------------------------------------------------------------- helpers
