@@ -22,7 +22,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::adams_lp::{dense_tile_lp, f16_tile_f16c, sparse_tile_lp};
+use crate::adams_lp::{dense_tile_lp, f16_tile_f16c, sparse_tile_lp, KeepFlags};
 use crate::error::{Arg, CastError, Result};
 use crate::nm::{
     keep_flags, pack_bits, packed_len, unpack_flags, Bf16Bits, F16Bits, GroupLayout, MaskKey,
@@ -262,7 +262,7 @@ impl StepElem for F16Bits {
         v: &mut [F16Bits],
         sc: &StepScalars,
     ) {
-        let d = f16_tile_f16c(theta, grad, mu, v, None, sc);
+        let d = f16_tile_f16c(theta, grad, mu, v, KeepFlags::Dense, sc);
         dense_tile_lp(&mut theta[d..], &grad[d..], &mut mu[d..], &mut v[d..], sc)
     }
     #[inline(always)]
@@ -274,7 +274,7 @@ impl StepElem for F16Bits {
         keep: &[u8],
         sc: &StepScalars,
     ) {
-        let d = f16_tile_f16c(theta, grad, mu, v, Some(keep), sc);
+        let d = f16_tile_f16c(theta, grad, mu, v, KeepFlags::Bytes(keep), sc);
         sparse_tile_lp(
             &mut theta[d..],
             &grad[d..],
@@ -283,6 +283,35 @@ impl StepElem for F16Bits {
             &keep[d..],
             sc,
         )
+    }
+    /// The F16C loop reads the packed bits as lane masks (no unpacking pass); the tail of
+    /// fewer than 8 elements takes the portable loop with its flags unpacked.
+    #[inline(always)]
+    fn sparse_tile_bits(
+        theta: &mut [F16Bits],
+        grad: &[F16Bits],
+        mu: &mut [F16Bits],
+        v: &mut [F16Bits],
+        bits: &[u8],
+        sc: &StepScalars,
+    ) -> bool {
+        if crate::simd::level() == crate::simd::Level::Baseline {
+            return false;
+        }
+        let n = theta.len();
+        let d = f16_tile_f16c(theta, grad, mu, v, KeepFlags::Bits(bits), sc);
+        if d < n {
+            let tail: Vec<u8> = (d..n).map(|i| (bits[i / 8] >> (i % 8)) & 1).collect();
+            sparse_tile_lp(
+                &mut theta[d..],
+                &grad[d..],
+                &mut mu[d..],
+                &mut v[d..],
+                &tail,
+                sc,
+            );
+        }
+        true
     }
 }
 
