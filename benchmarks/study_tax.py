@@ -453,13 +453,25 @@ def cmd_report(a) -> None:
         print(f"| `{meth}` | " + " | ".join(cells) + f" | {' / '.join(early)} |")
 
 
-def cmd_plot(a) -> None:
-    """Validation perplexity along training for the chosen runs of one setting (PNG)."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, out: str) -> None:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+def cmd_plot(a) -> None:
+    """Validation perplexity along training for the chosen runs of one setting (PNG)."""
+    plt = _pyplot()
     rows = [json.loads(l) for l in open(records())]
     rows = [r for r in rows if r["model"] == a.model and r["corpus"] == a.corpus and r["steps"] == a.steps
             and r["pretrain_steps"] == a.pretrain_steps and r.get("curve") and (not a.tag or r.get("tag") == a.tag)
@@ -479,19 +491,13 @@ def cmd_plot(a) -> None:
     ax.set_yscale("log")
     ax.set_title(f"{a.model} model, {a.corpus}, dense {a.pretrain_steps} steps")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(a.out, dpi=110)
-    print(f"wrote {a.out}")
+    _save(fig, a.out)
 
 
 def cmd_plot_length(a) -> None:
     """The tax over dense_continued against the number of sparse-training steps (PNG): one panel
     per model x corpus with at least two lengths, SR-STE and CAST (lr 1e-3 and suggest_lr's)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     settings = [(m, c) for m, c in itertools.product(MODELS, ("stdlib", "prose")) if len(_length_rows(m, c)) >= 2]
     if not settings:
         raise SystemExit("no setting has runs at two lengths")
@@ -517,9 +523,7 @@ def cmd_plot_length(a) -> None:
         ax.set_ylabel("tax over dense_continued (%)")
         ax.set_title(f"{model} model, {corp}, 2:4")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(a.out, dpi=110)
-    print(f"wrote {a.out}")
+    _save(fig, a.out)
 
 
 def main() -> None:
