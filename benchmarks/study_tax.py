@@ -399,16 +399,19 @@ def cmd_report(a) -> None:
     for steps, dc, sr, cd, cs in _length_rows("small", "stdlib"):
         tx = lambda r, dc=dc: (f"{r['ppl']:.4f} | {100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%" if r else "- | -")  # noqa: E731
         print(f"| {steps} | {dc['ppl']:.4f} | {100 * (1 - dc['ppl'] / dc['dense']):.2f}% | {tx(sr)} | {tx(cd)} | {tx(cs)} |")
-    print("\n#### seeds (small, stdlib, 400 steps; the seed of the sparse-training batches)\n")
-    print("| seed | dense_continued | SR-STE | SR-STE tax | CAST | CAST tax | CAST lead (points) |")
-    print("|---|---|---|---|---|---|---|")
-    for seed in (0, 1, 2):
-        rs = _rows("small", "stdlib", 400, seed=seed)
-        dc, sr, cd = (_last(rs, m) for m in ("dense_continued", "srste", default))
-        if not (dc and sr and cd):
+    print("\n#### seeds (small, stdlib; the seed of the sparse-training batches)\n")
+    print("| sparse steps | seed | dense_continued | SR-STE tax | CAST lr 1e-3 tax (lead, points) "
+          "| CAST lr 5e-4 = suggest_lr tax (lead, points) |")
+    print("|---|---|---|---|---|---|")
+    for steps, seed in itertools.product((400, 1000), (0, 1, 2)):
+        rs = _rows("small", "stdlib", steps, seed=seed)
+        dc, sr, cd, cs = (_last(rs, m) for m in ("dense_continued", "srste", default, suggested))
+        if not (dc and sr and (cd or cs)):
             continue
-        st, ct = (100 * (r["ppl"] / dc["ppl"] - 1) for r in (sr, cd))
-        print(f"| {seed} | {dc['ppl']:.4f} | {sr['ppl']:.4f} | {st:+.2f}% | {cd['ppl']:.4f} | {ct:+.2f}% | {st - ct:.2f} |")
+        tax = lambda r, dc=dc: 100 * (r["ppl"] / dc["ppl"] - 1) if r else None  # noqa: E731
+        st = tax(sr)
+        cell = lambda x, st=st: f"{x:+.2f}% ({st - x:.2f})" if x is not None else "-"  # noqa: E731
+        print(f"| {steps} | {seed} | {dc['ppl']:.4f} | {st:+.2f}% | {cell(tax(cd))} | {cell(tax(cs))} |")
     print("\n#### N:M patterns (small, stdlib, 400 steps)\n")
     print("| pattern | magnitude | SR-STE | SR-STE tax | CAST | CAST tax |")
     print("|---|---|---|---|---|---|")
