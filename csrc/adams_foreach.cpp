@@ -108,12 +108,18 @@ struct Lists {
 // cancels |μ| against itself and leaves the rounding of |μ| (in bf16, 2^-9·|μ|) in place of a
 // λ that may be far smaller than |μ|. During the ramp the masked value is within a few
 // roundings of max(|μ|, λ) of the fast path's (1 − α)·μ + αλ·sign(θ).
-std::vector<at::Tensor> mutilde(Lists& s, double beta1) {
+//
+// `decay_pending`: θ has not yet been multiplied by its weight-decay factor d = 1 − lr·wd (the
+// fused route decays inside `_fused_adamw_`), while AdamS takes the sign of the decayed θ.
+// sign(d·θ) = sign(d)·sign(θ), so λ is multiplied by sign(d): nothing changes for the usual
+// d > 0, and lr·wd ≥ 1 (d ≤ 0) still gives the fast path's signs.
+std::vector<at::Tensor> mutilde(Lists& s, double beta1, bool decay_pending) {
   at::_foreach_lerp_(s.mu, s.g, 1.0 - beta1);
   std::vector<at::Scalar> l1, one_minus_alpha;
   bool ramp = false;
   for (const auto* c : s.sc) {
-    l1.emplace_back(c->l1);
+    const double decay_sign = !decay_pending || c->decay > 0.0 ? 1.0 : (c->decay < 0.0 ? -1.0 : 0.0);
+    l1.emplace_back(c->l1 * decay_sign);
     one_minus_alpha.emplace_back(1.0 - c->alpha);
     ramp = ramp || c->alpha < 1.0;
   }
@@ -136,7 +142,7 @@ void fused_route(Lists& dense, Lists& sparse, double step, double wd, double lr,
     at::_fused_adamw_(dense.p, dense.g, dense.mu, dense.v, {}, steps, lr, beta1, beta2, wd, eps, false, false);
   }
   if (!sparse.empty()) {
-    std::vector<at::Tensor> mt = mutilde(sparse, beta1);
+    std::vector<at::Tensor> mt = mutilde(sparse, beta1, /*decay_pending=*/true);
     std::vector<at::Tensor> steps(sparse.p.size(), s);
     // β1 = 0: exp_avg ← μ̃ (a scratch tensor, also the "gradient") and no first-moment bias
     // correction, which moves into the learning rate; the weight decay moves the other way
@@ -167,7 +173,7 @@ void foreach_route(Lists& dense, Lists& sparse, double beta1, double beta2, doub
     }
   }
   if (!sparse.empty()) {
-    std::vector<at::Tensor> mt = mutilde(sparse, beta1);
+    std::vector<at::Tensor> mt = mutilde(sparse, beta1, /*decay_pending=*/false);
     for (size_t i = 0; i < sparse.p.size(); ++i) {
       p.push_back(sparse.p[i]);
       sq.push_back(mt[i]);

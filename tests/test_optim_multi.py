@@ -170,3 +170,24 @@ def test_strided_and_contiguous_tensors_in_one_call():
     for i, (p, q) in enumerate(zip(ps, twins)):
         assert_close_robust(p, q, HP["lr"], f"param {i}")
     assert opt._kernel_calls == [0, 4 * 30]
+
+
+@pytest.mark.parametrize("weight_decay", [2.0, 4.0])
+def test_decay_factor_at_or_below_zero_keeps_the_fast_paths_signs(weight_decay):
+    """lr·wd ≥ 1 makes the decay factor 1 − lr·wd zero or negative. AdamS takes sign(θ) of the
+    decayed θ; the generic fused route decays inside `_fused_adamw_`, after μ̃ is built, so it
+    must fold sign(1 − lr·wd) into λ. One step at α = 1 (total_steps=1), where every masked
+    weight moves by about lr·sign: a wrong sign would be off by 2·lr."""
+    torch.manual_seed(3)
+    base = torch.randn(32, 64)
+    grad = torch.randn(32, 64) * 1e-2
+    runs = []
+    for generic in (False, True):
+        p = torch.nn.Parameter(base.clone())
+        p.grad = grad.clone()
+        opt = cast_rs.AdamS([p], pattern="2:4", lr=0.5, weight_decay=weight_decay, l1_decay=0.1, total_steps=1)
+        with cast_rs.force_generic_path(generic):
+            opt.step()
+        assert opt._kernel_calls == ([0, 1] if generic else [1, 0])
+        runs.append(p.detach().clone())
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-5)
