@@ -301,13 +301,17 @@ impl StepElem for F16Bits {
         let n = theta.len();
         let d = f16_tile_f16c(theta, grad, mu, v, KeepFlags::Bits(bits), sc);
         if d < n {
-            let tail: Vec<u8> = (d..n).map(|i| (bits[i / 8] >> (i % 8)) & 1).collect();
+            // Fewer than 8 flags (d is a multiple of 8): unpacked on the stack.
+            let mut tail = [0u8; 8];
+            for (i, flag) in (d..n).zip(tail.iter_mut()) {
+                *flag = (bits[i / 8] >> (i % 8)) & 1;
+            }
             sparse_tile_lp(
                 &mut theta[d..],
                 &grad[d..],
                 &mut mu[d..],
                 &mut v[d..],
-                &tail,
+                &tail[..n - d],
                 sc,
             );
         }
