@@ -66,7 +66,7 @@ def main() -> None:
         l1 = hp.get("l1_decay", cfg.l1_decay)
         t0 = time.perf_counter()
         m = fresh()
-        h, opt, _ = train_cast(m, cfg, cont, teacher, lr=lr, l1_decay=l1,
+        h, opt, _, _ = train_cast(m, cfg, cont, teacher, lr=lr, l1_decay=l1,
                                mask_interval=int(hp.get("mask_interval", cfg.mask_interval)), show=False)
         ratio = h.stats(opt).overall
         before = ev(m)

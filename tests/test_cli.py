@@ -25,6 +25,8 @@ def no_work(monkeypatch):
 BAD = [
     (["demo", "--quick", "--lr", "-1"], "--lr must be a finite number > 0"),
     (["demo", "--lr", "nan"], "--lr must be a finite number > 0"),
+    (["demo", "--cast-lr", "0"], "--cast-lr must be a finite number > 0"),
+    (["demo", "--quick", "--cast-lr", "inf"], "--cast-lr must be a finite number > 0"),
     (["demo", "--warmup", "1"], "--warmup must be a fraction in [0, 1)"),
     (["demo", "--quick", "--warmup", "-0.1"], "--warmup must be a fraction in [0, 1)"),
     (["demo", "--l1-decay", "-1"], "--l1-decay must be a finite number >= 0"),

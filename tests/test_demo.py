@@ -154,3 +154,33 @@ def test_every_trained_method_warms_up_then_decays():
         sched.step()
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert lrs[4] == 1.0 and all(a > b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] > 0
+
+
+def test_demo_cast_takes_suggest_lr_unless_given_one():
+    """CAST in the demo runs at what the README tells users to use, ``suggest_lr(steps,
+    dense_lr=lr)``; ``cast_lr`` overrides it. The optimizer's lr (the peak, before the
+    schedule) is the one returned and logged."""
+    import copy
+
+    from cast_rs import sparsify
+    from cast_rs.demo import DemoConfig, TinyGPT, train_cast
+
+    cfg = DemoConfig.quick()
+    cfg.steps, cfg.warmup = 3, 0.0
+    torch.manual_seed(0)
+    base = TinyGPT(cfg.model)
+    teacher = copy.deepcopy(base).eval().requires_grad_(False)
+    data = torch.randint(0, 256, (5000,), dtype=torch.uint8)
+    batches = Batches(data, 2, cfg.model.context, 0)
+    # The expected value, from an identical model sparsified the same way.
+    expected = sparsify(copy.deepcopy(base), cfg.pattern, scaling_groups=cfg.scaling_groups).suggest_lr(
+        cfg.steps, dense_lr=cfg.lr)
+    logs = []
+    _, opt, _, lr = train_cast(copy.deepcopy(base), cfg, batches, teacher, lr=None, l1_decay=0.1, mask_interval=10,
+                               show=False, log=logs.append)
+    assert lr == pytest.approx(expected, rel=1e-12) and lr >= cfg.lr / 2
+    assert opt.param_groups[0]["initial_lr"] == lr
+    assert logs and "suggest_lr(3, dense_lr=0.001)" in logs[0]
+    _, opt, _, lr = train_cast(copy.deepcopy(base), cfg, batches, teacher, lr=7e-4, l1_decay=0.1, mask_interval=10,
+                               show=False, log=logs.append)
+    assert lr == 7e-4 and opt.param_groups[0]["initial_lr"] == 7e-4

@@ -43,9 +43,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     seed = getattr(args, "seed", None)
     if seed is not None and not 0 <= seed < 2**63:
         parser.error(f"--seed must be in [0, 2**63), got {seed}")
-    lr = getattr(args, "lr", None)
-    if lr is not None and not (math.isfinite(lr) and lr > 0):
-        parser.error(f"--lr must be a finite number > 0, got {lr}")
+    for key in ("lr", "cast_lr"):
+        lr = getattr(args, key, None)
+        if lr is not None and not (math.isfinite(lr) and lr > 0):
+            parser.error(f"--{key.replace('_', '-')} must be a finite number > 0, got {lr}")
     l1 = getattr(args, "l1_decay", None)
     if l1 is not None and not (math.isfinite(l1) and l1 >= 0):
         parser.error(f"--l1-decay must be a finite number >= 0, got {l1}")
@@ -93,7 +94,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                       help="pretrain the dense model here for this many steps instead of loading the shipped checkpoint")
     demo.add_argument("--from-scratch", dest="from_scratch", action="store_true",
                       help="pretrain the dense model here (3000 steps, ~12 min) instead of loading the shipped checkpoint")
-    demo.add_argument("--lr", type=float, help="learning rate of continued training")
+    demo.add_argument("--lr", type=float, help="learning rate of dense continued training and SR-STE (default 1e-3)")
+    demo.add_argument("--cast-lr", dest="cast_lr", type=float,
+                      help="AdamS learning rate for CAST (default: sparse.suggest_lr(steps, dense_lr=--lr), "
+                      "half the dense lr unless the masked weights need more)")
     demo.add_argument("--l1-decay", dest="l1_decay", type=float, help="AdamS l1_decay (lambda)")
     demo.add_argument("--warmup", type=float, metavar="FRACTION",
                       help="linear learning-rate warmup over this fraction of the steps, every trained method (default 0.1)")

@@ -193,7 +193,12 @@ class DemoConfig:
     pretrain_lr: float = 3e-3
     from_scratch: bool = False  # pretrain here even when the shipped dense checkpoint fits
     steps: int = 400  # per trained method, after pretraining
-    lr: float = 1e-3  # continued training (every method); 3e-3 made CAST diverge (sweep)
+    lr: float = 1e-3  # continued training: dense_continued and SR-STE (each's better lr in the study)
+    # AdamS's learning rate; None: ``sparse.suggest_lr(steps, dense_lr=lr)``, what the README tells
+    # users to do (half the dense lr unless the masked weights need more to reach zero; at 400
+    # steps half the dense lr beat the full one on every study setting, docs/sparsity_tax.md
+    # findings 15 and 24).
+    cast_lr: Optional[float] = None
     # Linear learning-rate warmup over this fraction of `steps`, then cosine to 0, for every
     # trained method (dense continued, SR-STE, CAST): it tempers AdamS's near-sign first
     # steps on a well-trained model (docs/sparsity_tax.md, finding 12).
@@ -353,16 +358,21 @@ def from_state(c: GPTConfig, state: Dict[str, torch.Tensor], frozen: bool = Fals
     return m
 
 
-def train_cast(m: nn.Module, cfg: DemoConfig, batches: Batches, teacher: nn.Module, *, lr: float, l1_decay: float,
-               mask_interval: int, eval_fn: Optional[Callable[[], float]] = None, show: bool = True):
-    """CAST on ``m`` in place: sparsify, AdamS with distillation. Returns (handle, optimizer,
-    curve); the caller finalizes."""
+def train_cast(m: nn.Module, cfg: DemoConfig, batches: Batches, teacher: nn.Module, *, lr: Optional[float],
+               l1_decay: float, mask_interval: int, eval_fn: Optional[Callable[[], float]] = None, show: bool = True,
+               log: Callable[[str], None] = print):
+    """CAST on ``m`` in place: sparsify, AdamS with distillation. ``lr=None`` takes
+    ``suggest_lr(cfg.steps, dense_lr=cfg.lr)``. Returns (handle, optimizer, curve, lr used);
+    the caller finalizes."""
     handle = sparsify(m, cfg.pattern, scaling_groups=cfg.scaling_groups)
+    if lr is None:
+        lr = handle.suggest_lr(cfg.steps, dense_lr=cfg.lr)
+        log(f"CAST: AdamS lr {lr:.3g} = suggest_lr({cfg.steps}, dense_lr={cfg.lr:g})")
     opt = AdamS(m.parameters(), lr=lr, betas=(0.9, 0.95), l1_decay=l1_decay, total_steps=cfg.steps,
                 mask_interval=mask_interval)
     curve = train(m, opt, batches, cfg.steps, desc="CAST (AdamS)", teacher=teacher, eval_fn=eval_fn,
                   curve_points=cfg.curve_points if eval_fn else 0, show=show, warmup=cfg.warmup_steps())
-    return handle, opt, curve
+    return handle, opt, curve, lr
 
 
 def dense_start(cfg: DemoConfig, train_data: torch.Tensor, batches: Batches, *, user_data: bool = False,
@@ -460,11 +470,13 @@ def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool =
     # 5. CAST
     t0 = time.perf_counter()
     m = fresh()
-    handle, opt, curve = train_cast(m, cfg, cont_batches, teacher, lr=cfg.lr, l1_decay=cfg.l1_decay,
-                                    mask_interval=cfg.mask_interval, eval_fn=lambda: evaluate_full(m), show=show)
+    handle, opt, curve, cast_lr = train_cast(m, cfg, cont_batches, teacher, lr=cfg.cast_lr, l1_decay=cfg.l1_decay,
+                                             mask_interval=cfg.mask_interval, eval_fn=lambda: evaluate_full(m),
+                                             show=show, log=log)
     stats = handle.stats(opt)
     fin = handle.finalize()
     record("cast", m, cfg.steps, time.perf_counter() - t0, True, curve)
+    results["cast"]["lr"] = cast_lr
     results["cast"]["sparse_weight_ratio_before_finalize"] = stats.overall
     results["cast"]["l1_removed_at_finalize"] = fin.total_l1_removed_fraction
     if keep_models is not None:
@@ -597,7 +609,7 @@ def plot_results(results: Dict[str, Dict], path: str) -> None:
 
 def main(args) -> int:
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
-    for key in ("steps", "pretrain_steps", "lr", "l1_decay", "warmup", "seed", "batch"):
+    for key in ("steps", "pretrain_steps", "lr", "cast_lr", "l1_decay", "warmup", "seed", "batch"):
         v = getattr(args, key, None)
         if v is not None:
             setattr(cfg, key, v)
