@@ -87,10 +87,11 @@ class ResearchAdamS(torch.optim.Optimizer):
     operations as the library up to rounding)."""
 
     def __init__(self, params, specs, lr, betas, eps=1e-8, l1=0.1, mode="abs", ramp=1.0, total_steps=1,
-                 interval=10, vsrc="mutilde"):
+                 interval=10, vsrc="mutilde", mlr=1.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
         self.specs, self.l1, self.mode, self.ramp, self.T = specs, l1, mode, ramp, total_steps
-        self.interval, self.vsrc = interval, vsrc
+        # mlr: the masked weights' step is mlr times the kept weights' (1 = AdamS as specified).
+        self.interval, self.vsrc, self.mlr = interval, vsrc, mlr
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -125,6 +126,8 @@ class ResearchAdamS(torch.optim.Optimizer):
                     mt = torch.where(keep, mu, (1 - alpha) * mu + alpha * lam * p.sign())
                     src = torch.where(keep, g, mt) if self.vsrc == "grad" else mt
                     v.mul_(b2).addcmul_(src, src, value=1 - b2)
+                    if self.mlr != 1.0:
+                        mt = torch.where(keep, mt, self.mlr * mt)
                 denom = (v / (1 - b2**s)).sqrt().add_(eps)
                 p.addcdiv_(mt, denom, value=-lr / (1 - b1**s))
 
@@ -224,14 +227,15 @@ def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, l
         handle = sparsify(model, pattern, scaling_groups=int(kv.get("scale", 2)))
         T = steps
         common = dict(l1=float(kv.get("l1", 0.1)), ramp=float(kv.get("ramp", 1.0)), interval=int(kv.get("interval", 10)))
-        if kv.get("opt", "lib") == "lib" and kv.get("vsrc", "mutilde") == "mutilde":
+        if kv.get("opt", "lib") == "lib" and kv.get("vsrc", "mutilde") == "mutilde" and "mlr" not in kv:
             opt = cast_rs.AdamS(model.parameters(), lr=run_lr, betas=(0.9, 0.95), l1_decay=common["l1"],
                                 total_steps=T, mask_interval=common["interval"], ramp_end=common["ramp"],
                                 l1_mode="relative" if kv.get("mode", "abs") == "rel" else "absolute")
         else:
             specs = {l.weight: (n, m_, l.dim) for l in handle.layers}
             opt = ResearchAdamS(model.parameters(), specs, lr=run_lr, betas=(0.9, 0.95), total_steps=T,
-                                mode=kv.get("mode", "abs"), vsrc=kv.get("vsrc", "mutilde"), **common)
+                                mode=kv.get("mode", "abs"), vsrc=kv.get("vsrc", "mutilde"),
+                                mlr=float(kv.get("mlr", 1.0)), **common)
     else:
         raise SystemExit(f"unknown method {name!r}")
     sched = _cosine(opt, steps, int(kv.get("warmup", 0)))
