@@ -421,9 +421,8 @@ def cmd_report(a) -> None:
         print(f"| {corp} | {steps} | {seed} | {dc['ppl']:.4f} | {st:+.2f}% | {cell(tax(cd))} | {cell(tax(cs))} |")
     print("\n#### mlr (small model, lr 5e-4: the masked weights' step mlr times the kept weights'; "
           "tax against dense_continued without warmup)\n")
-    variants = [("no warmup", "cast:l1=0.1,lr=5e-4"), ("warmup", "cast:l1=0.1,lr=5e-4,warmup=40"),
-                ("warmup, mlr 2", "cast:l1=0.1,lr=5e-4,mlr=2,warmup=40"),
-                ("warmup, mlr 4", "cast:l1=0.1,lr=5e-4,mlr=4,warmup=40")]
+    variants = [("no warmup", suggested), ("warmup", suggested + ",warmup=40"),
+                ("warmup, mlr 2", suggested + ",mlr=2,warmup=40"), ("warmup, mlr 4", suggested + ",mlr=4,warmup=40")]
     print("| corpus | seed | dense_continued | SR-STE tax | " + " | ".join(f"CAST {v} tax" for v, _ in variants) + " |")
     print("|---|---|---|---|" + "---|" * len(variants))
     for corp, seed in itertools.product(("stdlib", "prose"), (0, 1, 2)):
