@@ -8,6 +8,9 @@
   a kernel (tests/reference.py: foreach_adams_step)
 * bf16 (and with --fp16 also fp16) parameters: AdamS on its fused 16-bit path vs
   AdamW(fused=True) and AdamW(foreach=True) on the same dtype
+* AdamS with masked_lr_scale=2 (masked weights step 2·lr) on the fast and generic paths: the
+  fast path selects the step size per element; the generic path then leaves `_fused_adamw_`
+  for its `_foreach_*` route
 * the generic path forced (float32): AdamS vs AdamW(foreach=True), torch's multi-tensor path,
   and the ATen operations one step launches for 10 and 100 parameters (torch profiler)
 * N:M mask: cast_rs.nm_mask vs a torch.topk-based mask
@@ -103,17 +106,25 @@ def generic_section(shape, tensors: int, rounds: int) -> None:
         return ps
 
     adams = cast_rs.AdamS(params(), lr=1e-3, weight_decay=WD, pattern="2:4", total_steps=10_000, mask_interval=10)
+    adams_r2 = cast_rs.AdamS(params(), lr=1e-3, weight_decay=WD, pattern="2:4", total_steps=10_000, mask_interval=10,
+                             masked_lr_scale=2.0)
 
     def generic_step():
         with cast_rs.force_generic_path():
             adams.step()
 
+    def generic_step_r2():
+        with cast_rs.force_generic_path():
+            adams_r2.step()
+
     foreach = torch.optim.AdamW(params(), lr=1e-3, weight_decay=WD, foreach=True)
     fused = torch.optim.AdamW(params(), lr=1e-3, weight_decay=WD, fused=True)
-    med = interleaved({"adams": generic_step, "foreach": foreach.step, "fused": fused.step}, rounds)
-    assert adams._kernel_calls[0] == 0, "must run on the generic path"
+    med = interleaved({"adams": generic_step, "adams_r2": generic_step_r2, "foreach": foreach.step,
+                       "fused": fused.step}, rounds)
+    assert adams._kernel_calls[0] == 0 and adams_r2._kernel_calls[0] == 0, "must run on the generic path"
     print(f"\ngeneric path forced, float32 ({tensors} x {shape[0]}x{shape[1]})   median ms   vs foreach   vs fused")
-    for key, label in (("adams", "cast_rs.AdamS (2:4, generic path)"), ("foreach", "torch AdamW(foreach=True)"),
+    for key, label in (("adams", "cast_rs.AdamS (2:4, generic path)"),
+                       ("adams_r2", "  the same, masked_lr_scale=2"), ("foreach", "torch AdamW(foreach=True)"),
                        ("fused", "torch AdamW(fused=True)")):
         print(f"{label:<40}{med[key] * 1e3:9.1f}   {med[key] / med['foreach']:8.2f}x   {med[key] / med['fused']:6.2f}x")
 
@@ -193,6 +204,9 @@ def main() -> None:
     # per round), so drift in the machine's speed (a shared VM) hits them alike.
     ps_adams = params()
     adams = cast_rs.AdamS(ps_adams, lr=1e-3, weight_decay=WD, pattern="2:4", total_steps=T, mask_interval=10)
+    ps_r2 = params()
+    adams_r2 = cast_rs.AdamS(ps_r2, lr=1e-3, weight_decay=WD, pattern="2:4", total_steps=T, mask_interval=10,
+                             masked_lr_scale=2.0)
     ps_dense = params()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "acts as AdamW": intended here
@@ -214,17 +228,19 @@ def main() -> None:
         counter[0] += 1
         foreach_adams_step(ps, grads, mus, vs, masks, counter[0], lr=1e-3, total_steps=T, mask_interval=10)
 
-    contenders = {"adams": adams.step, "dense": adams_dense.step, "adamw": adamw.step, "plain": plain_step}
+    contenders = {"adams": adams.step, "adams_r2": adams_r2.step, "dense": adams_dense.step, "adamw": adamw.step,
+                  "plain": plain_step}
     # The plain-PyTorch step is 10x slower: a third of the rounds is plenty for its median.
     med = interleaved(contenders, args.steps, every={"plain": 3})
-    assert adams._kernel_calls[1] == 0, "benchmark must run on the fast path"
+    assert adams._kernel_calls[1] == 0 and adams_r2._kernel_calls[1] == 0, "benchmark must run on the fast path"
     # contenders holds plain_step (and with it the tensors bound to it) and the optimizers' steps.
     del contenders, plain_step
-    del ps_adams, ps_adamw, ps_dense, adams_dense, ps, grads, mus, vs, masks, adams, adamw
+    del ps_adams, ps_adamw, ps_dense, adams_dense, ps, grads, mus, vs, masks, adams, adamw, ps_r2, adams_r2
 
     gbps = numel * 28 / med["adams"] / 1e9
     print("\nfloat32 optimizer step              median ms   vs fused AdamW")
     print(f"cast_rs.AdamS (2:4, fast path)      {med['adams'] * 1e3:9.1f}   {med['adams'] / med['adamw']:6.2f}x")
+    print(f"  the same, masked_lr_scale=2       {med['adams_r2'] * 1e3:9.1f}   {med['adams_r2'] / med['adamw']:6.2f}x")
     print(f"cast_rs.AdamS, dense (= AdamW)      {med['dense'] * 1e3:9.1f}   {med['dense'] / med['adamw']:6.2f}x")
     print(f"torch AdamW(fused=True)             {med['adamw'] * 1e3:9.1f}   {1.0:6.2f}x")
     print(f"plain-PyTorch AdamS (foreach)       {med['plain'] * 1e3:9.1f}   {med['plain'] / med['adamw']:6.2f}x")

@@ -43,6 +43,11 @@
 // is one count) and per weight decay (it is one per param group).
 // No call reads a value back to the host, so on CUDA the step never synchronises.
 //
+// `masked_lr_scale` r ≠ 1 (masked weights step r times the kept weights' lr; not the paper's
+// AdamS, opt-in): `_fused_adamw_` has one lr per call, so a sparse entry with r ≠ 1 takes the
+// `_foreach_*` route, where the numerator becomes lerp(r·μ̃, μ̃, keep) (μ̃ exactly where kept,
+// r·μ̃ where masked): 2 calls and one temporary more for those tensors.
+//
 // Non-finite values: the blend is arithmetic (there is no `_foreach_where`), so an infinite μ
 // or a NaN θ gives NaN in μ̃ where the fast path's per-element select keeps ±inf or μ; the
 // elements of θ that end non-finite are the same.
@@ -76,6 +81,7 @@ struct CastForeachScalars {
   double alpha;         // α = min(1, s / T) (sparse tensors)
   double step_size;     // lr / (1 − β1^s)
   double inv_bc2_sqrt;  // 1 / sqrt(1 − β2^s)
+  double masked_lr_scale;  // r: masked weights step r·lr (sparse tensors; 1 = the paper's AdamS)
 };
 }
 
@@ -174,10 +180,23 @@ void foreach_route(Lists& dense, Lists& sparse, double beta1, double beta2, doub
   }
   if (!sparse.empty()) {
     std::vector<at::Tensor> mt = mutilde(sparse, beta1, /*decay_pending=*/false);
+    // The numerator: μ̃, or lerp(r·μ̃, μ̃, keep) when some tensor has r ≠ 1 (lerp is exact
+    // at weights 0 and 1, so kept weights get μ̃ bit for bit).
+    std::vector<at::Tensor> top = mt;
+    std::vector<at::Scalar> ratio;
+    bool scaled = false;
+    for (const auto* c : sparse.sc) {
+      ratio.emplace_back(c->masked_lr_scale);
+      scaled = scaled || c->masked_lr_scale != 1.0;
+    }
+    if (scaled) {
+      top = at::_foreach_mul(mt, ratio);
+      at::_foreach_lerp_(top, mt, sparse.keep);
+    }
     for (size_t i = 0; i < sparse.p.size(); ++i) {
       p.push_back(sparse.p[i]);
       sq.push_back(mt[i]);
-      num.push_back(mt[i]);
+      num.push_back(top[i]);
       v.push_back(sparse.v[i]);
       scalars(sparse.sc[i]);
     }
@@ -212,7 +231,10 @@ int32_t cast_rs_adams_foreach(size_t k, const at::Tensor* const* params, const a
     std::vector<at::Scalar> factors;
     for (size_t i = 0; i < k; ++i) {
       const at::Tensor* d = keeps[i];
-      const bool fused = contiguous({params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], d});
+      // `_fused_adamw_` has one lr per call: a sparse tensor whose masked weights take
+      // another (r ≠ 1) goes the `_foreach_*` way.
+      const bool fused = contiguous({params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], d}) &&
+                         (d == nullptr || scalars[i].masked_lr_scale == 1.0);
       Lists* dest;
       if (fused) {
         const std::pair<double, double> key{scalars[i].step, scalars[i].weight_decay};

@@ -23,6 +23,7 @@ extern "C" {
 // Mirrors CastStepScalars in src/capi.rs.
 struct CastStepScalars {
   double lr, beta1, beta2, eps, weight_decay, l1_decay;
+  double masked_lr_scale;
   double total_steps;
   bool has_total_steps;
   int64_t mask_interval;
@@ -140,7 +141,8 @@ at::Tensor adams_step_(at::TensorList params, at::TensorList grads, at::TensorLi
                        at::IntArrayRef patterns, at::TensorList steps, double lr, double beta1, double beta2,
                        double eps, double weight_decay, double l1_decay, std::optional<double> total_steps,
                        int64_t mask_interval, std::optional<at::ArrayRef<double>> l1_decays,
-                       std::optional<at::ArrayRef<double>> weight_decays, bool force_generic) {
+                       std::optional<at::ArrayRef<double>> weight_decays, bool force_generic,
+                       double masked_lr_scale) {
   const size_t k = params.size();
   // List lengths are the one thing the C ABI cannot check (it takes k entries of each).
   auto same = [k](const char* name, size_t len) {
@@ -164,8 +166,17 @@ at::Tensor adams_step_(at::TensorList params, at::TensorList grads, at::TensorLi
     mask_values.push_back(m.has_value() ? *m : at::Tensor());
     if (m.has_value() && m->defined()) mask_ptrs[i] = &mask_values.back();
   }
-  const CastStepScalars scalars{lr,   beta1, beta2, eps, weight_decay, l1_decay, total_steps.value_or(0.0),
-                                total_steps.has_value(), mask_interval, force_generic};
+  const CastStepScalars scalars{lr,
+                                beta1,
+                                beta2,
+                                eps,
+                                weight_decay,
+                                l1_decay,
+                                masked_lr_scale,
+                                total_steps.value_or(0.0),
+                                total_steps.has_value(),
+                                mask_interval,
+                                force_generic};
   at::Tensor flips = at::empty({static_cast<int64_t>(k)}, at::kLong);
   char* message = nullptr;
   auto p = pointers(params), g = pointers(grads), mu = pointers(exp_avgs), v = pointers(exp_avg_sqs),
@@ -219,7 +230,8 @@ TORCH_LIBRARY(cast_rs, m) {
       "adams_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)?[] masks, int[] patterns, Tensor(e!)[] steps, *, float lr, float beta1, float beta2, "
       "float eps, float weight_decay, float l1_decay, float? total_steps, int mask_interval, "
-      "float[]? l1_decays=None, float[]? weight_decays=None, bool force_generic=False) -> Tensor");
+      "float[]? l1_decays=None, float[]? weight_decays=None, bool force_generic=False, "
+      "float masked_lr_scale=1.0) -> Tensor");
   // Compressed N:M linear layers (CPU inference): src/nm_linear.rs has the layout.
   m.def("nm_compress(Tensor weight, int n, int m) -> (Tensor, Tensor)");
   m.def("nm_decompress(Tensor values, Tensor index, int rows, int cols, int n, int m) -> Tensor");

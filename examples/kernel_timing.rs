@@ -35,6 +35,7 @@ fn main() {
         eps: 1e-8,
         weight_decay: 0.0,
         l1_decay: 1e-3,
+        masked_lr_scale: 1.0,
     };
     for (label, dim) in [("last", GroupDim::Last), ("dim0", GroupDim::First)] {
         let layout = GroupLayout::new(

@@ -38,6 +38,10 @@ pub struct AdamsHyper {
     pub weight_decay: f64,
     /// λ, the L1 decay target of masked-out weights.
     pub l1_decay: f64,
+    /// r: a masked-out weight's step is r times a kept weight's (lr·r instead of lr). 1 is
+    /// the paper's AdamS; r > 1 lets the masked weights reach zero sooner while the kept
+    /// weights keep the gentler rate (docs/sparsity_tax.md, finding 25).
+    pub masked_lr_scale: f64,
 }
 
 impl AdamsHyper {
@@ -56,6 +60,12 @@ impl AdamsHyper {
         finite_nonneg("eps", self.eps)?;
         finite_nonneg("weight_decay", self.weight_decay)?;
         finite_nonneg("l1_decay", self.l1_decay)?;
+        if !(self.masked_lr_scale.is_finite() && self.masked_lr_scale > 0.0) {
+            return Err(CastError::value(
+                "masked_lr_scale",
+                format!("expected a finite value > 0, got {}", self.masked_lr_scale),
+            ));
+        }
         for (name, b) in [("betas[0]", self.beta1), ("betas[1]", self.beta2)] {
             if !(0.0..1.0).contains(&b) {
                 return Err(CastError::value(
@@ -104,6 +114,9 @@ pub fn per_tensor(
 #[derive(Debug, Clone, Copy)]
 pub struct StepScalars {
     pub step_size: f32,
+    /// The step size of masked-out weights: lr·r / (1 − β1^s). Equal to `step_size` bit for
+    /// bit when r = 1 (lr·1 is lr exactly), so the paper's update is unchanged.
+    pub masked_step_size: f32,
     /// 1 / sqrt(1 − β2^s): a multiply instead of a per-element divide (within 1 ulp of
     /// torch's `sqrt(v) / bias_correction2_sqrt`).
     pub inv_bc2_sqrt: f32,
@@ -136,6 +149,7 @@ impl StepScalars {
         let s = step.max(1.0) as u64;
         StepScalars {
             step_size: (h.lr / bc1) as f32,
+            masked_step_size: (h.lr * h.masked_lr_scale / bc1) as f32,
             inv_bc2_sqrt: (1.0 / bc2.sqrt()) as f32,
             bc2_sqrt: bc2.sqrt() as f32,
             wd_factor: (1.0 - h.lr * h.weight_decay) as f32,
@@ -430,11 +444,15 @@ pub(crate) fn sparse_tile(
         let m = m_old + b1c * (g - m_old);
         mu[i] = m;
         let decayed = sc.one_minus_alpha * m + sc.alpha_l1 * sign(th);
-        let mt = if keep[i] != 0 { m } else { decayed };
+        let (mt, ss) = if keep[i] != 0 {
+            (m, sc.step_size)
+        } else {
+            (decayed, sc.masked_step_size)
+        };
         let vv = v[i] * b2 + (b2c * mt) * mt;
         v[i] = vv;
         let denom = vv.sqrt() * sc.inv_bc2_sqrt + eps;
-        theta[i] = th + (-sc.step_size * mt) / denom;
+        theta[i] = th + (-ss * mt) / denom;
     }
 }
 
@@ -468,10 +486,11 @@ mod avx512 {
             _mm512_set1_ps(b2c),
             _mm512_set1_ps(eps),
         );
-        let (vwd, vinv, vneg) = (
+        let (vwd, vinv, vneg, vneg_masked) = (
             _mm512_set1_ps(sc.wd_factor),
             _mm512_set1_ps(sc.inv_bc2_sqrt),
             _mm512_set1_ps(-sc.step_size),
+            _mm512_set1_ps(-sc.masked_step_size),
         );
         let (v1ma, val1) = (
             _mm512_set1_ps(sc.one_minus_alpha),
@@ -517,7 +536,8 @@ mod avx512 {
                 );
                 _mm512_storeu_ps(vp.add(o), vv);
                 let denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vv), vinv), veps);
-                let upd = _mm512_div_ps(_mm512_mul_ps(vneg, mt), denom);
+                let neg_ss = _mm512_mask_blend_ps(keep, vneg_masked, vneg);
+                let upd = _mm512_div_ps(_mm512_mul_ps(neg_ss, mt), denom);
                 _mm512_storeu_ps(tp.add(o), _mm512_add_ps(th, upd));
             }
         }
@@ -842,9 +862,9 @@ mod tests {
         for i in 0..th.len() {
             th[i] *= 1.0 - h.lr * h.weight_decay;
             mu[i] = h.beta1 * mu[i] + (1.0 - h.beta1) * g[i];
-            let (mt, x) = match keep {
-                None => (mu[i], g[i]),
-                Some(k) if k[i] == 1 => (mu[i], mu[i]),
+            let (mt, x, lr) = match keep {
+                None => (mu[i], g[i], h.lr),
+                Some(k) if k[i] == 1 => (mu[i], mu[i], h.lr),
                 Some(_) => {
                     let sg = if th[i] > 0.0 {
                         1.0
@@ -854,16 +874,21 @@ mod tests {
                         0.0
                     };
                     let d = (1.0 - alpha) * mu[i] + alpha * h.l1_decay * sg;
-                    (d, d)
+                    (d, d, h.lr * h.masked_lr_scale)
                 }
             };
             v[i] = h.beta2 * v[i] + (1.0 - h.beta2) * x * x;
             let denom = (v[i] / (1.0 - h.beta2.powf(s))).sqrt() + h.eps;
-            th[i] -= h.lr * (mt / (1.0 - h.beta1.powf(s))) / denom;
+            th[i] -= lr * (mt / (1.0 - h.beta1.powf(s))) / denom;
         }
     }
 
     fn run(sparse: bool, shape: [usize; 2], dim: GroupDim, steps: usize) {
+        run_scaled(sparse, shape, dim, steps, 1.0)
+    }
+
+    /// `masked_lr_scale` = `r`.
+    fn run_scaled(sparse: bool, shape: [usize; 2], dim: GroupDim, steps: usize, r: f64) {
         let h = AdamsHyper {
             lr: 1e-2,
             beta1: 0.9,
@@ -871,6 +896,7 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.01,
             l1_decay: 0.05,
+            masked_lr_scale: r,
         };
         let total = 20.0;
         let interval = 3;
@@ -945,7 +971,12 @@ mod tests {
                 && (mu[i] as f64 - mu64[i]).abs() <= 1e-6 + 1e-4 * mu64[i].abs()
                 && (v[i] as f64 - v64[i]).abs() <= 1e-12 + 1e-3 * v64[i].abs();
             loose += !tight as usize;
-            assert!(d <= 30.0 * h.lr, "θ[{i}] {} vs {}", th[i], th64[i]);
+            assert!(
+                d <= 30.0 * h.lr * r.max(1.0),
+                "θ[{i}] {} vs {}",
+                th[i],
+                th64[i]
+            );
         }
         assert!(
             loose * 1000 <= n,
@@ -975,6 +1006,42 @@ mod tests {
     }
 
     #[test]
+    fn masked_lr_scale_matches_reference() {
+        // Masked weights stepping 2.5x (and 0.5x) the kept weights' lr, on both group
+        // layouts; a dense tensor ignores it.
+        run_scaled(true, [33, 64], GroupDim::Last, 30, 2.5);
+        run_scaled(true, [64, 33], GroupDim::First, 30, 0.5);
+        run_scaled(false, [37, 53], GroupDim::Last, 30, 2.5);
+    }
+
+    #[test]
+    fn masked_lr_scale_one_is_the_paper_step_bit_for_bit() {
+        let h = AdamsHyper {
+            lr: 3e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            l1_decay: 0.1,
+            masked_lr_scale: 1.0,
+        };
+        for s in [1.0, 7.0, 1000.0] {
+            let sc = StepScalars::new(&h, s, Some(100.0), 10);
+            assert_eq!(sc.masked_step_size.to_bits(), sc.step_size.to_bits());
+        }
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let e = AdamsHyper {
+                masked_lr_scale: bad,
+                ..h
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(e.starts_with("masked_lr_scale:"), "{e}");
+        }
+    }
+
+    #[test]
     fn avx512_tile_is_bit_identical_to_scalar_tile() {
         if crate::simd::level() != crate::simd::Level::Avx512 {
             eprintln!("skipped: this CPU has no AVX-512 (the scalar tile is what runs here)");
@@ -987,6 +1054,7 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.1,
             l1_decay: 0.03,
+            masked_lr_scale: 2.0, // the blend of the two step sizes is exercised too
         };
         let mut seed = 5u64;
         let n = 4096 + 13; // a tail that is not a multiple of 16
@@ -1024,6 +1092,7 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.0,
             l1_decay: 1e-3,
+            masked_lr_scale: 1.0,
         };
         let mut th = vec![1.0f32, 0.5, -0.5, -1.0];
         let (mut mu, mut v, mut bits) = (vec![0f32; 4], vec![0f32; 4], vec![0u8; 1]);
@@ -1064,6 +1133,7 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.0,
             l1_decay: 0.0,
+            masked_lr_scale: 1.0,
         };
         let layout =
             GroupLayout::new(NmPattern::new(2, 4).unwrap(), &[2, 8], GroupDim::Last, "w").unwrap();
@@ -1129,6 +1199,7 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.0,
             l1_decay: 0.0,
+            masked_lr_scale: 1.0,
         };
         let mut th = vec![1.0f32; 8];
         let (mut mu, mut v) = (vec![0f32; 8], vec![0f32; 7]);

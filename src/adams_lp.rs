@@ -76,19 +76,23 @@ fn element(
 ) -> (f32, f32, f32) {
     let th = if sc.decay { th * sc.wd_factor } else { th };
     let m = sc.b1c.mul_add(g - m_old, m_old);
-    let (x, mt) = match keep {
-        None => (g, m),
+    let (x, mt, ss) = match keep {
+        None => (g, m, sc.step_size),
         Some(k) => {
             // Both sides computed, then a select: the keep flags of a 2:4 tensor alternate
             // unpredictably, and a branch on them would mispredict half the time.
             let decayed = sc.one_minus_alpha * m + sc.alpha_l1 * sign(th);
-            let mt = if k { m } else { decayed };
-            (mt, mt)
+            let (mt, ss) = if k {
+                (m, sc.step_size)
+            } else {
+                (decayed, sc.masked_step_size)
+            };
+            (mt, mt, ss)
         }
     };
     let vv = (sc.b2c * x).mul_add(x, v_old * sc.b2);
     let denom = vv.sqrt() / sc.bc2_sqrt + sc.eps;
-    (th + (-sc.step_size * mt) / denom, m, vv)
+    (th + (-ss * mt) / denom, m, vv)
 }
 
 /// Dense AdamW on 16-bit storage.
@@ -277,8 +281,8 @@ unsafe fn avx2_lanes(
         th
     };
     let m = _mm256_fmadd_ps(splat(sc.b1c), _mm256_sub_ps(g, m_old), m_old);
-    let (x, mt) = match keep {
-        None => (g, m),
+    let (x, mt, neg_ss) = match keep {
+        None => (g, m, splat(-sc.step_size)),
         Some(k) => {
             // sign(θ) as torch.sign: +1, -1, and +0 for ±0 and NaN (ordered compares).
             let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(th, _mm256_setzero_ps());
@@ -292,7 +296,8 @@ unsafe fn avx2_lanes(
                 _mm256_mul_ps(splat(sc.alpha_l1), sg),
             );
             let mt = _mm256_blendv_ps(decayed, m, k);
-            (mt, mt)
+            let neg_ss = _mm256_blendv_ps(splat(-sc.masked_step_size), splat(-sc.step_size), k);
+            (mt, mt, neg_ss)
         }
     };
     let vv = _mm256_fmadd_ps(
@@ -304,7 +309,7 @@ unsafe fn avx2_lanes(
         _mm256_div_ps(_mm256_sqrt_ps(vv), splat(sc.bc2_sqrt)),
         splat(sc.eps),
     );
-    let step = _mm256_div_ps(_mm256_mul_ps(splat(-sc.step_size), mt), denom);
+    let step = _mm256_div_ps(_mm256_mul_ps(neg_ss, mt), denom);
     (_mm256_add_ps(th, step), m, vv)
 }
 
@@ -363,11 +368,16 @@ mod tests {
         let x = if keep.is_none() { g } else { mt };
         let v2 = fma((1.0 - h.beta2) as f32 * x, x, v * h.beta2 as f32);
         let den = v2.sqrt() / (1.0 - h.beta2.powf(s)).sqrt() as f32 + h.eps as f32;
-        let ss = (h.lr / (1.0 - h.beta1.powf(s))) as f32;
+        let ss = match keep {
+            Some(false) => (h.lr * h.masked_lr_scale / (1.0 - h.beta1.powf(s))) as f32,
+            _ => (h.lr / (1.0 - h.beta1.powf(s))) as f32,
+        };
         [th + (-ss * mt) / den, m2, v2]
     }
 
-    /// The hyper-parameters of these tests: weight decay and L1 decay on.
+    /// The hyper-parameters of these tests: weight decay and L1 decay on, and masked weights
+    /// stepping 3x the kept ones (so that the select of the two step sizes is checked; r = 1
+    /// makes them equal bit for bit, `adams::tests`).
     fn test_hyper() -> AdamsHyper {
         AdamsHyper {
             lr: 1e-2,
@@ -376,6 +386,7 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.1,
             l1_decay: 0.05,
+            masked_lr_scale: 3.0,
         }
     }
 

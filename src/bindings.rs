@@ -212,8 +212,11 @@ fn nm_mask_numpy<'py>(
 /// removes it, in the parameter's dtype) or `None`. On success each entry is replaced by the tensor that step
 /// used (`None` for a parameter not on the generic path), to pass back at the next step; the
 /// caller must drop an entry whenever the packed mask changes by other means.
+///
+/// `masked_lr_scale` (default 1, the paper's AdamS): the masked-out weights' step is this
+/// many times the kept weights' (lr·r).
 #[pyfunction]
-#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, masks, patterns, steps, *, lr, beta1, beta2, eps, weight_decay, l1_decay, total_steps, mask_interval, force_generic=false, validate_only=false, l1_decays=None, weight_decays=None, mask_cache=None))]
+#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, masks, patterns, steps, *, lr, beta1, beta2, eps, weight_decay, l1_decay, total_steps, mask_interval, force_generic=false, validate_only=false, l1_decays=None, weight_decays=None, mask_cache=None, masked_lr_scale=1.0))]
 #[allow(clippy::too_many_arguments)]
 fn adams_step(
     py: Python<'_>,
@@ -237,6 +240,7 @@ fn adams_step(
     l1_decays: Option<Vec<f64>>,
     weight_decays: Option<Vec<f64>>,
     mask_cache: Option<Bound<'_, PyList>>,
+    masked_lr_scale: f64,
 ) -> PyResult<(usize, usize, Vec<Option<u64>>)> {
     let k = params.len();
     let unwrap = |v: Vec<TensorArg>| v.into_iter().map(|t| t.0).collect::<Vec<_>>();
@@ -261,6 +265,7 @@ fn adams_step(
             eps,
             weight_decay,
             l1_decay,
+            masked_lr_scale,
         },
         total_steps,
         mask_interval,

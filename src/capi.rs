@@ -248,6 +248,8 @@ pub struct CastStepScalars {
     pub eps: f64,
     pub weight_decay: f64,
     pub l1_decay: f64,
+    /// The masked weights' step relative to the kept ones' (1: the paper's AdamS).
+    pub masked_lr_scale: f64,
     /// Used when `has_total_steps`.
     pub total_steps: f64,
     pub has_total_steps: bool,
@@ -324,6 +326,7 @@ pub unsafe extern "C" fn cast_rs_adams_step(
                     eps: sc.eps,
                     weight_decay: sc.weight_decay,
                     l1_decay: sc.l1_decay,
+                    masked_lr_scale: sc.masked_lr_scale,
                 },
                 total_steps: sc.has_total_steps.then_some(sc.total_steps),
                 mask_interval,

@@ -578,6 +578,7 @@ mod tests {
                 eps: 1e-8,
                 weight_decay: 0.0,
                 l1_decay: 0.1,
+                masked_lr_scale: 1.0,
             },
             total_steps: Some(100.0),
             mask_interval: 1,

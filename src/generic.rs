@@ -171,6 +171,7 @@ struct ForeachScalars {
     alpha: f64,
     step_size: f64,
     inv_bc2_sqrt: f64,
+    masked_lr_scale: f64,
 }
 
 extern "C" {
@@ -328,6 +329,7 @@ pub fn adams_step_multi(
                 alpha: it.scalars.alpha,
                 step_size: it.scalars.step_size,
                 inv_bc2_sqrt: it.scalars.inv_bc2_sqrt,
+                masked_lr_scale: it.hyper.masked_lr_scale,
             })
             .collect();
         let h = &members[0].hyper;

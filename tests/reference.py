@@ -68,10 +68,10 @@ class RefAdamS(torch.optim.Optimizer):
 
     def __init__(self, params, specs: Dict[torch.Tensor, Tuple[int, int, int]], lr=1e-3, betas=(0.9, 0.999),
                  eps=1e-8, weight_decay=0.0, l1_decay=1e-3, total_steps=100, mask_interval=10,
-                 l1_mode="absolute", ramp_end=1.0):
+                 l1_mode="absolute", ramp_end=1.0, masked_lr_scale=1.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       l1_decay=l1_decay, total_steps=total_steps, mask_interval=mask_interval,
-                                      l1_mode=l1_mode, ramp_end=ramp_end))
+                                      l1_mode=l1_mode, ramp_end=ramp_end, masked_lr_scale=masked_lr_scale))
         self.specs = specs
 
     @torch.no_grad()
@@ -115,7 +115,13 @@ class RefAdamS(torch.optim.Optimizer):
                 bc1 = 1 - b1**s
                 bc2_sqrt = math.sqrt(1 - b2**s)
                 denom = (v.sqrt() / bc2_sqrt).add_(eps)
-                p.addcdiv_(mt, denom, value=-lr / bc1)
+                r = group["masked_lr_scale"]
+                if spec is not None and r != 1.0:
+                    # Masked weights step lr·r, kept ones lr.
+                    step_size = torch.where(st["mask"], lr / bc1, lr * r / bc1)
+                    p.sub_(step_size * mt / denom)
+                else:
+                    p.addcdiv_(mt, denom, value=-lr / bc1)
 
 
 def topk_nm_mask(x: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -174,7 +180,7 @@ def ieee_sqrt(x: torch.Tensor) -> torch.Tensor:
 
 def ref_adams_lowp_step(p: torch.Tensor, g: torch.Tensor, mu: torch.Tensor, v: torch.Tensor,
                         keep: Optional[torch.Tensor], s: int, *, lr: float, betas=(0.9, 0.999), eps=1e-8,
-                        weight_decay=0.0, l1_decay=0.0, alpha=1.0) -> None:
+                        weight_decay=0.0, l1_decay=0.0, alpha=1.0, masked_lr_scale=1.0) -> None:
     """One AdamS (``keep`` a bool mask) or AdamW (``keep=None``) step on bf16/fp16 storage, in
     place, as the fused CPU kernel defines it: values widened exactly to float32, float32
     arithmetic in the order of torch's fused AdamW kernel, one round-to-nearest-even per stored
@@ -199,7 +205,11 @@ def ref_adams_lowp_step(p: torch.Tensor, g: torch.Tensor, mu: torch.Tensor, v: t
         x = mt = torch.where(keep, m2, decayed)
     v2 = fma(f(1 - b2) * x, x, vf * f(b2))
     denom = ieee_sqrt(v2) / f(math.sqrt(1 - b2**s)) + f(eps)
-    th2 = th + (f(-lr / (1 - b1**s)) * mt) / denom
+    neg_step = f(-lr / (1 - b1**s))
+    if keep is not None:
+        # The masked weights' step size, rounded once as the kernel's (lr·r / (1 − β1^s)).
+        neg_step = torch.where(keep, neg_step, f(-(lr * masked_lr_scale) / (1 - b1**s)))
+    th2 = th + (neg_step * mt) / denom
     p.copy_(th2)
     mu.copy_(m2)
     v.copy_(v2)

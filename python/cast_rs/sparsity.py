@@ -311,7 +311,7 @@ class SparseModel:
 
     @torch.no_grad()
     def suggest_lr(self, total_steps: int, *, dense_lr: Optional[float] = None, quantile: float = 0.99,
-                   schedule_sum: float = 0.5) -> float:
+                   schedule_sum: float = 0.5, masked_lr_scale: float = 1.0) -> float:
         """A learning rate for :class:`AdamS` on this model: at least what the weights its masks
         remove need to travel to zero, and, given ``dense_lr``, half of that.
 
@@ -322,7 +322,9 @@ class SparseModel:
             Σ_s lr_s = schedule_sum · lr · total_steps  >=  q,
             q = the ``quantile`` of |w| over the weights the current N:M masks remove
 
-        which gives the floor ``q / (schedule_sum · total_steps)``. ``schedule_sum`` is your
+        which gives the floor ``q / (schedule_sum · total_steps)`` (divided by
+        ``masked_lr_scale`` when you give AdamS one: the masked weights then step
+        ``lr · masked_lr_scale``). ``schedule_sum`` is your
         schedule's mean learning rate relative to its peak: 0.5 for a cosine or linear decay
         to 0 (a linear warmup keeps it at 0.5), 1 for a constant rate. Without ``dense_lr``
         this returns the floor; with it, ``max(floor, dense_lr / 2)``, where ``dense_lr`` is
@@ -349,6 +351,9 @@ class SparseModel:
             raise CastError(f"quantile: expected a number in (0, 1], got {quantile!r}")
         if not (isinstance(schedule_sum, (int, float)) and 0.0 < float(schedule_sum) <= 1.0):
             raise CastError(f"schedule_sum: expected a number in (0, 1], got {schedule_sum!r}")
+        if not (isinstance(masked_lr_scale, (int, float)) and not isinstance(masked_lr_scale, bool)
+                and math.isfinite(masked_lr_scale) and masked_lr_scale > 0):
+            raise CastError(f"masked_lr_scale: expected a finite number > 0 (as given to AdamS), got {masked_lr_scale!r}")
         if dense_lr is not None and not (isinstance(dense_lr, (int, float)) and not isinstance(dense_lr, bool)
                                          and math.isfinite(dense_lr) and dense_lr > 0):
             raise CastError(f"dense_lr: expected a positive number (the dense AdamW lr) or None, got {dense_lr!r}")
@@ -364,7 +369,7 @@ class SparseModel:
         if mags.numel() > limit:
             mags = mags[:: -(-mags.numel() // limit)]
         q = float(torch.quantile(mags, float(quantile)))
-        floor = q / (float(schedule_sum) * steps)
+        floor = q / (float(schedule_sum) * steps * float(masked_lr_scale))
         return floor if dense_lr is None else max(floor, float(dense_lr) / 2.0)
 
     @torch.no_grad()
