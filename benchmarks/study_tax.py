@@ -227,10 +227,13 @@ def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, l
         handle = sparsify(model, pattern, scaling_groups=int(kv.get("scale", 2)))
         T = steps
         common = dict(l1=float(kv.get("l1", 0.1)), ramp=float(kv.get("ramp", 1.0)), interval=int(kv.get("interval", 10)))
-        if kv.get("opt", "lib") == "lib" and kv.get("vsrc", "mutilde") == "mutilde" and "mlr" not in kv:
+        # mlr = the library's masked_lr_scale (since session 10; the mlr runs recorded before it
+        # used ResearchAdamS's equivalent knob, docs/sparsity_tax.md says which).
+        if kv.get("opt", "lib") == "lib" and kv.get("vsrc", "mutilde") == "mutilde":
             opt = cast_rs.AdamS(model.parameters(), lr=run_lr, betas=(0.9, 0.95), l1_decay=common["l1"],
                                 total_steps=T, mask_interval=common["interval"], ramp_end=common["ramp"],
-                                l1_mode="relative" if kv.get("mode", "abs") == "rel" else "absolute")
+                                l1_mode="relative" if kv.get("mode", "abs") == "rel" else "absolute",
+                                masked_lr_scale=float(kv.get("mlr", 1.0)))
         else:
             specs = {l.weight: (n, m_, l.dim) for l in handle.layers}
             opt = ResearchAdamS(model.parameters(), specs, lr=run_lr, betas=(0.9, 0.95), total_steps=T,
@@ -373,10 +376,10 @@ def cmd_report(a) -> None:
             tax = lambda r, dc=dc: f"{r['ppl']:.4f} ({100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%)" if r else "-"  # noqa: E731
             # A warmup changes the schedule, so its CAST run is compared with dense_continued
             # and SR-STE under the same warmup (the causes table), not here.
-            # mlr= and opt=ref are knobs of the study's research optimizer, not of the library:
-            # "best tried" is what a user can set.
+            # opt=ref is the study's research optimizer, not the library: "best tried" is what a
+            # user can set (mlr = AdamS's masked_lr_scale).
             casts = [r for r in rs if r["method"].startswith("cast")
-                     and not any(k in r["method"] for k in ("warmup=", "mlr=", "opt=ref"))]
+                     and not any(k in r["method"] for k in ("warmup=", "opt=ref"))]
             best = min(casts, key=lambda r: r["ppl"]) if casts else None
             best_name = f" `{best['method']}`" if best else ""
             print(f"| {model} | {corp} | {steps} | {dc['dense']:.4f} | {dc['ppl']:.4f} | {mag['ppl'] if mag else float('nan'):.4f} | "
@@ -419,20 +422,22 @@ def cmd_report(a) -> None:
         st = tax(sr)
         cell = lambda x, st=st: f"{x:+.2f}% ({st - x:.2f})" if x is not None else "-"  # noqa: E731
         print(f"| {corp} | {steps} | {seed} | {dc['ppl']:.4f} | {st:+.2f}% | {cell(tax(cd))} | {cell(tax(cs))} |")
-    print("\n#### mlr (small model, lr 5e-4: the masked weights' step mlr times the kept weights'; "
-          "tax against dense_continued without warmup)\n")
-    variants = [("no warmup", suggested), ("warmup", suggested + ",warmup=40"),
-                ("warmup, mlr 2", suggested + ",mlr=2,warmup=40"), ("warmup, mlr 4", suggested + ",mlr=4,warmup=40")]
-    print("| corpus | seed | dense_continued | SR-STE tax | " + " | ".join(f"CAST {v} tax" for v, _ in variants) + " |")
-    print("|---|---|---|---|" + "---|" * len(variants))
-    for corp, seed in itertools.product(("stdlib", "prose"), (0, 1, 2)):
-        rs = _rows("small", corp, 400, seed=seed)
+    print("\n#### mlr (small model, lr 5e-4: the masked weights' step mlr times the kept weights' "
+          "(AdamS's masked_lr_scale); warmup = 10 % of the steps; tax against dense_continued without warmup)\n")
+    labels = ("no warmup", "warmup", "mlr 2", "warmup, mlr 2", "warmup, mlr 4")
+    print("| corpus | sparse steps | seed | dense_continued | SR-STE tax | " + " | ".join(f"CAST {v} tax" for v in labels) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(labels))
+    for corp, steps, seed in itertools.product(("stdlib", "prose"), (400, 1000), (0, 1, 2)):
+        w = steps // 10
+        variants = (suggested, f"{suggested},warmup={w}", f"{suggested},mlr=2", f"{suggested},mlr=2,warmup={w}",
+                    f"{suggested},mlr=4,warmup={w}")
+        rs = _rows("small", corp, steps, seed=seed)
         dc, sr = _last(rs, "dense_continued"), _last(rs, "srste")
-        runs = [_last(rs, m) for _, m in variants]
-        if not (dc and sum(r is not None for r in runs) >= 2):
+        runs = [_last(rs, m) for m in variants]
+        if not (dc and sum(r is not None for r in runs[1:]) >= 1):
             continue
         tax = lambda r, dc=dc: f"{100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%" if r else "-"  # noqa: E731
-        print(f"| {corp} | {seed} | {dc['ppl']:.4f} | {tax(sr)} | " + " | ".join(tax(r) for r in runs) + " |")
+        print(f"| {corp} | {steps} | {seed} | {dc['ppl']:.4f} | {tax(sr)} | " + " | ".join(tax(r) for r in runs) + " |")
     print("\n#### N:M patterns (small, stdlib, 400 steps)\n")
     print("| pattern | magnitude | SR-STE | SR-STE tax | CAST | CAST tax |")
     print("|---|---|---|---|---|---|")
