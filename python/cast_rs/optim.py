@@ -38,7 +38,8 @@ DEFAULT_RAMP_END = 1.0
 #: r = ``masked_lr_scale``: a masked-out weight's step is r times a kept weight's (lr·r). 1.0 is
 #: the paper's AdamS. Not part of the paper; opt-in. On the study's small model (2:4, 400
 #: steps, lr 5e-4 with a warmup) r = 2 lowered the sparsity tax by 0.25-0.30 point on every
-#: seed and both corpora, at 1000 steps by 0.05-0.13 (docs/sparsity_tax.md, finding 25).
+#: seed and both corpora; at 1000 steps it changed nothing (docs/sparsity_tax.md, findings 25
+#: and 28).
 DEFAULT_MASKED_LR_SCALE = 1.0
 
 _ParamsT = Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]], Iterable[Tuple[str, torch.Tensor]]]
@@ -119,10 +120,12 @@ class AdamS(Optimizer):
             the paper; opt-in. Once the decay has taken over, a masked weight moves toward zero
             by about ``lr·r`` per step, so r > 1 lets the masked weights reach zero sooner
             (leaving the sparse model more of the run to recover) while the kept weights keep
-            a gentler rate. Measured (docs/sparsity_tax.md, finding 25; small GPT, 2:4,
-            lr 5e-4 with a 10 % warmup): r = 2 lowered the tax by 0.25-0.30 point at 400
-            steps and by 0.05-0.13 at 1000; r = 4 was no better than 2. Not measured on a
-            larger model yet. Dense parameters ignore it.
+            a gentler rate. Measured (docs/sparsity_tax.md, findings 25 and 28; small GPT,
+            2:4, lr 5e-4 with a 10 % warmup): r = 2 lowered the tax by 0.25-0.30 point at 400
+            steps and by 0.00-0.04 at 1000; r = 4 was no better than 2. A lever for short
+            runs; not measured on a larger model yet. Dense parameters ignore it. On the
+            generic path a sparse tensor with r != 1 takes the ``_foreach_*`` route instead
+            of ``_fused_adamw_`` (about 1.1x the step time).
         pattern: ``"N:M"`` / ``(N, M)`` to make every parameter of the group N:M along its
             last dimension, or None (dense). A parameter marked by :func:`cast_rs.sparsify`
             is sparse along its marked dimension whatever the group says.
