@@ -38,8 +38,8 @@ DEFAULT_RAMP_END = 1.0
 #: r = ``masked_lr_scale``: a masked-out weight's step is r times a kept weight's (lr·r). 1.0 is
 #: the paper's AdamS. Not part of the paper; opt-in. On the study's small model (2:4, 400
 #: steps, lr 5e-4 with a warmup) r = 2 lowered the sparsity tax by 0.25-0.30 point on every
-#: seed and both corpora; at 1000 steps it changed nothing (docs/sparsity_tax.md, findings 25
-#: and 28).
+#: seed and both corpora; at 1000 steps by 0.01-0.10 (docs/sparsity_tax.md, findings 25 and
+#: 28).
 DEFAULT_MASKED_LR_SCALE = 1.0
 
 _ParamsT = Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]], Iterable[Tuple[str, torch.Tensor]]]
@@ -122,7 +122,7 @@ class AdamS(Optimizer):
             (leaving the sparse model more of the run to recover) while the kept weights keep
             a gentler rate. Measured (docs/sparsity_tax.md, findings 25 and 28; small GPT,
             2:4, lr 5e-4 with a 10 % warmup): r = 2 lowered the tax by 0.25-0.30 point at 400
-            steps and by 0.00-0.04 at 1000; r = 4 was no better than 2. A lever for short
+            steps and by 0.01-0.10 at 1000; r = 4 was no better than 2. A lever for short
             runs; not measured on a larger model yet. Dense parameters ignore it. On the
             generic path a sparse tensor with r != 1 takes the ``_foreach_*`` route instead
             of ``_fused_adamw_`` (about 1.1x the step time).
