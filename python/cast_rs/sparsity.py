@@ -263,6 +263,11 @@ def _integer_arg(x) -> Optional[int]:
     return int(v)
 
 
+def _positive_finite(x) -> bool:
+    """Whether ``x`` is a finite Python number > 0 (bool is not a number here)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
 class SparseModel:
     """Handle returned by :func:`sparsify`: the layers, what was skipped, stats, finalize."""
 
@@ -351,11 +356,9 @@ class SparseModel:
             raise CastError(f"quantile: expected a number in (0, 1], got {quantile!r}")
         if not (isinstance(schedule_sum, (int, float)) and 0.0 < float(schedule_sum) <= 1.0):
             raise CastError(f"schedule_sum: expected a number in (0, 1], got {schedule_sum!r}")
-        if not (isinstance(masked_lr_scale, (int, float)) and not isinstance(masked_lr_scale, bool)
-                and math.isfinite(masked_lr_scale) and masked_lr_scale > 0):
+        if not _positive_finite(masked_lr_scale):
             raise CastError(f"masked_lr_scale: expected a finite number > 0 (as given to AdamS), got {masked_lr_scale!r}")
-        if dense_lr is not None and not (isinstance(dense_lr, (int, float)) and not isinstance(dense_lr, bool)
-                                         and math.isfinite(dense_lr) and dense_lr > 0):
+        if dense_lr is not None and not _positive_finite(dense_lr):
             raise CastError(f"dense_lr: expected a positive number (the dense AdamW lr) or None, got {dense_lr!r}")
         n, m = self.pattern
         removed = []
