@@ -371,3 +371,42 @@ def test_suggest_lr_is_the_removed_weights_quantile_over_the_schedule_sum():
     sparse.finalize()
     with pytest.raises(cast_rs.CastError, match="finalized"):
         sparse.suggest_lr(400)
+
+
+def test_suggest_adams_keeps_half_the_dense_lr_and_speeds_up_only_the_masked_weights():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    sparse = cast_rs.sparsify(model, "2:4")
+    short, long_ = 10, 10**6
+    floor_short, floor_long = sparse.suggest_lr(short), sparse.suggest_lr(long_)
+    dense_lr = 2 * (floor_short * floor_long) ** 0.5  # half of it lies between the two floors
+    assert floor_long < dense_lr / 2 < floor_short
+    # Short run: suggest_lr would raise every weight's lr to the floor; suggest_adams keeps the
+    # kept weights at dense_lr / 2 and gives the masked ones exactly the floor (lr · r).
+    hp = sparse.suggest_adams(short, dense_lr=dense_lr)
+    assert set(hp) == {"lr", "masked_lr_scale"}
+    assert hp["lr"] == dense_lr / 2 and hp["masked_lr_scale"] > 1
+    assert hp["lr"] * hp["masked_lr_scale"] == pytest.approx(floor_short, rel=1e-12)
+    assert sparse.suggest_lr(short, dense_lr=dense_lr) == floor_short
+    # Long run: the paper's update (r = 1) at suggest_lr's lr.
+    hp_long = sparse.suggest_adams(long_, dense_lr=dense_lr)
+    assert hp_long == {"lr": sparse.suggest_lr(long_, dense_lr=dense_lr), "masked_lr_scale": 1.0}
+    # schedule_sum / quantile reach the floor as in suggest_lr.
+    hp_const = sparse.suggest_adams(short, dense_lr=dense_lr, schedule_sum=1.0, quantile=0.5)
+    assert hp_const["lr"] * hp_const["masked_lr_scale"] == pytest.approx(
+        max(dense_lr / 2, sparse.suggest_lr(short, schedule_sum=1.0, quantile=0.5)), rel=1e-12)
+    opt = cast_rs.AdamS(model.parameters(), total_steps=short, **hp)  # what it is for
+    assert opt.param_groups[0]["masked_lr_scale"] == hp["masked_lr_scale"]
+    for kwargs, param in (({"total_steps": 0, "dense_lr": 1e-3}, "total_steps"),
+                          ({"total_steps": 10, "dense_lr": 0.0}, "dense_lr"),
+                          ({"total_steps": 10, "dense_lr": float("inf")}, "dense_lr"),
+                          ({"total_steps": 10, "dense_lr": None}, "dense_lr"),
+                          ({"total_steps": 10, "dense_lr": 1e-3, "quantile": 2}, "quantile"),
+                          ({"total_steps": 10, "dense_lr": 1e-3, "schedule_sum": 0}, "schedule_sum")):
+        with pytest.raises(cast_rs.CastError, match=f"^{param}:"):
+            sparse.suggest_adams(**kwargs)
+    with pytest.raises(TypeError):
+        sparse.suggest_adams(10)  # dense_lr is required: without it there is no kept-weight lr
+    sparse.finalize()
+    with pytest.raises(cast_rs.CastError, match="^suggest_adams: the model is finalized"):
+        sparse.suggest_adams(10, dense_lr=1e-3)

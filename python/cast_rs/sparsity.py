@@ -347,8 +347,47 @@ class SparseModel:
         starting point, not a law. Call it after :func:`sparsify` and before training (on a
         finalized model the masked weights are already zero).
         """
+        if not _positive_finite(masked_lr_scale):
+            raise CastError(f"masked_lr_scale: expected a finite number > 0 (as given to AdamS), got {masked_lr_scale!r}")
+        if dense_lr is not None and not _positive_finite(dense_lr):
+            raise CastError(f"dense_lr: expected a positive number (the dense AdamW lr) or None, got {dense_lr!r}")
+        floor = self._travel_floor("suggest_lr", total_steps, quantile, schedule_sum) / float(masked_lr_scale)
+        return floor if dense_lr is None else max(floor, float(dense_lr) / 2.0)
+
+    @torch.no_grad()
+    def suggest_adams(self, total_steps: int, *, dense_lr: float, quantile: float = 0.99,
+                      schedule_sum: float = 0.5) -> Dict[str, float]:
+        """``lr`` and ``masked_lr_scale`` for :class:`AdamS`: the kept weights at half the dense
+        learning rate, the masked weights as fast as they must go to reach zero within the run.
+
+        Returns ``{"lr": dense_lr / 2, "masked_lr_scale": max(1, floor / (dense_lr / 2))}``
+        where ``floor`` is :meth:`suggest_lr`'s travel floor (``suggest_lr(total_steps)``), so::
+
+            optimizer = cast_rs.AdamS(model.parameters(), total_steps=T,
+                                      **sparse.suggest_adams(T, dense_lr=1e-3))
+
+        Where the floor is below half the dense rate (long runs: about 400 steps and more for the
+        study's models at dense lr 1e-3) this is ``suggest_lr(T, dense_lr=...)`` with
+        ``masked_lr_scale`` 1, the paper's update. Where it is above (short runs),
+        :meth:`suggest_lr` raises every weight's lr to the floor, which shakes the kept weights
+        of a well-trained model; this keeps them at half the dense rate and moves only the
+        masked ones faster (``masked_lr_scale`` is an addition to the paper's AdamS, see
+        :class:`AdamS`). Evidence (docs/sparsity_tax.md, finding 29; 2:4, cosine to 0, dense
+        AdamW lr 1e-3, 150 sparse steps): small model, stdlib: tax +5.4 % against +13.0 % at
+        ``suggest_lr``'s lr and +5.8 % for SR-STE; also measured on a second corpus and a
+        model 8x larger (see there). Call it after :func:`sparsify` and before training.
+        """
+        if not _positive_finite(dense_lr):
+            raise CastError(f"dense_lr: expected a positive number (the dense AdamW lr), got {dense_lr!r}")
+        floor = self._travel_floor("suggest_adams", total_steps, quantile, schedule_sum)
+        lr = float(dense_lr) / 2.0
+        return {"lr": lr, "masked_lr_scale": max(1.0, floor / lr)}
+
+    def _travel_floor(self, caller: str, total_steps: int, quantile: float, schedule_sum: float) -> float:
+        """q / (schedule_sum · total_steps), q = the ``quantile`` of |w| over the weights the
+        current masks remove: the lr at which they can reach zero within the run (suggest_lr)."""
         if self.finalized:
-            raise CastError("suggest_lr: the model is finalized; its masked weights are already zero")
+            raise CastError(f"{caller}: the model is finalized; its masked weights are already zero")
         steps = _integer_arg(total_steps)
         if steps is None or steps < 1:
             raise CastError(f"total_steps: expected an integer >= 1, got {total_steps!r}")
@@ -356,10 +395,6 @@ class SparseModel:
             raise CastError(f"quantile: expected a number in (0, 1], got {quantile!r}")
         if not (isinstance(schedule_sum, (int, float)) and 0.0 < float(schedule_sum) <= 1.0):
             raise CastError(f"schedule_sum: expected a number in (0, 1], got {schedule_sum!r}")
-        if not _positive_finite(masked_lr_scale):
-            raise CastError(f"masked_lr_scale: expected a finite number > 0 (as given to AdamS), got {masked_lr_scale!r}")
-        if dense_lr is not None and not _positive_finite(dense_lr):
-            raise CastError(f"dense_lr: expected a positive number (the dense AdamW lr) or None, got {dense_lr!r}")
         n, m = self.pattern
         removed = []
         for layer in self.layers:
@@ -367,13 +402,12 @@ class SparseModel:
             removed.append(w[~nm_mask(w, (n, m), dim=layer.dim)].abs().flatten())
         mags = torch.cat(removed) if removed else torch.zeros(0)
         if mags.numel() == 0:
-            raise CastError("suggest_lr: this model has no sparse weights")
+            raise CastError(f"{caller}: this model has no sparse weights")
         limit = 1 << 24  # torch.quantile's input limit: an even subsample beyond it
         if mags.numel() > limit:
             mags = mags[:: -(-mags.numel() // limit)]
         q = float(torch.quantile(mags, float(quantile)))
-        floor = q / (float(schedule_sum) * steps * float(masked_lr_scale))
-        return floor if dense_lr is None else max(floor, float(dense_lr) / 2.0)
+        return q / (float(schedule_sum) * steps)
 
     @torch.no_grad()
     def finalize(self) -> FinalizeReport:
