@@ -13,7 +13,7 @@ blocks = {}
 for part in re.split(r"^#### ", rep, flags=re.M)[1:]:
     title, _, body = part.partition("\n")
     blocks[title.split(" ")[0]] = body.strip() + "\n"
-names = {"MAIN": "main", "CAUSES": "causes", "LENGTH": "length", "NM": "N:M", "SEEDS": "seeds", "WARMUP": "warmup", "LARGE": "large", "MLR": "mlr"}
+names = {"MAIN": "main", "CAUSES": "causes", "LENGTH": "length", "NM": "N:M", "SEEDS": "seeds", "WARMUP": "warmup", "LARGE": "large", "MLR": "mlr", "SHORT": "short"}
 p = "docs/sparsity_tax.md"
 s = open(p).read()
 for marker, key in names.items():

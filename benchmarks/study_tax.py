@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -350,9 +351,10 @@ SUGGESTED_CAST = "cast:l1=0.1,lr=5e-4"
 
 def _length_rows(model: str, corp: str):
     """(steps, dense_continued, SR-STE, CAST lr 1e-3, CAST at suggest_lr) for every length of one
-    setting that has dense_continued, SR-STE and at least one of the CAST runs."""
+    setting that has dense_continued, SR-STE and at least one of the CAST runs. The issue's
+    lengths and 400 (the 150-step runs have their own table, "short")."""
     out = []
-    for steps in sorted({r["steps"] for r in _rows(model, corp)}):
+    for steps in sorted({r["steps"] for r in _rows(model, corp)} & {100, 300, 400, 1000, 3000}):
         rs = _rows(model, corp, steps)
         dc, sr, cd, cs = (_last(rs, m) for m in ("dense_continued", "srste", DEFAULT_CAST, SUGGESTED_CAST))
         if dc and sr and (cd or cs):
@@ -480,6 +482,29 @@ def cmd_report(a) -> None:
             cells += [f"{r['ppl']:.4f}", "-" if meth == "dense_continued" else f"{100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%"]
             early.append(f"{dict(map(tuple, r.get('curve', []))).get(10, float('nan')):.2f}")
         print(f"| `{meth}` | " + " | ".join(cells) + f" | {' / '.join(early)} |")
+    print("\n#### short (runs shorter than 400 steps: suggest_lr raises every weight's lr to the floor, "
+          "suggest_adams keeps the kept weights at 5e-4 and gives the masked ones the floor; tax against "
+          "dense_continued; lead = SR-STE's tax minus CAST's at suggest_adams)\n")
+    print("| model | corpus | sparse steps | dense_continued | SR-STE tax | CAST lr 1e-3 tax | CAST at suggest_lr "
+          "(= floor) | tax | CAST at suggest_adams (lr 5e-4, masked_lr_scale) | tax | lead over SR-STE (points) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for model, corp, steps in itertools.product(MODELS, ("stdlib", "prose"), (100, 150, 300)):
+        rs = _rows(model, corp, steps)
+        dc, sr, cd = (_last(rs, m) for m in ("dense_continued", "srste", DEFAULT_CAST))
+        # The two rules' runs, recognised by their spec: lr above 5e-4 and no mlr (suggest_lr's
+        # floor), lr 5e-4 with mlr (suggest_adams; r rounded to two decimals).
+        floor_runs = [r for r in rs if re.fullmatch(r"cast:l1=0\.1,lr=[0-9.e-]+", r["method"])
+                      and float(r["method"].rsplit("=", 1)[1]) > 5e-4]
+        adams_runs = [r for r in rs if re.fullmatch(r"cast:l1=0\.1,lr=5e-4,mlr=[0-9.]+", r["method"])]
+        if not (dc and adams_runs):
+            continue
+        tax = lambda r, dc=dc: 100 * (r["ppl"] / dc["ppl"] - 1)  # noqa: E731
+        fmt = lambda r, tax=tax: f"{tax(r):+.2f}%" if r else "-"  # noqa: E731
+        fl, ad = (floor_runs[-1] if floor_runs else None), adams_runs[-1]
+        lead = f"{tax(sr) - tax(ad):.2f}" if sr else "-"
+        print(f"| {model} | {corp} | {steps} | {dc['ppl']:.4f} | {fmt(sr)} | {fmt(cd)} | "
+              f"{fl['method'].rsplit('=', 1)[1] if fl else '-'} | {fmt(fl)} | "
+              f"r = {ad['method'].rsplit('=', 1)[1]} | {fmt(ad)} | {lead} |")
 
 
 def _pyplot():

@@ -162,10 +162,10 @@ def test_every_trained_method_warms_up_then_decays():
     assert lrs[4] == 1.0 and all(a > b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] > 0
 
 
-def test_demo_cast_takes_suggest_lr_unless_given_one():
-    """CAST in the demo runs at what the README tells users to use, ``suggest_lr(steps,
-    dense_lr=lr)``; ``cast_lr`` overrides it. The optimizer's lr (the peak, before the
-    schedule) is the one returned and logged."""
+def test_demo_cast_takes_suggest_adams_unless_given_an_lr():
+    """CAST in the demo runs at what the README tells users to use, ``suggest_adams(steps,
+    dense_lr=lr)``; ``cast_lr`` overrides it (with the paper's masked_lr_scale 1). The
+    optimizer's lr (the peak, before the schedule) is the one returned and logged."""
     import copy
 
     from cast_rs import sparsify
@@ -179,14 +179,17 @@ def test_demo_cast_takes_suggest_lr_unless_given_one():
     data = torch.randint(0, 256, (5000,), dtype=torch.uint8)
     batches = Batches(data, 2, cfg.model.context, 0)
     # The expected value, from an identical model sparsified the same way.
-    expected = sparsify(copy.deepcopy(base), cfg.pattern, scaling_groups=cfg.scaling_groups).suggest_lr(
+    expected = sparsify(copy.deepcopy(base), cfg.pattern, scaling_groups=cfg.scaling_groups).suggest_adams(
         cfg.steps, dense_lr=cfg.lr)
+    assert expected["masked_lr_scale"] > 1  # 3 steps: the masked weights need more than half the dense lr
     logs = []
     _, opt, _, lr = train_cast(copy.deepcopy(base), cfg, batches, teacher, lr=None, l1_decay=0.1, mask_interval=10,
                                show=False, log=logs.append)
-    assert lr == pytest.approx(expected, rel=1e-12) and lr >= cfg.lr / 2
+    assert lr == expected["lr"] == cfg.lr / 2
     assert opt.param_groups[0]["initial_lr"] == lr
-    assert logs and "suggest_lr(3, dense_lr=0.001)" in logs[0]
+    assert opt.param_groups[0]["masked_lr_scale"] == pytest.approx(expected["masked_lr_scale"], rel=1e-12)
+    assert logs and "suggest_adams(3, dense_lr=0.001)" in logs[0]
     _, opt, _, lr = train_cast(copy.deepcopy(base), cfg, batches, teacher, lr=7e-4, l1_decay=0.1, mask_interval=10,
                                show=False, log=logs.append)
     assert lr == 7e-4 and opt.param_groups[0]["initial_lr"] == 7e-4
+    assert opt.param_groups[0]["masked_lr_scale"] == 1.0

@@ -96,8 +96,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                       help="pretrain the dense model here (3000 steps, ~12 min) instead of loading the shipped checkpoint")
     demo.add_argument("--lr", type=float, help="learning rate of dense continued training and SR-STE (default 1e-3)")
     demo.add_argument("--cast-lr", dest="cast_lr", type=float,
-                      help="AdamS learning rate for CAST (default: sparse.suggest_lr(steps, dense_lr=--lr), "
-                      "half the dense lr unless the masked weights need more)")
+                      help="AdamS learning rate for CAST, masked_lr_scale 1 (default: sparse.suggest_adams(steps, "
+                      "dense_lr=--lr): half the dense lr, masked weights as fast as they need to reach zero)")
     demo.add_argument("--l1-decay", dest="l1_decay", type=float, help="AdamS l1_decay (lambda)")
     demo.add_argument("--warmup", type=float, metavar="FRACTION",
                       help="linear learning-rate warmup over this fraction of the steps, every trained method (default 0.1)")

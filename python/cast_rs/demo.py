@@ -194,10 +194,11 @@ class DemoConfig:
     from_scratch: bool = False  # pretrain here even when the shipped dense checkpoint fits
     steps: int = 400  # per trained method, after pretraining
     lr: float = 1e-3  # continued training: dense_continued and SR-STE (each's better lr in the study)
-    # AdamS's learning rate; None: ``sparse.suggest_lr(steps, dense_lr=lr)``, what the README tells
-    # users to do (half the dense lr unless the masked weights need more to reach zero; at 400
+    # AdamS's learning rate; None: ``sparse.suggest_adams(steps, dense_lr=lr)``, what the README
+    # tells users to do (half the dense lr, and masked weights fast enough to reach zero: at 400
     # steps half the dense lr beat the full one on every study setting, docs/sparsity_tax.md
-    # findings 15 and 24).
+    # findings 15 and 24; masked_lr_scale is then 1.03 here). A given lr runs the paper's update
+    # (masked_lr_scale 1).
     cast_lr: Optional[float] = None
     # Linear learning-rate warmup over this fraction of `steps`, then cosine to 0, for every
     # trained method (dense continued, SR-STE, CAST): it tempers AdamS's near-sign first
@@ -361,15 +362,19 @@ def from_state(c: GPTConfig, state: Dict[str, torch.Tensor], frozen: bool = Fals
 def train_cast(m: nn.Module, cfg: DemoConfig, batches: Batches, teacher: nn.Module, *, lr: Optional[float],
                l1_decay: float, mask_interval: int, eval_fn: Optional[Callable[[], float]] = None, show: bool = True,
                log: Callable[[str], None] = print):
-    """CAST on ``m`` in place: sparsify, AdamS with distillation. ``lr=None`` takes
-    ``suggest_lr(cfg.steps, dense_lr=cfg.lr)``. Returns (handle, optimizer, curve, lr used);
+    """CAST on ``m`` in place: sparsify, AdamS with distillation. ``lr=None`` takes ``lr`` and
+    ``masked_lr_scale`` from ``suggest_adams(cfg.steps, dense_lr=cfg.lr)``; a given ``lr`` runs
+    with ``masked_lr_scale`` 1 (the paper's update). Returns (handle, optimizer, curve, lr used);
     the caller finalizes."""
     handle = sparsify(m, cfg.pattern, scaling_groups=cfg.scaling_groups)
+    masked_lr_scale = 1.0
     if lr is None:
-        lr = handle.suggest_lr(cfg.steps, dense_lr=cfg.lr)
-        log(f"CAST: AdamS lr {lr:.3g} = suggest_lr({cfg.steps}, dense_lr={cfg.lr:g})")
+        hp = handle.suggest_adams(cfg.steps, dense_lr=cfg.lr)
+        lr, masked_lr_scale = hp["lr"], hp["masked_lr_scale"]
+        log(f"CAST: AdamS lr {lr:.3g}, masked_lr_scale {masked_lr_scale:.3g} = "
+            f"suggest_adams({cfg.steps}, dense_lr={cfg.lr:g})")
     opt = AdamS(m.parameters(), lr=lr, betas=(0.9, 0.95), l1_decay=l1_decay, total_steps=cfg.steps,
-                mask_interval=mask_interval)
+                mask_interval=mask_interval, masked_lr_scale=masked_lr_scale)
     curve = train(m, opt, batches, cfg.steps, desc="CAST (AdamS)", teacher=teacher, eval_fn=eval_fn,
                   curve_points=cfg.curve_points if eval_fn else 0, show=show, warmup=cfg.warmup_steps())
     return handle, opt, curve, lr
@@ -477,6 +482,7 @@ def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool =
     fin = handle.finalize()
     record("cast", m, cfg.steps, time.perf_counter() - t0, True, curve)
     results["cast"]["lr"] = cast_lr
+    results["cast"]["masked_lr_scale"] = opt.param_groups[0]["masked_lr_scale"]
     results["cast"]["sparse_weight_ratio_before_finalize"] = stats.overall
     results["cast"]["l1_removed_at_finalize"] = fin.total_l1_removed_fraction
     if keep_models is not None:
