@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import re
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -493,18 +492,19 @@ def cmd_report(a) -> None:
         dc, sr, cd = (_last(rs, m) for m in ("dense_continued", "srste", DEFAULT_CAST))
         # The two rules' runs, recognised by their spec: lr above 5e-4 and no mlr (suggest_lr's
         # floor), lr 5e-4 with mlr (suggest_adams; r rounded to two decimals).
-        floor_runs = [r for r in rs if re.fullmatch(r"cast:l1=0\.1,lr=[0-9.e-]+", r["method"])
-                      and float(r["method"].rsplit("=", 1)[1]) > 5e-4]
-        adams_runs = [r for r in rs if re.fullmatch(r"cast:l1=0\.1,lr=5e-4,mlr=[0-9.]+", r["method"])]
+        specs = [(r, parse_method(r["method"])) for r in rs]
+        floor_runs = [(r, kv) for r, (name, kv) in specs
+                      if name == "cast" and set(kv) == {"l1", "lr"} and kv["l1"] == "0.1" and float(kv["lr"]) > 5e-4]
+        adams_runs = [(r, kv) for r, (name, kv) in specs
+                      if name == "cast" and set(kv) == {"l1", "lr", "mlr"} and kv["l1"] == "0.1" and kv["lr"] == "5e-4"]
         if not (dc and adams_runs):
             continue
         tax = lambda r, dc=dc: 100 * (r["ppl"] / dc["ppl"] - 1)  # noqa: E731
         fmt = lambda r, tax=tax: f"{tax(r):+.2f}%" if r else "-"  # noqa: E731
-        fl, ad = (floor_runs[-1] if floor_runs else None), adams_runs[-1]
+        (fl, fl_kv), (ad, ad_kv) = (floor_runs[-1] if floor_runs else (None, {"lr": "-"})), adams_runs[-1]
         lead = f"{tax(sr) - tax(ad):.2f}" if sr else "-"
         print(f"| {model} | {corp} | {steps} | {dc['ppl']:.4f} | {fmt(sr)} | {fmt(cd)} | "
-              f"{fl['method'].rsplit('=', 1)[1] if fl else '-'} | {fmt(fl)} | "
-              f"r = {ad['method'].rsplit('=', 1)[1]} | {fmt(ad)} | {lead} |")
+              f"{fl_kv['lr']} | {fmt(fl)} | r = {ad_kv['mlr']} | {fmt(ad)} | {lead} |")
 
 
 def _pyplot():

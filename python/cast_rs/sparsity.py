@@ -376,8 +376,9 @@ class SparseModel:
         of a well-trained model; this keeps them at half the dense rate and moves only the
         masked ones faster (``masked_lr_scale`` is an addition to the paper's AdamS, see
         :class:`AdamS`). Evidence (docs/sparsity_tax.md, finding 29; 2:4, cosine to 0, dense
-        AdamW lr 1e-3, 150 sparse steps, one seed each): small model, stdlib: tax +5.4 %
-        against +13.0 % at ``suggest_lr``'s lr and +5.8 % for SR-STE; prose: +5.5 % against
+        AdamW lr 1e-3, 150 sparse steps; three batch seeds on the small model's stdlib, one
+        elsewhere): small model, stdlib: tax +5.2-5.4 % against +13.0-14.8 % at
+        ``suggest_lr``'s lr and +5.7-5.8 % for SR-STE; prose: +5.5 % against
         +10.7 % and SR-STE's +5.6 %; 100 steps: +6.6 % against +78 %; the 6.4 M-parameter
         model: +1.58 %, 0.69 point behind SR-STE. Call it after :func:`sparsify` and before
         training.
