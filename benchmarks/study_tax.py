@@ -485,26 +485,36 @@ def cmd_report(a) -> None:
           "suggest_adams keeps the kept weights at 5e-4 and gives the masked ones the floor; tax against "
           "dense_continued; lead = SR-STE's tax minus CAST's at suggest_adams)\n")
     print("| model | corpus | sparse steps | dense_continued | SR-STE tax | CAST lr 1e-3 tax | CAST at suggest_lr "
-          "(= floor) | tax | CAST at suggest_adams (lr 5e-4, masked_lr_scale) | tax | lead over SR-STE (points) |")
+          "(= floor) | tax | CAST at suggest_adams (lr 5e-4, masked_lr_scale) | tax "
+          "| lead over SR-STE (points), batch seeds 0 / 1 / 2 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def adams_runs(rs):
+        # suggest_adams's runs, recognised by their spec: lr 5e-4 with mlr (r rounded to two
+        # decimals), no warmup.
+        return [(r, kv) for r, (name, kv) in ((r, parse_method(r["method"])) for r in rs)
+                if name == "cast" and set(kv) == {"l1", "lr", "mlr"} and kv["l1"] == "0.1" and kv["lr"] == "5e-4"]
+
+    def lead(rs):
+        dc, sr, ad = _last(rs, "dense_continued"), _last(rs, "srste"), adams_runs(rs)
+        if not (dc and sr and ad):
+            return "-"
+        return f"{100 * (sr['ppl'] - ad[-1][0]['ppl']) / dc['ppl']:.2f}"
+
     for model, corp, steps in itertools.product(MODELS, ("stdlib", "prose"), (100, 150, 300)):
         rs = _rows(model, corp, steps)
         dc, sr, cd = (_last(rs, m) for m in ("dense_continued", "srste", DEFAULT_CAST))
-        # The two rules' runs, recognised by their spec: lr above 5e-4 and no mlr (suggest_lr's
-        # floor), lr 5e-4 with mlr (suggest_adams; r rounded to two decimals).
-        specs = [(r, parse_method(r["method"])) for r in rs]
-        floor_runs = [(r, kv) for r, (name, kv) in specs
+        # suggest_lr's runs: lr above 5e-4 and no mlr (every weight at the floor).
+        floor_runs = [(r, kv) for r, (name, kv) in ((r, parse_method(r["method"])) for r in rs)
                       if name == "cast" and set(kv) == {"l1", "lr"} and kv["l1"] == "0.1" and float(kv["lr"]) > 5e-4]
-        adams_runs = [(r, kv) for r, (name, kv) in specs
-                      if name == "cast" and set(kv) == {"l1", "lr", "mlr"} and kv["l1"] == "0.1" and kv["lr"] == "5e-4"]
-        if not (dc and adams_runs):
+        if not (dc and adams_runs(rs)):
             continue
         tax = lambda r, dc=dc: 100 * (r["ppl"] / dc["ppl"] - 1)  # noqa: E731
         fmt = lambda r, tax=tax: f"{tax(r):+.2f}%" if r else "-"  # noqa: E731
-        (fl, fl_kv), (ad, ad_kv) = (floor_runs[-1] if floor_runs else (None, {"lr": "-"})), adams_runs[-1]
-        lead = f"{tax(sr) - tax(ad):.2f}" if sr else "-"
+        (fl, fl_kv), (ad, ad_kv) = (floor_runs[-1] if floor_runs else (None, {"lr": "-"})), adams_runs(rs)[-1]
+        seeds = " / ".join(lead(_rows(model, corp, steps, seed=k)) for k in (0, 1, 2))
         print(f"| {model} | {corp} | {steps} | {dc['ppl']:.4f} | {fmt(sr)} | {fmt(cd)} | "
-              f"{fl_kv['lr']} | {fmt(fl)} | r = {ad_kv['mlr']} | {fmt(ad)} | {lead} |")
+              f"{fl_kv['lr']} | {fmt(fl)} | r = {ad_kv['mlr']} | {fmt(ad)} | {seeds} |")
 
 
 def _pyplot():
