@@ -337,8 +337,20 @@ def _rows(model=None, corpus=None, steps=None, pattern="2:4", tag=None, seed=0) 
     return out
 
 
+def _same_method(r: Dict, method: str) -> bool:
+    """Whether record ``r`` ran ``method``: the specs are equal once an explicit ``lr`` equal to
+    the run's default lr is dropped (``cast:l1=0.1,lr=1e-3`` is ``cast:l1=0.1`` at lr 1e-3)."""
+    def canon(spec: str):
+        name, kv = parse_method(spec)
+        if "lr" in kv and float(kv["lr"]) == float(r.get("lr_default", 1e-3)):
+            del kv["lr"]
+        return name, kv
+
+    return canon(r["method"]) == canon(method)
+
+
 def _last(rows: List[Dict], method: str) -> Optional[Dict]:
-    hits = [r for r in rows if r["method"] == method]
+    hits = [r for r in rows if _same_method(r, method)]
     return hits[-1] if hits else None
 
 
