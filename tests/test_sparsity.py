@@ -373,7 +373,7 @@ def test_suggest_lr_is_the_removed_weights_quantile_over_the_schedule_sum():
         sparse.suggest_lr(400)
 
 
-def test_suggest_adams_keeps_half_the_dense_lr_and_speeds_up_only_the_masked_weights():
+def test_suggest_adams_halves_the_dense_lr_for_short_runs_and_speeds_up_only_the_masked_weights():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
     sparse = cast_rs.sparsify(model, "2:4")
@@ -388,9 +388,18 @@ def test_suggest_adams_keeps_half_the_dense_lr_and_speeds_up_only_the_masked_wei
     assert hp["lr"] == dense_lr / 2 and hp["masked_lr_scale"] > 1
     assert hp["lr"] * hp["masked_lr_scale"] == pytest.approx(floor_short, rel=1e-12)
     assert sparse.suggest_lr(short, dense_lr=dense_lr) == floor_short
-    # Long run: the paper's update (r = 1) at suggest_lr's lr.
-    hp_long = sparse.suggest_adams(long_, dense_lr=dense_lr)
-    assert hp_long == {"lr": sparse.suggest_lr(long_, dense_lr=dense_lr), "masked_lr_scale": 1.0}
+    # Long runs: the paper's update (r = 1); the kept weights' lr rises from dense_lr / 2 at
+    # T½ (where the floor is dense_lr / 2) to dense_lr at 2 T½, linearly in the run length.
+    half = short * floor_short / (dense_lr / 2)  # T½: the floor falls as 1/T
+    for t, share in ((half, 0.5), (1.5 * half, 0.75), (1.9 * half, 0.95), (2 * half, 1.0), (long_, 1.0)):
+        hp_t = sparse.suggest_adams(round(t), dense_lr=dense_lr)
+        expected = min(1.0, max(0.5, round(t) / (2 * half)))  # round: total_steps is an integer
+        assert expected == pytest.approx(share, abs=1e-3)
+        assert hp_t["lr"] == pytest.approx(dense_lr * expected, rel=1e-9)
+        # r = 1 from T½ on (at round(T½) itself the floor may exceed dense_lr / 2 by rounding).
+        assert hp_t["masked_lr_scale"] == max(1.0, sparse.suggest_lr(round(t)) / hp_t["lr"])
+        assert hp_t["masked_lr_scale"] == 1.0 or t == half
+    assert sparse.suggest_adams(long_, dense_lr=dense_lr) == {"lr": dense_lr, "masked_lr_scale": 1.0}
     # schedule_sum / quantile reach the floor as in suggest_lr.
     hp_const = sparse.suggest_adams(short, dense_lr=dense_lr, schedule_sum=1.0, quantile=0.5)
     assert hp_const["lr"] * hp_const["masked_lr_scale"] == pytest.approx(

@@ -97,7 +97,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--lr", type=float, help="learning rate of dense continued training and SR-STE (default 1e-3)")
     demo.add_argument("--cast-lr", dest="cast_lr", type=float,
                       help="AdamS learning rate for CAST, masked_lr_scale 1 (default: sparse.suggest_adams(steps, "
-                      "dense_lr=--lr): half the dense lr, masked weights as fast as they need to reach zero)")
+                      "dense_lr=--lr): half the dense lr at the default 400 steps, the whole of it from about 800, "
+                      "masked weights as fast as they need to reach zero)")
     demo.add_argument("--l1-decay", dest="l1_decay", type=float, help="AdamS l1_decay (lambda)")
     demo.add_argument("--warmup", type=float, metavar="FRACTION",
                       help="linear learning-rate warmup over this fraction of the steps, every trained method (default 0.1)")

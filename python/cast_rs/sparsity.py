@@ -344,9 +344,11 @@ class SparseModel:
         the floor (2.1e-4) was far too low (small model, stdlib +3.4 % against +1.5 % at 5e-4
         and +1.3 % at 1e-3; prose +3.8 % against +1.9 % at 1e-3): the floor is a floor, not
         the optimum, once the run is long. Two models and a handful of learning rates: a
-        starting point, not a law. Where the floor is above ``dense_lr / 2`` (short runs) this
-        raises every weight's lr to it, which shakes the kept weights:
-        :meth:`suggest_adams` gives the floor to the masked weights only (finding 29). Call it
+        starting point, not a law. :meth:`suggest_adams` is the better rule at both ends: where
+        the floor is above ``dense_lr / 2`` (short runs) this raises every weight's lr to it,
+        which shakes the kept weights, and it gives the floor to the masked weights only
+        (finding 29); for runs of about twice the length at which the floor is ``dense_lr / 2``
+        and more it gives the kept weights the whole dense lr (finding 31). Call it
         after :func:`sparsify` and before training (on a finalized model the masked weights
         are already zero).
         """
@@ -361,32 +363,49 @@ class SparseModel:
     def suggest_adams(self, total_steps: int, *, dense_lr: float, quantile: float = 0.99,
                       schedule_sum: float = 0.5) -> Dict[str, float]:
         """``lr`` and ``masked_lr_scale`` for :class:`AdamS`: the kept weights at half the dense
-        learning rate, the masked weights as fast as they must go to reach zero within the run.
+        learning rate for short runs and at the whole of it for long ones, the masked weights as
+        fast as they must go to reach zero within the run.
 
-        Returns ``{"lr": dense_lr / 2, "masked_lr_scale": max(1, floor / (dense_lr / 2))}``
-        where ``floor`` is :meth:`suggest_lr`'s travel floor (``suggest_lr(total_steps)``), so::
+        With ``floor`` :meth:`suggest_lr`'s travel floor (``suggest_lr(total_steps)``: the lr at
+        which the masked weights can reach zero in ``total_steps``) and ``T½`` the run length at
+        which the floor is half the dense lr (the floor falls as 1/T, so
+        ``total_steps / T½ = dense_lr / (2 · floor)``)::
+
+            lr = dense_lr · clip(total_steps / (2 · T½), 1/2, 1)
+            masked_lr_scale = max(1, floor / lr)
+
+        that is half the dense lr up to ``T½``, the dense lr from ``2 · T½`` on, linear in the
+        run length between; ``masked_lr_scale`` is 1 (the paper's update) except in runs
+        shorter than ``T½``, where only the masked weights get the floor. Use it as::
 
             optimizer = cast_rs.AdamS(model.parameters(), total_steps=T,
                                       **sparse.suggest_adams(T, dense_lr=1e-3))
 
-        Where the floor is below half the dense rate (long runs: about 400 steps and more for the
-        study's models at dense lr 1e-3) this is ``suggest_lr(T, dense_lr=...)`` with
-        ``masked_lr_scale`` 1, the paper's update. Where it is above (short runs),
-        :meth:`suggest_lr` raises every weight's lr to the floor, which shakes the kept weights
-        of a well-trained model; this keeps them at half the dense rate and moves only the
-        masked ones faster (``masked_lr_scale`` is an addition to the paper's AdamS, see
-        :class:`AdamS`). Evidence (docs/sparsity_tax.md, finding 29; 2:4, cosine to 0, dense
-        AdamW lr 1e-3, 150 sparse steps; three batch seeds on the small model's stdlib, one
-        elsewhere): small model, stdlib: tax +5.2-5.4 % against +13.0-14.8 % at
-        ``suggest_lr``'s lr and +5.7-5.8 % for SR-STE; prose: +5.5 % against
-        +10.7 % and SR-STE's +5.6 %; 100 steps: +6.6 % against +78 %; the 6.4 M-parameter
-        model: +1.58 %, 0.69 point behind SR-STE. Call it after :func:`sparsify` and before
+        Why: AdamS's steps are near-sign, so at the full dense lr the kept weights of a
+        well-trained model are shaken in the first steps (findings 1, 14, 15 of
+        docs/sparsity_tax.md); a short run cannot repair that, a long one can and then needs
+        the dense lr to re-fit (findings 19, 31). :meth:`suggest_lr` raises every weight's lr
+        to the floor in short runs, which shakes the kept weights further (finding 29;
+        ``masked_lr_scale`` is an addition to the paper's AdamS, see :class:`AdamS`).
+        Evidence (2:4, cosine to 0, dense AdamW lr 1e-3; ``T½`` ≈ 410 steps on both study
+        models): at 400 steps 5e-4 beat 1e-3 on all four model × corpus settings; at 1000
+        steps 1e-3 beat 5e-4 on every run measured (small model: stdlib, prose on two batch
+        seeds; large model: stdlib, -0.34 % against dense_continued where 5e-4 gave +0.27 %);
+        at 3000 steps (small, stdlib) +0.42 % against +0.99 %; at 600 steps (small, stdlib; the
+        ramp's first test, run after it was written; it gives 7.27e-4 there) 7e-4 +1.96 % beat
+        both ends, 5e-4 +2.03 % and 1e-3 +2.45 % (SR-STE +3.53 %); at 150 steps, the masked
+        weights at the floor alone: small model +5.2-5.4 % against +13.0-14.8 % with every
+        weight at the floor and +5.7-5.8 % for SR-STE (three batch seeds); the 6.4 M-parameter
+        model +1.58 %, 0.69 point behind SR-STE. The ramp between ``T½`` and ``2 · T½``
+        interpolates between those measurements. Call it after :func:`sparsify` and before
         training.
         """
         if not _positive_finite(dense_lr):
             raise CastError(f"dense_lr: expected a positive number (the dense AdamW lr), got {dense_lr!r}")
         floor = self._travel_floor("suggest_adams", total_steps, quantile, schedule_sum)
-        lr = float(dense_lr) / 2.0
+        dense = float(dense_lr)
+        # total_steps / (2 T½) = dense / (4 floor): the floor falls as 1/T and is dense/2 at T½.
+        lr = dense * min(1.0, max(0.5, dense / (4.0 * floor)))
         return {"lr": lr, "masked_lr_scale": max(1.0, floor / lr)}
 
     def _travel_floor(self, caller: str, total_steps: int, quantile: float, schedule_sum: float) -> float:
