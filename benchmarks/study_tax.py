@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -42,6 +43,7 @@ import cast_rs
 from cast_rs import baselines, check_nm, distill_loss, sparsify
 from cast_rs.demo import Batches, GPTConfig, TinyGPT, _cosine, _no_decay_groups, evaluate, load_corpus
 from cast_rs.nm import nm_mask
+from cast_rs.sparsity import _adams_from_floor
 
 OUT = Path("results/study")
 #: The records of the runs behind docs/sparsity_tax.md (a copy of results/study/runs.jsonl),
@@ -358,6 +360,26 @@ DEFAULT_CAST = "cast:l1=0.1"  # AdamS's defaults (l1_decay 0.1, absolute), at th
 # CAST at lr 5e-4: what suggest_lr(T, dense_lr=1e-3) gives at 400 steps (5.2e-4) and from 1000
 # steps on (5e-4) on both study models (README, "Learning rate").
 SUGGESTED_CAST = "cast:l1=0.1,lr=5e-4"
+# The 99th percentile of |w| over the weights the 2:4 masks remove, per dense start (P3000):
+# suggest_lr's travel floor is Q99 / (0.5 T); measured with sparse.suggest_lr(400) * 200.
+Q99 = {("small", "stdlib"): 0.10318, ("small", "prose"): 0.10420,
+       ("large", "stdlib"): 0.10435, ("large", "prose"): 0.10502}
+
+
+def _suggested_adams_run(rows: List[Dict], model: str, corp: str, steps: int, dense_lr: float = 1e-3):
+    """The CAST run (λ 0.1, no warmup) nearest to what ``suggest_adams(steps, dense_lr)`` gives
+    on this setting, with that suggestion: (run or None, {"lr", "masked_lr_scale"})."""
+    want = _adams_from_floor(Q99[(model, corp)] / (0.5 * steps), dense_lr)
+    best, dist = None, 0.1  # within 10 % in lr and in masked_lr_scale (log distance)
+    for r in rows:
+        name, kv = parse_method(r["method"])
+        if name != "cast" or kv.get("l1") != "0.1" or set(kv) - {"l1", "lr", "mlr"}:
+            continue
+        d = (abs(math.log(float(kv.get("lr", r.get("lr_default", 1e-3))) / want["lr"]))
+             + abs(math.log(float(kv.get("mlr", 1.0)) / want["masked_lr_scale"])))
+        if d <= dist:
+            best, dist = r, d
+    return best, want
 
 
 def _length_rows(model: str, corp: str):
@@ -365,7 +387,7 @@ def _length_rows(model: str, corp: str):
     setting that has dense_continued, SR-STE and at least one of the CAST runs. The issue's
     lengths and 400 (the 150-step runs have their own table, "short")."""
     out = []
-    for steps in sorted({r["steps"] for r in _rows(model, corp)} & {100, 300, 400, 1000, 3000}):
+    for steps in sorted({r["steps"] for r in _rows(model, corp)} & {100, 300, 400, 600, 1000, 3000}):
         rs = _rows(model, corp, steps)
         dc, sr, cd, cs = (_last(rs, m) for m in ("dense_continued", "srste", DEFAULT_CAST, SUGGESTED_CAST))
         if dc and sr and (cd or cs):
@@ -417,11 +439,15 @@ def cmd_report(a) -> None:
         print(f"| `{r['method']}` | {r['ppl']:.4f} | {tx} | {before} | {ratio} | {early} |")
     print("\n#### length (small, stdlib)\n")
     print("| sparse steps | dense_continued | gain over dense | SR-STE | SR-STE tax | CAST lr 1e-3 | CAST tax "
-          "| CAST lr 5e-4 = suggest_lr | CAST tax |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| CAST lr 5e-4 | CAST tax | suggest_adams(T, dense_lr=1e-3): run | CAST tax |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for steps, dc, sr, cd, cs in _length_rows("small", "stdlib"):
         tx = lambda r, dc=dc: (f"{r['ppl']:.4f} | {100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%" if r else "- | -")  # noqa: E731
-        print(f"| {steps} | {dc['ppl']:.4f} | {100 * (1 - dc['ppl'] / dc['dense']):.2f}% | {tx(sr)} | {tx(cd)} | {tx(cs)} |")
+        ad, want = _suggested_adams_run(_rows("small", "stdlib", steps), "small", "stdlib", steps)
+        spec = (f"lr {want['lr']:.3g}, r {want['masked_lr_scale']:.3g}: "
+                + (f"`{ad['method']}`" if ad else "not run"))
+        print(f"| {steps} | {dc['ppl']:.4f} | {100 * (1 - dc['ppl'] / dc['dense']):.2f}% | {tx(sr)} | {tx(cd)} | {tx(cs)} "
+              f"| {spec} | {tx(ad).split(' | ')[1]} |")
     print("\n#### seeds (small model; the seed of the sparse-training batches)\n")
     print("| corpus | sparse steps | seed | dense_continued | SR-STE tax | CAST lr 1e-3 tax (lead, points) "
           "| CAST lr 5e-4 = suggest_lr tax (lead, points) |")

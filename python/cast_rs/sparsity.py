@@ -268,6 +268,14 @@ def _positive_finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
+def _adams_from_floor(floor: float, dense_lr: float) -> Dict[str, float]:
+    """:meth:`SparseModel.suggest_adams`'s rule from the travel floor (also used by the study's
+    report, benchmarks/study_tax.py, which has the floors but not the models)."""
+    # total_steps / (2 T½) = dense_lr / (4 floor): the floor falls as 1/T and is dense_lr/2 at T½.
+    lr = dense_lr * min(1.0, max(0.5, dense_lr / (4.0 * floor)))
+    return {"lr": lr, "masked_lr_scale": max(1.0, floor / lr)}
+
+
 class SparseModel:
     """Handle returned by :func:`sparsify`: the layers, what was skipped, stats, finalize."""
 
@@ -392,7 +400,7 @@ class SparseModel:
         steps 1e-3 beat 5e-4 on every run measured (small model: stdlib, prose on two batch
         seeds; large model: stdlib, -0.34 % against dense_continued where 5e-4 gave +0.27 %);
         at 3000 steps (small, stdlib) +0.42 % against +0.99 %; at 600 steps (small, stdlib; the
-        ramp's first test, run after it was written; it gives 7.27e-4 there) 7e-4 +1.96 % beat
+        ramp's first test, run after it was written; it gives 7.27e-4 there) 7e-4 +1.95 % beat
         both ends, 5e-4 +2.03 % and 1e-3 +2.45 % (SR-STE +3.53 %); at 150 steps, the masked
         weights at the floor alone: small model +5.2-5.4 % against +13.0-14.8 % with every
         weight at the floor and +5.7-5.8 % for SR-STE (three batch seeds); the 6.4 M-parameter
@@ -402,11 +410,8 @@ class SparseModel:
         """
         if not _positive_finite(dense_lr):
             raise CastError(f"dense_lr: expected a positive number (the dense AdamW lr), got {dense_lr!r}")
-        floor = self._travel_floor("suggest_adams", total_steps, quantile, schedule_sum)
-        dense = float(dense_lr)
-        # total_steps / (2 T½) = dense / (4 floor): the floor falls as 1/T and is dense/2 at T½.
-        lr = dense * min(1.0, max(0.5, dense / (4.0 * floor)))
-        return {"lr": lr, "masked_lr_scale": max(1.0, floor / lr)}
+        return _adams_from_floor(self._travel_floor("suggest_adams", total_steps, quantile, schedule_sum),
+                                 float(dense_lr))
 
     def _travel_floor(self, caller: str, total_steps: int, quantile: float, schedule_sum: float) -> float:
         """q / (schedule_sum · total_steps), q = the ``quantile`` of |w| over the weights the
