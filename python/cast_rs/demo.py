@@ -195,9 +195,9 @@ class DemoConfig:
     steps: int = 400  # per trained method, after pretraining
     lr: float = 1e-3  # continued training: dense_continued and SR-STE (each's better lr in the study)
     # AdamS's learning rate; None: ``sparse.suggest_adams(steps, dense_lr=lr)``, what the README
-    # tells users to do (at 400 steps half the dense lr, and masked weights fast enough to reach zero: at 400
-    # steps half the dense lr beat the full one on every study setting, docs/sparsity_tax.md
-    # findings 15 and 24; masked_lr_scale is then 1.03 here). A given lr runs the paper's update
+    # tells users to do; at the demo's 400 steps that is half the dense lr (which beat the full
+    # one at 400 steps on every study setting, docs/sparsity_tax.md findings 15 and 24) with
+    # masked_lr_scale 1.03, masked weights just fast enough to reach zero. A given lr runs the paper's update
     # (masked_lr_scale 1).
     cast_lr: Optional[float] = None
     # Linear learning-rate warmup over this fraction of `steps`, then cosine to 0, for every

@@ -352,11 +352,12 @@ class SparseModel:
         the floor (2.1e-4) was far too low (small model, stdlib +3.4 % against +1.5 % at 5e-4
         and +1.3 % at 1e-3; prose +3.8 % against +1.9 % at 1e-3): the floor is a floor, not
         the optimum, once the run is long. Two models and a handful of learning rates: a
-        starting point, not a law. :meth:`suggest_adams` is the better rule at both ends: where
-        the floor is above ``dense_lr / 2`` (short runs) this raises every weight's lr to it,
-        which shakes the kept weights, and it gives the floor to the masked weights only
-        (finding 29); for runs of about twice the length at which the floor is ``dense_lr / 2``
-        and more it gives the kept weights the whole dense lr (finding 31). Call it
+        starting point, not a law. :meth:`suggest_adams` is the better rule at both ends: in
+        short runs (floor above ``dense_lr / 2``) this method raises every weight's lr to the
+        floor, which shakes the kept weights, where ``suggest_adams`` gives the floor to the
+        masked weights only (finding 29); in runs twice as long as the one whose floor is
+        ``dense_lr / 2``, and longer, ``suggest_adams`` gives the kept weights the whole dense
+        lr (finding 31). Call it
         after :func:`sparsify` and before training (on a finalized model the masked weights
         are already zero).
         """
