@@ -398,8 +398,9 @@ class SparseModel:
         ``masked_lr_scale`` is an addition to the paper's AdamS, see :class:`AdamS`).
         Evidence (2:4, cosine to 0, dense AdamW lr 1e-3; ``T½`` ≈ 410 steps on both study
         models): at 400 steps 5e-4 beat 1e-3 on all four model × corpus settings; at 1000
-        steps 1e-3 beat 5e-4 on every run measured (small model: stdlib, prose on two batch
-        seeds; large model: stdlib, -0.34 % against dense_continued where 5e-4 gave +0.27 %);
+        steps 1e-3 beat 5e-4 on four of five runs (small model: stdlib, prose on two batch
+        seeds; large model: stdlib, -0.34 % against dense_continued where 5e-4 gave +0.27 %),
+        not on the large model's prose (+0.75 % against +0.46 %, SR-STE +1.02 %);
         at 3000 steps (small, stdlib) +0.42 % against +0.99 %; at 600 steps (small, stdlib; the
         ramp's first test, run after it was written; it gives 7.27e-4 there) 7e-4 +1.95 % beat
         both ends, 5e-4 +2.03 % and 1e-3 +2.45 % (SR-STE +3.53 %); at 150 steps, the masked
