@@ -442,12 +442,13 @@ def cmd_report(a) -> None:
           "| CAST lr 5e-4 | CAST tax | suggest_adams(T, dense_lr=1e-3): run | CAST tax |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for steps, dc, sr, cd, cs in _length_rows("small", "stdlib"):
-        tx = lambda r, dc=dc: (f"{r['ppl']:.4f} | {100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%" if r else "- | -")  # noqa: E731
+        pct = lambda r, dc=dc: f"{100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%" if r else "-"  # noqa: E731
+        tx = lambda r, pct=pct: f"{r['ppl']:.4f} | {pct(r)}" if r else "- | -"  # noqa: E731
         ad, want = _suggested_adams_run(_rows("small", "stdlib", steps), "small", "stdlib", steps)
         spec = (f"lr {want['lr']:.3g}, r {want['masked_lr_scale']:.3g}: "
                 + (f"`{ad['method']}`" if ad else "not run"))
         print(f"| {steps} | {dc['ppl']:.4f} | {100 * (1 - dc['ppl'] / dc['dense']):.2f}% | {tx(sr)} | {tx(cd)} | {tx(cs)} "
-              f"| {spec} | {tx(ad).split(' | ')[1]} |")
+              f"| {spec} | {pct(ad)} |")
     print("\n#### seeds (small model; the seed of the sparse-training batches)\n")
     print("| corpus | sparse steps | seed | dense_continued | SR-STE tax | CAST lr 1e-3 tax (lead, points) "
           "| CAST lr 5e-4 = suggest_lr tax (lead, points) |")
@@ -527,17 +528,13 @@ def cmd_report(a) -> None:
           "| lead over SR-STE (points), batch seeds 0 / 1 / 2 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
 
-    def adams_runs(rs):
-        # suggest_adams's runs, recognised by their spec: lr 5e-4 with mlr (r rounded to two
-        # decimals), no warmup.
-        return [(r, kv) for r, (name, kv) in ((r, parse_method(r["method"])) for r in rs)
-                if name == "cast" and set(kv) == {"l1", "lr", "mlr"} and kv["l1"] == "0.1" and kv["lr"] == "5e-4"]
-
-    def lead(rs):
-        dc, sr, ad = _last(rs, "dense_continued"), _last(rs, "srste"), adams_runs(rs)
+    def lead(model, corp, steps, seed):
+        rs = _rows(model, corp, steps, seed=seed)
+        dc, sr = _last(rs, "dense_continued"), _last(rs, "srste")
+        ad, _ = _suggested_adams_run(rs, model, corp, steps)
         if not (dc and sr and ad):
             return "-"
-        return f"{100 * (sr['ppl'] - ad[-1][0]['ppl']) / dc['ppl']:.2f}"
+        return f"{100 * (sr['ppl'] - ad['ppl']) / dc['ppl']:.2f}"
 
     for model, corp, steps in itertools.product(MODELS, ("stdlib", "prose"), (100, 150, 300)):
         rs = _rows(model, corp, steps)
@@ -545,14 +542,15 @@ def cmd_report(a) -> None:
         # suggest_lr's runs: lr above 5e-4 and no mlr (every weight at the floor).
         floor_runs = [(r, kv) for r, (name, kv) in ((r, parse_method(r["method"])) for r in rs)
                       if name == "cast" and set(kv) == {"l1", "lr"} and kv["l1"] == "0.1" and float(kv["lr"]) > 5e-4]
-        if not (dc and adams_runs(rs)):
+        ad, _ = _suggested_adams_run(rs, model, corp, steps)
+        if not (dc and ad):
             continue
         tax = lambda r, dc=dc: 100 * (r["ppl"] / dc["ppl"] - 1)  # noqa: E731
         fmt = lambda r, tax=tax: f"{tax(r):+.2f}%" if r else "-"  # noqa: E731
-        (fl, fl_kv), (ad, ad_kv) = (floor_runs[-1] if floor_runs else (None, {"lr": "-"})), adams_runs(rs)[-1]
-        seeds = " / ".join(lead(_rows(model, corp, steps, seed=k)) for k in (0, 1, 2))
+        fl, fl_kv = floor_runs[-1] if floor_runs else (None, {"lr": "-"})
+        seeds = " / ".join(lead(model, corp, steps, k) for k in (0, 1, 2))
         print(f"| {model} | {corp} | {steps} | {dc['ppl']:.4f} | {fmt(sr)} | {fmt(cd)} | "
-              f"{fl_kv['lr']} | {fmt(fl)} | r = {ad_kv['mlr']} | {fmt(ad)} | {seeds} |")
+              f"{fl_kv['lr']} | {fmt(fl)} | r = {parse_method(ad['method'])[1]['mlr']} | {fmt(ad)} | {seeds} |")
 
 
 def _pyplot():
