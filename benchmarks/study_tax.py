@@ -9,7 +9,9 @@ Every run starts from a cached dense checkpoint (``results/study/dense_<model>_<
 made by ``pretrain``; resumable) and appends one JSON line per method to
 ``results/study/runs.jsonl``: final validation perplexity (after ``finalize`` for sparse
 methods, checked exact N:M), and a validation curve along training (for CAST both the dense
-forward and the hard-projected model at each point).
+forward and the hard-projected model at each point). A run saves its state every 50 steps
+(``results/study/run_<key>.ckpt``) and the same command resumes it, bit-identically, after an
+interruption.
 
 A CAST method is ``cast:key=value,...``; keys (defaults = the library's AdamS as specified):
 
@@ -200,7 +202,7 @@ def projected_eval(model: nn.Module, handle, ev) -> float:
 
 
 def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, lr: float, pattern: str,
-               points: int, seed: int) -> Dict:
+               points: int, seed: int, state_key: str = "") -> Dict:
     name, kv = parse_method(spec)
     n, m_ = cast_rs.nm.parse_pattern(pattern)
     ev = lambda mod: evaluate(mod, va, 192, c.context)  # noqa: E731
@@ -246,8 +248,19 @@ def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, l
     sched = _cosine(opt, steps, int(kv.get("warmup", 0)))
     marks = {round(steps * (k + 1) / points) for k in range(points)} | {10, 30}
     curve, proj_curve = [], []
+    # Resumable: a session may end mid-run (a large-model run of 2000 steps takes hours), so the
+    # run's whole state is saved every CKPT_EVERY steps and picked up by the same command. The
+    # batches are a function of the step index and AdamS/AdamW/LambdaLR resume bit-identically
+    # (tests/test_resume.py), so a resumed run records what an uninterrupted one would.
+    ck = _run_ckpt_path(rec, state_key, lr, batch, seed, eta)
+    start, spent = 0, 0.0
+    if ck.exists():
+        z = torch.load(ck, weights_only=False)
+        model.load_state_dict(z["model"]), opt.load_state_dict(z["opt"]), sched.load_state_dict(z["sched"])
+        start, spent, curve, proj_curve = z["step"], z["seconds"], z["curve"], z["projected_curve"]
+        print(f"[{spec}] resuming at step {start}/{steps} from {ck}", flush=True)
     model.train()
-    for s in range(steps):
+    for s in range(start, steps):
         x, y = batches.get(s)
         opt.zero_grad(set_to_none=True)
         logits = model(x)
@@ -262,6 +275,12 @@ def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, l
             curve.append((s + 1, ev(model)))
             if handle is not None:
                 proj_curve.append((s + 1, projected_eval(model, handle, ev)))
+        if (s + 1) % CKPT_EVERY == 0 and s + 1 < steps:
+            tmp = ck.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "step": s + 1, "seconds": spent + time.perf_counter() - t0, "curve": curve,
+                        "projected_curve": proj_curve}, tmp)
+            tmp.replace(ck)  # atomic: a run killed while saving keeps the previous checkpoint
     rec["curve"] = curve
     if proj_curve:
         rec["projected_curve"] = proj_curve
@@ -276,8 +295,24 @@ def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, l
         rep = check_nm(model, pattern)
         assert rep.ok, str(rep)
     rec["ppl"] = ev(model)
-    rec["seconds"] = round(time.perf_counter() - t0, 1)
+    rec["seconds"] = round(spent + time.perf_counter() - t0, 1)
+    if start:
+        rec["resumed_at"] = start
+    ck.unlink(missing_ok=True)
     return rec
+
+
+#: Steps between a run's checkpoints (about 2.5 minutes on the large model, 15 s on the small).
+CKPT_EVERY = 50
+
+
+def _run_ckpt_path(rec: Dict, state_key: str, lr: float, batch: int, seed: int, eta: float) -> Path:
+    """Where a run's checkpoint lives: one file per (dense start, method, steps, pattern, lr,
+    batch, seed), so only the same command resumes it."""
+    import hashlib
+
+    key = json.dumps([state_key, rec["method"], rec["steps"], rec["pattern"], lr, batch, seed, eta])
+    return OUT / f"run_{hashlib.sha256(key.encode()).hexdigest()[:16]}.ckpt"
 
 
 def _load(c: GPTConfig, state) -> TinyGPT:
@@ -296,7 +331,8 @@ def cmd_run(a) -> None:
     dense = evaluate(_load(c, state), va, 192, c.context)
     for spec in a.method:
         torch.manual_seed(a.seed)
-        rec = run_method(spec, state, c, tr, va, a.steps, a.batch, a.lr, a.pattern, a.points, a.seed)
+        rec = run_method(spec, state, c, tr, va, a.steps, a.batch, a.lr, a.pattern, a.points, a.seed,
+                         state_key=path.name)
         rec.update(model=a.model, corpus=a.corpus, pretrain_steps=a.pretrain_steps, dense=dense, lr_default=a.lr,
                    batch=a.batch, threads=torch.get_num_threads(), tag=a.tag, seed=a.seed)
         with open(OUT / "runs.jsonl", "a") as f:
