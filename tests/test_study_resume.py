@@ -1,0 +1,85 @@
+"""The sparsity-tax study's runs resume bit-identically after an interruption.
+
+benchmarks/study_tax.py saves a run's whole state every ``CKPT_EVERY`` steps so that
+large-model runs of thousands of steps can span sessions; docs/sparsity_tax.md records such
+runs as if they had run straight through. This checks that claim on a tiny model: a run
+interrupted after a checkpoint and started again by the same call records the same curve and
+final perplexity, bit for bit, as one that was never interrupted, for the methods whose state
+differs (AdamS with the sparsity parametrization, SR-STE's masked forward, dense AdamW).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import study_tax  # noqa: E402
+from cast_rs.demo import GPTConfig, TinyGPT  # noqa: E402
+
+STEPS = 30
+TINY = GPTConfig(context=16, width=32, layers=1, heads=2)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _run(spec: str, state, tr, va):
+    torch.manual_seed(0)
+    return study_tax.run_method(spec, state, TINY, tr, va, STEPS, 4, 1e-3, "2:4", 3, 0, state_key="tiny")
+
+
+@pytest.mark.parametrize("spec", ["cast:l1=0.1,lr=5e-4,mlr=2", "srste", "dense_continued"])
+def test_an_interrupted_study_run_resumes_bit_identically(spec, tmp_path, monkeypatch):
+    monkeypatch.setattr(study_tax, "OUT", tmp_path)
+    monkeypatch.setattr(study_tax, "CKPT_EVERY", 10)
+    # evaluate() is the study's; a smaller validation pass keeps the test fast.
+    monkeypatch.setattr(study_tax, "evaluate", lambda m, va, windows, ctx: _ppl(m, va, ctx))
+    torch.manual_seed(1)
+    state = TinyGPT(TINY).state_dict()
+    data = torch.randint(0, 256, (4096,), dtype=torch.uint8)
+    tr, va = data[:3072], data[3072:]
+
+    whole = _run(spec, state, tr, va)
+    assert not list(tmp_path.glob("run_*.ckpt")), "a finished run leaves no checkpoint"
+    assert "resumed_at" not in whole
+
+    calls = {"n": 0}
+    real = study_tax.distill_loss
+
+    def dies_at_step_25(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise Interrupted
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(study_tax, "distill_loss", dies_at_step_25)
+    with pytest.raises(Interrupted):
+        _run(spec, state, tr, va)
+    assert len(list(tmp_path.glob("run_*.ckpt"))) == 1, "the run saved its state before dying"
+    monkeypatch.setattr(study_tax, "distill_loss", real)
+
+    resumed = _run(spec, state, tr, va)
+    assert resumed["resumed_at"] == 20  # the last checkpoint before step 25
+    assert resumed["ppl"] == whole["ppl"]
+    assert resumed["curve"] == whole["curve"]
+    assert resumed.get("projected_curve") == whole.get("projected_curve")
+    assert not list(tmp_path.glob("run_*.ckpt"))
+    # A different command does not pick up another run's checkpoint: the key includes the spec.
+    assert study_tax._run_ckpt_path(whole, "tiny", 1e-3, 4, 0, 1 / 3) != study_tax._run_ckpt_path(
+        dict(whole, method=spec + ",eta=1"), "tiny", 1e-3, 4, 0, 1 / 3)
+
+
+@torch.no_grad()
+def _ppl(model, va, ctx):
+    was = model.training
+    model.eval()
+    x = va[: 8 * (ctx + 1)].long().view(8, ctx + 1)
+    logits = model(x[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), x[:, 1:].reshape(-1))
+    model.train(was)
+    return float(loss.exp())
