@@ -30,6 +30,7 @@ A CAST method is ``cast:key=value,...``; keys (defaults = the library's AdamS as
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -256,6 +257,9 @@ def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, l
     start, spent = 0, 0.0
     if ck.exists():
         z = torch.load(ck, weights_only=False)
+        if z.get("points", points) != points:
+            raise SystemExit(f"{ck} was saved by a run with --points {z['points']}, not {points}: "
+                             "rerun with that value (or delete the file to start over)")
         model.load_state_dict(z["model"]), opt.load_state_dict(z["opt"]), sched.load_state_dict(z["sched"])
         start, spent, curve, proj_curve = z["step"], z["seconds"], z["curve"], z["projected_curve"]
         print(f"[{spec}] resuming at step {start}/{steps} from {ck}", flush=True)
@@ -279,7 +283,7 @@ def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, l
             tmp = ck.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "step": s + 1, "seconds": spent + time.perf_counter() - t0, "curve": curve,
-                        "projected_curve": proj_curve}, tmp)
+                        "projected_curve": proj_curve, "points": points}, tmp)
             tmp.replace(ck)  # atomic: a run killed while saving keeps the previous checkpoint
     rec["curve"] = curve
     if proj_curve:
@@ -308,9 +312,8 @@ CKPT_EVERY = 50
 
 def _run_ckpt_path(rec: Dict, state_key: str, lr: float, batch: int, seed: int, eta: float) -> Path:
     """Where a run's checkpoint lives: one file per (dense start, method, steps, pattern, lr,
-    batch, seed), so only the same command resumes it."""
-    import hashlib
-
+    batch, seed), so only the same command resumes it (``--points``, which only sets where the
+    curve is measured, is checked when resuming instead)."""
     key = json.dumps([state_key, rec["method"], rec["steps"], rec["pattern"], lr, batch, seed, eta])
     return OUT / f"run_{hashlib.sha256(key.encode()).hexdigest()[:16]}.ckpt"
 

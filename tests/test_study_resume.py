@@ -28,9 +28,9 @@ class Interrupted(Exception):
     pass
 
 
-def _run(spec: str, state, tr, va):
+def _run(spec: str, state, tr, va, points: int = 3):
     torch.manual_seed(0)
-    return study_tax.run_method(spec, state, TINY, tr, va, STEPS, 4, 1e-3, "2:4", 3, 0, state_key="tiny")
+    return study_tax.run_method(spec, state, TINY, tr, va, STEPS, 4, 1e-3, "2:4", points, 0, state_key="tiny")
 
 
 @pytest.mark.parametrize("spec", ["cast:l1=0.1,lr=5e-4,mlr=2", "srste", "dense_continued"])
@@ -62,6 +62,9 @@ def test_an_interrupted_study_run_resumes_bit_identically(spec, tmp_path, monkey
         _run(spec, state, tr, va)
     assert len(list(tmp_path.glob("run_*.ckpt"))) == 1, "the run saved its state before dying"
     monkeypatch.setattr(study_tax, "distill_loss", real)
+    # Resuming with other curve points would record a curve no uninterrupted run has.
+    with pytest.raises(SystemExit, match="--points 3, not 5"):
+        _run(spec, state, tr, va, points=5)
 
     resumed = _run(spec, state, tr, va)
     assert resumed["resumed_at"] == 20  # the last checkpoint before step 25
