@@ -144,6 +144,24 @@ def dense_path(model: str, corp: str, steps: int) -> Path:
     return OUT / f"dense_{model}_{corp}_{steps}.pt"
 
 
+def _save_ckpt(path: Path, model: nn.Module, opt, sched, step: int, **extra) -> None:
+    """Save a training run's state after ``step`` steps (``extra``: anything else it needs to
+    go on). Written to a temporary file and renamed, so a run killed while saving keeps its
+    previous checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "step": step, **extra}, tmp)
+    tmp.replace(path)
+
+
+def _load_ckpt(path: Path, model: nn.Module, opt, sched) -> Dict:
+    """Restore what :func:`_save_ckpt` saved into ``model``, ``opt`` and ``sched``; returns the
+    whole record (``step`` and the extras)."""
+    z = torch.load(path, weights_only=False)
+    model.load_state_dict(z["model"]), opt.load_state_dict(z["opt"]), sched.load_state_dict(z["sched"])
+    return z
+
+
 def pretrain(model: str, corp: str, steps: int, batch: int, lr: float, seed: int = 0) -> Path:
     """Dense AdamW pretraining (warmup 5%, cosine to 0), checkpointed every 250 steps."""
     OUT.mkdir(parents=True, exist_ok=True)
@@ -158,11 +176,7 @@ def pretrain(model: str, corp: str, steps: int, batch: int, lr: float, seed: int
     sched = _cosine(opt, steps, max(1, steps // 20))
     b = Batches(tr, batch, c.context, seed)
     ck = OUT / f"pretrain_{model}_{corp}_{steps}.ckpt"
-    start = 0
-    if ck.exists():
-        z = torch.load(ck)
-        m.load_state_dict(z["model"]), opt.load_state_dict(z["opt"]), sched.load_state_dict(z["sched"])
-        start = z["step"]
+    start = _load_ckpt(ck, m, opt, sched)["step"] if ck.exists() else 0
     t0 = time.perf_counter()
     for s in range(start, steps):
         x, y = b.get(s)
@@ -176,7 +190,7 @@ def pretrain(model: str, corp: str, steps: int, batch: int, lr: float, seed: int
             ppl = evaluate(m, va, 192, c.context)
             print(f"[pretrain {model}/{corp}] step {s + 1}/{steps} loss {loss.item():.4f} val ppl {ppl:.4f} "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
-            torch.save({"model": m.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": s + 1}, ck)
+            _save_ckpt(ck, m, opt, sched, s + 1)
     torch.save(m.state_dict(), final)
     ck.unlink(missing_ok=True)
     return final
@@ -256,11 +270,10 @@ def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, l
     ck = _run_ckpt_path(rec, state_key, lr, batch, seed, eta)
     start, spent = 0, 0.0
     if ck.exists():
-        z = torch.load(ck, weights_only=False)
+        z = _load_ckpt(ck, model, opt, sched)
         if z.get("points", points) != points:
             raise SystemExit(f"{ck} was saved by a run with --points {z['points']}, not {points}: "
                              "rerun with that value (or delete the file to start over)")
-        model.load_state_dict(z["model"]), opt.load_state_dict(z["opt"]), sched.load_state_dict(z["sched"])
         start, spent, curve, proj_curve = z["step"], z["seconds"], z["curve"], z["projected_curve"]
         print(f"[{spec}] resuming at step {start}/{steps} from {ck}", flush=True)
     model.train()
@@ -280,11 +293,8 @@ def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, l
             if handle is not None:
                 proj_curve.append((s + 1, projected_eval(model, handle, ev)))
         if (s + 1) % CKPT_EVERY == 0 and s + 1 < steps:
-            tmp = ck.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": s + 1, "seconds": spent + time.perf_counter() - t0, "curve": curve,
-                        "projected_curve": proj_curve, "points": points}, tmp)
-            tmp.replace(ck)  # atomic: a run killed while saving keeps the previous checkpoint
+            _save_ckpt(ck, model, opt, sched, s + 1, seconds=spent + time.perf_counter() - t0, curve=curve,
+                       projected_curve=proj_curve, points=points)
     rec["curve"] = curve
     if proj_curve:
         rec["projected_curve"] = proj_curve
