@@ -403,8 +403,8 @@ class SparseModel:
         not on the large model's prose (+0.75 % against +0.46 %, SR-STE +1.02 %; the same
         with a 10 % warmup); 7.5e-4 beat both ends on the small model, tied 5e-4 on large prose
         and lost 0.42 point to 1e-3 on large stdlib, so over the four settings it is no better
-        than 1e-3 (summed regret 0.42 point each, largest 0.42 against 0.30); at 3000 steps (small, stdlib) +0.42 % against +0.99 %; at 600
-        steps (small model, stdlib and prose, two batch seeds each, all run after the ramp was
+        than 1e-3 (summed regret 0.42 point each, largest 0.42 against 0.30); at 3000 steps
+        (small, stdlib) +0.42 % against +0.99 %; at 600 steps (small model, stdlib and prose, two batch seeds each, all run after the ramp was
         written; it gives 7.2-7.3e-4 there) its lr was the best of it, 5e-4 and 1e-3 on three
         runs and 0.02 point behind 5e-4 on the fourth, 1e-3 the worst on all four (stdlib seed
         0: 7e-4 +1.95 %, 5e-4 +2.03 %, 1e-3 +2.45 %, SR-STE +3.53 %); at 150 steps, the masked
