@@ -3,31 +3,57 @@
     .venv/bin/python benchmarks/fill_study_tables.py     # from the repository root
 
 The tables sit between `<!-- STUDY_TABLE_* -->` markers (and `<!-- README_STUDY_TABLE -->` in
-the README); the text around them is written by hand."""
+the README); the text around them is written by hand. `tests/test_study_tables.py` checks that
+the checked-in tables are what the checked-in records give."""
 import re
 import subprocess
 import sys
+from typing import Dict, Tuple
 
-rep = subprocess.run([sys.executable, "benchmarks/study_tax.py", "report"], capture_output=True, text=True, check=True).stdout
-blocks = {}
-for part in re.split(r"^#### ", rep, flags=re.M)[1:]:
-    title, _, body = part.partition("\n")
-    blocks[title.split(" ")[0]] = body.strip() + "\n"
-names = {"MAIN": "main", "CAUSES": "causes", "LENGTH": "length", "NM": "N:M", "SEEDS": "seeds", "WARMUP": "warmup", "LARGE": "large", "MLR": "mlr", "SHORT": "short"}
-p = "docs/sparsity_tax.md"
-s = open(p).read()
-for marker, key in names.items():
-    start, end = f"<!-- STUDY_TABLE_{marker} -->", f"<!-- /STUDY_TABLE_{marker} -->"
-    if start not in s:
-        print("no marker", marker)
-        continue
-    i, j = s.index(start) + len(start), s.index(end)
-    s = s[:i] + "\n" + blocks[key] + s[j:]
-open(p, "w").write(s)
-r = "README.md"
-t = open(r).read()
-start, end = "<!-- README_STUDY_TABLE -->", "<!-- /README_STUDY_TABLE -->"
-i, j = t.index(start) + len(start), t.index(end)
-t = t[:i] + "\n" + blocks["main"] + "\n" + blocks["length"] + t[j:]
-open(r, "w").write(t)
-print("filled")
+# marker in docs/sparsity_tax.md -> the report's block title (its first word)
+DOC_TABLES = {"MAIN": "main", "CAUSES": "causes", "LENGTH": "length", "NM": "N:M", "SEEDS": "seeds",
+              "WARMUP": "warmup", "LARGE": "large", "MLR": "mlr", "SHORT": "short", "TARGETS": "targets"}
+README_BLOCKS = ("main", "length")
+
+
+def report_blocks(report: str) -> Dict[str, str]:
+    """The report's tables by title (`#### <title> ...` headings)."""
+    blocks = {}
+    for part in re.split(r"^#### ", report, flags=re.M)[1:]:
+        title, _, body = part.partition("\n")
+        blocks[title.split(" ")[0]] = body.strip() + "\n"
+    return blocks
+
+
+def _replace(text: str, start: str, end: str, body: str) -> str:
+    i, j = text.index(start) + len(start), text.index(end)
+    return text[:i] + "\n" + body + text[j:]
+
+
+def fill(doc: str, readme: str, report: str) -> Tuple[str, str]:
+    """docs/sparsity_tax.md and README.md with their tables replaced by the report's."""
+    blocks = report_blocks(report)
+    for marker, key in DOC_TABLES.items():
+        start, end = f"<!-- STUDY_TABLE_{marker} -->", f"<!-- /STUDY_TABLE_{marker} -->"
+        if start not in doc:
+            print("no marker", marker)
+            continue
+        doc = _replace(doc, start, end, blocks[key])
+    readme = _replace(readme, "<!-- README_STUDY_TABLE -->", "<!-- /README_STUDY_TABLE -->",
+                      "\n".join(blocks[k] for k in README_BLOCKS))
+    return doc, readme
+
+
+def main() -> None:
+    rep = subprocess.run([sys.executable, "benchmarks/study_tax.py", "report"], capture_output=True, text=True,
+                         check=True).stdout
+    with open("docs/sparsity_tax.md") as f, open("README.md") as g:
+        doc, readme = fill(f.read(), g.read(), rep)
+    with open("docs/sparsity_tax.md", "w") as f, open("README.md", "w") as g:
+        f.write(doc)
+        g.write(readme)
+    print("filled")
+
+
+if __name__ == "__main__":
+    main()
