@@ -438,7 +438,7 @@ def _length_rows(model: str, corp: str):
     setting that has dense_continued, SR-STE and at least one of the CAST runs. The issue's
     lengths and 400 (the 150-step runs have their own table, "short")."""
     out = []
-    for steps in sorted({r["steps"] for r in _rows(model, corp)} & {100, 300, 400, 600, 1000, 3000}):
+    for steps in sorted({r["steps"] for r in _rows(model, corp)} & {100, 300, 400, 600, 1000, 2000, 3000}):
         rs = _rows(model, corp, steps)
         dc, sr, cd, cs = (_last(rs, m) for m in ("dense_continued", "srste", DEFAULT_CAST, SUGGESTED_CAST))
         if dc and sr and (cd or cs):
