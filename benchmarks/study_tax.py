@@ -476,8 +476,7 @@ def cmd_report(a) -> None:
           "| tax <= 2 % | lead >= 1 point |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for model, corp in itertools.product(MODELS, ("stdlib", "prose")):
-        lengths = sorted({r["steps"] for r in _rows(model, corp, seed=None)})
-        for steps, seed in itertools.product(lengths, (0, 1, 2)):
+        for steps, seed in sorted({(r["steps"], r.get("seed", 0)) for r in _rows(model, corp, seed=None)}):
             rs = _rows(model, corp, steps, seed=seed)
             dc, sr = _last(rs, "dense_continued"), _last(rs, "srste")
             ad, want = _suggested_adams_run(rs, model, corp, steps)
