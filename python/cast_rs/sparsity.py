@@ -397,22 +397,23 @@ class SparseModel:
         to the floor in short runs, which shakes the kept weights further (finding 29;
         ``masked_lr_scale`` is an addition to the paper's AdamS, see :class:`AdamS`).
         Evidence (2:4, cosine to 0, dense AdamW lr 1e-3; ``T½`` ≈ 410 steps on both study
-        models): at 400 steps 5e-4 beat 1e-3 on all four model × corpus settings; at 1000
-        steps 1e-3 beat 5e-4 on four of five runs (small model: stdlib, prose on two batch
-        seeds; large model: stdlib, -0.34 % against dense_continued where 5e-4 gave +0.27 %),
-        not on the large model's prose (+0.75 % against +0.46 %, SR-STE +1.02 %; the same
-        with a 10 % warmup); 7.5e-4 beat both ends on the small model, tied 5e-4 on large prose
-        and lost 0.42 point to 1e-3 on large stdlib, so over the four settings it is no better
-        than 1e-3 (summed regret 0.42 point each, largest 0.42 against 0.30); at 3000 steps
-        (small, stdlib) +0.42 % against +0.99 %; at 600 steps (small model, stdlib and prose, two batch seeds each, all run after the ramp was
-        written; it gives 7.2-7.3e-4 there) its lr was the best of it, 5e-4 and 1e-3 on three
-        runs and 0.02 point behind 5e-4 on the fourth, 1e-3 the worst on all four (stdlib seed
-        0: 7e-4 +1.95 %, 5e-4 +2.03 %, 1e-3 +2.45 %, SR-STE +3.53 %); at 150 steps, the masked
-        weights at the floor alone: small model +5.2-5.4 % against +13.0-14.8 % with every
-        weight at the floor and +5.7-5.8 % for SR-STE (three batch seeds); the 6.4 M-parameter
-        model +1.58 %, 0.69 point behind SR-STE. The ramp between ``T½`` and ``2 · T½``
-        interpolates between those measurements. Call it after :func:`sparsify` and before
-        training.
+        models): at 400 steps 5e-4 beat 1e-3 on all four model × corpus settings; at 1000 steps
+        1e-3 beat 5e-4 on four of five runs (small model: stdlib, prose on two batch seeds;
+        large model: stdlib, -0.34 % against dense_continued where 5e-4 gave +0.27 %), not on
+        the large model's prose (+0.75 % against +0.46 %, SR-STE +1.02 %; the same with a 10 %
+        warmup); 7.5e-4 beat both ends on the small model, tied 5e-4 on large prose and lost
+        0.42 point to 1e-3 on large stdlib, so over the four settings it is no better than 1e-3
+        (summed regret 0.42 point each, largest 0.42 against 0.30); at 2000 steps the large
+        model's prose reached -0.26 % at 1e-3 (SR-STE +1.14 %); at 3000 steps (small, stdlib)
+        +0.42 % against +0.99 %; at 600 steps (small model, stdlib and prose, two batch seeds
+        each, all run after the ramp was written; it gives 7.2-7.3e-4 there) its lr was the best
+        of it, 5e-4 and 1e-3 on three runs and 0.02 point behind 5e-4 on the fourth, 1e-3 the
+        worst on all four (stdlib seed 0: 7e-4 +1.95 %, 5e-4 +2.03 %, 1e-3 +2.45 %, SR-STE
+        +3.53 %); at 150 steps, the masked weights at the floor alone: small model +5.2-5.4 % against
+        +13.0-14.8 % with every weight at the floor and +5.7-5.8 % for SR-STE (three batch
+        seeds); the 6.4 M-parameter model +1.58 %, 0.69 point behind SR-STE. The ramp between
+        ``T½`` and ``2 · T½`` interpolates between those measurements. Call it after
+        :func:`sparsify` and before training.
         """
         if not _positive_finite(dense_lr):
             raise CastError(f"dense_lr: expected a positive number (the dense AdamW lr), got {dense_lr!r}")
