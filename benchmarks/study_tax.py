@@ -456,10 +456,10 @@ def cmd_report(a) -> None:
     for model, corp, steps in itertools.product(MODELS, ("stdlib", "prose"), (400, 1000, 2000)):
             rs = _rows(model, corp, steps)
             dc, sr, cd, cs = (_last(rs, m) for m in ("dense_continued", "srste", default, suggested))
-            ad, _ = _suggested_adams_run(rs, model, corp, steps)
-            mag = _last(_rows(model, corp), "magnitude")
             if not dc:
                 continue
+            ad, _ = _suggested_adams_run(rs, model, corp, steps)
+            mag = _last(_rows(model, corp), "magnitude")
             tax = lambda r, dc=dc: f"{r['ppl']:.4f} ({100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%)" if r else "-"  # noqa: E731
             # A warmup changes the schedule, so its CAST run is compared with dense_continued
             # and SR-STE under the same warmup (the causes table), not here.
