@@ -1,10 +1,12 @@
 """Refresh the study's tables in docs/sparsity_tax.md and the README from `study_tax report`.
 
-    .venv/bin/python benchmarks/fill_study_tables.py     # from the repository root
+    .venv/bin/python benchmarks/fill_study_tables.py           # from the repository root
+    .venv/bin/python benchmarks/fill_study_tables.py --check   # only say whether they are current
 
-The tables sit between `<!-- STUDY_TABLE_* -->` markers (and `<!-- README_STUDY_TABLE -->` in
-the README); the text around them is written by hand. `tests/test_study_tables.py` checks that
-the checked-in tables are what the checked-in records give."""
+The tables sit between `<!-- STUDY_TABLE_* -->` markers in the study (and between
+`<!-- README_STUDY_TABLE -->` markers in the README, which shows the main table only); the text
+around them is written by hand. `tests/test_study_tables.py` checks that the checked-in tables
+are what the checked-in records give."""
 import re
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from typing import Dict, Tuple
 # marker in docs/sparsity_tax.md -> the report's block title (its first word)
 DOC_TABLES = {"MAIN": "main", "CAUSES": "causes", "LENGTH": "length", "NM": "N:M", "SEEDS": "seeds",
               "WARMUP": "warmup", "LARGE": "large", "MLR": "mlr", "SHORT": "short", "TARGETS": "targets"}
-README_BLOCKS = ("main", "length")
+README_BLOCKS = ("main",)  # the README's headline table; the others are in the study
 
 
 def report_blocks(report: str) -> Dict[str, str]:
@@ -45,10 +47,19 @@ def fill(doc: str, readme: str, report: str) -> Tuple[str, str]:
 
 
 def main() -> None:
+    check = "--check" in sys.argv[1:]
     rep = subprocess.run([sys.executable, "benchmarks/study_tax.py", "report"], capture_output=True, text=True,
                          check=True).stdout
     with open("docs/sparsity_tax.md") as f, open("README.md") as g:
-        doc, readme = fill(f.read(), g.read(), rep)
+        old_doc, old_readme = f.read(), g.read()
+    doc, readme = fill(old_doc, old_readme, rep)
+    if check:
+        stale = [name for name, old, new in (("docs/sparsity_tax.md", old_doc, doc), ("README.md", old_readme, readme))
+                 if old != new]
+        if stale:
+            sys.exit(f"tables differ from the records in: {', '.join(stale)} (run without --check to refill)")
+        print("tables are current")
+        return
     with open("docs/sparsity_tax.md", "w") as f, open("README.md", "w") as g:
         f.write(doc)
         g.write(readme)
