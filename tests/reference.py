@@ -213,3 +213,31 @@ def ref_adams_lowp_step(p: torch.Tensor, g: torch.Tensor, mu: torch.Tensor, v: t
     p.copy_(th2)
     mu.copy_(m2)
     v.copy_(v2)
+
+
+def ref_sparsegpt_nm(w: torch.Tensor, h: torch.Tensor, n: int, m: int, percdamp: float = 0.01) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT's N:M pruning written as textbook optimal brain surgeon, in float64: column by
+    column, the inverse of the Hessian block of the columns not yet fixed is recomputed
+    explicitly (no Cholesky factor, no lazy block updates). At the first column of each group,
+    the M − N weights with the smallest saliency ``w_k² / [inv(H[k:, k:])]_00`` are pruned; the
+    visited column's error is spread by ``inv(H[j:, j:])[0, :] / inv(H[j:, j:])[0, 0]``.
+    Returns ``(weight, keep)``."""
+    W = w.double().clone()
+    H = h.double().clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=torch.float64)
+    rows, cols = W.shape
+    pruned = torch.zeros(rows, cols, dtype=torch.bool)
+    for j in range(cols):
+        inv_j = torch.linalg.inv(H[j:, j:])
+        if j % m == 0:
+            diag = torch.stack([torch.linalg.inv(H[k:, k:])[0, 0] for k in range(j, j + m)])
+            saliency = W[:, j:j + m].square() / diag.unsqueeze(0)
+            for r in range(rows):
+                for k in sorted(range(m), key=lambda k: (float(saliency[r, k]), k))[: m - n]:
+                    pruned[r, j + k] = True
+        q = W[:, j].masked_fill(pruned[:, j], 0)
+        W[:, j:] -= ((W[:, j] - q) / inv_j[0, 0]).unsqueeze(1) * inv_j[0, :].unsqueeze(0)
+    return W, ~pruned

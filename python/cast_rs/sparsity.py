@@ -7,9 +7,10 @@
 Which layers become N:M: ``nn.Linear`` (weight ``[out, in]``: groups along the last dim) and
 Hugging Face GPT-2-style ``Conv1D`` (weight ``[in, out]``: groups along dim 0) whose input
 dimension is divisible by M. Left dense, each with its reason in ``SparseModel.skipped``:
-layers whose weight is tied to an embedding (an LM head sharing the token embedding), layers
-not matched by ``include`` or matched by ``exclude``, layers whose input dimension M does not
-divide, and a second module sharing an already-chosen weight.
+layers whose weight is tied to an embedding (an LM head sharing the token embedding), the
+model's output head tied or not (:func:`output_heads`; ``include_head=True`` sparsifies it),
+layers not matched by ``include`` or matched by ``exclude``, layers whose input dimension M
+does not divide, and a second module sharing an already-chosen weight.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "FinalizeReport",
     "SparsityStats",
     "find_layers",
+    "output_heads",
 ]
 
 #: Module attribute left by ``finalize`` (and set while sparse) so that ``check_nm`` knows
@@ -156,20 +158,73 @@ class SkippedTable(Table):
         return [(s.name, s.kind, s.shape, s.reason) for s in self]
 
 
+def output_heads(model: nn.Module) -> List[str]:
+    """The names of ``model``'s output head(s): the layers :func:`find_layers` keeps dense
+    unless ``include_head=True``.
+
+    The head is the module ``model.get_output_embeddings()`` returns (Hugging Face models, tied
+    to the input embedding or not); for other models, the last ``Linear`` / ``Conv1D`` outside
+    the repeated blocks (not inside an ``nn.ModuleList``) whose output size is the vocabulary
+    size of an ``nn.Embedding`` of the model. A model with neither has no head here (exclude
+    its last layer by name if it should stay dense).
+
+    Why dense by default: the head is the layer most sensitive to pruning and a small share of
+    a language model's weights, so SparseGPT, Wanda, MaskLLM, ModelOpt and the CAST reference
+    all leave it dense.
+    """
+    names = {id(mod): name for name, mod in model.named_modules()}
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            head = get()
+        except (AttributeError, NotImplementedError, TypeError):
+            head = None
+        if isinstance(head, nn.Module) and id(head) in names:
+            return [names[id(head)]]
+    vocab = {mod.num_embeddings for mod in model.modules() if isinstance(mod, nn.Embedding)}
+    in_list = set()
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList):
+            in_list.update(id(sub) for sub in mod.modules())
+    found = None
+    for name, mod in model.named_modules():
+        kind_dim = _layer_kind(mod)
+        if kind_dim is None or id(mod) in in_list:
+            continue
+        w = original_weight(mod)
+        out_dim = w.shape[0] if kind_dim[1] == -1 else w.shape[-1]
+        if out_dim in vocab:
+            found = name
+    return [found] if found is not None else []
+
+
 def find_layers(
-    model: nn.Module, pattern: Pattern = "2:4", *, include: Rules = None, exclude: Rules = None
+    model: nn.Module,
+    pattern: Pattern = "2:4",
+    *,
+    include: Rules = None,
+    exclude: Rules = None,
+    include_head: bool = False,
 ) -> Tuple[List[Tuple[str, nn.Module, str, int]], List[SkippedLayer]]:
     """The layers ``sparsify`` (and the baselines) would make N:M, and those it leaves dense.
 
     ``include`` / ``exclude`` take names, globs (``"*.attn.*"``), compiled regular expressions,
-    strings ``"re:<regex>"``, or module types. Returns ``([(name, module, kind, dim)], skipped)``.
+    strings ``"re:<regex>"``, or module types. The output head (:func:`output_heads`) stays
+    dense unless ``include_head`` is true. Returns ``([(name, module, kind, dim)], skipped)``.
+
+    Raises:
+        ValueError: an ``include`` rule that selects no layer: it matches no module, or only
+            layers left dense (each listed with its reason). Nothing is changed.
     """
     n, m = parse_pattern(pattern)
     inc, exc = _as_rules(include, "include"), _as_rules(exclude, "exclude")
+    if not isinstance(include_head, bool):
+        raise TypeError(f"include_head: expected a bool, got {include_head!r}")
     tied: Dict[int, str] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Embedding):
             tied.setdefault(id(mod.weight), name)
+    heads = set() if include_head else set(output_heads(model))
     chosen: Dict[int, str] = {}
     picked: List[Tuple[str, nn.Module, str, int]] = []
     skipped: List[SkippedLayer] = []
@@ -194,6 +249,9 @@ def find_layers(
         if id(w) in tied:
             skip(f"weight tied to embedding {tied[id(w)]!r}")
             continue
+        if name in heads:
+            skip("output head (kept dense; include_head=True sparsifies it)")
+            continue
         if id(w) in chosen:
             skip(f"shares its weight with {chosen[id(w)]!r}")
             continue
@@ -206,7 +264,25 @@ def find_layers(
             continue
         chosen[id(w)] = name
         picked.append((name, mod, kind, dim))
+    _check_include(model, inc, picked, skipped, (n, m))
     return picked, skipped
+
+
+def _check_include(model: nn.Module, inc: List[Rule], picked: List[Tuple[str, nn.Module, str, int]],
+                   skipped: List[SkippedLayer], pattern: Tuple[int, int]) -> None:
+    """Raise if an ``include`` rule selects no layer: a misspelt name would otherwise leave the
+    model silently dense."""
+    for rule in inc:
+        if any(_matches(rule, name, mod) for name, mod, _, _ in picked):
+            continue
+        matched = [name for name, mod in model.named_modules() if name and _matches(rule, name, mod)]
+        if not matched:
+            raise ValueError(f"include: {_describe(rule)!r} matches no module of the model")
+        reasons = {s.name: s.reason for s in skipped}
+        listed = [f"{name} ({reasons.get(name, 'not a Linear / Conv1D layer')})" for name in matched[:5]]
+        more = f" and {len(matched) - 5} more" if len(matched) > 5 else ""
+        raise ValueError(f"include: {_describe(rule)!r} selects no layer that can take {pattern[0]}:{pattern[1]}: "
+                         + ", ".join(listed) + more)
 
 
 @dataclass
@@ -523,6 +599,7 @@ def sparsify(
     include: Rules = None,
     exclude: Rules = None,
     scaling_groups: Optional[int] = 2,
+    include_head: bool = False,
 ) -> SparseModel:
     """Prepare ``model`` (in place) for CAST sparse training and return its :class:`SparseModel`.
 
@@ -540,6 +617,12 @@ def sparsify(
             ``re.compile(...)`` or ``"re:<regex>"``, module types).
         exclude: layers matching any of these rules stay dense.
         scaling_groups: n, the scale's column blocks per row (default 2); 0 or None: no scaling.
+        include_head: also sparsify the model's output head (:func:`output_heads`; tied or
+            not). Default False: the head stays dense and is listed in ``.skipped``.
+
+    Raises:
+        ValueError: a bad pattern or ``scaling_groups``, or an ``include`` rule that selects no
+            layer (a name that matches no module, or only layers that stay dense).
 
     Take the teacher for distillation (``copy.deepcopy(model)``) before calling this, and build
     the optimizer after it: the scales are new parameters, which an optimizer built earlier does
@@ -553,7 +636,7 @@ def sparsify(
             raise RuntimeError("sparsify: this model is already sparsified (a weight is already marked N:M)")
     if any(module_spec(mod) is not None for mod in model.modules()):
         raise RuntimeError("sparsify: this model is already sparsified (a layer is already marked N:M)")
-    picked, skipped = find_layers(model, (n, m), include=include, exclude=exclude)
+    picked, skipped = find_layers(model, (n, m), include=include, exclude=exclude, include_head=include_head)
     layers: List[SparseLayer] = []
     for name, mod, kind, dim in picked:
         w = mod.weight
