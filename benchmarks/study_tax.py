@@ -25,6 +25,19 @@ A CAST method is ``cast:key=value,...``; keys (defaults = the library's AdamS as
     opt       lib (cast_rs.AdamS) | ref (the plain-PyTorch research optimizer below, which has
               the extra knobs; with default knobs it takes the same steps as lib)
     vsrc      mutilde (paper: v from μ̃ for every element) | grad (v from g² where m = 1)
+    suggest   1: lr and mlr from ``sparse.suggest_adams(steps, dense_lr=--lr)`` (the documented
+              default; overrides lr / mlr)
+
+The practitioners' recipe, one-shot then fine-tuning with the mask held fixed
+(``cast_rs.baselines.FixedMask``; AdamW, same loop and distillation):
+``fixed:score=magnitude|wanda|sparsegpt[,lr=...,calib=4]`` (``calib``: calibration batches
+of the training set, drawn with their own seed, for Wanda and SparseGPT).
+
+``--loop`` sets the training loop every method of the run shares: ``study`` (AdamW/AdamS betas
+(0.9, 0.95), gradient clipping at 1, cosine to 0, no warmup: the loop of every run before the
+practitioners' comparison) or ``user`` (each optimizer's default betas (0.9, 0.999), no
+clipping, cosine to lr/10, no warmup: a plain user's loop); either followed by overrides,
+``user,clip=1,warmup=0.05,floor=0,beta2=0.95``.
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -48,7 +62,9 @@ from cast_rs.demo import Batches, GPTConfig, TinyGPT, _cosine, _no_decay_groups,
 from cast_rs.nm import nm_mask
 from cast_rs.sparsity import _adams_from_floor
 
-OUT = Path("results/study")
+#: Where runs, dense starts and checkpoints go; CAST_RS_STUDY_DIR moves them (for example out
+#: of a work tree that is cleaned between uses).
+OUT = Path(os.environ.get("CAST_RS_STUDY_DIR", "results/study"))
 #: The records of the runs behind docs/sparsity_tax.md (a copy of results/study/runs.jsonl),
 #: read by table/report/plot when this machine has no results/ of its own.
 SHIPPED_RECORDS = Path(__file__).resolve().parent.parent / "docs" / "sparsity_tax_runs.jsonl"
@@ -196,6 +212,37 @@ def pretrain(model: str, corp: str, steps: int, batch: int, lr: float, seed: int
     return final
 
 
+#: The training loops compared (see the module docstring); warmup is a fraction of the run.
+LOOPS = {
+    "study": {"beta2": 0.95, "clip": 1.0, "warmup": 0.0, "floor": 0.0},
+    "user": {"beta2": 0.999, "clip": 0.0, "warmup": 0.0, "floor": 0.1},
+}
+
+
+def parse_loop(spec: str) -> Dict[str, float]:
+    name, _, rest = spec.partition(",")
+    if name not in LOOPS:
+        raise SystemExit(f"--loop: expected one of {sorted(LOOPS)} (then ,key=value overrides), got {spec!r}")
+    loop = dict(LOOPS[name])
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in loop:
+            raise SystemExit(f"--loop: unknown key {key!r} (expected {sorted(loop)})")
+        loop[key] = float(value)
+    return loop
+
+
+def cosine_floor(opt, steps: int, warmup: int, floor: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``warmup`` steps, then cosine from lr to ``floor`` · lr."""
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        t = min(1.0, (s - warmup) / max(1, steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
 def parse_method(spec: str) -> Tuple[str, Dict[str, str]]:
     name, _, rest = spec.partition(":")
     kv = dict(item.split("=", 1) for item in rest.split(",") if item)
@@ -217,8 +264,10 @@ def projected_eval(model: nn.Module, handle, ev) -> float:
 
 
 def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, lr: float, pattern: str,
-               points: int, seed: int, state_key: str = "") -> Dict:
+               points: int, seed: int, state_key: str = "", loop: str = "study") -> Dict:
     name, kv = parse_method(spec)
+    lp = parse_loop(loop)
+    betas = (0.9, lp["beta2"])
     n, m_ = cast_rs.nm.parse_pattern(pattern)
     ev = lambda mod: evaluate(mod, va, 192, c.context)  # noqa: E731
     fresh = lambda: _load(c, state)  # noqa: E731
@@ -226,6 +275,8 @@ def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, l
     teacher.eval().requires_grad_(False)
     batches = Batches(tr, batch, c.context, seed + 1)
     rec: Dict = {"method": spec, "steps": steps, "pattern": pattern}
+    if loop != "study":
+        rec["loop"] = loop
     t0 = time.perf_counter()
     if name == "magnitude":
         model = fresh()
@@ -236,38 +287,53 @@ def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, l
     model = fresh()
     eta = float(kv.get("eta", 1 / 3))
     run_lr = float(kv.get("lr", lr))
-    handle = srste = None
+    handle = srste = fixed = None
     if name == "dense_continued":
-        opt = torch.optim.AdamW(_no_decay_groups(model, 0.0), lr=run_lr, betas=(0.9, 0.95))
+        opt = torch.optim.AdamW(_no_decay_groups(model, 0.0), lr=run_lr, betas=betas)
     elif name == "srste":
         srste = baselines.SRSTE(model, pattern, decay=float(kv.get("decay", 2e-4)))
-        opt = torch.optim.AdamW(_no_decay_groups(model, 0.0), lr=run_lr, betas=(0.9, 0.95))
+        opt = torch.optim.AdamW(_no_decay_groups(model, 0.0), lr=run_lr, betas=betas)
+    elif name == "fixed":
+        score = kv.get("score", "magnitude")
+        calib = None
+        if score != "magnitude":
+            cb = Batches(tr, batch, c.context, seed + 7919)
+            calib = [cb.get(i)[0] for i in range(int(kv.get("calib", 4)))]
+        fixed = baselines.FixedMask(model, pattern, score=score, calibration=calib)
+        rec["ppl_one_shot"] = ev(model)
+        opt = torch.optim.AdamW(_no_decay_groups(model, 0.0), lr=run_lr, betas=betas)
     elif name == "cast":
         handle = sparsify(model, pattern, scaling_groups=int(kv.get("scale", 2)))
         T = steps
         common = dict(l1=float(kv.get("l1", 0.1)), ramp=float(kv.get("ramp", 1.0)), interval=int(kv.get("interval", 10)))
-        # mlr = the library's masked_lr_scale (since session 10; the mlr runs recorded before it
-        # used ResearchAdamS's equivalent knob, docs/sparsity_tax.md says which).
+        mlr = float(kv.get("mlr", 1.0))
+        if kv.get("suggest") == "1":
+            sug = handle.suggest_adams(steps, dense_lr=lr)
+            run_lr, mlr = sug["lr"], sug["masked_lr_scale"]
+            rec["suggested"] = sug
+        # mlr = the library's masked_lr_scale (the mlr runs recorded before it existed used
+        # ResearchAdamS's equivalent knob, docs/sparsity_tax.md says which).
         if kv.get("opt", "lib") == "lib" and kv.get("vsrc", "mutilde") == "mutilde":
-            opt = cast_rs.AdamS(model.parameters(), lr=run_lr, betas=(0.9, 0.95), l1_decay=common["l1"],
+            opt = cast_rs.AdamS(model.parameters(), lr=run_lr, betas=betas, l1_decay=common["l1"],
                                 total_steps=T, mask_interval=common["interval"], ramp_end=common["ramp"],
                                 l1_mode="relative" if kv.get("mode", "abs") == "rel" else "absolute",
-                                masked_lr_scale=float(kv.get("mlr", 1.0)))
+                                masked_lr_scale=mlr)
         else:
             specs = {l.weight: (n, m_, l.dim) for l in handle.layers}
-            opt = ResearchAdamS(model.parameters(), specs, lr=run_lr, betas=(0.9, 0.95), total_steps=T,
+            opt = ResearchAdamS(model.parameters(), specs, lr=run_lr, betas=betas, total_steps=T,
                                 mode=kv.get("mode", "abs"), vsrc=kv.get("vsrc", "mutilde"),
-                                mlr=float(kv.get("mlr", 1.0)), **common)
+                                mlr=mlr, **common)
     else:
         raise SystemExit(f"unknown method {name!r}")
-    sched = _cosine(opt, steps, int(kv.get("warmup", 0)))
+    warmup = int(kv["warmup"]) if "warmup" in kv else round(lp["warmup"] * steps)
+    sched = cosine_floor(opt, steps, warmup, lp["floor"])
     marks = {round(steps * (k + 1) / points) for k in range(points)} | {10, 30}
     curve, proj_curve = [], []
     # Resumable: a session may end mid-run (a large-model run of 2000 steps takes hours), so the
     # run's whole state is saved every CKPT_EVERY steps and picked up by the same command. The
     # batches are a function of the step index and AdamS/AdamW/LambdaLR resume bit-identically
     # (tests/test_resume.py), so a resumed run records what an uninterrupted one would.
-    ck = _run_ckpt_path(rec, state_key, lr, batch, seed, eta)
+    ck = _run_ckpt_path(rec, state_key, lr, batch, seed, eta, loop)
     start, spent = 0, 0.0
     if ck.exists():
         z = _load_ckpt(ck, model, opt, sched)
@@ -285,7 +351,8 @@ def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, l
             t_logits = teacher(x)
         loss = distill_loss(logits, t_logits, y, eta=eta)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if lp["clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), lp["clip"])
         opt.step()
         sched.step()
         if s + 1 in marks:
@@ -305,7 +372,10 @@ def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, l
         rec["l1_cut"] = fin.total_l1_removed_fraction
     if srste is not None:
         srste.finalize()
-    if handle is not None or srste is not None:
+    if fixed is not None:
+        fixed.finalize()
+        fixed.release()
+    if handle is not None or srste is not None or fixed is not None:
         rep = check_nm(model, pattern)
         assert rep.ok, str(rep)
     rec["ppl"] = ev(model)
@@ -320,11 +390,13 @@ def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, l
 CKPT_EVERY = 50
 
 
-def _run_ckpt_path(rec: Dict, state_key: str, lr: float, batch: int, seed: int, eta: float) -> Path:
+def _run_ckpt_path(rec: Dict, state_key: str, lr: float, batch: int, seed: int, eta: float,
+                   loop: str = "study") -> Path:
     """Where a run's checkpoint lives: one file per (dense start, method, steps, pattern, lr,
-    batch, seed), so only the same command resumes it (``--points``, which only sets where the
-    curve is measured, is checked when resuming instead)."""
-    key = json.dumps([state_key, rec["method"], rec["steps"], rec["pattern"], lr, batch, seed, eta])
+    batch, seed, loop), so only the same command resumes it (``--points``, which only sets where
+    the curve is measured, is checked when resuming instead)."""
+    parts = [state_key, rec["method"], rec["steps"], rec["pattern"], lr, batch, seed, eta]
+    key = json.dumps(parts if loop == "study" else parts + [loop])
     return OUT / f"run_{hashlib.sha256(key.encode()).hexdigest()[:16]}.ckpt"
 
 
@@ -345,7 +417,7 @@ def cmd_run(a) -> None:
     for spec in a.method:
         torch.manual_seed(a.seed)
         rec = run_method(spec, state, c, tr, va, a.steps, a.batch, a.lr, a.pattern, a.points, a.seed,
-                         state_key=path.name)
+                         state_key=path.name, loop=a.loop)
         rec.update(model=a.model, corpus=a.corpus, pretrain_steps=a.pretrain_steps, dense=dense, lr_default=a.lr,
                    batch=a.batch, threads=torch.get_num_threads(), tag=a.tag, seed=a.seed)
         with open(OUT / "runs.jsonl", "a") as f:
@@ -375,7 +447,7 @@ def cmd_table(a) -> None:
                   f"{fmt(r.get('sparse_ratio'))} |")
 
 
-def _rows(model=None, corpus=None, steps=None, pattern="2:4", tag=None, seed=0) -> List[Dict]:
+def _rows(model=None, corpus=None, steps=None, pattern="2:4", tag=None, seed=0, loop="study") -> List[Dict]:
     """Records of one setting; ``seed`` (of the sparse-training batches; the dense start is the
     same) defaults to 0, the seed of every table, so other seeds never replace a table entry;
     ``seed=None`` takes every seed."""
@@ -384,7 +456,8 @@ def _rows(model=None, corpus=None, steps=None, pattern="2:4", tag=None, seed=0) 
         r = json.loads(line)
         if ((model and r["model"] != model) or (corpus and r["corpus"] != corpus) or (steps and r["steps"] != steps)
                 or r.get("pattern", "2:4") != pattern or (tag and r.get("tag") != tag)
-                or (seed is not None and r.get("seed", 0) != seed)):
+                or (seed is not None and r.get("seed", 0) != seed)
+                or (loop is not None and r.get("loop", "study") != loop)):
             continue
         out.append(r)
     return out
@@ -715,6 +788,7 @@ def main() -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--tag", default="")
     r.add_argument("--method", action="append", required=True)
+    r.add_argument("--loop", default="study", help="study | user, then ,key=value overrides (module docstring)")
     t = sub.add_parser("table")
     t.add_argument("--model")
     t.add_argument("--corpus")
