@@ -100,7 +100,7 @@ def test_sparsegpt_prune_sequential_feeds_pruned_inputs_forward():
 
 
 def test_sparsegpt_prune_conv1d_layout():
-    transformers = pytest.importorskip("transformers", reason="needs transformers (a test dependency)")
+    pytest.importorskip("transformers", reason="needs transformers (a test dependency)")
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
@@ -143,7 +143,7 @@ def test_fixed_mask_holds_the_one_shot_support_through_training(score, make_opt)
     assert fm.layers == ["a", "b"]
     support = {n: getattr(model, n).weight.detach() != 0 for n in fm.layers}
     opt = make_opt(model.parameters())
-    for step in range(5):
+    for _ in range(5):
         x = torch.randn(32, 16)
         loss = (model(x) - teacher(x).detach()).square().mean()
         opt.zero_grad()
