@@ -12,8 +12,8 @@ dominates) and a large one (where the kernel does):
 * ``nm_mask``.
 
 To compare with another commit (the "before" of a change to the binding layer), build that
-commit's extension and put its package first on ``sys.path``; see the closing note of issue 10
-for the recipe (``git worktree`` + ``cargo build --release --features python`` + PYTHONPATH).
+commit's extension and put its package first on ``sys.path`` (``git worktree add`` of that
+commit, ``cargo build --release --features python`` there, its ``python/`` on PYTHONPATH).
 Every figure is a median of ``--repeats`` calls.
 """
 

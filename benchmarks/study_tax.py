@@ -1,4 +1,5 @@
-"""The sparsity tax study (issue 13): CAST vs SR-STE from well-trained dense models.
+"""The sparsity tax study: CAST against SR-STE and the fixed-mask recipe from well-trained
+dense models (docs/sparsity_tax.md is its report).
 
     ./run bench study_tax pretrain --model small --corpus stdlib --steps 3000
     ./run bench study_tax run --model small --corpus stdlib --steps 400 \
@@ -66,7 +67,7 @@ from cast_rs.sparsity import _adams_from_floor
 #: of a work tree that is cleaned between uses).
 OUT = Path(os.environ.get("CAST_RS_STUDY_DIR", "results/study"))
 #: The records of the runs behind docs/sparsity_tax.md (a copy of results/study/runs.jsonl),
-#: read by table/report/plot when this machine has no results/ of its own.
+#: read by table/report/plot when there is no results/ of its own.
 SHIPPED_RECORDS = Path(__file__).resolve().parent.parent / "docs" / "sparsity_tax_runs.jsonl"
 
 
@@ -482,7 +483,7 @@ def _last(rows: List[Dict], method: str) -> Optional[Dict]:
 
 DEFAULT_CAST = "cast:l1=0.1"  # AdamS's defaults (l1_decay 0.1, absolute), at the study's lr 1e-3
 # CAST at lr 5e-4: what suggest_lr(T, dense_lr=1e-3) gives at 400 steps (5.2e-4) and from 1000
-# steps on (5e-4) on both study models (README, "Learning rate").
+# steps on (5e-4) on both study models (docs/guides/hyperparameters.md).
 SUGGESTED_CAST = "cast:l1=0.1,lr=5e-4"
 # The 99th percentile of |w| over the weights the 2:4 masks remove, per dense start (P3000):
 # suggest_lr's travel floor is Q99 / (0.5 T); measured with sparse.suggest_lr(400) * 200.

@@ -1,4 +1,4 @@
-"""torch.compile and torch.export on sparsified models (issue 10): the weight-scaling kernels
+"""torch.compile and torch.export on sparsified models: the weight-scaling kernels
 are PyTorch operators (``torch.ops.cast_rs.scale_forward`` / ``scale_backward``) with fake
 implementations and autograd, so a compiled forward has no graph break at the sparse layers,
 and a compiled function that calls ``AdamS.step()`` runs it eagerly (one graph break) and

@@ -100,7 +100,7 @@ def test_trainer_with_weight_decay_does_not_decay_the_scales(tmp_path, built_by)
 def test_mid_run_checkpoint_becomes_a_plain_model(tmp_path):
     """A checkpoint saved before finalize (a Trainer's mid-run save_pretrained) has the keys
     '...parametrizations.weight.original/scale', which from_pretrained does not know. The
-    documented way back (README, "After finalize"): the same sparsify call on a fresh model,
+    documented way back (docs/guides/checkpoints.md): the same sparsify call on a fresh model,
     load the checkpoint, finalize, save_pretrained; from_pretrained then gives the same model."""
     model, cfg = small_gpt2()
     sp = cast_rs.sparsify(model, "2:4")

@@ -185,7 +185,7 @@ class TinyGPT(nn.Module):
 
 @dataclass
 class DemoConfig:
-    """Defaults of the demo (see the README's tuning notes for how they were chosen)."""
+    """Defaults of the demo (docs/sparsity_tax.md says how they were chosen)."""
 
     model: GPTConfig = field(default_factory=GPTConfig)
     batch: int = 32
@@ -194,15 +194,16 @@ class DemoConfig:
     from_scratch: bool = False  # pretrain here even when the shipped dense checkpoint fits
     steps: int = 400  # per trained method, after pretraining
     lr: float = 1e-3  # continued training: dense_continued and SR-STE (each's better lr in the study)
-    # AdamS's learning rate; None: ``sparse.suggest_adams(steps, dense_lr=lr)``, what the README
-    # tells users to do; at the demo's 400 steps that is half the dense lr (which beat the full
-    # one at 400 steps on every study setting, docs/sparsity_tax.md findings 15 and 24) with
+    # AdamS's learning rate; None: ``sparse.suggest_adams(steps, dense_lr=lr)``, what the docs
+    # tell users to do; at the demo's 400 steps that is half the dense lr (which beat the full
+    # one at 400 steps on every study setting, docs/sparsity_tax.md, "Half the dense learning
+    # rate") with
     # masked_lr_scale 1.03, masked weights just fast enough to reach zero. A given lr runs the
     # paper's update (masked_lr_scale 1).
     cast_lr: Optional[float] = None
     # Linear learning-rate warmup over this fraction of `steps`, then cosine to 0, for every
     # trained method (dense continued, SR-STE, CAST): it tempers AdamS's near-sign first
-    # steps on a well-trained model (docs/sparsity_tax.md, finding 12).
+    # steps on a well-trained model (docs/sparsity_tax.md, "A warmup helps CAST").
     warmup: float = 0.1
     l1_decay: float = DEFAULT_L1_DECAY  # AdamS's documented default (docs/sparsity_tax.md)
     mask_interval: int = 10

@@ -21,7 +21,7 @@ __all__ = ["AdamS", "DEFAULT_L1_DECAY", "DEFAULT_L1_MODE", "DEFAULT_MASKED_LR_SC
            "NM_ATTR"]
 
 #: Default λ (``l1_decay``). The paper's LLaMA2-7B value is 4e-7 with the advice "the same
-#: order of magnitude as the gradient". On the demo's small GPT (README, "Tuning") the best
+#: order of magnitude as the gradient". On the demo's small GPT (docs/sparsity_tax.md) the best
 #: values at lr 1e-3 were 0.1–1.0 (1e-3 recovered only 85% of the pruning gap): a λ well above
 #: the gradient moments makes the decay overtake the gradient early in the α ramp, which a
 #: short run needs. 0.1 is the low end of that optimum; tune it per model.
@@ -38,8 +38,8 @@ DEFAULT_RAMP_END = 1.0
 #: r = ``masked_lr_scale``: a masked-out weight's step is r times a kept weight's (lr·r). 1.0 is
 #: the paper's AdamS. Not part of the paper; opt-in. On the study's small model (2:4, 400
 #: steps, lr 5e-4 with a warmup) r = 2 lowered the sparsity tax by 0.25-0.30 point on every
-#: seed and both corpora; at 1000 steps by 0.01-0.10 (docs/sparsity_tax.md, findings 25 and
-#: 28).
+#: seed and both corpora; at 1000 steps by 0.01-0.10 (docs/sparsity_tax.md, "Faster-moving
+#: masked weights").
 DEFAULT_MASKED_LR_SCALE = 1.0
 
 _ParamsT = Union[Iterable[torch.Tensor], Iterable[Dict[str, Any]], Iterable[Tuple[str, torch.Tensor]]]
@@ -120,7 +120,7 @@ class AdamS(Optimizer):
             the paper; opt-in. Once the decay has taken over, a masked weight moves toward zero
             by about ``lr·r`` per step, so r > 1 lets the masked weights reach zero sooner
             (leaving the sparse model more of the run to recover) while the kept weights keep
-            a gentler rate. Measured (docs/sparsity_tax.md, findings 25 and 28; small GPT,
+            a gentler rate. Measured (docs/sparsity_tax.md, "Faster-moving masked weights"; small GPT,
             2:4, lr 5e-4 with a 10 % warmup): r = 2 lowered the tax by 0.25-0.30 point at 400
             steps and by 0.01-0.10 at 1000; r = 4 was no better than 2. A lever for short
             runs; not measured on a larger model yet. Dense parameters ignore it. On the

@@ -422,8 +422,8 @@ class SparseModel:
         Why half the dense rate: AdamS's steps are near-sign (v averages μ̃², not g²), so a
         kept weight moves about ``lr`` per step where AdamW's noise-dominated steps are a
         quarter to a half of it; a smaller lr shakes a well-trained model less, but the
-        kept weights still have to re-fit. Evidence (docs/sparsity_tax.md, findings 15 and
-        19; 2:4, cosine to 0, dense AdamW lr 1e-3): at 400 steps the floor is 5.2e-4 on both
+        kept weights still have to re-fit. Evidence (docs/sparsity_tax.md, "Half the dense
+        learning rate"; 2:4, cosine to 0, dense AdamW lr 1e-3): at 400 steps the floor is 5.2e-4 on both
         study models and lr 5e-4 beat 1e-3 on all four model × corpus settings; at 1000 steps
         the floor (2.1e-4) was far too low (small model, stdlib +3.4 % against +1.5 % at 5e-4
         and +1.3 % at 1e-3; prose +3.8 % against +1.9 % at 1e-3): the floor is a floor, not
@@ -431,9 +431,9 @@ class SparseModel:
         starting point, not a law. :meth:`suggest_adams` is the better rule at both ends: in
         short runs (floor above ``dense_lr / 2``) this method raises every weight's lr to the
         floor, which shakes the kept weights, where ``suggest_adams`` gives the floor to the
-        masked weights only (finding 29); in runs twice as long as the one whose floor is
+        masked weights only; in runs twice as long as the one whose floor is
         ``dense_lr / 2``, and longer, ``suggest_adams`` gives the kept weights the whole dense
-        lr (finding 31). Call it
+        lr (docs/sparsity_tax.md, "Long runs want the dense learning rate"). Call it
         after :func:`sparsify` and before training (on a finalized model the masked weights
         are already zero).
         """
@@ -467,11 +467,11 @@ class SparseModel:
                                       **sparse.suggest_adams(T, dense_lr=1e-3))
 
         Why: AdamS's steps are near-sign, so at the full dense lr the kept weights of a
-        well-trained model are shaken in the first steps (findings 1, 14, 15 of
-        docs/sparsity_tax.md); a short run cannot repair that, a long one can and then needs
-        the dense lr to re-fit (findings 19, 31). :meth:`suggest_lr` raises every weight's lr
-        to the floor in short runs, which shakes the kept weights further (finding 29;
-        ``masked_lr_scale`` is an addition to the paper's AdamS, see :class:`AdamS`).
+        well-trained model are shaken in the first steps (docs/sparsity_tax.md, "AdamS's steps
+        are near-sign"); a short run cannot repair that, a long one can and then needs the
+        dense lr to re-fit. :meth:`suggest_lr` raises every weight's lr to the floor in short
+        runs, which shakes the kept weights further (``masked_lr_scale`` is an addition to the
+        paper's AdamS, see :class:`AdamS`).
         Evidence (2:4, cosine to 0, dense AdamW lr 1e-3; ``T½`` ≈ 410 steps on both study
         models): at 400 steps 5e-4 beat 1e-3 on all four model × corpus settings; at 1000 steps
         1e-3 beat 5e-4 on four of five runs (small model: stdlib, prose on two batch seeds;
