@@ -9,7 +9,7 @@
 // the same function until CUDA kernels of our own exist.
 //
 // Fake (meta) implementations and autograd formulas are registered from Python, in
-// python/cast_rs/_ops.py (set_python_module below tells torch where to find them).
+// python/cast_rs/_registrations.py (set_python_module below tells torch where to find them).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -218,7 +218,7 @@ at::Tensor nm_linear(const at::Tensor& input, const at::Tensor& values, const at
 }  // namespace
 
 TORCH_LIBRARY(cast_rs, m) {
-  m.set_python_module("cast_rs._ops");
+  m.set_python_module("cast_rs._registrations");
   m.def("nm_mask(Tensor x, int n, int m, int dim=-1, bool force_generic=False) -> Tensor");
   m.def("nm_mask_packed(Tensor x, int n, int m, int dim=-1, bool force_generic=False) -> Tensor");
   m.def("unpack_mask(Tensor bits, int[] shape) -> Tensor");

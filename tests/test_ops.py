@@ -60,7 +60,7 @@ def test_scaling_matches_the_reference_and_the_direct_route(kernel_path, dim):
     gw, ga = ops.scale_backward(g, w, a, 2, dim, fg)
     dw, da = _cast_rs.scale_backward(g, w, a, 2, dim, fg)
     assert torch.equal(gw, dw) and torch.equal(ga, da)
-    # Autograd through the operator (the formula registered in cast_rs._ops).
+    # Autograd through the operator (the formula registered in cast_rs._registrations).
     wr, ar = w.clone().requires_grad_(), a.clone().requires_grad_()
     ops.scale_forward(wr, ar, 2, dim, fg).backward(g)
     assert torch.equal(wr.grad, gw) and torch.equal(ar.grad, ga)

@@ -126,7 +126,7 @@ def test_sparsegpt_prune_errors_leave_the_model_unchanged():
         baselines.sparsegpt_prune(model, [bad], "2:4", include=["a", "b"])
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert not any(hasattr(mod, cast_rs.sparsity.SPARSE_MODULE_ATTR) for mod in model.modules())
+    assert not any(hasattr(mod, cast_rs.layers.SPARSE_MODULE_ATTR) for mod in model.modules())
 
 
 @pytest.mark.parametrize("score", ["magnitude", "wanda", "sparsegpt"])
@@ -184,7 +184,7 @@ class UntiedLM(nn.Module):
 
 def test_output_head_stays_dense_by_default():
     model = UntiedLM()
-    assert cast_rs.sparsity.output_heads(model) == ["head"]
+    assert cast_rs.layers.output_heads(model) == ["head"]
     sparse = cast_rs.sparsify(model, "2:4")
     assert [l.name for l in sparse.layers] == ["blocks.0", "blocks.1"]
     reasons = {s.name: s.reason for s in sparse.skipped}
@@ -203,7 +203,7 @@ def test_output_head_of_a_hugging_face_llama_is_its_lm_head():
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     model = transformers.LlamaForCausalLM(cfg)
-    assert cast_rs.sparsity.output_heads(model) == ["lm_head"]
+    assert cast_rs.layers.output_heads(model) == ["lm_head"]
     sparse = cast_rs.sparsify(model, "2:4")
     names = [l.name for l in sparse.layers]
     assert "lm_head" not in names and len(names) == 7

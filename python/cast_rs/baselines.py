@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 
 from ._mask_guard import MaskGuard
 from .nm import Pattern, format_pattern, nm_mask, parse_pattern
-from .sparsity import SPARSE_MODULE_ATTR, Rules, find_layers
+from .layers import SPARSE_MODULE_ATTR, Rules, find_layers
 
 if TYPE_CHECKING:
     from .checking import NMReport

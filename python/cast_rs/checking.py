@@ -14,7 +14,7 @@ from ._markers import original_weight
 from ._mask_guard import MaskGuard
 from .nm import Pattern, format_pattern, parse_pattern
 from .reports import Table
-from .sparsity import SPARSE_MODULE_ATTR, _effective_full_weight, _layer_kind, find_layers
+from .layers import SPARSE_MODULE_ATTR, effective_full_weight, find_layers, layer_kind
 
 __all__ = ["check_nm", "keep_nm", "NMReport", "NMRow"]
 
@@ -48,7 +48,8 @@ class NMReport(Table):
         return super().__str__()
 
 
-def _violations(w: torch.Tensor, n: int, m: int, dim: int) -> Tuple[int, int]:
+def count_violations(w: torch.Tensor, n: int, m: int, dim: int) -> Tuple[int, int]:
+    """``(groups with more than n nonzeros, groups)`` of ``w``, groups of m along ``dim``."""
     nz = (w.detach() != 0)
     if dim == -1:
         per_group = nz.reshape(-1, m).sum(-1)
@@ -76,14 +77,14 @@ def check_nm(model_or_tensor: Union[nn.Module, torch.Tensor], pattern: Pattern =
         size = t.shape[-1] if d == -1 else t.shape[0]
         if t.dim() == 0 or size % m:
             raise ValueError(f"tensor: shape {tuple(t.shape)} cannot hold {n}:{m} groups along dim {dim}")
-        bad, groups = _violations(t, n, m, d)
+        bad, groups = count_violations(t, n, m, d)
         report.append(NMRow("tensor", tuple(t.shape), d, groups, bad, float((t == 0).float().mean())))
         return report
     if not isinstance(model_or_tensor, nn.Module):
         raise TypeError(f"model_or_tensor: expected an nn.Module or a torch.Tensor, got {type(model_or_tensor).__name__}")
     for name, mod, d in _nm_layers(model_or_tensor, (n, m)):
-        w = _effective_full_weight(mod)  # scaled, if still parametrized; gathered if DTensor
-        bad, groups = _violations(w, n, m, d)
+        w = effective_full_weight(mod)  # scaled, if still parametrized; gathered if DTensor
+        bad, groups = count_violations(w, n, m, d)
         report.append(NMRow(name, tuple(w.shape), d, groups, bad, float((w.detach() == 0).float().mean())))
     return report
 
@@ -95,7 +96,7 @@ def _nm_layers(model: nn.Module, pattern: Tuple[int, int]) -> List[Tuple[str, nn
     except heads tied to an embedding."""
     marked = [(name, mod) for name, mod in model.named_modules() if getattr(mod, SPARSE_MODULE_ATTR, None)]
     if marked:
-        return [(name, mod, _layer_kind(mod)[1]) for name, mod in marked if _layer_kind(mod)]
+        return [(name, mod, layer_kind(mod)[1]) for name, mod in marked if layer_kind(mod)]
     picked, _ = find_layers(model, pattern)
     return [(name, mod, d) for name, mod, _, d in picked]
 

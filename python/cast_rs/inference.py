@@ -31,27 +31,12 @@ from typing import Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from . import _ops  # noqa: F401  (registers the operators' fake implementations)
-from ._cast_rs import CastError
-from .checking import _violations
+from ._registrations import layout_sizes
+from .checking import count_violations
 from .nm import format_pattern, parse_pattern
-from .sparsity import _layer_kind
+from .layers import layer_kind
 
 __all__ = ["NMLinear", "CompressReport", "compress"]
-
-ROW_BLOCK = 16
-
-
-def _layout_sizes(out_features: int, in_features: int, n: int, m: int) -> Tuple[int, int]:
-    """(values length, index length in int32 words) of the compressed layout."""
-    if not (2 <= m <= 8 and 1 <= n < m):
-        raise CastError(f"pattern: expected N:M with 1 <= N < M <= 8, got {n}:{m}")
-    if in_features % m:
-        raise CastError(f"in_features: {in_features} is not a multiple of M = {m}")
-    blocks = -(-out_features // ROW_BLOCK)
-    kept = in_features // m * n
-    words_per_slot = ROW_BLOCK * (2 if m <= 4 else 4) // 32
-    return blocks * kept * ROW_BLOCK, blocks * kept * words_per_slot
 
 
 class NMLinear(nn.Module):
@@ -78,7 +63,7 @@ class NMLinear(nn.Module):
         if dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"dtype: expected torch.float32 or torch.bfloat16, got {dtype}")
         n, m = parse_pattern(pattern)
-        values_len, index_len = _layout_sizes(out_features, in_features, n, m)
+        values_len, index_len = layout_sizes(out_features, in_features, n, m)
         self.in_features, self.out_features, self.n, self.m = in_features, out_features, n, m
         self.register_buffer("values", torch.zeros(values_len, dtype=dtype))
         self.register_buffer("index", torch.zeros(index_len, dtype=torch.int32))
@@ -112,7 +97,7 @@ class NMLinear(nn.Module):
         dimension (at most N nonzeros per group: finalize the model first); ``dtype`` defaults
         to the weight's (float32 or bfloat16). Raises ``ValueError`` naming the first group
         that is not N:M."""
-        kind = _layer_kind(linear)
+        kind = layer_kind(linear)
         if kind is None:
             raise TypeError(f"linear: expected an nn.Linear or a Hugging Face Conv1D, got {type(linear).__name__}")
         n, m = parse_pattern(pattern)
@@ -220,7 +205,7 @@ def compress(model: nn.Module, pattern: Union[str, Tuple[int, int]] = "2:4", *,
     report = CompressReport((n, m))
     plan = []
     for name, mod in modules.items():
-        kind = _layer_kind(mod)
+        kind = layer_kind(mod)
         if kind is None or (wanted is not None and name not in wanted):
             continue
         w = mod.weight.detach()
@@ -232,7 +217,7 @@ def compress(model: nn.Module, pattern: Union[str, Tuple[int, int]] = "2:4", *,
             why = f"in_features {w2.shape[1]} is not a multiple of M = {m}"
         elif w.device.type != "cpu":
             why = f"on {w.device} (NMLinear runs on the CPU)"
-        elif _violations(w2, n, m, -1)[0]:
+        elif count_violations(w2, n, m, -1)[0]:
             why = f"not {n}:{m} (finalize the model first)"
         if why is not None:
             if wanted is not None:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from . import _cast_rs
-from ._ops import ops
-from ._checks import check_plain_tensor, tracing
+from ._registrations import ops
+from ._tensor_args import check_plain_tensor, tracing
 from ._config import generic_path_forced
 
 Pattern = Union[str, Tuple[int, int]]

@@ -12,7 +12,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import _cast_rs, _dtensor
-from ._checks import check_plain_tensor
+from ._tensor_args import check_plain_tensor
 from ._config import generic_path_forced
 from ._markers import NM_ATTR, remark_weights, weight_scales
 from .nm import format_pattern, group_dim_size, nm_mask_packed, parse_pattern

@@ -6,7 +6,7 @@ ordinary dense parameter. Scaling is element-wise: the zeros of ``W`` (its N:M p
 those of ``W_s``. Forward and backward are Rust kernels (fast path for contiguous float32 /
 float64 on CPU, tensor ops otherwise), registered as the PyTorch operators
 ``torch.ops.cast_rs.scale_forward`` / ``scale_backward`` (C++, ``csrc/``; fake
-implementations and autograd in ``_ops``, so ``torch.compile(fullgraph=True)`` and
+implementations and autograd in ``_registrations``, so ``torch.compile(fullgraph=True)`` and
 ``torch.export`` trace through them).
 """
 
@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from . import _cast_rs
-from ._ops import input_grads, ops
-from ._checks import check_plain_tensor, tracing
+from ._registrations import input_grads, ops
+from ._tensor_args import check_plain_tensor, tracing
 from ._config import generic_path_forced
 
 

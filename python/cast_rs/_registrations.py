@@ -39,6 +39,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 from . import _cast_rs  # noqa: F401  (loading the extension registers the C++ operators)
+from ._cast_rs import CastError
 
 ops = torch.ops.cast_rs
 
@@ -88,15 +89,25 @@ def _adams_step_fake(params: List[torch.Tensor], grads: List[torch.Tensor], exp_
     return torch.empty((len(params),), dtype=torch.int64)
 
 
-def _nm_sizes(rows: int, cols: int, n: int, m: int) -> Tuple[int, int]:
-    from .inference import _layout_sizes
+#: Output rows per block of the compressed layout (``src/nm_linear``'s ``ROW_BLOCK``).
+ROW_BLOCK = 16
 
-    return _layout_sizes(rows, cols, n, m)
+
+def layout_sizes(out_features: int, in_features: int, n: int, m: int) -> Tuple[int, int]:
+    """(values length, index length in int32 words) of the compressed layout."""
+    if not (2 <= m <= 8 and 1 <= n < m):
+        raise CastError(f"pattern: expected N:M with 1 <= N < M <= 8, got {n}:{m}")
+    if in_features % m:
+        raise CastError(f"in_features: {in_features} is not a multiple of M = {m}")
+    blocks = -(-out_features // ROW_BLOCK)
+    kept = in_features // m * n
+    words_per_slot = ROW_BLOCK * (2 if m <= 4 else 4) // 32
+    return blocks * kept * ROW_BLOCK, blocks * kept * words_per_slot
 
 
 @torch.library.register_fake("cast_rs::nm_compress")
 def _nm_compress_fake(weight: torch.Tensor, n: int, m: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    values_len, index_len = _nm_sizes(weight.shape[0], weight.shape[1], n, m)
+    values_len, index_len = layout_sizes(weight.shape[0], weight.shape[1], n, m)
     return (torch.empty((values_len,), dtype=weight.dtype, device=weight.device),
             torch.empty((index_len,), dtype=torch.int32, device=weight.device))
 
