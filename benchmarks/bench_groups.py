@@ -58,8 +58,10 @@ def main() -> None:
     print(f"{'1':<40}{m1:>10.3f}")
     print(f"{'2':<40}{m2:>10.3f}")
     print(f"{'2, without the validation pass':<40}{m0:>10.3f}")
-    print(f"-> the validation pass costs {1e3 * (m2 - m0) / args.params:.1f} us per parameter; "
-          f"a second group's own kernel call {m0 - m1:.3f} ms")
+    print(
+        f"-> the validation pass costs {1e3 * (m2 - m0) / args.params:.1f} us per parameter; "
+        f"a second group's own kernel call {m0 - m1:.3f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def interleaved(contenders: dict, rounds: int) -> dict:
     times = {k: [] for k in contenders}
     names = list(contenders)
     for r in range(rounds + 2):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
             contenders[name]()
             if r >= 2:
@@ -102,10 +102,14 @@ def weight_copies(out_f: int, in_f: int, dtype: torch.dtype, llc: int):
 
 def layer_section(rounds: int, threads_list, shapes) -> None:
     llc = llc_bytes()
-    print(f"\n## Layers: 2:4 compressed vs F.linear (medians of {rounds} interleaved rounds, [q1-q3] in ms; "
-          f"each contender cycles through copies of its weight covering >= 2x the {llc // 2**20} MiB LLC)\n")
-    print("| shape (out, in) | dtype | batch | threads | compressed ms | F.linear same dtype ms | F.linear f32 ms "
-          "| vs same dtype | vs f32 | compressed GB/s |")
+    print(
+        f"\n## Layers: 2:4 compressed vs F.linear (medians of {rounds} interleaved rounds, [q1-q3] in ms; "
+        f"each contender cycles through copies of its weight covering >= 2x the {llc // 2**20} MiB LLC)\n"
+    )
+    print(
+        "| shape (out, in) | dtype | batch | threads | compressed ms | F.linear same dtype ms | F.linear f32 ms "
+        "| vs same dtype | vs f32 | compressed GB/s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for out_f, in_f in shapes:
         for dtype in (torch.float32, torch.bfloat16):
@@ -121,17 +125,22 @@ def layer_section(rounds: int, threads_list, shapes) -> None:
                 for threads in threads_list:
                     torch.set_num_threads(threads)
                     with torch.no_grad():
-                        med = interleaved({
-                            "nm": Rotating(layers, lambda layer, x=x: layer(x)),
-                            "same": Rotating(dense_same, lambda w, x=x: F.linear(x, w)),
-                            "f32": Rotating(dense_f32, lambda w, x32=x32: F.linear(x32, w)),
-                        }, rounds)
+                        med = interleaved(
+                            {
+                                "nm": Rotating(layers, lambda layer, x=x: layer(x)),
+                                "same": Rotating(dense_same, lambda w, x=x: F.linear(x, w)),
+                                "f32": Rotating(dense_f32, lambda w, x32=x32: F.linear(x32, w)),
+                            },
+                            rounds,
+                        )
                     nm, same, f32 = med["nm"], med["same"], med["f32"]
                     name = "f32" if dtype == torch.float32 else "bf16"
-                    print(f"| ({out_f}, {in_f}) | {name} | {batch} | {threads} | {nm[0] * 1e3:.3f} "
-                          f"[{nm[1] * 1e3:.3f}-{nm[2] * 1e3:.3f}] | {same[0] * 1e3:.3f} | {f32[0] * 1e3:.3f} "
-                          f"| **{same[0] / nm[0]:.2f}x** | {f32[0] / nm[0]:.2f}x | {nbytes / nm[0] / 1e9:.1f} |",
-                          flush=True)
+                    print(
+                        f"| ({out_f}, {in_f}) | {name} | {batch} | {threads} | {nm[0] * 1e3:.3f} "
+                        f"[{nm[1] * 1e3:.3f}-{nm[2] * 1e3:.3f}] | {same[0] * 1e3:.3f} | {f32[0] * 1e3:.3f} "
+                        f"| **{same[0] / nm[0]:.2f}x** | {f32[0] / nm[0]:.2f}x | {nbytes / nm[0] / 1e9:.1f} |",
+                        flush=True,
+                    )
             del ws, dense_same, dense_f32, layers
 
 
@@ -140,8 +149,10 @@ def crossover_section(rounds: int, threads_list, shape=(4096, 4096)) -> None:
     batches 1 to 256 on one shape (the operator runs its kernels at every batch)."""
     llc = llc_bytes()
     out_f, in_f = shape
-    print(f"\n## Crossover: ({out_f}, {in_f}), compressed 2:4 vs F.linear by batch (medians of {rounds} "
-          f"interleaved rounds; copies cover >= 2x the {llc // 2**20} MiB LLC)\n")
+    print(
+        f"\n## Crossover: ({out_f}, {in_f}), compressed 2:4 vs F.linear by batch (medians of {rounds} "
+        f"interleaved rounds; copies cover >= 2x the {llc // 2**20} MiB LLC)\n"
+    )
     print("| dtype | threads | batch | compressed ms | F.linear ms | compressed vs F.linear |")
     print("|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
@@ -152,10 +163,13 @@ def crossover_section(rounds: int, threads_list, shape=(4096, 4096)) -> None:
             for batch in (1, 4, 8, 16, 24, 32, 48, 64, 128, 256):
                 x = torch.randn(batch, in_f).to(dtype)
                 with torch.no_grad():
-                    med = interleaved({
-                        "nm": Rotating(layers, lambda layer, x=x: layer(x)),
-                        "same": Rotating(dense, lambda w, x=x: F.linear(x, w)),
-                    }, rounds)
+                    med = interleaved(
+                        {
+                            "nm": Rotating(layers, lambda layer, x=x: layer(x)),
+                            "same": Rotating(dense, lambda w, x=x: F.linear(x, w)),
+                        },
+                        rounds,
+                    )
                 k, d = med["nm"][0], med["same"][0]
                 name = "f32" if dtype == torch.float32 else "bf16"
                 print(f"| {name} | {threads} | {batch} | {k * 1e3:.3f} | {d * 1e3:.3f} | **{d / k:.2f}x** |", flush=True)
@@ -174,8 +188,15 @@ def e2e_child(kind: str, dtype_name: str, compressed: bool, new_tokens: int, thr
     if kind == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024))
     else:
-        cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                          num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+        cfg = LlamaConfig(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            vocab_size=32000,
+            max_position_embeddings=2048,
+        )
         model = LlamaForCausalLM(cfg)
     model = model.to(dtype).eval()
     params = sum(p.numel() for p in model.parameters())
@@ -204,8 +225,7 @@ def e2e_child(kind: str, dtype_name: str, compressed: bool, new_tokens: int, thr
     with torch.no_grad():
         model.generate(prompt, max_new_tokens=4, do_sample=False, min_new_tokens=4, pad_token_id=0)  # warm-up
         t0 = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=0)
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         dt = time.perf_counter() - t0
     assert out.shape[1] == 16 + new_tokens
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -218,10 +238,14 @@ def e2e_child(kind: str, dtype_name: str, compressed: bool, new_tokens: int, thr
 
 
 def e2e_section(kinds, new_tokens: int, threads: int) -> None:
-    print(f"\n## End to end: greedy decoding with a KV cache (16-token prompt, {new_tokens} new tokens, "
-          f"{threads} threads), random weights pruned to 2:4\n")
-    print("| model | dtype | dense tok/s | compressed tok/s | speed-up | dense peak RSS | compressed peak RSS "
-          "| converted layers' bytes (compressed / dense) |")
+    print(
+        f"\n## End to end: greedy decoding with a KV cache (16-token prompt, {new_tokens} new tokens, "
+        f"{threads} threads), random weights pruned to 2:4\n"
+    )
+    print(
+        "| model | dtype | dense tok/s | compressed tok/s | speed-up | dense peak RSS | compressed peak RSS "
+        "| converted layers' bytes (compressed / dense) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for kind in kinds:
         for dtype_name in ("f32", "bf16"):
@@ -236,17 +260,23 @@ def e2e_section(kinds, new_tokens: int, threads: int) -> None:
             d, c = res[False], res[True]
             dense_b, comp_b = c["weight_bytes"]
             label = f"{kind} ({d['params'] / 1e6:.0f} M)"
-            print(f"| {label} | {dtype_name} | {d['tokens_per_s']:.1f} | {c['tokens_per_s']:.1f} "
-                  f"| **{c['tokens_per_s'] / d['tokens_per_s']:.2f}x** | {d['peak_rss'] / 2**30:.2f} GiB "
-                  f"| {c['peak_rss'] / 2**30:.2f} GiB | {comp_b / dense_b:.3f} |", flush=True)
+            print(
+                f"| {label} | {dtype_name} | {d['tokens_per_s']:.1f} | {c['tokens_per_s']:.1f} "
+                f"| **{c['tokens_per_s'] / d['tokens_per_s']:.2f}x** | {d['peak_rss'] / 2**30:.2f} GiB "
+                f"| {c['peak_rss'] / 2**30:.2f} GiB | {comp_b / dense_b:.3f} |",
+                flush=True,
+            )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", action="store_true", help="only the layer table")
     ap.add_argument("--e2e", action="store_true", help="only the end-to-end table")
-    ap.add_argument("--crossover", action="store_true",
-                    help="only the crossover table (batches 1-256 on (4096, 4096): where the kernel stops paying)")
+    ap.add_argument(
+        "--crossover",
+        action="store_true",
+        help="only the crossover table (batches 1-256 on (4096, 4096): where the kernel stops paying)",
+    )
     ap.add_argument("--quick", action="store_true", help="a smoke run: few rounds, small shapes and model")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per layer row (default 30)")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per decoding run (default 64)")

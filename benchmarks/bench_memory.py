@@ -95,9 +95,11 @@ def part_a() -> bool:
         gc.collect()
     (w_keys, w_other, sparse_numels, n_params), (s_keys, s_other, _, _) = results["AdamW"], results["AdamS"]
     n_sparse = sum(sparse_numels)
-    print(f"A. optimizer state after one step: {len(sparse_numels)} sparse 2:4 Linear weights "
-          f"({'-'.join(map(str, STATE_DIMS))}), {n_sparse:,} sparse weights, "
-          f"{n_params - n_sparse:,} dense parameters (biases, weight scales), float32\n")
+    print(
+        f"A. optimizer state after one step: {len(sparse_numels)} sparse 2:4 Linear weights "
+        f"({'-'.join(map(str, STATE_DIMS))}), {n_sparse:,} sparse weights, "
+        f"{n_params - n_sparse:,} dense parameters (biases, weight scales), float32\n"
+    )
     keys = list(dict.fromkeys([*w_keys, *s_keys]))
     print(f"{'state entry':<14}{'AdamW bytes':>16}{'AdamS bytes':>16}{'difference':>14}")
     for k in keys:
@@ -111,11 +113,15 @@ def part_a() -> bool:
     extra = ", ".join(f"{k} x{v}" for k, v in s_other.items() if w_other.get(k) != v)
     if extra:
         print(f"(non-tensor state, not counted: AdamS {extra}: a Python float per sparse tensor)")
-    print(f"\nsparse weights {n_sparse:,}; packed masks sum(ceil(numel/8)) = {packed:,} bytes; "
-          f"difference = {bits:.4f} bits per sparse weight; AdamS/AdamW = {total_s / total_w:.4f}x")
+    print(
+        f"\nsparse weights {n_sparse:,}; packed masks sum(ceil(numel/8)) = {packed:,} bytes; "
+        f"difference = {bits:.4f} bits per sparse weight; AdamS/AdamW = {total_s / total_w:.4f}x"
+    )
     ok = 0 <= diff <= packed and bits <= 1.0 + 8 * len(sparse_numels) / n_sparse
-    print(f"{'PASS' if ok else 'FAIL'}: AdamS state = AdamW state + at most 1 bit per sparse weight "
-          f"(+{diff:,} bytes, {bits:.4f} bits/weight)")
+    print(
+        f"{'PASS' if ok else 'FAIL'}: AdamS state = AdamW state + at most 1 bit per sparse weight "
+        f"(+{diff:,} bytes, {bits:.4f} bits/weight)"
+    )
     return ok
 
 
@@ -141,8 +147,9 @@ def child(opt_name: str, steps: int, sample_every: int, threads: int, progress: 
     gc.collect()
     samples.append((0, rss_bytes(), len(gc.get_objects())))
     label = "AdamS" if opt_name == "adams" else "AdamW(fused)"
-    for step in tqdm(range(1, steps + 1), desc=label, unit="step", mininterval=1.0, disable=not progress,
-                     file=sys.stderr, dynamic_ncols=True):
+    for step in tqdm(
+        range(1, steps + 1), desc=label, unit="step", mininterval=1.0, disable=not progress, file=sys.stderr, dynamic_ncols=True
+    ):
         x = torch.randn(BATCH, RSS_DIMS[0])
         y = torch.randint(0, RSS_DIMS[-1], (BATCH,))
         loss = F.cross_entropy(model(x), y)
@@ -164,8 +171,18 @@ def child(opt_name: str, steps: int, sample_every: int, threads: int, progress: 
 
 
 def run_child(opt_name: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", opt_name, "--steps", str(args.steps),
-           "--sample-every", str(args.sample_every), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        opt_name,
+        "--steps",
+        str(args.steps),
+        "--sample-every",
+        str(args.sample_every),
+        "--threads",
+        str(args.threads),
+    ]
     if args.no_progress:
         cmd.append("--no-progress")
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
@@ -197,15 +214,20 @@ def part_b(args) -> bool:
     n_weights = sum(a * b for a, b in zip(RSS_DIMS[:-1], RSS_DIMS[1:]))
     names = ["adams"] + (["adamw"] if args.compare else [])
     labels = {"adams": "AdamS", "adamw": "AdamW(fused)"}
-    print(f"\nB. resident memory over {args.steps:,} training steps: MLP {'-'.join(map(str, RSS_DIMS))} "
-          f"({n_weights:,} weights, all 2:4, weight scaling), batch {BATCH}, fresh random input each step, "
-          f"mask_interval 10; gc.collect() before each sample; warm-up {args.warmup:,} steps; "
-          f"each loop in its own process", flush=True)
+    print(
+        f"\nB. resident memory over {args.steps:,} training steps: MLP {'-'.join(map(str, RSS_DIMS))} "
+        f"({n_weights:,} weights, all 2:4, weight scaling), batch {BATCH}, fresh random input each step, "
+        f"mask_interval 10; gc.collect() before each sample; warm-up {args.warmup:,} steps; "
+        f"each loop in its own process",
+        flush=True,
+    )
     runs = {name: run_child(name, args) for name in names}
     ths = {runs[n]["threads"] for n in names}
-    print(f"(torch threads: {'/'.join(map(str, ths))}; AdamS kernel calls fast/generic: "
-          f"{runs['adams']['kernel_calls'][0]:,}/{runs['adams']['kernel_calls'][1]:,}; resident after "
-          f"importing torch and cast_rs, before the model: {runs['adams']['after_import'] / MIB:.0f} MiB)\n")
+    print(
+        f"(torch threads: {'/'.join(map(str, ths))}; AdamS kernel calls fast/generic: "
+        f"{runs['adams']['kernel_calls'][0]:,}/{runs['adams']['kernel_calls'][1]:,}; resident after "
+        f"importing torch and cast_rs, before the model: {runs['adams']['after_import'] / MIB:.0f} MiB)\n"
+    )
     header = f"{'step':>7}" + "".join(f"{labels[n] + ' RSS MiB':>22}{'gc objects':>12}" for n in names)
     print(header)
     steps = [s for s, _, _ in runs["adams"]["samples"]]
@@ -223,13 +245,17 @@ def part_b(args) -> bool:
         post = [(s, b) for s, b, _ in runs[n]["samples"] if s >= args.warmup]
         objs = [o for s, _, o in runs[n]["samples"] if s >= args.warmup]
         v = verdict(post)
-        print(f"{labels[n]:<13} steps {post[0][0]:,}->{post[-1][0]:,}: RSS {post[0][1] / MIB:.2f} -> "
-              f"{post[-1][1] / MIB:.2f} MiB, slope {slope_per_1000(post):+.1f} KiB per 1000 steps, "
-              f"gc objects {objs[0]:,} -> {objs[-1]:,}, peak RSS {runs[n]['peak_rss'] / MIB:.1f} MiB: {v}")
+        print(
+            f"{labels[n]:<13} steps {post[0][0]:,}->{post[-1][0]:,}: RSS {post[0][1] / MIB:.2f} -> "
+            f"{post[-1][1] / MIB:.2f} MiB, slope {slope_per_1000(post):+.1f} KiB per 1000 steps, "
+            f"gc objects {objs[0]:,} -> {objs[-1]:,}, peak RSS {runs[n]['peak_rss'] / MIB:.1f} MiB: {v}"
+        )
         if n == "adams":
             ok = v.startswith("flat") and objs[-1] - objs[0] < 100
-    print(f"{'PASS' if ok else 'FAIL'}: AdamS training loop's resident memory is flat over {args.steps:,} steps "
-          f"(growth < 1% or < 2 MiB after warm-up, no growth in gc-tracked objects)")
+    print(
+        f"{'PASS' if ok else 'FAIL'}: AdamS training loop's resident memory is flat over {args.steps:,} steps "
+        f"(growth < 1% or < 2 MiB after warm-up, no growth in gc-tracked objects)"
+    )
     return ok
 
 
@@ -238,10 +264,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10_000, help="training steps of part B (default 10000)")
     ap.add_argument("--sample-every", type=int, default=500)
     ap.add_argument("--warmup", type=int, default=1000, help="steps before the samples that count (default 1000)")
-    ap.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
-                    help="also run the loop with torch.optim.AdamW(fused=True) (default on)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads in part B (default 1: memory, not speed, is measured here; 0: torch's default)")
+    ap.add_argument(
+        "--compare",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the loop with torch.optim.AdamW(fused=True) (default on)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in part B (default 1: memory, not speed, is measured here; 0: torch's default)",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--only", choices=["a", "b"], help="run one part")
     ap.add_argument("--child", choices=["adams", "adamw"], help=argparse.SUPPRESS)

@@ -46,8 +46,7 @@ def step_args(n_params: int, rows: int, cols: int):
     v = [torch.zeros(rows, cols) for _ in range(n_params)]
     masks = [torch.zeros((rows * cols + 7) // 8, dtype=torch.uint8) for _ in range(n_params)]
     steps = [torch.tensor(0.0) for _ in range(n_params)]
-    kw = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, l1_decay=0.1, total_steps=1e9,
-              mask_interval=10)
+    kw = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, l1_decay=0.1, total_steps=1e9, mask_interval=10)
     return p, g, mu, v, masks, steps, kw
 
 
@@ -61,15 +60,19 @@ def rows_for(rows: int, cols: int) -> List[Tuple[str, Callable[[], Any], Callabl
     flat = [2, 4, -1] * len(p)
     return [
         ("nm_mask", lambda: _cast_rs.nm_mask_tensor(x, 2, 4, -1, False), lambda: ops.nm_mask(x, 2, 4, -1, False)),
-        ("nm_mask_packed", lambda: _cast_rs.nm_mask_packed(x, 2, 4, -1, False),
-         lambda: ops.nm_mask_packed(x, 2, 4, -1, False)),
+        ("nm_mask_packed", lambda: _cast_rs.nm_mask_packed(x, 2, 4, -1, False), lambda: ops.nm_mask_packed(x, 2, 4, -1, False)),
         ("unpack_mask", lambda: _cast_rs.unpack_mask(bits, shape), lambda: ops.unpack_mask(bits, shape)),
-        ("scale_forward", lambda: _cast_rs.scale_forward(x, s, 2, -1, False),
-         lambda: ops.scale_forward(x, s, 2, -1, False)),
-        ("scale_backward", lambda: _cast_rs.scale_backward(x, x, s, 2, -1, False),
-         lambda: ops.scale_backward(x, x, s, 2, -1, False)),
-        ("adams_step_ (8 tensors)", lambda: _cast_rs.adams_step(p, g, mu, v, masks, pats, steps, **kw),
-         lambda: ops.adams_step_(p, g, mu, v, masks, flat, steps, **kw)),
+        ("scale_forward", lambda: _cast_rs.scale_forward(x, s, 2, -1, False), lambda: ops.scale_forward(x, s, 2, -1, False)),
+        (
+            "scale_backward",
+            lambda: _cast_rs.scale_backward(x, x, s, 2, -1, False),
+            lambda: ops.scale_backward(x, x, s, 2, -1, False),
+        ),
+        (
+            "adams_step_ (8 tensors)",
+            lambda: _cast_rs.adams_step(p, g, mu, v, masks, pats, steps, **kw),
+            lambda: ops.adams_step_(p, g, mu, v, masks, flat, steps, **kw),
+        ),
     ]
 
 
@@ -77,8 +80,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=200)
     a = ap.parse_args()
-    print(f"cast-rs {cast_rs.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"median µs per call over {a.repeats} calls (fewer for the large inputs)")
+    print(
+        f"cast-rs {cast_rs.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"median µs per call over {a.repeats} calls (fewer for the large inputs)"
+    )
     head = f"{'operator':>24} {'input':>10} | {'direct':>9} {'torch.ops':>9} {'ratio':>6}"
     print(head)
     print("-" * len(head))

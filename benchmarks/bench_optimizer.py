@@ -61,7 +61,7 @@ def interleaved(contenders: dict, rounds: int, every: dict | None = None) -> dic
     times = {k: [] for k in contenders}
     names = list(contenders)
     for r in range(rounds + 3):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             if r % every.get(name, 1):
                 continue
             t0 = time.perf_counter()
@@ -73,6 +73,7 @@ def interleaved(contenders: dict, rounds: int, every: dict | None = None) -> dic
 
 def lowp_section(shape, tensors: int, rounds: int, dtype: torch.dtype) -> None:
     """AdamS on bf16/fp16 parameters (fused 16-bit path) vs torch's AdamW on the same dtype."""
+
     def params():
         torch.manual_seed(0)
         ps = [torch.nn.Parameter(torch.randn(shape).to(dtype)) for _ in range(tensors)]
@@ -86,18 +87,22 @@ def lowp_section(shape, tensors: int, rounds: int, dtype: torch.dtype) -> None:
         dense = cast_rs.AdamS(params(), lr=1e-3, weight_decay=WD)
     fused = torch.optim.AdamW(params(), lr=1e-3, weight_decay=WD, fused=True)
     foreach = torch.optim.AdamW(params(), lr=1e-3, weight_decay=WD, foreach=True)
-    med = interleaved({"adams": adams.step, "dense": dense.step, "fused": fused.step, "foreach": foreach.step},
-                      rounds)
+    med = interleaved({"adams": adams.step, "dense": dense.step, "fused": fused.step, "foreach": foreach.step}, rounds)
     assert adams._kernel_calls[1] == 0 and dense._kernel_calls[1] == 0, "must run on the fused 16-bit path"
     name = str(dtype).replace("torch.", "")
     print(f"\n{name} parameters ({tensors} x {shape[0]}x{shape[1]}), state in {name}   median ms   vs fused   vs foreach")
-    for key, label in (("adams", f"cast_rs.AdamS (2:4, fused {name})"), ("dense", "cast_rs.AdamS, dense (= AdamW)"),
-                       ("fused", "torch AdamW(fused=True)"), ("foreach", "torch AdamW(foreach=True)")):
+    for key, label in (
+        ("adams", f"cast_rs.AdamS (2:4, fused {name})"),
+        ("dense", "cast_rs.AdamS, dense (= AdamW)"),
+        ("fused", "torch AdamW(fused=True)"),
+        ("foreach", "torch AdamW(foreach=True)"),
+    ):
         print(f"{label:<40}{med[key] * 1e3:9.1f}   {med[key] / med['fused']:6.2f}x   {med[key] / med['foreach']:7.2f}x")
 
 
 def generic_section(shape, tensors: int, rounds: int) -> None:
     """The generic (tensor-op) path, forced on float32 CPU tensors: the path CUDA tensors take."""
+
     def params():
         torch.manual_seed(0)
         ps = [torch.nn.Parameter(torch.randn(shape)) for _ in range(tensors)]
@@ -106,8 +111,9 @@ def generic_section(shape, tensors: int, rounds: int) -> None:
         return ps
 
     adams = cast_rs.AdamS(params(), lr=1e-3, weight_decay=WD, pattern="2:4", total_steps=10_000, mask_interval=10)
-    adams_r2 = cast_rs.AdamS(params(), lr=1e-3, weight_decay=WD, pattern="2:4", total_steps=10_000, mask_interval=10,
-                             masked_lr_scale=2.0)
+    adams_r2 = cast_rs.AdamS(
+        params(), lr=1e-3, weight_decay=WD, pattern="2:4", total_steps=10_000, mask_interval=10, masked_lr_scale=2.0
+    )
 
     def generic_step():
         with cast_rs.force_generic_path():
@@ -119,13 +125,15 @@ def generic_section(shape, tensors: int, rounds: int) -> None:
 
     foreach = torch.optim.AdamW(params(), lr=1e-3, weight_decay=WD, foreach=True)
     fused = torch.optim.AdamW(params(), lr=1e-3, weight_decay=WD, fused=True)
-    med = interleaved({"adams": generic_step, "adams_r2": generic_step_r2, "foreach": foreach.step,
-                       "fused": fused.step}, rounds)
+    med = interleaved({"adams": generic_step, "adams_r2": generic_step_r2, "foreach": foreach.step, "fused": fused.step}, rounds)
     assert adams._kernel_calls[0] == 0 and adams_r2._kernel_calls[0] == 0, "must run on the generic path"
     print(f"\ngeneric path forced, float32 ({tensors} x {shape[0]}x{shape[1]})   median ms   vs foreach   vs fused")
-    for key, label in (("adams", "cast_rs.AdamS (2:4, generic path)"),
-                       ("adams_r2", "  the same, masked_lr_scale=2"), ("foreach", "torch AdamW(foreach=True)"),
-                       ("fused", "torch AdamW(fused=True)")):
+    for key, label in (
+        ("adams", "cast_rs.AdamS (2:4, generic path)"),
+        ("adams_r2", "  the same, masked_lr_scale=2"),
+        ("foreach", "torch AdamW(foreach=True)"),
+        ("fused", "torch AdamW(fused=True)"),
+    ):
         print(f"{label:<40}{med[key] * 1e3:9.1f}   {med[key] / med['foreach']:8.2f}x   {med[key] / med['fused']:6.2f}x")
 
 
@@ -154,6 +162,7 @@ def op_count_section() -> None:
     vs AdamW(foreach=True), and AdamS's fused path (one Rust call, no ATen kernels)."""
     rows = {}
     for k in (10, 100):
+
         def params(k=k):
             torch.manual_seed(0)
             ps = [torch.nn.Parameter(torch.randn(64, 64)) for _ in range(k)]
@@ -171,8 +180,9 @@ def op_count_section() -> None:
 
         rows[k] = (aten_ops_per_step(generic_step), aten_ops_per_step(foreach.step), aten_ops_per_step(adams_f.step))
     print("\nATen ops per step (profiler; no mask refresh)   10 params   100 params")
-    for i, label in enumerate(("cast_rs.AdamS, generic path (forced)", "torch AdamW(foreach=True)",
-                               "cast_rs.AdamS, fused CPU path")):
+    for i, label in enumerate(
+        ("cast_rs.AdamS, generic path (forced)", "torch AdamW(foreach=True)", "cast_rs.AdamS, fused CPU path")
+    ):
         print(f"{label:<48}{rows[10][i]:8d}   {rows[100][i]:10d}")
     print(f"-> AdamS generic / AdamW foreach at 100 params: {rows[100][0] / rows[100][1]:.2f}x")
 
@@ -183,14 +193,15 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=40, help="timed rounds (default 40)")
     ap.add_argument("--fp16", action="store_true", help="also time float16 parameters")
-    ap.add_argument("--lowp-tensors", type=int, default=8,
-                    help="tensors in the bf16/fp16 and generic-path sections (default 8)")
+    ap.add_argument("--lowp-tensors", type=int, default=8, help="tensors in the bf16/fp16 and generic-path sections (default 8)")
     args = ap.parse_args()
     shape = (args.size, args.size)
     numel = args.tensors * args.size * args.size
-    print(f"{args.tensors} float32 weights of {shape[0]}x{shape[1]} ({numel / 1e6:.1f} M weights), all 2:4; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
-          f"{cast_rs._cast_rs.num_threads()} cast-rs threads; {args.steps} interleaved rounds")
+    print(
+        f"{args.tensors} float32 weights of {shape[0]}x{shape[1]} ({numel / 1e6:.1f} M weights), all 2:4; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
+        f"{cast_rs._cast_rs.num_threads()} cast-rs threads; {args.steps} interleaved rounds"
+    )
 
     def params():
         torch.manual_seed(0)
@@ -205,8 +216,7 @@ def main() -> None:
     ps_adams = params()
     adams = cast_rs.AdamS(ps_adams, lr=1e-3, weight_decay=WD, pattern="2:4", total_steps=T, mask_interval=10)
     ps_r2 = params()
-    adams_r2 = cast_rs.AdamS(ps_r2, lr=1e-3, weight_decay=WD, pattern="2:4", total_steps=T, mask_interval=10,
-                             masked_lr_scale=2.0)
+    adams_r2 = cast_rs.AdamS(ps_r2, lr=1e-3, weight_decay=WD, pattern="2:4", total_steps=T, mask_interval=10, masked_lr_scale=2.0)
     ps_dense = params()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "acts as AdamW": intended here
@@ -228,8 +238,13 @@ def main() -> None:
         counter[0] += 1
         foreach_adams_step(ps, grads, mus, vs, masks, counter[0], lr=1e-3, total_steps=T, mask_interval=10)
 
-    contenders = {"adams": adams.step, "adams_r2": adams_r2.step, "dense": adams_dense.step, "adamw": adamw.step,
-                  "plain": plain_step}
+    contenders = {
+        "adams": adams.step,
+        "adams_r2": adams_r2.step,
+        "dense": adams_dense.step,
+        "adamw": adamw.step,
+        "plain": plain_step,
+    }
     # The plain-PyTorch step is 10x slower: a third of the rounds is plenty for its median.
     med = interleaved(contenders, args.steps, every={"plain": 3})
     assert adams._kernel_calls[1] == 0 and adams_r2._kernel_calls[1] == 0, "benchmark must run on the fast path"
@@ -244,8 +259,10 @@ def main() -> None:
     print(f"cast_rs.AdamS, dense (= AdamW)      {med['dense'] * 1e3:9.1f}   {med['dense'] / med['adamw']:6.2f}x")
     print(f"torch AdamW(fused=True)             {med['adamw'] * 1e3:9.1f}   {1.0:6.2f}x")
     print(f"plain-PyTorch AdamS (foreach)       {med['plain'] * 1e3:9.1f}   {med['plain'] / med['adamw']:6.2f}x")
-    print(f"-> cast_rs.AdamS is {med['plain'] / med['adams']:.1f}x faster than plain-PyTorch AdamS and takes "
-          f"{med['adams'] / med['adamw']:.2f}x the time of fused AdamW ({gbps:.1f} GB/s of the 28 B/weight traffic)")
+    print(
+        f"-> cast_rs.AdamS is {med['plain'] / med['adams']:.1f}x faster than plain-PyTorch AdamS and takes "
+        f"{med['adams'] / med['adamw']:.2f}x the time of fused AdamW ({gbps:.1f} GB/s of the 28 B/weight traffic)"
+    )
 
     for dtype in [torch.bfloat16] + ([torch.float16] if args.fp16 else []):
         lowp_section(shape, args.lowp_tensors, args.steps, dtype)

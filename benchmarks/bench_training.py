@@ -75,8 +75,10 @@ def main() -> None:
             if i >= 3:
                 times[name].append(time.perf_counter() - t0)
     base_t = statistics.median(times["dense AdamW(fused=True)"])
-    print(f"demo model: {sum(p.numel() for p in base.parameters()) / 1e6:.2f} M parameters, batch {cfg.batch}x{c.context}, "
-          f"{torch.get_num_threads()} threads, {args.steps} interleaved rounds")
+    print(
+        f"demo model: {sum(p.numel() for p in base.parameters()) / 1e6:.2f} M parameters, batch {cfg.batch}x{c.context}, "
+        f"{torch.get_num_threads()} threads, {args.steps} interleaved rounds"
+    )
     print(f"{'training step':<34} {'median ms':>10} {'vs dense':>9}")
     for name, ts in times.items():
         med = statistics.median(ts)

@@ -7,14 +7,25 @@ The tables sit between `<!-- STUDY_TABLE_* -->` markers in the study (and betwee
 `<!-- README_STUDY_TABLE -->` markers in the README, which shows the main table only); the text
 around them is written by hand. `tests/test_study_tables.py` checks that the checked-in tables
 are what the checked-in records give."""
+
 import re
 import subprocess
 import sys
 from typing import Dict, Tuple
 
 # marker in docs/sparsity_tax.md -> the report's block title (its first word)
-DOC_TABLES = {"MAIN": "main", "CAUSES": "causes", "LENGTH": "length", "NM": "N:M", "SEEDS": "seeds",
-              "WARMUP": "warmup", "LARGE": "large", "MLR": "mlr", "SHORT": "short", "TARGETS": "targets"}
+DOC_TABLES = {
+    "MAIN": "main",
+    "CAUSES": "causes",
+    "LENGTH": "length",
+    "NM": "N:M",
+    "SEEDS": "seeds",
+    "WARMUP": "warmup",
+    "LARGE": "large",
+    "MLR": "mlr",
+    "SHORT": "short",
+    "TARGETS": "targets",
+}
 README_BLOCKS = ("main",)  # the README's headline table; the others are in the study
 
 
@@ -41,21 +52,22 @@ def fill(doc: str, readme: str, report: str) -> Tuple[str, str]:
             print("no marker", marker)
             continue
         doc = _replace(doc, start, end, blocks[key])
-    readme = _replace(readme, "<!-- README_STUDY_TABLE -->", "<!-- /README_STUDY_TABLE -->",
-                      "\n".join(blocks[k] for k in README_BLOCKS))
+    readme = _replace(
+        readme, "<!-- README_STUDY_TABLE -->", "<!-- /README_STUDY_TABLE -->", "\n".join(blocks[k] for k in README_BLOCKS)
+    )
     return doc, readme
 
 
 def main() -> None:
     check = "--check" in sys.argv[1:]
-    rep = subprocess.run([sys.executable, "benchmarks/study_tax.py", "report"], capture_output=True, text=True,
-                         check=True).stdout
+    rep = subprocess.run([sys.executable, "benchmarks/study_tax.py", "report"], capture_output=True, text=True, check=True).stdout
     with open("docs/sparsity_tax.md") as f, open("README.md") as g:
         old_doc, old_readme = f.read(), g.read()
     doc, readme = fill(old_doc, old_readme, rep)
     if check:
-        stale = [name for name, old, new in (("docs/sparsity_tax.md", old_doc, doc), ("README.md", old_readme, readme))
-                 if old != new]
+        stale = [
+            name for name, old, new in (("docs/sparsity_tax.md", old_doc, doc), ("README.md", old_readme, readme)) if old != new
+        ]
         if stale:
             sys.exit(f"tables differ from the records in: {', '.join(stale)} (run without --check to refill)")
         print("tables are current")

@@ -18,8 +18,17 @@ from pathlib import Path
 
 import torch
 
-from cast_rs.demo import (SHIPPED_DENSE, Batches, DemoConfig, corpus_digest, load_corpus, load_dense, pretrain,
-                          pretrain_meta, save_dense)
+from cast_rs.demo import (
+    SHIPPED_DENSE,
+    Batches,
+    DemoConfig,
+    corpus_digest,
+    load_corpus,
+    load_dense,
+    pretrain,
+    pretrain_meta,
+    save_dense,
+)
 
 
 def main() -> None:
@@ -44,9 +53,11 @@ def main() -> None:
     if SHIPPED_DENSE.exists() and not args.write:
         shipped, smeta = load_dense(SHIPPED_DENSE)
         same = shipped.keys() == state.keys() and all(torch.equal(shipped[k], state[k]) for k in state)
-        print(f"shipped checkpoint: {'IDENTICAL, bit for bit' if same else 'DIFFERENT'} "
-              f"(shipped: torch {smeta['torch']}, Python {smeta['python']}, {smeta['threads']} thread(s); "
-              f"here: torch {meta['torch']}, Python {meta['python']})")
+        print(
+            f"shipped checkpoint: {'IDENTICAL, bit for bit' if same else 'DIFFERENT'} "
+            f"(shipped: torch {smeta['torch']}, Python {smeta['python']}, {smeta['threads']} thread(s); "
+            f"here: torch {meta['torch']}, Python {meta['python']})"
+        )
         if not same and smeta["corpus_sha256"] != meta["corpus_sha256"]:
             print("  the training text differs (another Python's standard library): a different result is expected")
     save_dense(target, state, meta)

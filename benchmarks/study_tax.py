@@ -75,6 +75,7 @@ def records() -> Path:
     own = OUT / "runs.jsonl"
     return own if own.exists() else SHIPPED_RECORDS
 
+
 MODELS = {
     "small": GPTConfig(),  # the demo's: 4 layers, width 128 (0.84 M parameters)
     "large": GPTConfig(width=256, layers=8, heads=8),  # ~6.4 M parameters
@@ -108,8 +109,21 @@ class ResearchAdamS(torch.optim.Optimizer):
     With ramp=1, mode='abs', vsrc='mutilde' this is the specified AdamS (same order of
     operations as the library up to rounding)."""
 
-    def __init__(self, params, specs, lr, betas, eps=1e-8, l1=0.1, mode="abs", ramp=1.0, total_steps=1,
-                 interval=10, vsrc="mutilde", mlr=1.0):
+    def __init__(
+        self,
+        params,
+        specs,
+        lr,
+        betas,
+        eps=1e-8,
+        l1=0.1,
+        mode="abs",
+        ramp=1.0,
+        total_steps=1,
+        interval=10,
+        vsrc="mutilde",
+        mlr=1.0,
+    ):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
         self.specs, self.l1, self.mode, self.ramp, self.T = specs, l1, mode, ramp, total_steps
         # mlr: the masked weights' step is mlr times the kept weights' (1 = AdamS as specified).
@@ -166,8 +180,7 @@ def _save_ckpt(path: Path, model: nn.Module, opt, sched, step: int, **extra) -> 
     go on). Written to a temporary file and renamed, so a run killed while saving keeps its
     previous checkpoint."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                "step": step, **extra}, tmp)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step, **extra}, tmp)
     tmp.replace(path)
 
 
@@ -205,8 +218,11 @@ def pretrain(model: str, corp: str, steps: int, batch: int, lr: float, seed: int
         sched.step()
         if (s + 1) % 250 == 0 or s + 1 == steps:
             ppl = evaluate(m, va, 192, c.context)
-            print(f"[pretrain {model}/{corp}] step {s + 1}/{steps} loss {loss.item():.4f} val ppl {ppl:.4f} "
-                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+            print(
+                f"[pretrain {model}/{corp}] step {s + 1}/{steps} loss {loss.item():.4f} val ppl {ppl:.4f} "
+                f"({time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
             _save_ckpt(ck, m, opt, sched, s + 1)
     torch.save(m.state_dict(), final)
     ck.unlink(missing_ok=True)
@@ -235,6 +251,7 @@ def parse_loop(spec: str) -> Dict[str, float]:
 
 def cosine_floor(opt, steps: int, warmup: int, floor: float) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over ``warmup`` steps, then cosine from lr to ``floor`` · lr."""
+
     def f(s: int) -> float:
         if s < warmup:
             return (s + 1) / warmup
@@ -264,8 +281,21 @@ def projected_eval(model: nn.Module, handle, ev) -> float:
     return ppl
 
 
-def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, lr: float, pattern: str,
-               points: int, seed: int, state_key: str = "", loop: str = "study") -> Dict:
+def run_method(  # noqa: C901 (one research loop, a branch per method)
+    spec: str,
+    state,
+    c: GPTConfig,
+    tr,
+    va,
+    steps: int,
+    batch: int,
+    lr: float,
+    pattern: str,
+    points: int,
+    seed: int,
+    state_key: str = "",
+    loop: str = "study",
+) -> Dict:
     name, kv = parse_method(spec)
     lp = parse_loop(loop)
     betas = (0.9, lp["beta2"])
@@ -315,15 +345,30 @@ def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, l
         # mlr = the library's masked_lr_scale (the mlr runs recorded before it existed used
         # ResearchAdamS's equivalent knob, docs/sparsity_tax.md says which).
         if kv.get("opt", "lib") == "lib" and kv.get("vsrc", "mutilde") == "mutilde":
-            opt = cast_rs.AdamS(model.parameters(), lr=run_lr, betas=betas, l1_decay=common["l1"],
-                                total_steps=T, mask_interval=common["interval"], ramp_end=common["ramp"],
-                                l1_mode="relative" if kv.get("mode", "abs") == "rel" else "absolute",
-                                masked_lr_scale=mlr)
+            opt = cast_rs.AdamS(
+                model.parameters(),
+                lr=run_lr,
+                betas=betas,
+                l1_decay=common["l1"],
+                total_steps=T,
+                mask_interval=common["interval"],
+                ramp_end=common["ramp"],
+                l1_mode="relative" if kv.get("mode", "abs") == "rel" else "absolute",
+                masked_lr_scale=mlr,
+            )
         else:
             specs = {l.weight: (n, m_, l.dim) for l in handle.layers}
-            opt = ResearchAdamS(model.parameters(), specs, lr=run_lr, betas=betas, total_steps=T,
-                                mode=kv.get("mode", "abs"), vsrc=kv.get("vsrc", "mutilde"),
-                                mlr=mlr, **common)
+            opt = ResearchAdamS(
+                model.parameters(),
+                specs,
+                lr=run_lr,
+                betas=betas,
+                total_steps=T,
+                mode=kv.get("mode", "abs"),
+                vsrc=kv.get("vsrc", "mutilde"),
+                mlr=mlr,
+                **common,
+            )
     else:
         raise SystemExit(f"unknown method {name!r}")
     warmup = int(kv["warmup"]) if "warmup" in kv else round(lp["warmup"] * steps)
@@ -339,8 +384,10 @@ def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, l
     if ck.exists():
         z = _load_ckpt(ck, model, opt, sched)
         if z.get("points", points) != points:
-            raise SystemExit(f"{ck} was saved by a run with --points {z['points']}, not {points}: "
-                             "rerun with that value (or delete the file to start over)")
+            raise SystemExit(
+                f"{ck} was saved by a run with --points {z['points']}, not {points}: "
+                "rerun with that value (or delete the file to start over)"
+            )
         start, spent, curve, proj_curve = z["step"], z["seconds"], z["curve"], z["projected_curve"]
         print(f"[{spec}] resuming at step {start}/{steps} from {ck}", flush=True)
     model.train()
@@ -361,8 +408,17 @@ def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, l
             if handle is not None:
                 proj_curve.append((s + 1, projected_eval(model, handle, ev)))
         if (s + 1) % CKPT_EVERY == 0 and s + 1 < steps:
-            _save_ckpt(ck, model, opt, sched, s + 1, seconds=spent + time.perf_counter() - t0, curve=curve,
-                       projected_curve=proj_curve, points=points)
+            _save_ckpt(
+                ck,
+                model,
+                opt,
+                sched,
+                s + 1,
+                seconds=spent + time.perf_counter() - t0,
+                curve=curve,
+                projected_curve=proj_curve,
+                points=points,
+            )
     rec["curve"] = curve
     if proj_curve:
         rec["projected_curve"] = proj_curve
@@ -391,8 +447,7 @@ def run_method(spec: str, state, c: GPTConfig, tr, va, steps: int, batch: int, l
 CKPT_EVERY = 50
 
 
-def _run_ckpt_path(rec: Dict, state_key: str, lr: float, batch: int, seed: int, eta: float,
-                   loop: str = "study") -> Path:
+def _run_ckpt_path(rec: Dict, state_key: str, lr: float, batch: int, seed: int, eta: float, loop: str = "study") -> Path:
     """Where a run's checkpoint lives: one file per (dense start, method, steps, pattern, lr,
     batch, seed, loop), so only the same command resumes it (``--points``, which only sets where
     the curve is measured, is checked when resuming instead)."""
@@ -417,14 +472,27 @@ def cmd_run(a) -> None:
     dense = evaluate(_load(c, state), va, 192, c.context)
     for spec in a.method:
         torch.manual_seed(a.seed)
-        rec = run_method(spec, state, c, tr, va, a.steps, a.batch, a.lr, a.pattern, a.points, a.seed,
-                         state_key=path.name, loop=a.loop)
-        rec.update(model=a.model, corpus=a.corpus, pretrain_steps=a.pretrain_steps, dense=dense, lr_default=a.lr,
-                   batch=a.batch, threads=torch.get_num_threads(), tag=a.tag, seed=a.seed)
+        rec = run_method(
+            spec, state, c, tr, va, a.steps, a.batch, a.lr, a.pattern, a.points, a.seed, state_key=path.name, loop=a.loop
+        )
+        rec.update(
+            model=a.model,
+            corpus=a.corpus,
+            pretrain_steps=a.pretrain_steps,
+            dense=dense,
+            lr_default=a.lr,
+            batch=a.batch,
+            threads=torch.get_num_threads(),
+            tag=a.tag,
+            seed=a.seed,
+        )
         with open(OUT / "runs.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
-        print(f"{a.model}/{a.corpus}/P{a.pretrain_steps}/S{a.steps} {spec:<40} ppl {rec['ppl']:.4f} "
-              f"(dense {dense:.4f}, {100 * (rec['ppl'] / dense - 1):+.2f}%)  {rec.get('seconds', 0)}s", flush=True)
+        print(
+            f"{a.model}/{a.corpus}/P{a.pretrain_steps}/S{a.steps} {spec:<40} ppl {rec['ppl']:.4f} "
+            f"(dense {dense:.4f}, {100 * (rec['ppl'] / dense - 1):+.2f}%)  {rec.get('seconds', 0)}s",
+            flush=True,
+        )
 
 
 def cmd_table(a) -> None:
@@ -438,14 +506,17 @@ def cmd_table(a) -> None:
     for k, rs in sorted(groups.items()):
         dc = [r["ppl"] for r in rs if r["method"] == "dense_continued"]
         base = dc[-1] if dc else None
-        print(f"\n### model {k[0]}, corpus {k[1]}, dense {k[2]} steps, sparse {k[3]} steps, {k[4]}, seed {k[5]}  (dense ppl {rs[0]['dense']:.4f})")
+        print(
+            f"\n### model {k[0]}, corpus {k[1]}, dense {k[2]} steps, sparse {k[3]} steps, {k[4]}, seed {k[5]}  (dense ppl {rs[0]['dense']:.4f})"
+        )
         print("| method | val ppl | tax vs dense_continued | CAST: ppl before finalize | CAST: sparse weight ratio |")
         print("|---|---|---|---|---|")
         fmt = lambda x: "-" if x is None else f"{x:.4f}"  # noqa: E731
         for r in rs:
             tax = f"{100 * (r['ppl'] / base - 1):+.2f}%" if base and r["method"] != "dense_continued" else "-"
-            print(f"| {r['method']} | {r['ppl']:.4f} | {tax} | {fmt(r.get('ppl_dense_forward'))} | "
-                  f"{fmt(r.get('sparse_ratio'))} |")
+            print(
+                f"| {r['method']} | {r['ppl']:.4f} | {tax} | {fmt(r.get('ppl_dense_forward'))} | {fmt(r.get('sparse_ratio'))} |"
+            )
 
 
 def _rows(model=None, corpus=None, steps=None, pattern="2:4", tag=None, seed=0, loop="study") -> List[Dict]:
@@ -455,10 +526,15 @@ def _rows(model=None, corpus=None, steps=None, pattern="2:4", tag=None, seed=0, 
     out = []
     for line in open(records()):
         r = json.loads(line)
-        if ((model and r["model"] != model) or (corpus and r["corpus"] != corpus) or (steps and r["steps"] != steps)
-                or r.get("pattern", "2:4") != pattern or (tag and r.get("tag") != tag)
-                or (seed is not None and r.get("seed", 0) != seed)
-                or (loop is not None and r.get("loop", "study") != loop)):
+        if (
+            (model and r["model"] != model)
+            or (corpus and r["corpus"] != corpus)
+            or (steps and r["steps"] != steps)
+            or r.get("pattern", "2:4") != pattern
+            or (tag and r.get("tag") != tag)
+            or (seed is not None and r.get("seed", 0) != seed)
+            or (loop is not None and r.get("loop", "study") != loop)
+        ):
             continue
         out.append(r)
     return out
@@ -467,6 +543,7 @@ def _rows(model=None, corpus=None, steps=None, pattern="2:4", tag=None, seed=0, 
 def _same_method(r: Dict, method: str) -> bool:
     """Whether record ``r`` ran ``method``: the specs are equal once an explicit ``lr`` equal to
     the run's default lr is dropped (``cast:l1=0.1,lr=1e-3`` is ``cast:l1=0.1`` at lr 1e-3)."""
+
     def canon(spec: str):
         name, kv = parse_method(spec)
         if "lr" in kv and float(kv["lr"]) == float(r.get("lr_default", 1e-3)):
@@ -487,8 +564,7 @@ DEFAULT_CAST = "cast:l1=0.1"  # AdamS's defaults (l1_decay 0.1, absolute), at th
 SUGGESTED_CAST = "cast:l1=0.1,lr=5e-4"
 # The 99th percentile of |w| over the weights the 2:4 masks remove, per dense start (P3000):
 # suggest_lr's travel floor is Q99 / (0.5 T); measured with sparse.suggest_lr(400) * 200.
-Q99 = {("small", "stdlib"): 0.10318, ("small", "prose"): 0.10420,
-       ("large", "stdlib"): 0.10435, ("large", "prose"): 0.10502}
+Q99 = {("small", "stdlib"): 0.10318, ("small", "prose"): 0.10420, ("large", "stdlib"): 0.10435, ("large", "prose"): 0.10502}
 
 
 def _suggested_adams_run(rows: List[Dict], model: str, corp: str, steps: int, dense_lr: float = 1e-3):
@@ -500,8 +576,9 @@ def _suggested_adams_run(rows: List[Dict], model: str, corp: str, steps: int, de
         name, kv = parse_method(r["method"])
         if name != "cast" or kv.get("l1") != "0.1" or set(kv) - {"l1", "lr", "mlr"}:
             continue
-        d = (abs(math.log(float(kv.get("lr", r.get("lr_default", 1e-3))) / want["lr"]))
-             + abs(math.log(float(kv.get("mlr", 1.0)) / want["masked_lr_scale"])))
+        d = abs(math.log(float(kv.get("lr", r.get("lr_default", 1e-3))) / want["lr"])) + abs(
+            math.log(float(kv.get("mlr", 1.0)) / want["masked_lr_scale"])
+        )
         if d <= dist:
             best, dist = r, d
     return best, want
@@ -520,35 +597,42 @@ def _length_rows(model: str, corp: str):
     return out
 
 
-def cmd_report(a) -> None:
+def cmd_report(a) -> None:  # noqa: C901 (one report, a branch per table)
     """The markdown tables of docs/sparsity_tax.md, from runs.jsonl."""
     default, suggested = DEFAULT_CAST, SUGGESTED_CAST
     print("#### main\n")
-    print("| model | corpus | sparse steps | dense | dense_continued | magnitude | SR-STE (tax) "
-          "| CAST default = suggest_adams (tax) | CAST lr 1e-3 (tax) | CAST lr 5e-4 (tax) | CAST best tried (tax) |")
+    print(
+        "| model | corpus | sparse steps | dense | dense_continued | magnitude | SR-STE (tax) "
+        "| CAST default = suggest_adams (tax) | CAST lr 1e-3 (tax) | CAST lr 5e-4 (tax) | CAST best tried (tax) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for model, corp, steps in itertools.product(MODELS, ("stdlib", "prose"), (400, 1000, 2000)):
-            rs = _rows(model, corp, steps)
-            dc, sr, cd, cs = (_last(rs, m) for m in ("dense_continued", "srste", default, suggested))
-            if not dc:
-                continue
-            ad, _ = _suggested_adams_run(rs, model, corp, steps)
-            mag = _last(_rows(model, corp), "magnitude")
-            tax = lambda r, dc=dc: f"{r['ppl']:.4f} ({100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%)" if r else "-"  # noqa: E731
-            # A warmup changes the schedule, so its CAST run is compared with dense_continued
-            # and SR-STE under the same warmup (the causes table), not here.
-            # opt=ref is the study's research optimizer, not the library: "best tried" is what a
-            # user can set (mlr = AdamS's masked_lr_scale).
-            casts = [r for r in rs if r["method"].startswith("cast")
-                     and not any(k in r["method"] for k in ("warmup=", "opt=ref"))]
-            best = min(casts, key=lambda r: r["ppl"]) if casts else None
-            best_name = f" `{best['method']}`" if best else ""
-            print(f"| {model} | {corp} | {steps} | {dc['dense']:.4f} | {dc['ppl']:.4f} | {mag['ppl'] if mag else float('nan'):.4f} | "
-                  f"{tax(sr)} | {tax(ad)} | {tax(cd)} | {tax(cs)} | {tax(best)}{best_name} |")
-    print("\n#### targets (the issue's two targets at the documented default: CAST at what "
-          "suggest_adams(T, dense_lr=1e-3) gives, no warmup; every model, corpus, length and seed measured)\n")
-    print("| model | corpus | sparse steps | seed | suggest_adams: run | CAST tax | SR-STE tax | lead (points) "
-          "| tax <= 2 % | lead >= 1 point |")
+        rs = _rows(model, corp, steps)
+        dc, sr, cd, cs = (_last(rs, m) for m in ("dense_continued", "srste", default, suggested))
+        if not dc:
+            continue
+        ad, _ = _suggested_adams_run(rs, model, corp, steps)
+        mag = _last(_rows(model, corp), "magnitude")
+        tax = lambda r, dc=dc: f"{r['ppl']:.4f} ({100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%)" if r else "-"  # noqa: E731
+        # A warmup changes the schedule, so its CAST run is compared with dense_continued
+        # and SR-STE under the same warmup (the causes table), not here.
+        # opt=ref is the study's research optimizer, not the library: "best tried" is what a
+        # user can set (mlr = AdamS's masked_lr_scale).
+        casts = [r for r in rs if r["method"].startswith("cast") and not any(k in r["method"] for k in ("warmup=", "opt=ref"))]
+        best = min(casts, key=lambda r: r["ppl"]) if casts else None
+        best_name = f" `{best['method']}`" if best else ""
+        print(
+            f"| {model} | {corp} | {steps} | {dc['dense']:.4f} | {dc['ppl']:.4f} | {mag['ppl'] if mag else float('nan'):.4f} | "
+            f"{tax(sr)} | {tax(ad)} | {tax(cd)} | {tax(cs)} | {tax(best)}{best_name} |"
+        )
+    print(
+        "\n#### targets (the issue's two targets at the documented default: CAST at what "
+        "suggest_adams(T, dense_lr=1e-3) gives, no warmup; every model, corpus, length and seed measured)\n"
+    )
+    print(
+        "| model | corpus | sparse steps | seed | suggest_adams: run | CAST tax | SR-STE tax | lead (points) "
+        "| tax <= 2 % | lead >= 1 point |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for model, corp in itertools.product(MODELS, ("stdlib", "prose")):
         for steps, seed in sorted({(r["steps"], r.get("seed", 0)) for r in _rows(model, corp, seed=None)}):
@@ -558,13 +642,17 @@ def cmd_report(a) -> None:
             if not (dc and sr and ad):
                 continue
             ct, st = (100 * (r["ppl"] / dc["ppl"] - 1) for r in (ad, sr))
-            print(f"| {model} | {corp} | {steps} | {seed} | lr {want['lr']:.2g}, r {want['masked_lr_scale']:.3g}: "
-                  f"`{ad['method']}` | {ct:+.2f}% | {st:+.2f}% | {st - ct:.2f} | {'yes' if ct <= 2 else 'no'} "
-                  f"| {'yes' if st - ct >= 1 else 'no'} |")
+            print(
+                f"| {model} | {corp} | {steps} | {seed} | lr {want['lr']:.2g}, r {want['masked_lr_scale']:.3g}: "
+                f"`{ad['method']}` | {ct:+.2f}% | {st:+.2f}% | {st - ct:.2f} | {'yes' if ct <= 2 else 'no'} "
+                f"| {'yes' if st - ct >= 1 else 'no'} |"
+            )
     print("\n#### causes (small, stdlib, 400 steps)\n")
     rs = _rows("small", "stdlib", 400)
     dc = _last(rs, "dense_continued")
-    print("| run | val ppl after finalize | tax | ppl before finalize | sparse weight ratio | ppl at step 10 (dense fwd / projected) |")
+    print(
+        "| run | val ppl after finalize | tax | ppl before finalize | sparse weight ratio | ppl at step 10 (dense fwd / projected) |"
+    )
     print("|---|---|---|---|---|---|")
     seen = set()
     for r in rs:
@@ -580,20 +668,25 @@ def cmd_report(a) -> None:
         tx = f"{100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%" if r["method"] != "dense_continued" else "-"
         print(f"| `{r['method']}` | {r['ppl']:.4f} | {tx} | {before} | {ratio} | {early} |")
     print("\n#### length (small, stdlib)\n")
-    print("| sparse steps | dense_continued | gain over dense | SR-STE | SR-STE tax | CAST lr 1e-3 | CAST tax "
-          "| CAST lr 5e-4 | CAST tax | suggest_adams(T, dense_lr=1e-3): run | CAST tax |")
+    print(
+        "| sparse steps | dense_continued | gain over dense | SR-STE | SR-STE tax | CAST lr 1e-3 | CAST tax "
+        "| CAST lr 5e-4 | CAST tax | suggest_adams(T, dense_lr=1e-3): run | CAST tax |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for steps, dc, sr, cd, cs in _length_rows("small", "stdlib"):
         pct = lambda r, dc=dc: f"{100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%" if r else "-"  # noqa: E731
         tx = lambda r, pct=pct: f"{r['ppl']:.4f} | {pct(r)}" if r else "- | -"  # noqa: E731
         ad, want = _suggested_adams_run(_rows("small", "stdlib", steps), "small", "stdlib", steps)
-        spec = (f"lr {want['lr']:.3g}, r {want['masked_lr_scale']:.3g}: "
-                + (f"`{ad['method']}`" if ad else "not run"))
-        print(f"| {steps} | {dc['ppl']:.4f} | {100 * (1 - dc['ppl'] / dc['dense']):.2f}% | {tx(sr)} | {tx(cd)} | {tx(cs)} "
-              f"| {spec} | {pct(ad)} |")
+        spec = f"lr {want['lr']:.3g}, r {want['masked_lr_scale']:.3g}: " + (f"`{ad['method']}`" if ad else "not run")
+        print(
+            f"| {steps} | {dc['ppl']:.4f} | {100 * (1 - dc['ppl'] / dc['dense']):.2f}% | {tx(sr)} | {tx(cd)} | {tx(cs)} "
+            f"| {spec} | {pct(ad)} |"
+        )
     print("\n#### seeds (small model; the seed of the sparse-training batches)\n")
-    print("| corpus | sparse steps | seed | dense_continued | SR-STE tax | CAST lr 1e-3 tax (lead, points) "
-          "| CAST lr 5e-4 = suggest_lr tax (lead, points) |")
+    print(
+        "| corpus | sparse steps | seed | dense_continued | SR-STE tax | CAST lr 1e-3 tax (lead, points) "
+        "| CAST lr 5e-4 = suggest_lr tax (lead, points) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for corp, steps, seed in itertools.product(("stdlib", "prose"), (400, 1000), (0, 1, 2)):
         rs = _rows("small", corp, steps, seed=seed)
@@ -604,15 +697,22 @@ def cmd_report(a) -> None:
         st = tax(sr)
         cell = lambda x, st=st: f"{x:+.2f}% ({st - x:.2f})" if x is not None else "-"  # noqa: E731
         print(f"| {corp} | {steps} | {seed} | {dc['ppl']:.4f} | {st:+.2f}% | {cell(tax(cd))} | {cell(tax(cs))} |")
-    print("\n#### mlr (small model, lr 5e-4: the masked weights' step mlr times the kept weights' "
-          "(AdamS's masked_lr_scale); warmup = 10 % of the steps; tax against dense_continued without warmup)\n")
+    print(
+        "\n#### mlr (small model, lr 5e-4: the masked weights' step mlr times the kept weights' "
+        "(AdamS's masked_lr_scale); warmup = 10 % of the steps; tax against dense_continued without warmup)\n"
+    )
     labels = ("no warmup", "warmup", "mlr 2", "warmup, mlr 2", "warmup, mlr 4")
     print("| corpus | sparse steps | seed | dense_continued | SR-STE tax | " + " | ".join(f"CAST {v} tax" for v in labels) + " |")
     print("|---|---|---|---|---|" + "---|" * len(labels))
     for corp, steps, seed in itertools.product(("stdlib", "prose"), (400, 1000), (0, 1, 2)):
         w = steps // 10
-        variants = (suggested, f"{suggested},warmup={w}", f"{suggested},mlr=2", f"{suggested},mlr=2,warmup={w}",
-                    f"{suggested},mlr=4,warmup={w}")
+        variants = (
+            suggested,
+            f"{suggested},warmup={w}",
+            f"{suggested},mlr=2",
+            f"{suggested},mlr=2,warmup={w}",
+            f"{suggested},mlr=4,warmup={w}",
+        )
         rs = _rows("small", corp, steps, seed=seed)
         dc, sr = _last(rs, "dense_continued"), _last(rs, "srste")
         runs = [_last(rs, m) for m in variants]
@@ -629,8 +729,10 @@ def cmd_report(a) -> None:
         mag, sr, cd = (_last(rs, m) for m in ("magnitude", "srste", default))
         if not (sr and cd and dc):
             continue
-        print(f"| {pat} | {mag['ppl'] if mag else float('nan'):.4f} | {sr['ppl']:.4f} | {100 * (sr['ppl'] / dc['ppl'] - 1):+.2f}% | "
-              f"{cd['ppl']:.4f} | {100 * (cd['ppl'] / dc['ppl'] - 1):+.2f}% |")
+        print(
+            f"| {pat} | {mag['ppl'] if mag else float('nan'):.4f} | {sr['ppl']:.4f} | {100 * (sr['ppl'] / dc['ppl'] - 1):+.2f}% | "
+            f"{cd['ppl']:.4f} | {100 * (cd['ppl'] / dc['ppl'] - 1):+.2f}% |"
+        )
     print("\n#### warmup (400 steps, a 40-step linear warmup for every trained method: the demo's schedule)\n")
     print("| model | corpus | dense_continued | SR-STE | SR-STE tax | CAST defaults | CAST tax | CAST lead (points) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -640,7 +742,9 @@ def cmd_report(a) -> None:
         if not (dc and sr and cd):
             continue
         st, ct = (100 * (r["ppl"] / dc["ppl"] - 1) for r in (sr, cd))
-        print(f"| {model} | {corp} | {dc['ppl']:.4f} | {sr['ppl']:.4f} | {st:+.2f}% | {cd['ppl']:.4f} | {ct:+.2f}% | {st - ct:.2f} |")
+        print(
+            f"| {model} | {corp} | {dc['ppl']:.4f} | {sr['ppl']:.4f} | {st:+.2f}% | {cd['ppl']:.4f} | {ct:+.2f}% | {st - ct:.2f} |"
+        )
     print("\n#### large (every run on the large model, 400 steps; tax against dense_continued without warmup)\n")
     print("| run | stdlib | stdlib tax | prose | prose tax | ppl at step 10 (stdlib / prose) |")
     print("|---|---|---|---|---|---|")
@@ -662,12 +766,16 @@ def cmd_report(a) -> None:
             cells += [f"{r['ppl']:.4f}", "-" if meth == "dense_continued" else f"{100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%"]
             early.append(f"{dict(map(tuple, r.get('curve', []))).get(10, float('nan')):.2f}")
         print(f"| `{meth}` | " + " | ".join(cells) + f" | {' / '.join(early)} |")
-    print("\n#### short (runs shorter than 400 steps: suggest_lr raises every weight's lr to the floor, "
-          "suggest_adams keeps the kept weights at 5e-4 and gives the masked ones the floor; tax against "
-          "dense_continued; lead = SR-STE's tax minus CAST's at suggest_adams)\n")
-    print("| model | corpus | sparse steps | dense_continued | SR-STE tax | CAST lr 1e-3 tax | CAST at suggest_lr "
-          "(= floor) | tax | CAST at suggest_adams (lr 5e-4, masked_lr_scale) | tax "
-          "| lead over SR-STE (points), batch seeds 0 / 1 / 2 |")
+    print(
+        "\n#### short (runs shorter than 400 steps: suggest_lr raises every weight's lr to the floor, "
+        "suggest_adams keeps the kept weights at 5e-4 and gives the masked ones the floor; tax against "
+        "dense_continued; lead = SR-STE's tax minus CAST's at suggest_adams)\n"
+    )
+    print(
+        "| model | corpus | sparse steps | dense_continued | SR-STE tax | CAST lr 1e-3 tax | CAST at suggest_lr "
+        "(= floor) | tax | CAST at suggest_adams (lr 5e-4, masked_lr_scale) | tax "
+        "| lead over SR-STE (points), batch seeds 0 / 1 / 2 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
 
     def lead(model, corp, steps, seed):
@@ -682,8 +790,11 @@ def cmd_report(a) -> None:
         rs = _rows(model, corp, steps)
         dc, sr, cd = (_last(rs, m) for m in ("dense_continued", "srste", DEFAULT_CAST))
         # suggest_lr's runs: lr above 5e-4 and no mlr (every weight at the floor).
-        floor_runs = [(r, kv) for r, (name, kv) in ((r, parse_method(r["method"])) for r in rs)
-                      if name == "cast" and set(kv) == {"l1", "lr"} and kv["l1"] == "0.1" and float(kv["lr"]) > 5e-4]
+        floor_runs = [
+            (r, kv)
+            for r, (name, kv) in ((r, parse_method(r["method"])) for r in rs)
+            if name == "cast" and set(kv) == {"l1", "lr"} and kv["l1"] == "0.1" and float(kv["lr"]) > 5e-4
+        ]
         ad, _ = _suggested_adams_run(rs, model, corp, steps)
         if not (dc and ad):
             continue
@@ -691,8 +802,10 @@ def cmd_report(a) -> None:
         fmt = lambda r, tax=tax: f"{tax(r):+.2f}%" if r else "-"  # noqa: E731
         fl, fl_kv = floor_runs[-1] if floor_runs else (None, {"lr": "-"})
         seeds = " / ".join(lead(model, corp, steps, k) for k in (0, 1, 2))
-        print(f"| {model} | {corp} | {steps} | {dc['ppl']:.4f} | {fmt(sr)} | {fmt(cd)} | "
-              f"{fl_kv['lr']} | {fmt(fl)} | r = {parse_method(ad['method'])[1]['mlr']} | {fmt(ad)} | {seeds} |")
+        print(
+            f"| {model} | {corp} | {steps} | {dc['ppl']:.4f} | {fmt(sr)} | {fmt(cd)} | "
+            f"{fl_kv['lr']} | {fmt(fl)} | r = {parse_method(ad['method'])[1]['mlr']} | {fmt(ad)} | {seeds} |"
+        )
 
 
 def _pyplot():
@@ -715,15 +828,23 @@ def cmd_plot(a) -> None:
     """Validation perplexity along training for the chosen runs of one setting (PNG)."""
     plt = _pyplot()
     rows = [json.loads(l) for l in open(records())]
-    rows = [r for r in rows if r["model"] == a.model and r["corpus"] == a.corpus and r["steps"] == a.steps
-            and r["pretrain_steps"] == a.pretrain_steps and r.get("curve") and (not a.tag or r.get("tag") == a.tag)
-            and (not a.method or r["method"] in a.method)]
+    rows = [
+        r
+        for r in rows
+        if r["model"] == a.model
+        and r["corpus"] == a.corpus
+        and r["steps"] == a.steps
+        and r["pretrain_steps"] == a.pretrain_steps
+        and r.get("curve")
+        and (not a.tag or r.get("tag") == a.tag)
+        and (not a.method or r["method"] in a.method)
+    ]
     if not rows:
         raise SystemExit("no matching runs")
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
         xs, ys = zip(*([(0, r["dense"])] + r["curve"]))
-        line, = ax.plot(xs, ys, marker="o", ms=3, label=f"{r['method']} (final {r['ppl']:.3f})")
+        (line,) = ax.plot(xs, ys, marker="o", ms=3, label=f"{r['method']} (final {r['ppl']:.3f})")
         if r.get("projected_curve"):
             xs, ys = zip(*r["projected_curve"])
             ax.plot(xs, ys, ls=":", marker="x", ms=3, color=line.get_color(), label=f"{r['method']} hard-projected")
@@ -746,12 +867,15 @@ def cmd_plot_length(a) -> None:
     cols = min(2, len(settings))
     nrows = (len(settings) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4.2 * nrows), squeeze=False)
-    for ax in axes.flat[len(settings):]:
+    for ax in axes.flat[len(settings) :]:
         ax.set_visible(False)
     for ax, (model, corp) in zip(axes.flat, settings):
         rows = _length_rows(model, corp)
-        for k, label, style in ((2, "SR-STE (AdamW, lr 1e-3)", "s-"), (3, "CAST, lr 1e-3", "o-"),
-                                (4, "CAST, lr 5e-4 (suggest_lr)", "o--")):
+        for k, label, style in (
+            (2, "SR-STE (AdamW, lr 1e-3)", "s-"),
+            (3, "CAST, lr 1e-3", "o-"),
+            (4, "CAST, lr 5e-4 (suggest_lr)", "o--"),
+        ):
             pts = [(row[0], 100 * (row[k]["ppl"] / row[1]["ppl"] - 1)) for row in rows if row[k]]
             if pts:
                 ax.plot(*zip(*pts), style, ms=4, label=label)

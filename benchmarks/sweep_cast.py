@@ -66,18 +66,30 @@ def main() -> None:
         l1 = hp.get("l1_decay", cfg.l1_decay)
         t0 = time.perf_counter()
         m = fresh()
-        h, opt, _, _ = train_cast(m, cfg, cont, teacher, lr=lr, l1_decay=l1,
-                               mask_interval=int(hp.get("mask_interval", cfg.mask_interval)), show=False)
+        h, opt, _, _ = train_cast(
+            m, cfg, cont, teacher, lr=lr, l1_decay=l1, mask_interval=int(hp.get("mask_interval", cfg.mask_interval)), show=False
+        )
         ratio = h.stats(opt).overall
         before = ev(m)
         h.finalize()
         assert check_nm(m).ok
         after = ev(m)
         rec = (mag - after) / (mag - dense) if mag > dense else float("nan")
-        rows.append({**hp, "ppl_dense_forward": before, "ppl": after, "sparse_ratio": ratio, "gap_recovered": rec,
-                     "seconds": time.perf_counter() - t0})
-        print(f"{hp}  ppl before finalize {before:.4f}  after {after:.4f}  ratio {ratio:.4f}  "
-              f"recovered {100 * rec:.1f}%  ({time.perf_counter() - t0:.0f}s)", flush=True)
+        rows.append(
+            {
+                **hp,
+                "ppl_dense_forward": before,
+                "ppl": after,
+                "sparse_ratio": ratio,
+                "gap_recovered": rec,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        print(
+            f"{hp}  ppl before finalize {before:.4f}  after {after:.4f}  ratio {ratio:.4f}  "
+            f"recovered {100 * rec:.1f}%  ({time.perf_counter() - t0:.0f}s)",
+            flush=True,
+        )
     Path(args.out).write_text(json.dumps({"dense": dense, "magnitude": mag, "steps": cfg.steps, "rows": rows}, indent=2))
 
 

@@ -72,7 +72,8 @@ def _torch() -> tuple[Path, str]:
         raise RuntimeError(
             "cast-rs builds against PyTorch, and torch is not importable by the building "
             f"interpreter ({sys.executable}). With build isolation pip installs it from "
-            "[build-system] requires; with --no-build-isolation install torch first.")
+            "[build-system] requires; with --no-build-isolation install torch first."
+        )
     directory = Path(next(iter(spec.submodule_search_locations))).resolve()
     text = (directory / "version.py").read_text()
     match = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
@@ -115,9 +116,11 @@ def supported() -> str:
 def _lock(version: str) -> Path | None:
     """This torch's Cargo lock file (None: Cargo.lock, the default torch)."""
     if _minor(version) not in LOCKS:
-        raise RuntimeError(f"cast-rs builds against torch {supported()}; the building interpreter has "
-                           f"torch {version}. Install one of those (or build with build isolation, "
-                           "which installs the torch pinned in pyproject.toml).")
+        raise RuntimeError(
+            f"cast-rs builds against torch {supported()}; the building interpreter has "
+            f"torch {version}. Install one of those (or build with build isolation, "
+            "which installs the torch pinned in pyproject.toml)."
+        )
     return LOCKS[_minor(version)]
 
 
@@ -139,8 +142,9 @@ def _lock_for(version: str) -> Iterator[None]:
 
 
 # What a staging copy of the source tree leaves out: build products and environments.
-_NOT_SOURCE = shutil.ignore_patterns("target", ".git", ".venv", "dist", "results", "__pycache__",
-                                     "*.so", ".pytest_cache", ".hypothesis", ".ipynb_checkpoints")
+_NOT_SOURCE = shutil.ignore_patterns(
+    "target", ".git", ".venv", "dist", "results", "__pycache__", "*.so", ".pytest_cache", ".hypothesis", ".ipynb_checkpoints"
+)
 
 
 def _staging_copy(home: Path, lock: Path) -> Path:
@@ -185,8 +189,7 @@ def _torch_build_env() -> Iterator[tuple[str, Path]]:
     saved = dict(os.environ)
     shims = tempfile.mkdtemp(prefix="cast_rs_python_")
     try:
-        for name, target in (("python", sys.executable), ("python3", sys.executable),
-                             ("maturin", _maturin_binary())):
+        for name, target in (("python", sys.executable), ("python3", sys.executable), ("maturin", _maturin_binary())):
             shim = Path(shims) / name
             shim.write_text(f'#!/bin/sh\nexec "{target}" "$@"\n')
             shim.chmod(shim.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
@@ -201,8 +204,10 @@ def _torch_build_env() -> Iterator[tuple[str, Path]]:
         home = _target_dir(torch_dir, version)
         if not os.environ.get("CARGO_TARGET_DIR"):
             os.environ["CARGO_TARGET_DIR"] = str(home)
-        print(f"cast-rs: building against torch {version} at {torch_dir} "
-              f"(Cargo target directory {os.environ['CARGO_TARGET_DIR']})", flush=True)
+        print(
+            f"cast-rs: building against torch {version} at {torch_dir} (Cargo target directory {os.environ['CARGO_TARGET_DIR']})",
+            flush=True,
+        )
         yield version, home
     finally:
         os.environ.clear()
@@ -258,8 +263,9 @@ def _stamp_wheel(wheel: Path, version: str) -> None:
     tmp.replace(wheel)
 
 
-def build_wheel(wheel_directory: str, config_settings: Mapping[str, Any] | None = None,
-                metadata_directory: str | None = None) -> str:
+def build_wheel(
+    wheel_directory: str, config_settings: Mapping[str, Any] | None = None, metadata_directory: str | None = None
+) -> str:
     wheel_directory = os.path.abspath(wheel_directory)
     with _torch_build_env() as (version, home):
         lock = _lock(version)
@@ -270,8 +276,9 @@ def build_wheel(wheel_directory: str, config_settings: Mapping[str, Any] | None 
     return name
 
 
-def build_editable(wheel_directory: str, config_settings: Mapping[str, Any] | None = None,
-                   metadata_directory: str | None = None) -> str:
+def build_editable(
+    wheel_directory: str, config_settings: Mapping[str, Any] | None = None, metadata_directory: str | None = None
+) -> str:
     """An editable install imports the checkout itself, so this builds in place: the torch's
     lock file is swapped in for the build, and _build_info.py keeps the torch it names."""
     with _torch_build_env() as (version, _home), _lock_for(version):

@@ -94,7 +94,7 @@ def train(model: nn.Module, opt, first: int, last: int, rank: int = 0, world: in
     per = GLOBAL_BATCH // world
     for step in range(first, last + 1):
         x, y = batch(step)
-        x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+        x, y = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
@@ -157,8 +157,7 @@ def run_ddp(rank: int, world: int, out: str) -> None:
         same &= torch.equal(theirs.bool(), masks[name])
     sparse.finalize()
     ok = cast_rs.check_nm(model, "2:4").ok
-    torch.save({"params": params, "masks": masks, "masks_equal_rank0": same, "check_nm": ok},
-               os.path.join(out, f"rank{rank}.pt"))
+    torch.save({"params": params, "masks": masks, "masks_equal_rank0": same, "check_nm": ok}, os.path.join(out, f"rank{rank}.pt"))
 
 
 def _shard(model: nn.Module) -> None:
@@ -208,9 +207,18 @@ def run_fsdp(rank: int, world: int, out: str) -> None:
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         plain = cast_rs.plain_state_dict(sd)
-        torch.save({"params": params, "masks": masks, "check_nm": ok, "info": info,
-                    "plain": plain, "logits": logits.detach(), "finalize_rows": len(report)},
-                   os.path.join(out, "fsdp.pt"))
+        torch.save(
+            {
+                "params": params,
+                "masks": masks,
+                "check_nm": ok,
+                "info": info,
+                "plain": plain,
+                "logits": logits.detach(),
+                "finalize_rows": len(report),
+            },
+            os.path.join(out, "fsdp.pt"),
+        )
 
 
 def run_fsdp_relative(rank: int, world: int, out: str) -> None:
@@ -264,8 +272,9 @@ def build_gpt2():
     import cast_rs
 
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = transformers.GPT2Config(
+        vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     model = transformers.GPT2LMHeadModel(cfg)
     sparse = cast_rs.sparsify(model, "2:4")
     return model, sparse
@@ -278,7 +287,7 @@ def gpt2_batch(step: int) -> torch.Tensor:
 def train_gpt2(model: nn.Module, opt, rank: int = 0, world: int = 1) -> None:
     per = 4 // world
     for step in range(1, GPT2_STEPS + 1):
-        ids = gpt2_batch(step)[rank * per:(rank + 1) * per]
+        ids = gpt2_batch(step)[rank * per : (rank + 1) * per]
         model(ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -300,7 +309,7 @@ def reference_gpt2(world: int = 2):
     for step in range(1, GPT2_STEPS + 1):
         batch = gpt2_batch(step)
         for rank in range(world):
-            ids = batch[rank * per:(rank + 1) * per]
+            ids = batch[rank * per : (rank + 1) * per]
             (model(ids, labels=ids).loss / world).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -320,16 +329,17 @@ def run_fsdp_gpt2(rank: int, world: int, out: str) -> None:
         fully_shard(block)
     fully_shard(model)
     opt = cast_rs.AdamS(model.parameters(), lr=3e-3, total_steps=GPT2_STEPS, mask_interval=2)
-    sparse_params = sum(1 for group in opt.param_groups for p in group["params"]
-                        if getattr(p, NM_ATTR, None) is not None)
+    sparse_params = sum(1 for group in opt.param_groups for p in group["params"] if getattr(p, NM_ATTR, None) is not None)
     train_gpt2(model, opt, rank, world)
     sparse.finalize()
     ok = cast_rs.check_nm(model, "2:4").ok
     logits = model(gpt2_batch(0)).logits.detach()
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        torch.save({"plain": cast_rs.plain_state_dict(sd), "check_nm": ok, "logits": logits,
-                    "sparse_params": sparse_params}, os.path.join(out, "gpt2.pt"))
+        torch.save(
+            {"plain": cast_rs.plain_state_dict(sd), "check_nm": ok, "logits": logits, "sparse_params": sparse_params},
+            os.path.join(out, "gpt2.pt"),
+        )
 
 
 def main() -> None:
@@ -340,9 +350,14 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        scenarios = {"ddp": run_ddp, "fsdp": run_fsdp, "fsdp_resume": run_fsdp_resume,
-                     "fsdp_split": run_fsdp_split, "fsdp_gpt2": run_fsdp_gpt2,
-                     "fsdp_relative": run_fsdp_relative}
+        scenarios = {
+            "ddp": run_ddp,
+            "fsdp": run_fsdp,
+            "fsdp_resume": run_fsdp_resume,
+            "fsdp_split": run_fsdp_split,
+            "fsdp_gpt2": run_fsdp_gpt2,
+            "fsdp_relative": run_fsdp_relative,
+        }
         scenarios[scenario](rank, world, out)
         # The scenario's FSDP modules hold reference cycles: collect them (and the gloo work
         # objects they keep) before the group is destroyed. Otherwise a gloo thread can drop the

@@ -35,8 +35,11 @@ import cast_rs
 def build():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Linear(32, 64), nn.GELU(), nn.Dropout(0.1),
-        nn.Linear(64, 64), nn.GELU(),
+        nn.Linear(32, 64),
+        nn.GELU(),
+        nn.Dropout(0.1),
+        nn.Linear(64, 64),
+        nn.GELU(),
         nn.Linear(64, 16),
     )
     teacher = copy.deepcopy(model).eval()

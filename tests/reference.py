@@ -66,12 +66,36 @@ class RefAdamS(torch.optim.Optimizer):
     comparable to rounding.
     """
 
-    def __init__(self, params, specs: Dict[torch.Tensor, Tuple[int, int, int]], lr=1e-3, betas=(0.9, 0.999),
-                 eps=1e-8, weight_decay=0.0, l1_decay=1e-3, total_steps=100, mask_interval=10,
-                 l1_mode="absolute", ramp_end=1.0, masked_lr_scale=1.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      l1_decay=l1_decay, total_steps=total_steps, mask_interval=mask_interval,
-                                      l1_mode=l1_mode, ramp_end=ramp_end, masked_lr_scale=masked_lr_scale))
+    def __init__(
+        self,
+        params,
+        specs: Dict[torch.Tensor, Tuple[int, int, int]],
+        lr=1e-3,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.0,
+        l1_decay=1e-3,
+        total_steps=100,
+        mask_interval=10,
+        l1_mode="absolute",
+        ramp_end=1.0,
+        masked_lr_scale=1.0,
+    ):
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                l1_decay=l1_decay,
+                total_steps=total_steps,
+                mask_interval=mask_interval,
+                l1_mode=l1_mode,
+                ramp_end=ramp_end,
+                masked_lr_scale=masked_lr_scale,
+            ),
+        )
         self.specs = specs
 
     @torch.no_grad()
@@ -131,9 +155,23 @@ def topk_nm_mask(x: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return torch.zeros_like(g).scatter_(-1, idx, 1.0).reshape(x.shape)
 
 
-def foreach_adams_step(params: List[torch.Tensor], grads: List[torch.Tensor], mus: List[torch.Tensor],
-                       vs: List[torch.Tensor], masks: List[torch.Tensor], step: int, *, lr: float, betas=(0.9, 0.999),
-                       eps=1e-8, l1_decay=1e-3, total_steps=100, mask_interval=10, n: int = 2, m: int = 4) -> None:
+def foreach_adams_step(
+    params: List[torch.Tensor],
+    grads: List[torch.Tensor],
+    mus: List[torch.Tensor],
+    vs: List[torch.Tensor],
+    masks: List[torch.Tensor],
+    step: int,
+    *,
+    lr: float,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    l1_decay=1e-3,
+    total_steps=100,
+    mask_interval=10,
+    n: int = 2,
+    m: int = 4,
+) -> None:
     """AdamS for a list of sparse tensors with foreach ops and float masks (in place)."""
     b1, b2 = betas
     if (step - 1) % mask_interval == 0:
@@ -162,11 +200,11 @@ def clone_state(opt: torch.optim.Optimizer) -> Dict:
     """Deep copy of an optimizer's state_dict (tensors cloned)."""
     sd = opt.state_dict()
     return {
-        "state": {k: {kk: (vv.clone() if isinstance(vv, torch.Tensor) else vv) for kk, vv in v.items()}
-                  for k, v in sd["state"].items()},
+        "state": {
+            k: {kk: (vv.clone() if isinstance(vv, torch.Tensor) else vv) for kk, vv in v.items()} for k, v in sd["state"].items()
+        },
         "param_groups": [dict(g) for g in sd["param_groups"]],
     }
-
 
 
 def ieee_sqrt(x: torch.Tensor) -> torch.Tensor:
@@ -178,9 +216,22 @@ def ieee_sqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.sqrt(x.contiguous().numpy()))
 
 
-def ref_adams_lowp_step(p: torch.Tensor, g: torch.Tensor, mu: torch.Tensor, v: torch.Tensor,
-                        keep: Optional[torch.Tensor], s: int, *, lr: float, betas=(0.9, 0.999), eps=1e-8,
-                        weight_decay=0.0, l1_decay=0.0, alpha=1.0, masked_lr_scale=1.0) -> None:
+def ref_adams_lowp_step(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    mu: torch.Tensor,
+    v: torch.Tensor,
+    keep: Optional[torch.Tensor],
+    s: int,
+    *,
+    lr: float,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    weight_decay=0.0,
+    l1_decay=0.0,
+    alpha=1.0,
+    masked_lr_scale=1.0,
+) -> None:
     """One AdamS (``keep`` a bool mask) or AdamW (``keep=None``) step on bf16/fp16 storage, in
     place, as the fused CPU kernel defines it: values widened exactly to float32, float32
     arithmetic in the order of torch's fused AdamW kernel, one round-to-nearest-even per stored
@@ -215,7 +266,9 @@ def ref_adams_lowp_step(p: torch.Tensor, g: torch.Tensor, mu: torch.Tensor, v: t
     v.copy_(v2)
 
 
-def ref_sparsegpt_nm(w: torch.Tensor, h: torch.Tensor, n: int, m: int, percdamp: float = 0.01) -> Tuple[torch.Tensor, torch.Tensor]:
+def ref_sparsegpt_nm(
+    w: torch.Tensor, h: torch.Tensor, n: int, m: int, percdamp: float = 0.01
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT's N:M pruning written as textbook optimal brain surgeon, in float64: column by
     column, the inverse of the Hessian block of the columns not yet fixed is recomputed
     explicitly (no Cholesky factor, no lazy block updates). At the first column of each group,
@@ -234,7 +287,7 @@ def ref_sparsegpt_nm(w: torch.Tensor, h: torch.Tensor, n: int, m: int, percdamp:
         inv_j = torch.linalg.inv(H[j:, j:])
         if j % m == 0:
             diag = torch.stack([torch.linalg.inv(H[k:, k:])[0, 0] for k in range(j, j + m)])
-            saliency = W[:, j:j + m].square() / diag.unsqueeze(0)
+            saliency = W[:, j : j + m].square() / diag.unsqueeze(0)
             for r in range(rows):
                 for k in sorted(range(m), key=lambda k: (float(saliency[r, k]), k))[: m - n]:
                     pruned[r, j + k] = True

@@ -35,7 +35,10 @@ BAD = [
     (["demo", "--batch", "-3"], "--batch must be >= 1"),
     (["demo", "--pretrain-steps", "0"], "--pretrain-steps must be >= 1"),
     (["demo", "--seed", "-1"], "--seed must be in"),
-    (["demo", "--json", "/nonexistent_dir/r.json"], "--json /nonexistent_dir/r.json: directory '/nonexistent_dir' does not exist"),
+    (
+        ["demo", "--json", "/nonexistent_dir/r.json"],
+        "--json /nonexistent_dir/r.json: directory '/nonexistent_dir' does not exist",
+    ),
     (["demo", "--plot", "{tmp}/x.jpgx"], "matplotlib cannot write '.jpgx' files"),
     (["demo", "--plot", "{tmp}"], "is a directory"),
     (["demo", "--data", "{tmp}/missing.txt"], "--data {tmp}/missing.txt: no such file or directory"),
@@ -61,7 +64,19 @@ def test_good_output_paths_pass_the_checks(tmp_path, monkeypatch):
     monkeypatch.setattr(cast_rs.demo, "main", lambda args: seen.setdefault("args", args) and 0)
     for plot in ("c.png", "c.PDF", "c.svg", "c"):
         seen.clear()
-        argv = ["demo", "--quick", "--lr", "1e-3", "--l1-decay", "0", "--json", str(tmp_path / "r.json"),
-                "--plot", str(tmp_path / plot), "--data", str(tmp_path)]
+        argv = [
+            "demo",
+            "--quick",
+            "--lr",
+            "1e-3",
+            "--l1-decay",
+            "0",
+            "--json",
+            str(tmp_path / "r.json"),
+            "--plot",
+            str(tmp_path / plot),
+            "--data",
+            str(tmp_path),
+        ]
         assert cli.main(argv) == 0
         assert seen["args"].plot == str(tmp_path / plot) and seen["args"].l1_decay == 0.0

@@ -25,8 +25,15 @@ def mlp():
 
 
 def llama():
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -35,9 +42,11 @@ def gpt2():
     return transformers.GPT2LMHeadModel(cfg)
 
 
-MODELS = {"mlp": (mlp, lambda: torch.randn(4, 16, generator=torch.Generator().manual_seed(1))),
-          "llama": (llama, lambda: torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))),
-          "gpt2": (gpt2, lambda: torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1)))}
+MODELS = {
+    "mlp": (mlp, lambda: torch.randn(4, 16, generator=torch.Generator().manual_seed(1))),
+    "llama": (llama, lambda: torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))),
+    "gpt2": (gpt2, lambda: torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))),
+}
 
 
 def output(model, x):

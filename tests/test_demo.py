@@ -43,7 +43,9 @@ def test_demo_quick_cli_writes_json_and_plot(tmp_path):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     proc = subprocess.run(
         [sys.executable, "-m", "cast_rs", "demo", "--quick", "--no-progress", "--json", str(out), "--plot", str(png)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},  # as in the notebook test below: load-proof
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -79,7 +81,7 @@ def test_cached_greedy_decoding_equals_the_full_forward():
     with torch.no_grad():
         for _ in range(30):
             idx = torch.cat([idx, model(idx)[:, -1].argmax(-1, keepdim=True)], 1)
-    assert bytes(idx[0, len(prompt):].tolist()) == text and tps > 0
+    assert bytes(idx[0, len(prompt) :].tolist()) == text and tps > 0
     with pytest.raises(ValueError, match="at most 128 bytes"):
         demo.greedy_bytes(model, prompt, 200)
 
@@ -92,7 +94,9 @@ def test_quickstart_notebook_runs():
     nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
     committed = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert any("image/png" in o.get("data", {}) for o in committed), "the notebook is committed with its outputs"
-    client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}})
+    client = nbclient.NotebookClient(
+        nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+    )
     # One intra-op thread in the kernel. With torch's default (one per core) the notebook took
     # over 21 minutes, past the 900 s cell limit, on this 2-core machine with one core busy
     # elsewhere (OpenMP's threads wait for the one that is descheduled); with one thread, 4.3
@@ -180,16 +184,19 @@ def test_demo_cast_takes_suggest_adams_unless_given_an_lr():
     batches = Batches(data, 2, cfg.model.context, 0)
     # The expected value, from an identical model sparsified the same way.
     expected = sparsify(copy.deepcopy(base), cfg.pattern, scaling_groups=cfg.scaling_groups).suggest_adams(
-        cfg.steps, dense_lr=cfg.lr)
+        cfg.steps, dense_lr=cfg.lr
+    )
     assert expected["masked_lr_scale"] > 1  # 3 steps: the masked weights need more than half the dense lr
     logs = []
-    _, opt, _, lr = train_cast(copy.deepcopy(base), cfg, batches, teacher, lr=None, l1_decay=0.1, mask_interval=10,
-                               show=False, log=logs.append)
+    _, opt, _, lr = train_cast(
+        copy.deepcopy(base), cfg, batches, teacher, lr=None, l1_decay=0.1, mask_interval=10, show=False, log=logs.append
+    )
     assert lr == expected["lr"] == cfg.lr / 2
     assert opt.param_groups[0]["initial_lr"] == lr
     assert opt.param_groups[0]["masked_lr_scale"] == pytest.approx(expected["masked_lr_scale"], rel=1e-12)
     assert logs and "suggest_adams(3, dense_lr=0.001)" in logs[0]
-    _, opt, _, lr = train_cast(copy.deepcopy(base), cfg, batches, teacher, lr=7e-4, l1_decay=0.1, mask_interval=10,
-                               show=False, log=logs.append)
+    _, opt, _, lr = train_cast(
+        copy.deepcopy(base), cfg, batches, teacher, lr=7e-4, l1_decay=0.1, mask_interval=10, show=False, log=logs.append
+    )
     assert lr == 7e-4 and opt.param_groups[0]["initial_lr"] == 7e-4
     assert opt.param_groups[0]["masked_lr_scale"] == 1.0

@@ -176,8 +176,23 @@ def test_fsdp2_hugging_face_gpt2(tmp_path):
 def test_cli_distributed_example_under_torchrun(tmp_path, mode):
     """The documented command: torchrun --nproc-per-node 2 -m cast_rs distributed."""
     save = tmp_path / "plain.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "cast_rs", "distributed", "--mode", mode, "--steps", "120", "--save", str(save)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "cast_rs",
+        "distributed",
+        "--mode",
+        mode,
+        "--steps",
+        "120",
+        "--save",
+        str(save),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"2 process(es), {mode.upper()}" in proc.stdout and "exact 2:4: yes" in proc.stdout, proc.stdout

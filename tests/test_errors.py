@@ -175,7 +175,9 @@ def test_kernel_validates_before_writing():
     with pytest.raises(ValueError, match="shares memory"):
         _cast_rs.adams_step([p[0]], [p[0]], [mu[0]], [v[0]], [None], [None], [torch.tensor(0.0)], **kw)
     with pytest.raises(ValueError, match="total_steps"):
-        _cast_rs.adams_step([p[0]], [g[0]], [mu[0]], [v[0]], [masks[0]], [(2, 4, -1)], [torch.tensor(0.0)], **{**kw, "total_steps": None})
+        _cast_rs.adams_step(
+            [p[0]], [g[0]], [mu[0]], [v[0]], [masks[0]], [(2, 4, -1)], [torch.tensor(0.0)], **{**kw, "total_steps": None}
+        )
     with pytest.raises(TypeError, match="expected dtype torch.float32"):
         _cast_rs.adams_step([p[0]], [g[0].double()], [mu[0]], [v[0]], [None], [None], [torch.tensor(0.0)], **kw)
     with pytest.raises(TypeError, match="torch.Tensor"):

@@ -74,12 +74,21 @@ def test_trainer_with_weight_decay_does_not_decay_the_scales(tmp_path, built_by)
     ids = torch.randint(0, cfg.vocab_size, (8, 24), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": row, "labels": row} for row in ids]
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=steps, learning_rate=lr, weight_decay=500.0, lr_scheduler_type="constant",
-        per_device_train_batch_size=4, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        learning_rate=lr,
+        weight_decay=500.0,
+        lr_scheduler_type="constant",
+        per_device_train_batch_size=4,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
     )
     if built_by == "trainer":
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
-                                       optimizer_cls_and_kwargs=(cast_rs.AdamS, dict(total_steps=steps)))
+        trainer = transformers.Trainer(
+            model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=(cast_rs.AdamS, dict(total_steps=steps))
+        )
     else:
         own = cast_rs.AdamS([{"params": list(model.parameters()), "weight_decay": 500.0}], lr=lr, total_steps=steps)
         sched = torch.optim.lr_scheduler.ConstantLR(own, factor=1.0, total_iters=0)

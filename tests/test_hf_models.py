@@ -14,15 +14,28 @@ transformers = pytest.importorskip("transformers", reason="transformers is a tes
 
 
 def llama(tied):
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                   tie_word_embeddings=tied)
+    cfg = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=tied,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
 def bert():
-    cfg = transformers.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=32)
+    cfg = transformers.BertConfig(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     return transformers.BertForMaskedLM(cfg)
 
 
@@ -83,8 +96,17 @@ def test_trainer_resume_from_checkpoint_is_bit_identical(tmp_path):
         model = llama(False)
         cast_rs.sparsify(model, "2:4")
         args = transformers.TrainingArguments(
-            output_dir=str(out), max_steps=6, learning_rate=3e-3, per_device_train_batch_size=4, save_steps=3,
-            save_strategy="steps", report_to=[], use_cpu=True, disable_tqdm=True, seed=0, data_seed=0,
+            output_dir=str(out),
+            max_steps=6,
+            learning_rate=3e-3,
+            per_device_train_batch_size=4,
+            save_steps=3,
+            save_strategy="steps",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+            data_seed=0,
         )
         steps_run = []
 
@@ -92,8 +114,13 @@ def test_trainer_resume_from_checkpoint_is_bit_identical(tmp_path):
             def on_step_end(self, args, state, control, **kwargs):
                 steps_run.append(state.global_step)
 
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[Count()],
-                                       optimizer_cls_and_kwargs=(cast_rs.AdamS, dict(total_steps=6, mask_interval=2)))
+        trainer = transformers.Trainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            callbacks=[Count()],
+            optimizer_cls_and_kwargs=(cast_rs.AdamS, dict(total_steps=6, mask_interval=2)),
+        )
         trainer.train(resume_from_checkpoint=resume)
         assert steps_run == ([4, 5, 6] if resume else [1, 2, 3, 4, 5, 6])  # resumed: only the last 3 steps ran
         opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer

@@ -41,8 +41,9 @@ ERRORS = (ValueError, TypeError, cast_rs.CastError)
 
 values = st.one_of(st.sampled_from(SPECIAL), st.floats(allow_nan=True, allow_infinity=True, width=32))
 # The property tests below draw several tensors per example: generation is allowed to be slowish.
-BIG_EXAMPLES = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                          HealthCheck.large_base_example])
+BIG_EXAMPLES = dict(
+    deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
+)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -385,11 +386,26 @@ def state_tensors(opt, p):
 # Found by a random run: N:M along dim 0, float64, a refresh at step 3. A drop mask built fresh
 # at the refresh was a transposed view (the other route, `_foreach_` calls instead of
 # `_fused_adam_`), the cached one contiguous: the two runs differed by one ulp.
-@example(case=((1, 2, 0), True, torch.float64, "contiguous", "contiguous",
-               torch.zeros(2, 3, dtype=torch.float64),
-               torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64),
-               {"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-08, "weight_decay": 0.1, "l1_decay": 0.0,
-                "total_steps": 1, "mask_interval": 2}))
+@example(
+    case=(
+        (1, 2, 0),
+        True,
+        torch.float64,
+        "contiguous",
+        "contiguous",
+        torch.zeros(2, 3, dtype=torch.float64),
+        torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64),
+        {
+            "lr": 0.001,
+            "betas": (0.9, 0.999),
+            "eps": 1e-08,
+            "weight_decay": 0.1,
+            "l1_decay": 0.0,
+            "total_steps": 1,
+            "mask_interval": 2,
+        },
+    )
+)
 def test_step_property_over_shapes_strides_dtypes(case):
     """AdamS, three steps, fast run and forced-generic run in lockstep (the generic twin is reset
     to the fast run's θ and state before each step, so every step is compared from identical
@@ -475,8 +491,14 @@ def test_step_property_over_shapes_strides_dtypes(case):
             # arithmetically (there is no `_foreach_where`), so an infinite μ gives NaN where
             # the fast path's per-element select keeps ±inf.
             for name, a, b, tol in zip(names, got_g, got_f, tols):
-                assert_within(a, b, tol, f"step {s} {name}: generic vs fast",
-                              same_nonfinite="finite" if dtype == torch.float32 else False, where=where)
+                assert_within(
+                    a,
+                    b,
+                    tol,
+                    f"step {s} {name}: generic vs fast",
+                    same_nonfinite="finite" if dtype == torch.float32 else False,
+                    where=where,
+                )
 
         # RefAdamS, one step from the same state, where every input of the step is finite.
         finite = all(bool(torch.isfinite(t).all()) for t in (p_before, grad, mu_before, v_before))
@@ -484,8 +506,12 @@ def test_step_property_over_shapes_strides_dtypes(case):
             q = torch.nn.Parameter(p_before.contiguous().clone())
             ref = RefAdamS([q], {q: spec}, **hp)
             if s > 1:
-                ref.state[q] = {"step": s - 1, "exp_avg": mu_before.contiguous().clone(),
-                                "exp_avg_sq": v_before.contiguous().clone(), "mask": want_keep.clone()}
+                ref.state[q] = {
+                    "step": s - 1,
+                    "exp_avg": mu_before.contiguous().clone(),
+                    "exp_avg_sq": v_before.contiguous().clone(),
+                    "mask": want_keep.clone(),
+                }
             q.grad = grad.contiguous().clone()
             ref.step()
             assert torch.equal(ref.state[q]["mask"], want_keep)
@@ -508,6 +534,7 @@ def _other_dtype(dtype):
 def _set_group(key, value):
     def apply(opt, victim, ctx):
         opt.param_groups[1][key] = value
+
     return apply
 
 
@@ -593,10 +620,12 @@ def invalid_case(draw):
 def snapshot(opt):
     """Bits of every parameter and state tensor, other state values, and the groups."""
     params = [p for g in opt.param_groups for p in g["params"]]
-    state = {id(p): {k: ((x.dtype, tuple(x.shape), bits(x)) if isinstance(x, torch.Tensor) else x) for k, x in st_.items()}
-             for p, st_ in opt.state.items() if st_}
-    groups = [([id(p) for p in g["params"]], repr({k: x for k, x in g.items() if k != "params"}))
-              for g in opt.param_groups]
+    state = {
+        id(p): {k: ((x.dtype, tuple(x.shape), bits(x)) if isinstance(x, torch.Tensor) else x) for k, x in st_.items()}
+        for p, st_ in opt.state.items()
+        if st_
+    }
+    groups = [([id(p) for p in g["params"]], repr({k: x for k, x in g.items() if k != "params"})) for g in opt.param_groups]
     return [(p, bits(p)) for p in params], state, groups, list(opt._kernel_calls)
 
 
@@ -611,11 +640,14 @@ def assert_unchanged(opt, snap):
         for k, x in st_.items():
             y = now[pid][k]
             if isinstance(y, torch.Tensor):
-                assert (y.dtype, tuple(y.shape)) == x[:2] and torch.equal(bits(y), x[2]), f"state {k!r} was modified by a failing call"
+                assert (y.dtype, tuple(y.shape)) == x[:2] and torch.equal(bits(y), x[2]), (
+                    f"state {k!r} was modified by a failing call"
+                )
             else:
                 assert y == x, f"state {k!r} was modified by a failing call"
-    assert [([id(p) for p in g["params"]], repr({k: x for k, x in g.items() if k != "params"}))
-            for g in opt.param_groups] == groups
+    assert [
+        ([id(p) for p in g["params"]], repr({k: x for k, x in g.items() if k != "params"})) for g in opt.param_groups
+    ] == groups
     assert list(opt._kernel_calls) == calls, "a kernel ran during a failing call"
 
 
@@ -669,6 +701,7 @@ def _two_groups_stepped_once():
 def _set_state(key, make):
     def apply(opt, v):
         opt.state[v][key] = make(opt.state[v])
+
     return apply
 
 

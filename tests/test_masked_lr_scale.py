@@ -67,8 +67,9 @@ def test_masked_weights_travel_r_times_faster():
     for r in (1.0, 4.0):
         torch.manual_seed(5)
         p = torch.nn.Parameter(torch.randn(32, 64))
-        opt = cast_rs.AdamS([p], pattern="2:4", lr=1e-3, betas=(0.9, 0.99), l1_decay=1.0, total_steps=1,
-                            mask_interval=1000, masked_lr_scale=r)
+        opt = cast_rs.AdamS(
+            [p], pattern="2:4", lr=1e-3, betas=(0.9, 0.99), l1_decay=1.0, total_steps=1, mask_interval=1000, masked_lr_scale=r
+        )
         start = p.detach().clone()
         for s in range(10):
             p.grad = grads_for([p], s)[0] * 1e-3  # far below λ = 1: the decay dominates
@@ -98,9 +99,24 @@ def test_operator_takes_it():
     mu, v = torch.zeros_like(p2), torch.zeros_like(p2)
     bits = torch.zeros((p2.numel() + 7) // 8, dtype=torch.uint8)
     step = torch.zeros(())
-    torch.ops.cast_rs.adams_step_([p2], [g.clone()], [mu], [v], [bits], [2, 4, -1], [step], lr=1e-2, beta1=0.9,
-                                  beta2=0.999, eps=1e-8, weight_decay=0.0, l1_decay=0.1, total_steps=4.0,
-                                  mask_interval=10, masked_lr_scale=2.0)
+    torch.ops.cast_rs.adams_step_(
+        [p2],
+        [g.clone()],
+        [mu],
+        [v],
+        [bits],
+        [2, 4, -1],
+        [step],
+        lr=1e-2,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        l1_decay=0.1,
+        total_steps=4.0,
+        mask_interval=10,
+        masked_lr_scale=2.0,
+    )
     assert torch.equal(p1.detach(), p2)
     assert torch.equal(opt.state[p1]["mask"], bits)
 
@@ -112,8 +128,7 @@ def test_validation_names_it_and_changes_nothing(bad):
         cast_rs.AdamS(p, pattern="2:4", total_steps=10, masked_lr_scale=bad)
     opt = cast_rs.AdamS(p, pattern="2:4", total_steps=10)
     run(opt, p, 1)
-    before = (p[0].detach().clone(), {k: (v.clone() if isinstance(v, torch.Tensor) else v)
-                                      for k, v in opt.state[p[0]].items()})
+    before = (p[0].detach().clone(), {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p[0]].items()})
     opt.param_groups[0]["masked_lr_scale"] = bad
     p[0].grad = torch.ones_like(p[0])
     with pytest.raises((ValueError, TypeError), match="masked_lr_scale"):
@@ -127,6 +142,7 @@ def test_validation_names_it_and_changes_nothing(bad):
 def test_state_dict_without_it_loads_as_the_paper_update():
     """A state_dict saved before the option existed has no ``masked_lr_scale`` in its groups:
     it loads and steps as r = 1."""
+
     def make():
         torch.manual_seed(7)
         ps = make_params([(16, 32)])

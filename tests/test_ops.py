@@ -97,8 +97,9 @@ def test_adams_step_operator_equals_the_direct_route_and_the_reference(kernel_pa
     ps, gs, mus, vs = c[0][:2], c[1][:2], c[2][:2], c[3][:2]
     masks = [None, None]
     for s in range(1, 4):
-        foreach_adams_step(ps, gs, mus, vs, masks, s, lr=KW["lr"], eps=KW["eps"], l1_decay=KW["l1_decay"],
-                           total_steps=10, mask_interval=1)
+        foreach_adams_step(
+            ps, gs, mus, vs, masks, s, lr=KW["lr"], eps=KW["eps"], l1_decay=KW["l1_decay"], total_steps=10, mask_interval=1
+        )
     for x, y in zip(ps, a[0][:2]):
         # Three steps of updates of size <= lr: float32 rounding of a few ulps per step.
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
@@ -127,14 +128,20 @@ BAD_CALLS = {
     "not_divisible": (lambda x: ("nm_mask_packed", (x, 2, 5)), lambda x: ops.nm_mask_packed(x, 2, 5)),
     "bad_dim": (lambda x: ("nm_mask_tensor", (x.reshape(2, 4, 6), 2, 4, 1)), lambda x: ops.nm_mask(x.reshape(2, 4, 6), 2, 4, 1)),
     "int_tensor": (lambda x: ("nm_mask_tensor", (x.long(), 2, 4)), lambda x: ops.nm_mask(x.long(), 2, 4)),
-    "unpack_wrong_len": (lambda x: ("unpack_mask", (torch.zeros(3, dtype=torch.uint8), [4, 8])),
-                         lambda x: ops.unpack_mask(torch.zeros(3, dtype=torch.uint8), [4, 8])),
+    "unpack_wrong_len": (
+        lambda x: ("unpack_mask", (torch.zeros(3, dtype=torch.uint8), [4, 8])),
+        lambda x: ops.unpack_mask(torch.zeros(3, dtype=torch.uint8), [4, 8]),
+    ),
     "scale_shape": (lambda x: ("scale_forward", (x, torch.ones(4, 3), 2)), lambda x: ops.scale_forward(x, torch.ones(4, 3), 2)),
-    "scale_dtype": (lambda x: ("scale_forward", (x, torch.ones(4, 2, dtype=torch.float64), 2)),
-                    lambda x: ops.scale_forward(x, torch.ones(4, 2, dtype=torch.float64), 2)),
+    "scale_dtype": (
+        lambda x: ("scale_forward", (x, torch.ones(4, 2, dtype=torch.float64), 2)),
+        lambda x: ops.scale_forward(x, torch.ones(4, 2, dtype=torch.float64), 2),
+    ),
     "scale_groups": (lambda x: ("scale_forward", (x, torch.ones(4, 5), 5)), lambda x: ops.scale_forward(x, torch.ones(4, 5), 5)),
-    "grad_shape": (lambda x: ("scale_backward", (x[:2], x, torch.ones(4, 2), 2)),
-                   lambda x: ops.scale_backward(x[:2], x, torch.ones(4, 2), 2)),
+    "grad_shape": (
+        lambda x: ("scale_backward", (x[:2], x, torch.ones(4, 2), 2)),
+        lambda x: ops.scale_backward(x[:2], x, torch.ones(4, 2), 2),
+    ),
 }
 
 
@@ -183,8 +190,10 @@ def test_adams_names_both_parameters_when_their_state_shares_memory():
     before = (a.detach().clone(), b.detach().clone())
     with pytest.raises(ValueError) as e:
         opt.step()
-    assert str(e.value) == ("param_groups[0]['params'][1] state 'exp_avg': shares memory with "
-                            "param_groups[0]['params'][0] state 'exp_avg'; each buffer must be its own tensor")
+    assert str(e.value) == (
+        "param_groups[0]['params'][1] state 'exp_avg': shares memory with "
+        "param_groups[0]['params'][0] state 'exp_avg'; each buffer must be its own tensor"
+    )
     assert torch.equal(a, before[0]) and torch.equal(b, before[1])
 
 
@@ -201,8 +210,12 @@ def test_opcheck_schemas_fakes_and_autograd():
     g = torch.randn(8, 16)
     torch.library.opcheck(ops.scale_backward.default, (g, w.detach(), a.detach(), 4, -1, False))
     p, gr, mu, v, masks, steps = _step_inputs(3)
-    torch.library.opcheck(ops.adams_step_.default, (p, gr, mu, v, masks, [2, 4, -1, 2, 4, -1, 0, 0, 0], steps),
-                          dict(KW), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        ops.adams_step_.default,
+        (p, gr, mu, v, masks, [2, 4, -1, 2, 4, -1, 0, 0, 0], steps),
+        dict(KW),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def test_fake_tensors_give_shapes_without_data():

@@ -1,6 +1,5 @@
 """AdamS against the plain-PyTorch reference and torch.optim.AdamW, on both kernel paths."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -61,8 +60,7 @@ def test_sparse_matches_reference_over_50_steps(kernel_path, shapes, pattern):
     assert (generic == 0) if kernel_path == "fast" else (fast == 0)
 
 
-@pytest.mark.parametrize("l1_mode, ramp_end, l1_decay", [("absolute", 0.5, 2e-2), ("relative", 1.0, 1.0),
-                                                          ("relative", 0.3, 4.0)])
+@pytest.mark.parametrize("l1_mode, ramp_end, l1_decay", [("absolute", 0.5, 2e-2), ("relative", 1.0, 1.0), ("relative", 0.3, 4.0)])
 def test_ramp_end_and_relative_l1_match_reference(kernel_path, l1_mode, ramp_end, l1_decay):
     """ramp_end shortens the α ramp; l1_mode="relative" makes λ = l1_decay × RMS(μ̂) of each
     tensor, measured at every refresh; both as the reference computes them."""
@@ -91,8 +89,17 @@ def test_relative_l1_is_scale_free():
         params = make_params([(32, 64)])
         torch.manual_seed(0)
         params[0].data.copy_(torch.randn(32, 64))
-        opt = cast_rs.AdamS(params, pattern="2:4", lr=1e-2, betas=(0.9, 0.99), eps=0.0, l1_decay=2.0,
-                            total_steps=30, mask_interval=5, l1_mode="relative")
+        opt = cast_rs.AdamS(
+            params,
+            pattern="2:4",
+            lr=1e-2,
+            betas=(0.9, 0.99),
+            eps=0.0,
+            l1_decay=2.0,
+            total_steps=30,
+            mask_interval=5,
+            l1_mode="relative",
+        )
         for s in range(30):
             params[0].grad = grads_for(params, s)[0] * c
             opt.step()
@@ -119,8 +126,9 @@ def test_relative_l1_resumes_bit_identically(kernel_path):
         ps = make_params([(16, 32)])
         torch.manual_seed(3)
         ps[0].data.copy_(torch.randn(16, 32))
-        return ps, cast_rs.AdamS(ps, pattern="2:4", l1_mode="relative", l1_decay=1.0, ramp_end=0.5, **{
-            k: v for k, v in HP.items() if k != "l1_decay"})
+        return ps, cast_rs.AdamS(
+            ps, pattern="2:4", l1_mode="relative", l1_decay=1.0, ramp_end=0.5, **{k: v for k, v in HP.items() if k != "l1_decay"}
+        )
 
     a, oa = make()
     run(oa, a, 30)
@@ -376,9 +384,17 @@ def test_numpy_scalar_hyperparameters(kernel_path):
             opt.step()
         return w.detach(), opt
 
-    np_kw = dict(lr=np.float32(1e-2), betas=(np.float32(0.9), np.float64(0.99)), eps=np.float64(1e-8),
-                 weight_decay=np.float32(0.0), l1_decay=np.float32(0.5), total_steps=np.int64(5),
-                 mask_interval=np.int32(2), ramp_end=np.float64(0.5), pattern=(np.int64(2), np.int64(4)))
+    np_kw = dict(
+        lr=np.float32(1e-2),
+        betas=(np.float32(0.9), np.float64(0.99)),
+        eps=np.float64(1e-8),
+        weight_decay=np.float32(0.0),
+        l1_decay=np.float32(0.5),
+        total_steps=np.int64(5),
+        mask_interval=np.int32(2),
+        ramp_end=np.float64(0.5),
+        pattern=(np.int64(2), np.int64(4)),
+    )
     py_kw = {k: tuple(x.item() for x in v) if isinstance(v, tuple) else v.item() for k, v in np_kw.items()}
     got, opt = run(**np_kw)
     want, _ = run(**py_kw)
@@ -388,7 +404,11 @@ def test_numpy_scalar_hyperparameters(kernel_path):
         assert type(group[key]) is float, key
     assert type(group["total_steps"]) is int and type(group["mask_interval"]) is int
     assert [type(b) for b in group["betas"]] == [float, float] and group["pattern"] == "2:4"
-    for bad, key in ((dict(total_steps=np.float64(5.0)), "total_steps"), (dict(mask_interval=np.bool_(True)), "mask_interval"),
-                     (dict(lr=np.float32("nan")), "lr"), (dict(l1_decay=np.float64(-1.0)), "l1_decay")):
+    for bad, key in (
+        (dict(total_steps=np.float64(5.0)), "total_steps"),
+        (dict(mask_interval=np.bool_(True)), "mask_interval"),
+        (dict(lr=np.float32("nan")), "lr"),
+        (dict(l1_decay=np.float64(-1.0)), "l1_decay"),
+    ):
         with pytest.raises(ValueError, match=key):
             cast_rs.AdamS([torch.nn.Parameter(w0.clone())], pattern="2:4", **dict(dict(total_steps=5), **bad))

@@ -69,8 +69,7 @@ def test_sparse_groups_equal_the_float32_reference_rounded_once(dtype, pattern, 
     init = [p.detach().clone() for p in params]
     hp = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.02, l1_decay=2e-2)
     total, interval, steps = 40, 7, 50  # α reaches 1 at 40; masks refresh at 1, 8, 15, ...
-    opt = cast_rs.AdamS(params, pattern=pattern, total_steps=total, mask_interval=interval,
-                        masked_lr_scale=masked_lr_scale, **hp)
+    opt = cast_rs.AdamS(params, pattern=pattern, total_steps=total, mask_interval=interval, masked_lr_scale=masked_lr_scale, **hp)
     mus = [torch.zeros_like(t) for t in twins]
     vs = [torch.zeros_like(t) for t in twins]
     masks = [None] * len(twins)
@@ -82,9 +81,21 @@ def test_sparse_groups_equal_the_float32_reference_rounded_once(dtype, pattern, 
         for i, t in enumerate(twins):
             if (s - 1) % interval == 0:
                 masks[i] = ref_nm_mask(t, n, m, -1)
-            ref_adams_lowp_step(t, grads[i], mus[i], vs[i], masks[i], s, lr=hp["lr"], betas=hp["betas"],
-                                eps=hp["eps"], weight_decay=hp["weight_decay"], l1_decay=hp["l1_decay"],
-                                alpha=alpha, masked_lr_scale=masked_lr_scale)
+            ref_adams_lowp_step(
+                t,
+                grads[i],
+                mus[i],
+                vs[i],
+                masks[i],
+                s,
+                lr=hp["lr"],
+                betas=hp["betas"],
+                eps=hp["eps"],
+                weight_decay=hp["weight_decay"],
+                l1_decay=hp["l1_decay"],
+                alpha=alpha,
+                masked_lr_scale=masked_lr_scale,
+            )
     for i, (p, t) in enumerate(zip(params, twins)):
         st = opt.state[p]
         assert torch.equal(cast_rs.unpack_mask(st["mask"], p.shape), masks[i]), f"mask {i}"

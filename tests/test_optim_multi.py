@@ -48,9 +48,17 @@ def test_cache_equals_no_cache_bit_for_bit():
     vs = [torch.zeros_like(t) for t in twins]
     masks = [torch.zeros((t.numel() + 7) // 8, dtype=torch.uint8) for t in twins[:2]] + [None]
     steps = [torch.tensor(0.0) for _ in twins]
-    kw = dict(lr=HP["lr"], beta1=HP["betas"][0], beta2=HP["betas"][1], eps=HP["eps"], weight_decay=0.0,
-              l1_decay=HP["l1_decay"], total_steps=float(HP["total_steps"]), mask_interval=HP["mask_interval"],
-              force_generic=True)
+    kw = dict(
+        lr=HP["lr"],
+        beta1=HP["betas"][0],
+        beta2=HP["betas"][1],
+        eps=HP["eps"],
+        weight_decay=0.0,
+        l1_decay=HP["l1_decay"],
+        total_steps=float(HP["total_steps"]),
+        mask_interval=HP["mask_interval"],
+        force_generic=True,
+    )
     with cast_rs.force_generic_path():
         for s in range(25):
             grads = grads_for(params, s)
@@ -147,8 +155,7 @@ def test_aten_ops_per_step_do_not_grow_with_parameters(weight_decay):
     counts = []
     for k in (5, 40):
         ps = make_params([(16, 16)] * k)
-        opt = cast_rs.AdamS(ps, pattern="2:4", weight_decay=weight_decay,
-                            **{**HP, "mask_interval": 1000, "total_steps": 1000})
+        opt = cast_rs.AdamS(ps, pattern="2:4", weight_decay=weight_decay, **{**HP, "mask_interval": 1000, "total_steps": 1000})
         with cast_rs.force_generic_path():
             run(opt, ps, 2)  # the first step refreshes (and fills the cache)
             for p in ps:
@@ -163,13 +170,18 @@ def test_strided_and_contiguous_tensors_in_one_call():
     """A transposed (non-contiguous) weight takes the `_foreach_*` route and a contiguous one
     the `_fused_adamw_` route of the same call; sparse and dense on each."""
     base = [torch.randn(32, 16), torch.randn(16, 32), torch.randn(8, 16), torch.randn(16, 8)]
-    ps = [torch.nn.Parameter(base[0].t()), torch.nn.Parameter(base[1]), torch.nn.Parameter(base[2].t()),
-          torch.nn.Parameter(base[3])]
+    ps = [
+        torch.nn.Parameter(base[0].t()),
+        torch.nn.Parameter(base[1]),
+        torch.nn.Parameter(base[2].t()),
+        torch.nn.Parameter(base[3]),
+    ]
     assert not ps[0].is_contiguous() and not ps[2].is_contiguous()
     opt = cast_rs.AdamS([{"params": ps[:2], "pattern": "2:4"}, {"params": ps[2:], "weight_decay": 0.05}], **HP)
     twins = [torch.nn.Parameter(p.detach().contiguous().clone()) for p in ps]
-    ref = RefAdamS([{"params": twins[:2]}, {"params": twins[2:], "weight_decay": 0.05}],
-                   {twins[0]: (2, 4, -1), twins[1]: (2, 4, -1)}, **HP)
+    ref = RefAdamS(
+        [{"params": twins[:2]}, {"params": twins[2:], "weight_decay": 0.05}], {twins[0]: (2, 4, -1), twins[1]: (2, 4, -1)}, **HP
+    )
     with cast_rs.force_generic_path():
         run(opt, ps, 30)
     run(ref, twins, 30)

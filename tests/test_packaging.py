@@ -101,15 +101,19 @@ def test_the_lock_swap_is_undone_after_the_build(tmp_path, monkeypatch):
 def test_the_wheel_requires_the_torch_minor_it_was_built_for(tmp_path):
     backend = load_backend()
     wheel = tmp_path / "cast_rs-0.1.0-cp311-cp311-linux_x86_64.whl"
-    metadata = ("Metadata-Version: 2.4\nName: cast-rs\nVersion: 0.1.0\n"
-                "Requires-Dist: torch>=2.13,<2.14\nRequires-Dist: numpy>=1.24\n"
-                "Requires-Dist: pytest>=7 ; extra == 'test'\n").encode()
+    metadata = (
+        "Metadata-Version: 2.4\nName: cast-rs\nVersion: 0.1.0\n"
+        "Requires-Dist: torch>=2.13,<2.14\nRequires-Dist: numpy>=1.24\n"
+        "Requires-Dist: pytest>=7 ; extra == 'test'\n"
+    ).encode()
     module = b"print('hi')\n"
     info = b"TORCH_VERSION = '2.13.0'\n"
-    record = (f"cast_rs/__init__.py,{backend._record_hash(module)},{len(module)}\n"
-              f"cast_rs/_build_info.py,{backend._record_hash(info)},{len(info)}\n"
-              f"cast_rs-0.1.0.dist-info/METADATA,{backend._record_hash(metadata)},{len(metadata)}\n"
-              "cast_rs-0.1.0.dist-info/RECORD,,\n")
+    record = (
+        f"cast_rs/__init__.py,{backend._record_hash(module)},{len(module)}\n"
+        f"cast_rs/_build_info.py,{backend._record_hash(info)},{len(info)}\n"
+        f"cast_rs-0.1.0.dist-info/METADATA,{backend._record_hash(metadata)},{len(metadata)}\n"
+        "cast_rs-0.1.0.dist-info/RECORD,,\n"
+    )
     with zipfile.ZipFile(wheel, "w") as z:
         z.writestr("cast_rs/__init__.py", module)
         z.writestr("cast_rs/_build_info.py", info)
@@ -125,8 +129,11 @@ def test_the_wheel_requires_the_torch_minor_it_was_built_for(tmp_path):
     exec(new_info.decode(), namespace)
     assert namespace["TORCH_VERSION"] == "2.11.0"
     requires = [line for line in new_metadata.decode().splitlines() if line.startswith("Requires-Dist")]
-    assert requires == ["Requires-Dist: torch>=2.11.0,<2.12", "Requires-Dist: numpy>=1.24",
-                        "Requires-Dist: pytest>=7 ; extra == 'test'"]
+    assert requires == [
+        "Requires-Dist: torch>=2.11.0,<2.12",
+        "Requires-Dist: numpy>=1.24",
+        "Requires-Dist: pytest>=7 ; extra == 'test'",
+    ]
     # RECORD's hash and size of METADATA match the new file (pip verifies them on install).
     for name, data in (("cast_rs-0.1.0.dist-info/METADATA", new_metadata), ("cast_rs/_build_info.py", new_info)):
         digest = "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
@@ -137,9 +144,14 @@ def test_the_wheel_requires_the_torch_minor_it_was_built_for(tmp_path):
 def test_a_wheel_for_another_torch_builds_from_a_staging_copy_not_the_checkout(tmp_path, monkeypatch):
     backend = load_backend()
     tree = tmp_path / "tree"
-    for rel, text in {"Cargo.lock": "default\n", "src/lib.rs": "// rust\n", "python/cast_rs/x.py": "x = 1\n",
-                      "target/release/big": "build product\n", ".venv/bin/python": "venv\n",
-                      "python/cast_rs/_cast_rs.so": "extension\n"}.items():
+    for rel, text in {
+        "Cargo.lock": "default\n",
+        "src/lib.rs": "// rust\n",
+        "python/cast_rs/x.py": "x = 1\n",
+        "target/release/big": "build product\n",
+        ".venv/bin/python": "venv\n",
+        "python/cast_rs/_cast_rs.so": "extension\n",
+    }.items():
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
         (tree / rel).write_text(text)
     lock = tmp_path / "torch-2.11.Cargo.lock"

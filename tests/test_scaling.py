@@ -14,7 +14,9 @@ def ref_scale(w, a, groups, dim):
     return w * a.t().repeat_interleave(w.shape[0] // groups, dim=0)
 
 
-@pytest.mark.parametrize("dim,shape,groups", [(-1, (6, 16), 2), (-1, (5, 12), 3), (0, (16, 6), 2), (0, (12, 7), 4), (-1, (300, 512), 2)])
+@pytest.mark.parametrize(
+    "dim,shape,groups", [(-1, (6, 16), 2), (-1, (5, 12), 3), (0, (16, 6), 2), (0, (12, 7), 4), (-1, (300, 512), 2)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_forward_backward_match_reference(kernel_path, dim, shape, groups, dtype):
     w = torch.randn(shape, dtype=dtype, requires_grad=True)

@@ -130,8 +130,9 @@ def test_sparsegpt_prune_errors_leave_the_model_unchanged():
 
 
 @pytest.mark.parametrize("score", ["magnitude", "wanda", "sparsegpt"])
-@pytest.mark.parametrize("make_opt", [lambda p: torch.optim.AdamW(p, lr=1e-2),
-                                      lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, weight_decay=1e-2)])
+@pytest.mark.parametrize(
+    "make_opt", [lambda p: torch.optim.AdamW(p, lr=1e-2), lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, weight_decay=1e-2)]
+)
 def test_fixed_mask_holds_the_one_shot_support_through_training(score, make_opt):
     torch.manual_seed(0)
     model = Tiny()
@@ -200,8 +201,15 @@ def test_output_head_stays_dense_by_default():
 
 def test_output_head_of_a_hugging_face_llama_is_its_lm_head():
     transformers = pytest.importorskip("transformers", reason="needs transformers (a test dependency)")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     model = transformers.LlamaForCausalLM(cfg)
     assert cast_rs.layers.output_heads(model) == ["lm_head"]
     sparse = cast_rs.sparsify(model, "2:4")

@@ -17,8 +17,8 @@ class TinyLM(nn.Module):
         self.emb = nn.Embedding(vocab, width)
         self.fc1 = nn.Linear(width, 32)
         self.fc2 = nn.Linear(32, width)
-        self.odd = nn.Linear(width, 6)   # kept: input 16 divides
-        self.odd_in = nn.Linear(6, 4)    # input 6: skipped
+        self.odd = nn.Linear(width, 6)  # kept: input 16 divides
+        self.odd_in = nn.Linear(6, 4)  # input 6: skipped
         self.head = nn.Linear(width, vocab, bias=False)
         self.head.weight = self.emb.weight  # tied
 
@@ -361,11 +361,14 @@ def test_suggest_lr_is_the_removed_weights_quantile_over_the_schedule_sum():
     floor = 2 * q99 / 200
     assert sparse.suggest_lr(400, dense_lr=1e3 * floor) == pytest.approx(500 * floor, rel=1e-6)
     assert sparse.suggest_lr(400, dense_lr=floor) == pytest.approx(floor, rel=1e-6)
-    for kwargs, param in (({"total_steps": 0}, "total_steps"), ({"total_steps": 2.5}, "total_steps"),
-                          ({"total_steps": 10, "quantile": 0.0}, "quantile"),
-                          ({"total_steps": 10, "schedule_sum": 1.5}, "schedule_sum"),
-                          ({"total_steps": 10, "dense_lr": 0.0}, "dense_lr"),
-                          ({"total_steps": 10, "dense_lr": float("nan")}, "dense_lr")):
+    for kwargs, param in (
+        ({"total_steps": 0}, "total_steps"),
+        ({"total_steps": 2.5}, "total_steps"),
+        ({"total_steps": 10, "quantile": 0.0}, "quantile"),
+        ({"total_steps": 10, "schedule_sum": 1.5}, "schedule_sum"),
+        ({"total_steps": 10, "dense_lr": 0.0}, "dense_lr"),
+        ({"total_steps": 10, "dense_lr": float("nan")}, "dense_lr"),
+    ):
         with pytest.raises(cast_rs.CastError, match=f"^{param}:"):
             sparse.suggest_lr(**kwargs)
     sparse.finalize()
@@ -403,15 +406,18 @@ def test_suggest_adams_halves_the_dense_lr_for_short_runs_and_speeds_up_only_the
     # schedule_sum / quantile reach the floor as in suggest_lr.
     hp_const = sparse.suggest_adams(short, dense_lr=dense_lr, schedule_sum=1.0, quantile=0.5)
     assert hp_const["lr"] * hp_const["masked_lr_scale"] == pytest.approx(
-        max(dense_lr / 2, sparse.suggest_lr(short, schedule_sum=1.0, quantile=0.5)), rel=1e-12)
+        max(dense_lr / 2, sparse.suggest_lr(short, schedule_sum=1.0, quantile=0.5)), rel=1e-12
+    )
     opt = cast_rs.AdamS(model.parameters(), total_steps=short, **hp)  # what it is for
     assert opt.param_groups[0]["masked_lr_scale"] == hp["masked_lr_scale"]
-    for kwargs, param in (({"total_steps": 0, "dense_lr": 1e-3}, "total_steps"),
-                          ({"total_steps": 10, "dense_lr": 0.0}, "dense_lr"),
-                          ({"total_steps": 10, "dense_lr": float("inf")}, "dense_lr"),
-                          ({"total_steps": 10, "dense_lr": None}, "dense_lr"),
-                          ({"total_steps": 10, "dense_lr": 1e-3, "quantile": 2}, "quantile"),
-                          ({"total_steps": 10, "dense_lr": 1e-3, "schedule_sum": 0}, "schedule_sum")):
+    for kwargs, param in (
+        ({"total_steps": 0, "dense_lr": 1e-3}, "total_steps"),
+        ({"total_steps": 10, "dense_lr": 0.0}, "dense_lr"),
+        ({"total_steps": 10, "dense_lr": float("inf")}, "dense_lr"),
+        ({"total_steps": 10, "dense_lr": None}, "dense_lr"),
+        ({"total_steps": 10, "dense_lr": 1e-3, "quantile": 2}, "quantile"),
+        ({"total_steps": 10, "dense_lr": 1e-3, "schedule_sum": 0}, "schedule_sum"),
+    ):
         with pytest.raises(cast_rs.CastError, match=f"^{param}:"):
             sparse.suggest_adams(**kwargs)
     with pytest.raises(TypeError):

@@ -74,5 +74,5 @@ def test_an_interrupted_study_run_resumes_bit_identically(spec, tmp_path, monkey
     assert not list(tmp_path.glob("run_*.ckpt"))
     # A different command does not pick up another run's checkpoint: the key includes the spec.
     assert study_tax._run_ckpt_path(whole, "tiny", 1e-3, 4, 0, 1 / 3) != study_tax._run_ckpt_path(
-        dict(whole, method=spec + ",eta=1"), "tiny", 1e-3, 4, 0, 1 / 3)
-
+        dict(whole, method=spec + ",eta=1"), "tiny", 1e-3, 4, 0, 1 / 3
+    )

@@ -51,8 +51,15 @@ def test_a_changed_record_changes_the_tables(report, tmp_path, monkeypatch, caps
     """The comparison above can fail: a record's perplexity moved by 1 % changes the tables."""
     lines = study_tax.SHIPPED_RECORDS.read_text().splitlines()
     rows = [json.loads(l) for l in lines]
-    i = next(k for k, r in enumerate(rows) if r["model"] == "small" and r["corpus"] == "stdlib"
-             and r["steps"] == 400 and r["method"] == "srste" and r.get("seed", 0) == 0)
+    i = next(
+        k
+        for k, r in enumerate(rows)
+        if r["model"] == "small"
+        and r["corpus"] == "stdlib"
+        and r["steps"] == 400
+        and r["method"] == "srste"
+        and r.get("seed", 0) == 0
+    )
     rows[i]["ppl"] *= 1.01
     (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     study_tax.cmd_report(None)

@@ -70,22 +70,33 @@ def _unpack_mask_fake(bits: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 
 @torch.library.register_fake("cast_rs::scale_forward")
-def _scale_forward_fake(weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: int = -1,
-                        force_generic: bool = False) -> torch.Tensor:
+def _scale_forward_fake(
+    weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: int = -1, force_generic: bool = False
+) -> torch.Tensor:
     return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
 
 
 @torch.library.register_fake("cast_rs::scale_backward")
-def _scale_backward_fake(grad: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: int = -1,
-                         force_generic: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    return (torch.empty(weight.shape, dtype=weight.dtype, device=weight.device),
-            torch.empty(scale.shape, dtype=scale.dtype, device=scale.device))
+def _scale_backward_fake(
+    grad: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: int = -1, force_generic: bool = False
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return (
+        torch.empty(weight.shape, dtype=weight.dtype, device=weight.device),
+        torch.empty(scale.shape, dtype=scale.dtype, device=scale.device),
+    )
 
 
 @torch.library.register_fake("cast_rs::adams_step_")
-def _adams_step_fake(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[torch.Tensor],
-                     exp_avg_sqs: List[torch.Tensor], masks: List[Optional[torch.Tensor]], patterns: List[int],
-                     steps: List[torch.Tensor], **scalars: Any) -> torch.Tensor:
+def _adams_step_fake(
+    params: List[torch.Tensor],
+    grads: List[torch.Tensor],
+    exp_avgs: List[torch.Tensor],
+    exp_avg_sqs: List[torch.Tensor],
+    masks: List[Optional[torch.Tensor]],
+    patterns: List[int],
+    steps: List[torch.Tensor],
+    **scalars: Any,
+) -> torch.Tensor:
     return torch.empty((len(params),), dtype=torch.int64)
 
 
@@ -108,8 +119,10 @@ def layout_sizes(out_features: int, in_features: int, n: int, m: int) -> Tuple[i
 @torch.library.register_fake("cast_rs::nm_compress")
 def _nm_compress_fake(weight: torch.Tensor, n: int, m: int) -> Tuple[torch.Tensor, torch.Tensor]:
     values_len, index_len = layout_sizes(weight.shape[0], weight.shape[1], n, m)
-    return (torch.empty((values_len,), dtype=weight.dtype, device=weight.device),
-            torch.empty((index_len,), dtype=torch.int32, device=weight.device))
+    return (
+        torch.empty((values_len,), dtype=weight.dtype, device=weight.device),
+        torch.empty((index_len,), dtype=torch.int32, device=weight.device),
+    )
 
 
 @torch.library.register_fake("cast_rs::nm_decompress")
@@ -118,8 +131,16 @@ def _nm_decompress_fake(values: torch.Tensor, index: torch.Tensor, rows: int, co
 
 
 @torch.library.register_fake("cast_rs::nm_linear")
-def _nm_linear_fake(input: torch.Tensor, values: torch.Tensor, index: torch.Tensor, bias: Optional[torch.Tensor],
-                    rows: int, cols: int, n: int, m: int) -> torch.Tensor:
+def _nm_linear_fake(
+    input: torch.Tensor,
+    values: torch.Tensor,
+    index: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    rows: int,
+    cols: int,
+    n: int,
+    m: int,
+) -> torch.Tensor:
     if input.shape[-1] != cols:
         raise ValueError(f"input: expected a last dimension of {cols} (in_features), got shape {tuple(input.shape)}")
     return input.new_empty((*input.shape[:-1], rows))

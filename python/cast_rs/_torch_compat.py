@@ -18,12 +18,14 @@ def _minor(version: str) -> tuple[int, int]:
 
 def _advice(built: str, installed: str) -> str:
     major, minor = _minor(built)
-    return (f"Either install the torch it was built for (pip install 'torch>={major}.{minor},<{major}.{minor + 1}'), "
-            f"or rebuild cast-rs against torch {installed}: from a checkout, "
-            "`pip install --no-build-isolation .`; from PyPI, "
-            "`pip install --no-build-isolation --no-binary cast-rs --force-reinstall --no-deps cast-rs` "
-            "(needs a Rust toolchain; see the README's Install section for the torch versions a "
-            "source build supports).")
+    return (
+        f"Either install the torch it was built for (pip install 'torch>={major}.{minor},<{major}.{minor + 1}'), "
+        f"or rebuild cast-rs against torch {installed}: from a checkout, "
+        "`pip install --no-build-isolation .`; from PyPI, "
+        "`pip install --no-build-isolation --no-binary cast-rs --force-reinstall --no-deps cast-rs` "
+        "(needs a Rust toolchain; see the README's Install section for the torch versions a "
+        "source build supports)."
+    )
 
 
 def check_torch(installed: str, built: Optional[str]) -> None:
@@ -34,8 +36,8 @@ def check_torch(installed: str, built: Optional[str]) -> None:
         return
     if _minor(installed) != _minor(built):
         raise ImportError(
-            f"cast-rs was built for torch {built}, but torch {installed} is installed. "
-            + _advice(built, installed))
+            f"cast-rs was built for torch {built}, but torch {installed} is installed. " + _advice(built, installed)
+        )
 
 
 def built_torch_version() -> Optional[str]:
@@ -54,4 +56,5 @@ def load_error(error: ImportError, installed: str) -> ImportError:
     built = built_torch_version()
     return ImportError(
         f"cast-rs's extension does not load under torch {installed} ({error}); it was built "
-        f"for torch {built or 'another torch version'}. " + _advice(built or installed, installed))
+        f"for torch {built or 'another torch version'}. " + _advice(built or installed, installed)
+    )

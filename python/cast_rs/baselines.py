@@ -39,8 +39,9 @@ __all__ = ["magnitude_prune", "wanda_prune", "sparsegpt_prune", "sparsegpt_nm", 
 
 
 @torch.no_grad()
-def magnitude_prune(model: nn.Module, pattern: Pattern = "2:4", *, include: Rules = None, exclude: Rules = None,
-                    include_head: bool = False) -> List[str]:
+def magnitude_prune(
+    model: nn.Module, pattern: Pattern = "2:4", *, include: Rules = None, exclude: Rules = None, include_head: bool = False
+) -> List[str]:
     """One-shot magnitude N:M pruning in place. Returns the pruned layer names."""
     n, m = parse_pattern(pattern)
     picked, _ = find_layers(model, (n, m), include=include, exclude=exclude, include_head=include_head)
@@ -139,8 +140,16 @@ class SRSTE:
     ``model.parameters()``; call :meth:`finalize` to leave exact N:M plain weights.
     """
 
-    def __init__(self, model: nn.Module, pattern: Pattern = "2:4", *, decay: float = 2e-4,
-                 include: Rules = None, exclude: Rules = None, include_head: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        pattern: Pattern = "2:4",
+        *,
+        decay: float = 2e-4,
+        include: Rules = None,
+        exclude: Rules = None,
+        include_head: bool = False,
+    ) -> None:
         if not decay >= 0:
             raise ValueError(f"decay: expected a value >= 0, got {decay}")
         self.model = model
@@ -197,8 +206,9 @@ def sparsegpt_nm(
     """
     n, m = parse_pattern(pattern)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(f"weight: expected a 2-D floating-point [rows, columns] tensor, got "
-                         f"{getattr(weight, 'shape', type(weight).__name__)}")
+        raise ValueError(
+            f"weight: expected a 2-D floating-point [rows, columns] tensor, got {getattr(weight, 'shape', type(weight).__name__)}"
+        )
     rows, cols = weight.shape
     if cols % m:
         raise ValueError(f"weight: expected a column count divisible by M={m}, got {cols}")
@@ -217,8 +227,10 @@ def sparsegpt_nm(
     h.diagonal().add_(percdamp * torch.diagonal(h).mean())
     chol, info = torch.linalg.cholesky_ex(h)
     if int(info) != 0 or not bool(torch.isfinite(h).all()):
-        raise ValueError("hessian: not positive definite after dampening (non-finite or degenerate "
-                         "calibration inputs?); raise percdamp or check the calibration data")
+        raise ValueError(
+            "hessian: not positive definite after dampening (non-finite or degenerate "
+            "calibration inputs?); raise percdamp or check the calibration data"
+        )
     u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
     cut = m - n
@@ -231,9 +243,9 @@ def sparsegpt_nm(
         d1 = torch.diagonal(u1)
         for i in range(i2 - i1):
             if i % m == 0:
-                saliency = w1[:, i:i + m].square() / d1[i:i + m].square().unsqueeze(0)
+                saliency = w1[:, i : i + m].square() / d1[i : i + m].square().unsqueeze(0)
                 drop = torch.topk(saliency, cut, dim=1, largest=False).indices
-                pruned[:, i1 + i:i1 + i + m].scatter_(1, drop, True)
+                pruned[:, i1 + i : i1 + i + m].scatter_(1, drop, True)
             w = w1[:, i]
             q = w.masked_fill(pruned[:, i1 + i], 0)
             q1[:, i] = q
@@ -245,8 +257,9 @@ def sparsegpt_nm(
     return w_all.to(weight.dtype), ~pruned
 
 
-def _input_sums(model: nn.Module, layers: List[Tuple[str, nn.Module, int]], batches: List[Any],
-                run: Callable[[nn.Module, Any], Any]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+def _input_sums(
+    model: nn.Module, layers: List[Tuple[str, nn.Module, int]], batches: List[Any], run: Callable[[nn.Module, Any], Any]
+) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """``Σ x·xᵀ / tokens`` of each layer's inputs over the calibration batches (float64), and
     the order in which the layers first ran."""
     acc: Dict[str, torch.Tensor] = {}
@@ -313,8 +326,7 @@ def sparsegpt_prune(
     if not batches:
         raise ValueError("calibration: expected at least one batch")
     run = forward or (lambda mdl, b: mdl(b))
-    layers = {name: (mod, dim, mod.weight.shape[-1] if dim == -1 else mod.weight.shape[0])
-              for name, mod, _, dim in picked}
+    layers = {name: (mod, dim, mod.weight.shape[-1] if dim == -1 else mod.weight.shape[0]) for name, mod, _, dim in picked}
     todo = [(name, mod, in_dim) for name, (mod, _, in_dim) in layers.items()]
     hess, order = _input_sums(model, todo, batches, run)
     missing = [name for name in layers if name not in hess]

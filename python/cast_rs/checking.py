@@ -50,7 +50,7 @@ class NMReport(Table):
 
 def count_violations(w: torch.Tensor, n: int, m: int, dim: int) -> Tuple[int, int]:
     """``(groups with more than n nonzeros, groups)`` of ``w``, groups of m along ``dim``."""
-    nz = (w.detach() != 0)
+    nz = w.detach() != 0
     if dim == -1:
         per_group = nz.reshape(-1, m).sum(-1)
     else:

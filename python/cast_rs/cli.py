@@ -33,7 +33,7 @@ def _plot_formats() -> Optional[List[str]]:
     return sorted(FigureCanvasBase.get_supported_filetypes())
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:  # noqa: C901 (a flat list of independent checks)
     """Every value and output path, checked before any work starts (``parser.error``: a
     message and exit status 2)."""
     for key in ("steps", "pretrain_steps", "batch"):
@@ -76,35 +76,62 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error("--plot needs matplotlib, which is not installed (pip install matplotlib)")
         suffix = p.suffix[1:].lower()
         if suffix and suffix not in formats:
-            parser.error(f"--plot {plot}: matplotlib cannot write '.{suffix}' files; use one of: "
-                         + ", ".join("." + f for f in formats))
+            parser.error(
+                f"--plot {plot}: matplotlib cannot write '.{suffix}' files; use one of: " + ", ".join("." + f for f in formats)
+            )
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="cast-rs", description="CAST N:M sparse training for PyTorch, with a Rust core.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="CAST 2:4 vs baselines on a small byte-level GPT trained on real text (about 7 minutes on 2 cores)")
-    demo.add_argument("--quick", action="store_true", help="small model and few steps (about a minute on 2 cores; used by the tests)")
-    demo.add_argument("--data", nargs="+", metavar="PATH", help="your own text files or folders instead of the Python standard library sources")
+    demo = sub.add_parser(
+        "demo", help="CAST 2:4 vs baselines on a small byte-level GPT trained on real text (about 7 minutes on 2 cores)"
+    )
+    demo.add_argument(
+        "--quick", action="store_true", help="small model and few steps (about a minute on 2 cores; used by the tests)"
+    )
+    demo.add_argument(
+        "--data", nargs="+", metavar="PATH", help="your own text files or folders instead of the Python standard library sources"
+    )
     demo.add_argument("--json", metavar="PATH", help="write the results (one entry per method) as JSON")
     demo.add_argument("--plot", metavar="PATH", help="write a PNG: validation perplexity vs step, and final perplexities")
     demo.add_argument("--steps", type=int, help="continued-training steps per method")
-    demo.add_argument("--pretrain-steps", dest="pretrain_steps", type=int,
-                      help="pretrain the dense model here for this many steps instead of loading the shipped checkpoint")
-    demo.add_argument("--from-scratch", dest="from_scratch", action="store_true",
-                      help="pretrain the dense model here (3000 steps, ~12 min) instead of loading the shipped checkpoint")
+    demo.add_argument(
+        "--pretrain-steps",
+        dest="pretrain_steps",
+        type=int,
+        help="pretrain the dense model here for this many steps instead of loading the shipped checkpoint",
+    )
+    demo.add_argument(
+        "--from-scratch",
+        dest="from_scratch",
+        action="store_true",
+        help="pretrain the dense model here (3000 steps, ~12 min) instead of loading the shipped checkpoint",
+    )
     demo.add_argument("--lr", type=float, help="learning rate of dense continued training and SR-STE (default 1e-3)")
-    demo.add_argument("--cast-lr", dest="cast_lr", type=float,
-                      help="AdamS learning rate for CAST, masked_lr_scale 1 (default: sparse.suggest_adams(steps, "
-                      "dense_lr=--lr): half the dense lr at the default 400 steps, the whole of it from about 800, "
-                      "masked weights as fast as they need to reach zero)")
+    demo.add_argument(
+        "--cast-lr",
+        dest="cast_lr",
+        type=float,
+        help="AdamS learning rate for CAST, masked_lr_scale 1 (default: sparse.suggest_adams(steps, "
+        "dense_lr=--lr): half the dense lr at the default 400 steps, the whole of it from about 800, "
+        "masked weights as fast as they need to reach zero)",
+    )
     demo.add_argument("--l1-decay", dest="l1_decay", type=float, help="AdamS l1_decay (lambda)")
-    demo.add_argument("--warmup", type=float, metavar="FRACTION",
-                      help="linear learning-rate warmup over this fraction of the steps, every trained method (default 0.1)")
+    demo.add_argument(
+        "--warmup",
+        type=float,
+        metavar="FRACTION",
+        help="linear learning-rate warmup over this fraction of the steps, every trained method (default 0.1)",
+    )
     demo.add_argument("--batch", type=int, help="sequences per batch")
-    demo.add_argument("--seed", type=int, help="seed of the batches and, with --from-scratch, of the dense model "
-                      "(the shipped dense checkpoint is seed 0; another seed pretrains here)")
+    demo.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the batches and, with --from-scratch, of the dense model "
+        "(the shipped dense checkpoint is seed 0; another seed pretrains here)",
+    )
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ex = sub.add_parser("example", help="short sparsification run on a small MLP (about 10 seconds)")

@@ -221,8 +221,16 @@ class DemoConfig:
 
     @classmethod
     def quick(cls) -> "DemoConfig":
-        return cls(model=GPTConfig(context=64, width=64, layers=2), batch=16, pretrain_steps=150, steps=60,
-                   eval_windows=48, curve_points=3, calib_batches=2, from_scratch=True)
+        return cls(
+            model=GPTConfig(context=64, width=64, layers=2),
+            batch=16,
+            pretrain_steps=150,
+            steps=60,
+            eval_windows=48,
+            curve_points=3,
+            calib_batches=2,
+            from_scratch=True,
+        )
 
 
 class Batches:
@@ -330,10 +338,17 @@ def corpus_digest(data: torch.Tensor) -> str:
 
 def pretrain_meta(cfg: DemoConfig, train_data: torch.Tensor) -> Dict:
     """What a dense checkpoint of :func:`pretrain` depends on, stored beside its weights."""
-    return {"model": asdict(cfg.model), "pretrain_steps": cfg.pretrain_steps, "pretrain_lr": cfg.pretrain_lr,
-            "batch": cfg.batch, "seed": cfg.seed, "corpus_sha256": corpus_digest(train_data),
-            "threads": torch.get_num_threads(), "torch": torch.__version__.split("+")[0],
-            "python": sys.version.split()[0]}
+    return {
+        "model": asdict(cfg.model),
+        "pretrain_steps": cfg.pretrain_steps,
+        "pretrain_lr": cfg.pretrain_lr,
+        "batch": cfg.batch,
+        "seed": cfg.seed,
+        "corpus_sha256": corpus_digest(train_data),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__.split("+")[0],
+        "python": sys.version.split()[0],
+    }
 
 
 def save_dense(path: Path, state: Dict[str, torch.Tensor], meta: Dict) -> None:
@@ -360,9 +375,19 @@ def from_state(c: GPTConfig, state: Dict[str, torch.Tensor], frozen: bool = Fals
     return m
 
 
-def train_cast(m: nn.Module, cfg: DemoConfig, batches: Batches, teacher: nn.Module, *, lr: Optional[float],
-               l1_decay: float, mask_interval: int, eval_fn: Optional[Callable[[], float]] = None, show: bool = True,
-               log: Callable[[str], None] = print):
+def train_cast(
+    m: nn.Module,
+    cfg: DemoConfig,
+    batches: Batches,
+    teacher: nn.Module,
+    *,
+    lr: Optional[float],
+    l1_decay: float,
+    mask_interval: int,
+    eval_fn: Optional[Callable[[], float]] = None,
+    show: bool = True,
+    log: Callable[[str], None] = print,
+):
     """CAST on ``m`` in place: sparsify, AdamS with distillation. ``lr=None`` takes ``lr`` and
     ``masked_lr_scale`` from ``suggest_adams(cfg.steps, dense_lr=cfg.lr)``; a given ``lr`` runs
     with ``masked_lr_scale`` 1 (the paper's update). Returns (handle, optimizer, curve, lr used);
@@ -372,35 +397,67 @@ def train_cast(m: nn.Module, cfg: DemoConfig, batches: Batches, teacher: nn.Modu
     if lr is None:
         hp = handle.suggest_adams(cfg.steps, dense_lr=cfg.lr)
         lr, masked_lr_scale = hp["lr"], hp["masked_lr_scale"]
-        log(f"CAST: AdamS lr {lr:.3g}, masked_lr_scale {masked_lr_scale:.3g} = "
-            f"suggest_adams({cfg.steps}, dense_lr={cfg.lr:g})")
-    opt = AdamS(m.parameters(), lr=lr, betas=(0.9, 0.95), l1_decay=l1_decay, total_steps=cfg.steps,
-                mask_interval=mask_interval, masked_lr_scale=masked_lr_scale)
-    curve = train(m, opt, batches, cfg.steps, desc="CAST (AdamS)", teacher=teacher, eval_fn=eval_fn,
-                  curve_points=cfg.curve_points if eval_fn else 0, show=show, warmup=cfg.warmup_steps())
+        log(f"CAST: AdamS lr {lr:.3g}, masked_lr_scale {masked_lr_scale:.3g} = suggest_adams({cfg.steps}, dense_lr={cfg.lr:g})")
+    opt = AdamS(
+        m.parameters(),
+        lr=lr,
+        betas=(0.9, 0.95),
+        l1_decay=l1_decay,
+        total_steps=cfg.steps,
+        mask_interval=mask_interval,
+        masked_lr_scale=masked_lr_scale,
+    )
+    curve = train(
+        m,
+        opt,
+        batches,
+        cfg.steps,
+        desc="CAST (AdamS)",
+        teacher=teacher,
+        eval_fn=eval_fn,
+        curve_points=cfg.curve_points if eval_fn else 0,
+        show=show,
+        warmup=cfg.warmup_steps(),
+    )
     return handle, opt, curve, lr
 
 
-def dense_start(cfg: DemoConfig, train_data: torch.Tensor, batches: Batches, *, user_data: bool = False,
-                show: bool = True, log: Callable[[str], None] = print) -> TinyGPT:
+def dense_start(
+    cfg: DemoConfig,
+    train_data: torch.Tensor,
+    batches: Batches,
+    *,
+    user_data: bool = False,
+    show: bool = True,
+    log: Callable[[str], None] = print,
+) -> TinyGPT:
     """The dense model every method starts from: the shipped checkpoint when it fits (default
     model, default corpus, not ``cfg.from_scratch``), else :func:`pretrain` here."""
     if not cfg.from_scratch and not user_data and SHIPPED_DENSE.exists():
         state, meta = load_dense(SHIPPED_DENSE)
         if meta["model"] == asdict(cfg.model) and meta["seed"] == cfg.seed:
             cfg.pretrain_steps = meta["pretrain_steps"]
-            log(f"dense start: shipped checkpoint ({meta['pretrain_steps']} AdamW steps, lr {meta['pretrain_lr']}, "
-                f"batch {meta['batch']}, Python {meta['python']} standard library; --from-scratch to pretrain here)")
+            log(
+                f"dense start: shipped checkpoint ({meta['pretrain_steps']} AdamW steps, lr {meta['pretrain_lr']}, "
+                f"batch {meta['batch']}, Python {meta['python']} standard library; --from-scratch to pretrain here)"
+            )
             if meta["corpus_sha256"] != corpus_digest(train_data):
-                log(f"  note: this Python's standard library differs from the one the checkpoint was trained on "
-                    f"(Python {meta['python']}): the figures will differ a little from the README's")
+                log(
+                    f"  note: this Python's standard library differs from the one the checkpoint was trained on "
+                    f"(Python {meta['python']}): the figures will differ a little from the README's"
+                )
             return from_state(cfg.model, state)
     log(f"dense start: pretraining here ({cfg.pretrain_steps} AdamW steps)")
     return pretrain(cfg, batches, show)
 
 
-def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool = True,
-             log: Callable[[str], None] = print, keep_models: Optional[Dict[str, nn.Module]] = None) -> Dict[str, Dict]:
+def run_demo(
+    cfg: DemoConfig,
+    data: Optional[Sequence[str]] = None,
+    show: bool = True,
+    log: Callable[[str], None] = print,
+    keep_models: Optional[Dict[str, nn.Module]] = None,
+) -> Dict[str, Dict]:
     """Runs the whole pipeline; returns {method: {val_ppl, train_steps, seconds, exact_nm, curve}}.
     ``keep_models``, if given, receives the dense model (``"dense"``) and the finalized CAST
     model (``"cast"``)."""
@@ -423,8 +480,13 @@ def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool =
         ppl = evaluate_full(model)
         # Curves start at the dense checkpoint (step 0) and use the same validation windows.
         start = [(0, results["dense"]["val_ppl"])] if curve and "dense" in results else []
-        results[name] = {"val_ppl": ppl, "train_steps": steps, "seconds": round(seconds, 2),
-                         "exact_nm": exact, "curve": start + (curve or [])}
+        results[name] = {
+            "val_ppl": ppl,
+            "train_steps": steps,
+            "seconds": round(seconds, 2),
+            "exact_nm": exact,
+            "curve": start + (curve or []),
+        }
         log(f"  {name:<22} val ppl {results[name]['val_ppl']:.4f}   ({seconds:.0f} s)")
 
     # 1. dense pretraining
@@ -453,9 +515,18 @@ def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool =
     t0 = time.perf_counter()
     m = fresh()
     opt = torch.optim.AdamW(_no_decay_groups(m, 0.0), lr=cfg.lr, betas=(0.9, 0.95))
-    curve = train(m, opt, cont_batches, cfg.steps, desc="dense continued", teacher=teacher,
-                  eval_fn=lambda: evaluate_full(m), curve_points=cfg.curve_points, show=show,
-                  warmup=cfg.warmup_steps())
+    curve = train(
+        m,
+        opt,
+        cont_batches,
+        cfg.steps,
+        desc="dense continued",
+        teacher=teacher,
+        eval_fn=lambda: evaluate_full(m),
+        curve_points=cfg.curve_points,
+        show=show,
+        warmup=cfg.warmup_steps(),
+    )
     secs = time.perf_counter() - t0
     record("dense_continued", m, cfg.steps, secs, False, curve)
     t0 = time.perf_counter()
@@ -467,18 +538,36 @@ def run_demo(cfg: DemoConfig, data: Optional[Sequence[str]] = None, show: bool =
     m = fresh()
     srste = baselines.SRSTE(m, cfg.pattern, decay=cfg.srste_decay)
     opt = torch.optim.AdamW(_no_decay_groups(m, 0.0), lr=cfg.lr, betas=(0.9, 0.95))
-    curve = train(m, opt, cont_batches, cfg.steps, desc="SR-STE", teacher=teacher,
-                  eval_fn=lambda: evaluate_full(m), curve_points=cfg.curve_points, show=show,
-                  warmup=cfg.warmup_steps())
+    curve = train(
+        m,
+        opt,
+        cont_batches,
+        cfg.steps,
+        desc="SR-STE",
+        teacher=teacher,
+        eval_fn=lambda: evaluate_full(m),
+        curve_points=cfg.curve_points,
+        show=show,
+        warmup=cfg.warmup_steps(),
+    )
     srste.finalize()
     record("srste", m, cfg.steps, time.perf_counter() - t0, True, curve)
 
     # 5. CAST
     t0 = time.perf_counter()
     m = fresh()
-    handle, opt, curve, cast_lr = train_cast(m, cfg, cont_batches, teacher, lr=cfg.cast_lr, l1_decay=cfg.l1_decay,
-                                             mask_interval=cfg.mask_interval, eval_fn=lambda: evaluate_full(m),
-                                             show=show, log=log)
+    handle, opt, curve, cast_lr = train_cast(
+        m,
+        cfg,
+        cont_batches,
+        teacher,
+        lr=cfg.cast_lr,
+        l1_decay=cfg.l1_decay,
+        mask_interval=cfg.mask_interval,
+        eval_fn=lambda: evaluate_full(m),
+        show=show,
+        log=log,
+    )
     stats = handle.stats(opt)
     fin = handle.finalize()
     record("cast", m, cfg.steps, time.perf_counter() - t0, True, curve)
@@ -547,18 +636,27 @@ def inference_showcase(models: Dict[str, nn.Module], cfg: DemoConfig, log: Calla
     new = context - len(prompt)
     text_dense, tps_dense = greedy_bytes(dense, prompt, new)
     text_sparse, tps_sparse = greedy_bytes(sparse, prompt, new)
-    log(f"\nCPU inference: the CAST model converted with cast_rs.compress ({len(report.layers)} layers, "
+    log(
+        f"\nCPU inference: the CAST model converted with cast_rs.compress ({len(report.layers)} layers, "
         f"{report.dense_bytes / 1024:.0f} KiB -> {report.compressed_bytes / 1024:.0f} KiB of weights; "
-        f"logits within {agree:.1e} of the finalized model)")
+        f"logits within {agree:.1e} of the finalized model)"
+    )
     for name, text, tps in (("dense", text_dense, tps_dense), ("CAST 2:4, compressed", text_sparse, tps_sparse)):
         shown = (prompt + text).decode("utf-8", errors="replace")
         log(f"--- {name}: {tps:.0f} tokens/s (greedy, KV cache, batch 1)\n{shown}")
-    log("(This 0.8 M-parameter model is too small for 2:4 to pay off: its speed is per-call overhead. "
-        "`./run bench inference` measures real layer shapes and a 1.1 B-parameter model.)")
-    return {"tokens_per_s_dense": tps_dense, "tokens_per_s_compressed": tps_sparse, "max_logit_diff": agree,
-            "dense_bytes": report.dense_bytes, "compressed_bytes": report.compressed_bytes,
-            "sample_dense": text_dense.decode("utf-8", errors="replace"),
-            "sample_compressed": text_sparse.decode("utf-8", errors="replace")}
+    log(
+        "(This 0.8 M-parameter model is too small for 2:4 to pay off: its speed is per-call overhead. "
+        "`./run bench inference` measures real layer shapes and a 1.1 B-parameter model.)"
+    )
+    return {
+        "tokens_per_s_dense": tps_dense,
+        "tokens_per_s_compressed": tps_sparse,
+        "max_logit_diff": agree,
+        "dense_bytes": report.dense_bytes,
+        "compressed_bytes": report.compressed_bytes,
+        "sample_dense": text_dense.decode("utf-8", errors="replace"),
+        "sample_compressed": text_sparse.decode("utf-8", errors="replace"),
+    }
 
 
 def format_results(results: Dict[str, Dict]) -> str:
@@ -577,8 +675,9 @@ def format_results(results: Dict[str, Dict]) -> str:
         rows.append((name, f"{ppl:.4f}", change, tax, recovered, exact, r["train_steps"], f"{r['seconds']:.0f}"))
     from .reports import format_table
 
-    return format_table(("method", "val ppl", "vs dense", "tax vs dense_continued", "gap recovered", "exact 2:4",
-                         "steps", "seconds"), rows)
+    return format_table(
+        ("method", "val ppl", "vs dense", "tax vs dense_continued", "gap recovered", "exact 2:4", "steps", "seconds"), rows
+    )
 
 
 def plot_results(results: Dict[str, Dict], path: str) -> None:
@@ -601,7 +700,9 @@ def plot_results(results: Dict[str, Dict], path: str) -> None:
     ax1.legend(fontsize=8)
     names = list(METHODS)
     vals = [results[n]["val_ppl"] for n in names]
-    bars = ax2.bar(range(len(names)), vals, color=["gray", "tab:blue", "tab:red", "tab:purple", "tab:orange", "tab:brown", "tab:green"])
+    bars = ax2.bar(
+        range(len(names)), vals, color=["gray", "tab:blue", "tab:red", "tab:purple", "tab:orange", "tab:brown", "tab:green"]
+    )
     ax2.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax2.set_ylabel("validation perplexity")
     ax2.set_title("final validation perplexity (2:4 methods checked exact)")
@@ -623,15 +724,19 @@ def main(args) -> int:
     if getattr(args, "from_scratch", False) or getattr(args, "pretrain_steps", None) is not None:
         cfg.from_scratch = True
     t0 = time.perf_counter()
-    print(f"cast-rs demo ({'quick' if args.quick else 'default'} settings): CAST 2:4 vs baselines; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"cast-rs demo ({'quick' if args.quick else 'default'} settings): CAST 2:4 vs baselines; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     models: Dict[str, nn.Module] = {}
     results = run_demo(cfg, data=args.data, show=not args.no_progress, keep_models=models)
     print()
     print(format_results(results))
     c = results["cast"]
-    print(f"\nCAST: sparse weight ratio before finalize {c['sparse_weight_ratio_before_finalize']:.4f}; "
-          f"finalize cut {100 * c['l1_removed_at_finalize']:.2f}% of the sparse layers' L1 mass.")
+    print(
+        f"\nCAST: sparse weight ratio before finalize {c['sparse_weight_ratio_before_finalize']:.4f}; "
+        f"finalize cut {100 * c['l1_removed_at_finalize']:.2f}% of the sparse layers' L1 mass."
+    )
     inference = inference_showcase(models, cfg)
     print(f"total {time.perf_counter() - t0:.0f} s")
     if args.json:

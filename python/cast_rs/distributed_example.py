@@ -125,7 +125,7 @@ def _run(mode: str, steps: int, pattern: str, save: Optional[str], seed: int, de
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     t0 = time.perf_counter()
     for _ in range(steps):
-        idx = batch()[rank * per:(rank + 1) * per]  # this rank's slice of the global batch
+        idx = batch()[rank * per : (rank + 1) * per]  # this rank's slice of the global batch
         opt.zero_grad(set_to_none=True)
         nn.functional.mse_loss(trained(x_train[idx]), y_train[idx]).backward()
         opt.step()
@@ -147,12 +147,16 @@ def _run(mode: str, steps: int, pattern: str, save: Optional[str], seed: int, de
         if rank == 0:
             torch.save(state, save)
     if rank == 0:
-        print(f"cast-rs distributed example: {world} process(es), {mode.upper()}, {device.type}; "
-              f"MLP 32-256-256-8, {pattern} on its hidden weights, {steps} steps, global batch {GLOBAL_BATCH}")
+        print(
+            f"cast-rs distributed example: {world} process(es), {mode.upper()}, {device.type}; "
+            f"MLP 32-256-256-8, {pattern} on its hidden weights, {steps} steps, global batch {GLOBAL_BATCH}"
+        )
         label = f"CAST {pattern} ({mode})"
         print(f"{'dense':<22}val MSE {dense_loss:.5f}")
-        print(f"{label:<22}val MSE {cast_loss:.5f}   {cast_loss / dense_loss:.2f}x dense   "
-              f"exact {pattern}: {'yes' if exact else 'NO'}   {seconds:.1f} s")
+        print(
+            f"{label:<22}val MSE {cast_loss:.5f}   {cast_loss / dense_loss:.2f}x dense   "
+            f"exact {pattern}: {'yes' if exact else 'NO'}   {seconds:.1f} s"
+        )
         print(f"finalize cut {100 * report.total_l1_removed_fraction:.2f}% of the sparse layers' L1 mass")
         if save:
             print(f"saved the finalized weights (plain state dict) to {save}")

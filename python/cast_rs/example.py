@@ -117,7 +117,9 @@ def run_example(pattern: str = "2:4", steps: int = 600, width: int = 256, seed: 
 
 
 def main(pattern: str = "2:4", steps: int = 600, seed: int = 0) -> None:
-    print(f"cast-rs example: an MLP (32-256-256-8) imitating a random teacher; {pattern} on its hidden weights; {steps} steps per method")
+    print(
+        f"cast-rs example: an MLP (32-256-256-8) imitating a random teacher; {pattern} on its hidden weights; {steps} steps per method"
+    )
     res = run_example(pattern=pattern, steps=steps, seed=seed)
     cut = res.pop("_l1_cut")[0]
     dense_loss = res["dense"][0]

@@ -31,8 +31,11 @@ def export_semi_structured(model: nn.Module, pattern: Pattern = "2:4") -> List[s
     n, m = parse_pattern(pattern)
     if (n, m) != (2, 4):
         raise CastError(f"export_semi_structured: hardware semi-structured sparsity is 2:4 only, got {n}:{m}")
-    linears = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, nn.Linear) and getattr(mod, SPARSE_MODULE_ATTR, None)]
+    linears = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and getattr(mod, SPARSE_MODULE_ATTR, None)
+    ]
     if not linears:
         raise CastError("export_semi_structured: no finalized sparse nn.Linear layer found (run sparsify(...).finalize() first)")
     devices = {mod.weight.device.type for _, mod in linears}

@@ -57,8 +57,14 @@ class NMLinear(nn.Module):
     and the ``bias``), so a model can be rebuilt and loaded without any dense weight.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, pattern: Union[str, Tuple[int, int]] = "2:4",
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        pattern: Union[str, Tuple[int, int]] = "2:4",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         if dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"dtype: expected torch.float32 or torch.bfloat16, got {dtype}")
@@ -90,8 +96,9 @@ class NMLinear(nn.Module):
             raise ValueError(f"index: positions must be below M = {m}; this state_dict's index is corrupt")
 
     @classmethod
-    def from_dense(cls, linear: nn.Module, pattern: Union[str, Tuple[int, int]] = "2:4",
-                   dtype: Optional[torch.dtype] = None) -> "NMLinear":
+    def from_dense(
+        cls, linear: nn.Module, pattern: Union[str, Tuple[int, int]] = "2:4", dtype: Optional[torch.dtype] = None
+    ) -> "NMLinear":
         """An :class:`NMLinear` computing what ``linear`` computes. ``linear`` is an
         ``nn.Linear`` or a Hugging Face ``Conv1D`` whose weight is exactly N:M along its input
         dimension (at most N nonzeros per group: finalize the model first); ``dtype`` defaults
@@ -118,13 +125,13 @@ class NMLinear(nn.Module):
         return layer
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return torch.ops.cast_rs.nm_linear(input, self.values, self.index, self.bias, self.out_features,
-                                           self.in_features, self.n, self.m)
+        return torch.ops.cast_rs.nm_linear(
+            input, self.values, self.index, self.bias, self.out_features, self.in_features, self.n, self.m
+        )
 
     def dense_weight(self) -> torch.Tensor:
         """The dense ``[out_features, in_features]`` weight (a new tensor, the values' dtype)."""
-        return torch.ops.cast_rs.nm_decompress(self.values, self.index, self.out_features, self.in_features,
-                                               self.n, self.m)
+        return torch.ops.cast_rs.nm_decompress(self.values, self.index, self.out_features, self.in_features, self.n, self.m)
 
     @property
     def nbytes(self) -> int:
@@ -132,8 +139,10 @@ class NMLinear(nn.Module):
         return self.values.numel() * self.values.element_size() + self.index.numel() * 4
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"pattern={format_pattern((self.n, self.m))}, dtype={self.values.dtype}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"pattern={format_pattern((self.n, self.m))}, dtype={self.values.dtype}"
+        )
 
 
 @dataclass
@@ -169,21 +178,30 @@ class CompressReport:
         return self.compressed_bytes / max(1, weights)
 
     def __str__(self) -> str:
-        lines = [f"compress({format_pattern(self.pattern)}): {len(self.layers)} layers converted, "
-                 f"{self.dense_bytes / 2**20:.2f} MiB -> {self.compressed_bytes / 2**20:.2f} MiB "
-                 f"({self.compressed_bytes / max(1, self.dense_bytes):.3f}x, "
-                 f"{self.bytes_per_weight:.3f} bytes per weight)"]
+        lines = [
+            f"compress({format_pattern(self.pattern)}): {len(self.layers)} layers converted, "
+            f"{self.dense_bytes / 2**20:.2f} MiB -> {self.compressed_bytes / 2**20:.2f} MiB "
+            f"({self.compressed_bytes / max(1, self.dense_bytes):.3f}x, "
+            f"{self.bytes_per_weight:.3f} bytes per weight)"
+        ]
         width = max([len(layer.name) for layer in self.layers] + [5])
         for layer in self.layers:
-            lines.append(f"  {layer.name:<{width}}  {str(layer.shape):>14}  {layer.dense_bytes:>11,d} B -> "
-                         f"{layer.compressed_bytes:>11,d} B")
+            lines.append(
+                f"  {layer.name:<{width}}  {str(layer.shape):>14}  {layer.dense_bytes:>11,d} B -> "
+                f"{layer.compressed_bytes:>11,d} B"
+            )
         for name, why in self.skipped:
             lines.append(f"  {name:<{width}}  left dense: {why}")
         return "\n".join(lines)
 
 
-def compress(model: nn.Module, pattern: Union[str, Tuple[int, int]] = "2:4", *,
-             include: Optional[Iterable[str]] = None, dtype: Optional[torch.dtype] = None) -> CompressReport:
+def compress(
+    model: nn.Module,
+    pattern: Union[str, Tuple[int, int]] = "2:4",
+    *,
+    include: Optional[Iterable[str]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> CompressReport:
     """Replace, in place, the N:M ``nn.Linear`` / Hugging Face ``Conv1D`` layers of a finalized
     model by :class:`NMLinear` and return a :class:`CompressReport`.
 
@@ -230,6 +248,5 @@ def compress(model: nn.Module, pattern: Union[str, Tuple[int, int]] = "2:4", *,
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, new)
         w = mod.weight
-        report.layers.append(CompressedLayer(name, (new.out_features, new.in_features), w.numel() * w.element_size(),
-                                             new.nbytes))
+        report.layers.append(CompressedLayer(name, (new.out_features, new.in_features), w.numel() * w.element_size(), new.nbytes))
     return report

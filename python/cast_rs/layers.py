@@ -230,8 +230,13 @@ def find_layers(
     return picked, skipped
 
 
-def _check_include(model: nn.Module, inc: List[Rule], picked: List[Tuple[str, nn.Module, str, int]],
-                   skipped: List[SkippedLayer], pattern: Tuple[int, int]) -> None:
+def _check_include(
+    model: nn.Module,
+    inc: List[Rule],
+    picked: List[Tuple[str, nn.Module, str, int]],
+    skipped: List[SkippedLayer],
+    pattern: Tuple[int, int],
+) -> None:
     """Raise if an ``include`` rule selects no layer: a misspelt name would otherwise leave the
     model silently dense."""
     for rule in inc:
@@ -243,5 +248,6 @@ def _check_include(model: nn.Module, inc: List[Rule], picked: List[Tuple[str, nn
         reasons = {s.name: s.reason for s in skipped}
         listed = [f"{name} ({reasons.get(name, 'not a Linear / Conv1D layer')})" for name in matched[:5]]
         more = f" and {len(matched) - 5} more" if len(matched) > 5 else ""
-        raise ValueError(f"include: {_describe(rule)!r} selects no layer that can take {pattern[0]}:{pattern[1]}: "
-                         + ", ".join(listed) + more)
+        raise ValueError(
+            f"include: {_describe(rule)!r} selects no layer that can take {pattern[0]}:{pattern[1]}: " + ", ".join(listed) + more
+        )

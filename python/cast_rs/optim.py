@@ -17,8 +17,7 @@ from ._config import generic_path_forced
 from ._markers import NM_ATTR, remark_weights, weight_scales
 from .nm import format_pattern, group_dim_size, nm_mask_packed, parse_pattern
 
-__all__ = ["AdamS", "DEFAULT_L1_DECAY", "DEFAULT_L1_MODE", "DEFAULT_MASKED_LR_SCALE", "DEFAULT_RAMP_END", "L1_MODES",
-           "NM_ATTR"]
+__all__ = ["AdamS", "DEFAULT_L1_DECAY", "DEFAULT_L1_MODE", "DEFAULT_MASKED_LR_SCALE", "DEFAULT_RAMP_END", "L1_MODES", "NM_ATTR"]
 
 #: Default λ (``l1_decay``). The paper's LLaMA2-7B value is 4e-7 with the advice "the same
 #: order of magnitude as the gradient". On the demo's small GPT (docs/sparsity_tax.md) the best
@@ -255,16 +254,20 @@ class AdamS(Optimizer):
         r = group.get("ramp_end", DEFAULT_RAMP_END)
         value = _real(r)
         if value is None or not 0.0 < value <= 1.0:
-            raise ValueError(f"{where}ramp_end: expected a number in (0, 1] (the fraction of total_steps at which "
-                             f"the decay is fully on), got {r!r}")
+            raise ValueError(
+                f"{where}ramp_end: expected a number in (0, 1] (the fraction of total_steps at which "
+                f"the decay is fully on), got {r!r}"
+            )
         if "ramp_end" in group:
             group["ramp_end"] = value
         # Absent from groups saved before it existed: those get the paper's update (1).
         r = group.get("masked_lr_scale", DEFAULT_MASKED_LR_SCALE)
         value = _real(r)
         if value is None or not (math.isfinite(value) and value > 0.0):
-            raise ValueError(f"{where}masked_lr_scale: expected a finite number > 0 (the masked weights' lr "
-                             f"relative to the kept weights'), got {r!r}")
+            raise ValueError(
+                f"{where}masked_lr_scale: expected a finite number > 0 (the masked weights' lr "
+                f"relative to the kept weights'), got {r!r}"
+            )
         if "masked_lr_scale" in group:
             group["masked_lr_scale"] = value
         k = group["mask_interval"]
@@ -418,8 +421,9 @@ class AdamS(Optimizer):
             indices.append(i)
         return params, grads, specs, locals_, indices
 
-    def _check_scale_is_optimized(self, group: Dict[str, Any], gi: int, i: int, p: torch.Tensor,
-                                  scales: Dict[int, torch.Tensor], held: set) -> None:
+    def _check_scale_is_optimized(
+        self, group: Dict[str, Any], gi: int, i: int, p: torch.Tensor, scales: Dict[int, torch.Tensor], held: set
+    ) -> None:
         """A weight that :func:`cast_rs.sparsify` gave a learnable scale must be optimized with
         that scale: when ``sparsify`` ran after the optimizer was built, the scale is not in
         it and would silently stay 1 while its gradients pile up. Refused, before any write.
@@ -593,8 +597,12 @@ class AdamS(Optimizer):
         return args, kwargs
 
     @staticmethod
-    def _relative_l1(group: Dict[str, Any], params: List[torch.Tensor], specs: List[Optional[Tuple[int, int, int]]],
-                     states: List[Dict[str, Any]]) -> List[float]:
+    def _relative_l1(
+        group: Dict[str, Any],
+        params: List[torch.Tensor],
+        specs: List[Optional[Tuple[int, int, int]]],
+        states: List[Dict[str, Any]],
+    ) -> List[float]:
         """λ of each tensor in ``l1_mode="relative"``: ``l1_decay`` × RMS of the bias-corrected
         momentum after this step's update, (re)measured at mask-refresh steps and kept in
         ``state["l1_decay"]`` in between (written by the caller once the step succeeded).
@@ -620,8 +628,14 @@ class AdamS(Optimizer):
         return out
 
     # The kernel's per-parameter list arguments, and how an error names them for a user.
-    _STATE_NAME = {"params": "", "grads": " gradient", "exp_avgs": " state 'exp_avg'",
-                   "exp_avg_sqs": " state 'exp_avg_sq'", "masks": " state 'mask'", "steps": " state 'step'"}
+    _STATE_NAME = {
+        "params": "",
+        "grads": " gradient",
+        "exp_avgs": " state 'exp_avg'",
+        "exp_avg_sqs": " state 'exp_avg_sq'",
+        "masks": " state 'mask'",
+        "steps": " state 'step'",
+    }
 
     def _run_kernel(self, gi: int, group: Dict[str, Any], indices: List[int], args: tuple, kwargs: Dict[str, Any]):
         """One kernel call; its errors name the parameter (``param_groups[g]['params'][i]`` or
@@ -643,6 +657,7 @@ class AdamS(Optimizer):
         try:
             out = _cast_rs.adams_step(*args, **kwargs)
         except (ValueError, TypeError, _cast_rs.CastError) as e:
+
             def name(arg: Optional[str], k: Optional[int]) -> Optional[str]:
                 if arg not in self._STATE_NAME or k is None or k >= len(indices):
                     return None
@@ -683,8 +698,9 @@ class AdamS(Optimizer):
                         keep = unpack_mask(st["mask"].to_local().reshape(-1), pl.shape)
                         from torch.distributed.tensor import DTensor
 
-                        out[p] = DTensor.from_local(keep, p.device_mesh, p.placements, run_check=False,
-                                                             shape=p.shape, stride=p.stride())
+                        out[p] = DTensor.from_local(
+                            keep, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                        )
                     else:
                         out[p] = unpack_mask(st["mask"], p.shape)
         return out

@@ -39,6 +39,7 @@ __all__ = [
     "SparsityStats",
 ]
 
+
 @dataclass
 class SparseLayer:
     """One layer that ``sparsify`` made N:M."""
@@ -61,7 +62,10 @@ class LayerTable(Table):
     title = "sparse layers"
 
     def _rows(self) -> List[Sequence[Any]]:
-        return [(l.name, l.kind, l.shape, "in (last)" if l.dim == -1 else "in (dim 0)", l.pattern, l.scaling_groups or "-") for l in self]
+        return [
+            (l.name, l.kind, l.shape, "in (last)" if l.dim == -1 else "in (dim 0)", l.pattern, l.scaling_groups or "-")
+            for l in self
+        ]
 
 
 class SkippedTable(Table):
@@ -186,8 +190,15 @@ class SparseModel:
         return out
 
     @torch.no_grad()
-    def suggest_lr(self, total_steps: int, *, dense_lr: Optional[float] = None, quantile: float = 0.99,
-                   schedule_sum: float = 0.5, masked_lr_scale: float = 1.0) -> float:
+    def suggest_lr(
+        self,
+        total_steps: int,
+        *,
+        dense_lr: Optional[float] = None,
+        quantile: float = 0.99,
+        schedule_sum: float = 0.5,
+        masked_lr_scale: float = 1.0,
+    ) -> float:
         """A learning rate for :class:`AdamS` on this model: at least what the weights its masks
         remove need to travel to zero, and, given ``dense_lr``, half of that.
 
@@ -232,8 +243,9 @@ class SparseModel:
         return floor if dense_lr is None else max(floor, float(dense_lr) / 2.0)
 
     @torch.no_grad()
-    def suggest_adams(self, total_steps: int, *, dense_lr: float, quantile: float = 0.99,
-                      schedule_sum: float = 0.5) -> Dict[str, float]:
+    def suggest_adams(
+        self, total_steps: int, *, dense_lr: float, quantile: float = 0.99, schedule_sum: float = 0.5
+    ) -> Dict[str, float]:
         """``lr`` and ``masked_lr_scale`` for :class:`AdamS`: the kept weights at half the dense
         learning rate for short runs and at the whole of it for long ones, the masked weights as
         fast as they must go to reach zero within the run.
@@ -280,8 +292,7 @@ class SparseModel:
         """
         if not _positive_finite(dense_lr):
             raise CastError(f"dense_lr: expected a positive number (the dense AdamW lr), got {dense_lr!r}")
-        return _adams_from_floor(self._travel_floor("suggest_adams", total_steps, quantile, schedule_sum),
-                                 float(dense_lr))
+        return _adams_from_floor(self._travel_floor("suggest_adams", total_steps, quantile, schedule_sum), float(dense_lr))
 
     def _travel_floor(self, caller: str, total_steps: int, quantile: float, schedule_sum: float) -> float:
         """q / (schedule_sum · total_steps), q = the ``quantile`` of |w| over the weights the
@@ -358,8 +369,13 @@ class SparseModel:
             unmark(mod)
             setattr(mod, SPARSE_MODULE_ATTR, format_pattern(self.pattern))
             report.append(
-                LayerFinal(layer.name, tuple(final.shape), removed, removed / total if total > 0 else 0.0,
-                           float((final != 0).float().mean()))
+                LayerFinal(
+                    layer.name,
+                    tuple(final.shape),
+                    removed,
+                    removed / total if total > 0 else 0.0,
+                    float((final != 0).float().mean()),
+                )
             )
         self.finalized = True
         self._mask_guard = MaskGuard([(original_weight(l.module), (n, m), l.dim) for l in self.layers])
@@ -416,7 +432,9 @@ def sparsify(
     not hold (AdamS refuses such a weight at its first step, before writing anything).
     """
     n, m = parse_pattern(pattern)
-    if scaling_groups is not None and (not isinstance(scaling_groups, int) or isinstance(scaling_groups, bool) or scaling_groups < 0):
+    if scaling_groups is not None and (
+        not isinstance(scaling_groups, int) or isinstance(scaling_groups, bool) or scaling_groups < 0
+    ):
         raise ValueError(f"scaling_groups: expected an int >= 0 or None, got {scaling_groups!r}")
     for p in model.parameters():
         if hasattr(p, NM_ATTR):
