@@ -127,7 +127,10 @@ def test_compress_a_finalized_model_and_reload_it_without_dense_weights(tmp_path
     with torch.no_grad():
         torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
     state = model.state_dict()
-    assert set(state) == {"0.values", "0.index", "0.bias", "2.values", "2.index", "2.bias", "4.weight", "4.bias"}
+    assert set(state) == {
+        "0.values", "0.index", "0.bias", "0._extra_state", "2.values", "2.index", "2.bias", "2._extra_state",
+        "4.weight", "4.bias",
+    }  # fmt: skip
     # torch.save / load into a model rebuilt with empty NMLinear layers (no dense weight).
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -189,8 +192,8 @@ def test_refusals_name_what_is_wrong():
         layer(torch.randn(2, 12))
     with torch.no_grad(), pytest.raises(TypeError, match="input: expected dtype float32 or bfloat16"):
         layer(torch.randn(2, 16, dtype=torch.float64))
-    report = cast_rs.compress(nn.Sequential(nn.Linear(10, 4)))
-    assert report.layers == [] and "not a multiple of M = 4" in report.skipped[0][1]
+    with pytest.raises(ValueError, match=r"no layer of the model is exactly 2:4.*finalize.*not a multiple of M = 4"):
+        cast_rs.compress(nn.Sequential(nn.Linear(10, 4)))
 
 
 def test_a_corrupt_index_is_refused_at_load():
@@ -205,7 +208,7 @@ def test_a_corrupt_index_is_refused_at_load():
     fresh.load_state_dict(state)  # a valid index loads
     state["index"] = state["index"].clone()
     state["index"][0] = -1  # every position 15
-    with pytest.raises(ValueError, match="index: positions must be below M = 6"):
+    with pytest.raises(ValueError, match="NMLinear: index positions must be below M = 6"):
         NMLinear(12, 16, pattern="2:6").load_state_dict(state)
 
 
@@ -244,3 +247,61 @@ def test_the_portable_kernels_through_the_operator():
     env = dict(os.environ, CAST_RS_NO_SIMD="1")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0 and "portable ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+# ---------------------------------------------------------------- a saved model comes back right or not at all
+
+
+def test_load_refuses_a_checkpoint_of_another_shape_with_the_same_byte_count():
+    # 64 -> 32 and 128 -> 16 hold the same number of values and index words: only the recorded
+    # layout tells them apart.
+    saved = NMLinear.from_dense(nm_linear_layer(64, 32, bias=False))
+    other = NMLinear(128, 16, bias=False)
+    assert saved.values.shape == other.values.shape and saved.index.shape == other.index.shape
+    before = [t.clone() for t in other.state_dict().values()]
+    with pytest.raises(ValueError, match=r"holds a 32x64 \(out x in\) 2:4 weight, this layer is 16x128 2:4"):
+        other.load_state_dict(saved.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(before, other.state_dict().values()))
+
+
+def test_load_refuses_values_of_another_dtype_instead_of_misreading_them():
+    f32 = NMLinear.from_dense(nm_linear_layer(32, 16))
+    bf16 = NMLinear.from_dense(nm_linear_layer(32, 16), dtype=torch.bfloat16)
+    into_bf16 = NMLinear(32, 16, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"values are torch.float32, this layer stores torch.bfloat16.*dtype=torch.float32"):
+        into_bf16.load_state_dict(f32.state_dict())
+    assert torch.all(into_bf16.values == 0)
+    into_f32 = NMLinear(32, 16)  # dtype left out: float32
+    with pytest.raises(TypeError, match="values are torch.bfloat16, this layer stores torch.float32"):
+        into_f32.load_state_dict(bf16.state_dict())
+    into_bf16.load_state_dict(bf16.state_dict())  # the matching dtype loads
+    assert torch.equal(into_bf16.values, bf16.values)
+
+
+def test_a_failed_load_leaves_the_whole_compressed_model_unchanged():
+    torch.manual_seed(0)
+
+    def model():
+        m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+        cast_rs.sparsify(m, "2:4").finalize()
+        cast_rs.compress(m)
+        return m
+
+    saved, target = model(), model()
+    state = saved.state_dict()
+    state["2.values"] = state["2.values"].to(torch.bfloat16)  # the second layer's entry is wrong
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(TypeError, match="NMLinear '2'"):
+        target.load_state_dict(state)
+    # The first layer, loaded before the second in module order, was not touched either.
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+def test_compress_refuses_float16_and_models_that_were_never_finalized():
+    half = nn.Sequential(nn.Linear(16, 8)).half()
+    cast_rs.sparsify(half, "2:4", scaling_groups=0).finalize()
+    with pytest.raises(TypeError, match=r"layer '0'.*float16.*model.to\(torch.bfloat16\)"):
+        cast_rs.compress(half)
+    assert isinstance(half[0], nn.Linear)
+    with pytest.raises(ValueError, match="no layer of the model is exactly 2:4.*finalize"):
+        cast_rs.compress(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)))

@@ -425,3 +425,20 @@ def test_suggest_adams_halves_the_dense_lr_for_short_runs_and_speeds_up_only_the
     sparse.finalize()
     with pytest.raises(cast_rs.CastError, match="^suggest_adams: the model is finalized"):
         sparse.suggest_adams(10, dense_lr=1e-3)
+
+
+def test_finalize_refuses_non_finite_weights_and_check_nm_flags_them():
+    model = nn.Sequential(nn.Linear(16, 8))
+    sparse = cast_rs.sparsify(model, "2:4")
+    with torch.no_grad():
+        sparse.layers[0].weight[1, 2] = float("nan")
+    before = sparse.layers[0].weight.detach().clone()
+    with pytest.raises(ValueError, match=r"finalize: layer '0': its weight holds 1 non-finite value"):
+        sparse.finalize()
+    assert not sparse.finalized
+    assert torch.equal(sparse.layers[0].weight.detach().nan_to_num(), before.nan_to_num())
+    w = torch.zeros(4, 8)
+    w[0, 0] = float("inf")
+    report = cast_rs.check_nm(w, "2:4")
+    assert not report.ok and report[0].nonfinite == 1 and report[0].violating_groups == 0
+    assert "non-finite" in str(report)

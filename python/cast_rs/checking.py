@@ -27,20 +27,22 @@ class NMRow:
     groups: int
     violating_groups: int
     zero_fraction: float
+    nonfinite: int = 0  # NaN / inf entries: such a weight is not a usable N:M weight
 
 
 class NMReport(Table):
     """Result of :func:`check_nm`: ``.ok`` and one row per checked tensor."""
 
-    headers = ("layer", "shape", "group dim", "groups", "violating", "zero %")
+    headers = ("layer", "shape", "group dim", "groups", "violating", "zero %", "non-finite")
     pattern: str = ""
 
     def _rows(self) -> List[Sequence[Any]]:
-        return [(r.name, r.shape, r.dim, r.groups, r.violating_groups, 100 * r.zero_fraction) for r in self]
+        return [(r.name, r.shape, r.dim, r.groups, r.violating_groups, 100 * r.zero_fraction, r.nonfinite) for r in self]
 
     @property
     def ok(self) -> bool:
-        return len(self) > 0 and all(r.violating_groups == 0 for r in self)
+        """Something was checked, every group has at most N nonzeros and every value is finite."""
+        return len(self) > 0 and all(r.violating_groups == 0 and r.nonfinite == 0 for r in self)
 
     def __str__(self) -> str:
         verdict = "OK" if self.ok else "NOT N:M"
@@ -58,6 +60,10 @@ def count_violations(w: torch.Tensor, n: int, m: int, dim: int) -> Tuple[int, in
     return int((per_group > n).sum()), per_group.numel()
 
 
+def _nonfinite(w: torch.Tensor) -> int:
+    return int((~torch.isfinite(w.detach())).sum())
+
+
 def check_nm(model_or_tensor: Union[nn.Module, torch.Tensor], pattern: Pattern = "2:4", *, dim: int = -1) -> NMReport:
     """Check that weights are N:M: at most N nonzeros in every group of M.
 
@@ -65,8 +71,9 @@ def check_nm(model_or_tensor: Union[nn.Module, torch.Tensor], pattern: Pattern =
     :func:`sparsify` made sparse (they carry a marker, also after ``finalize``); a model that
     was never sparsified (e.g. a finalized state dict loaded into a fresh model) has the layers
     that ``sparsify`` would pick checked: every ``nn.Linear`` / ``Conv1D`` whose input
-    dimension M divides, except heads tied to an embedding. ``report.ok`` is True when every
-    checked group passes (and something was checked).
+    dimension M divides, except the output head and heads tied to an embedding. ``report.ok``
+    is True when every checked group passes and every checked value is finite (and something
+    was checked).
     """
     n, m = parse_pattern(pattern)
     report = NMReport()
@@ -78,14 +85,14 @@ def check_nm(model_or_tensor: Union[nn.Module, torch.Tensor], pattern: Pattern =
         if t.dim() == 0 or size % m:
             raise ValueError(f"tensor: shape {tuple(t.shape)} cannot hold {n}:{m} groups along dim {dim}")
         bad, groups = count_violations(t, n, m, d)
-        report.append(NMRow("tensor", tuple(t.shape), d, groups, bad, float((t == 0).float().mean())))
+        report.append(NMRow("tensor", tuple(t.shape), d, groups, bad, float((t == 0).float().mean()), _nonfinite(t)))
         return report
     if not isinstance(model_or_tensor, nn.Module):
         raise TypeError(f"model_or_tensor: expected an nn.Module or a torch.Tensor, got {type(model_or_tensor).__name__}")
     for name, mod, d in _nm_layers(model_or_tensor, (n, m)):
         w = effective_full_weight(mod)  # scaled, if still parametrized; gathered if DTensor
         bad, groups = count_violations(w, n, m, d)
-        report.append(NMRow(name, tuple(w.shape), d, groups, bad, float((w.detach() == 0).float().mean())))
+        report.append(NMRow(name, tuple(w.shape), d, groups, bad, float((w.detach() == 0).float().mean()), _nonfinite(w)))
     return report
 
 

@@ -50,6 +50,8 @@ def distill_loss(
     t = teacher_logits.detach().reshape(-1, vocab)
     y = labels.reshape(-1)
     valid = y != ignore_index
+    if torch.compiler.is_compiling():
+        return _masked_loss(s, t, y, valid, eta, temperature, ignore_index)
     if not bool(valid.any()):
         return s.sum() * 0.0
     s, t, y = s[valid], t[valid], y[valid]
@@ -57,4 +59,20 @@ def distill_loss(
     log_p_student = F.log_softmax(s.float() / temperature, dim=-1)
     log_p_teacher = F.log_softmax(t.float() / temperature, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * temperature**2
+    return eta * kl + (1.0 - eta) * ce
+
+
+def _masked_loss(
+    s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, eta: float, temperature: float, ignore_index: int
+) -> torch.Tensor:
+    """The same loss with the ignored tokens masked instead of selected: no data-dependent
+    branch or shape, so ``torch.compile(fullgraph=True)`` traces it. Used while compiling; eager
+    calls keep the selecting form, whose sums (and so every published figure) it would change
+    by rounding only."""
+    count = valid.sum().clamp(min=1).to(torch.float32)
+    ce = F.cross_entropy(s.float(), y, ignore_index=ignore_index, reduction="sum") / count
+    log_p_student = F.log_softmax(s.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(t.float() / temperature, dim=-1)
+    kl_tok = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none").sum(-1)
+    kl = torch.where(valid, kl_tok, torch.zeros_like(kl_tok)).sum() / count * temperature**2
     return eta * kl + (1.0 - eta) * ce

@@ -26,7 +26,7 @@ Inference only: ``nm_linear`` has no backward (use the dense model to train).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -53,8 +53,18 @@ class NMLinear(nn.Module):
             input's dtype.
 
     A new layer holds zeros; :meth:`from_dense` converts an ``nn.Linear`` and
-    ``load_state_dict`` fills one from a saved ``state_dict`` (buffers ``values``, ``index``
-    and the ``bias``), so a model can be rebuilt and loaded without any dense weight.
+    ``load_state_dict`` fills one from a saved ``state_dict`` (buffers ``values``, ``index``,
+    the ``bias`` and ``_extra_state``: the layout, ``[format version, in_features,
+    out_features, N, M, values dtype]`` as an int64 tensor), so a model can be rebuilt and
+    loaded without any dense weight.
+
+    Loading checks the entries before it copies anything into the layer: the recorded layout
+    must be this layer's (shape and pattern), the values' dtype this layer's (a float32
+    checkpoint is refused by a bfloat16 layer and the reverse, never reinterpreted: build the
+    layer with the checkpoint's ``dtype``), the buffers' lengths the layout's, and every stored
+    position below M. An error names the layer and both values. :func:`compress` also checks
+    every compressed layer of the model before any of them is loaded, so a failed
+    ``model.load_state_dict`` leaves the whole model as it was.
     """
 
     def __init__(
@@ -77,23 +87,23 @@ class NMLinear(nn.Module):
             self.bias: Optional[nn.Parameter] = nn.Parameter(torch.zeros(out_features), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self.register_load_state_dict_post_hook(NMLinear._check_positions)
+        self._register_load_state_dict_pre_hook(NMLinear._check_entries, with_module=True)
 
-    @staticmethod
-    def _check_positions(module: nn.Module, incompatible_keys) -> None:
-        """A loaded ``index`` must hold positions below M: with M a power of two every bit
-        pattern is one; otherwise (M = 3, 5, 6, 7) a corrupt file could point past a group,
-        which the kernels would read as the wrong input, so it is refused here."""
-        assert isinstance(module, NMLinear)
-        m = module.m
-        if m & (m - 1) == 0:
-            return
-        bits = 2 if m <= 4 else 4
-        words = module.index.to(torch.int64) & 0xFFFFFFFF
-        shifts = torch.arange(0, 32, bits, dtype=torch.int64)
-        positions = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        if bool((positions >= m).any()):
-            raise ValueError(f"index: positions must be below M = {m}; this state_dict's index is corrupt")
+    #: Version of the layout recorded in ``_extra_state`` (bump when the layout changes).
+    LAYOUT_VERSION = 1
+    _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The layout as saved with the buffers (an int64 tensor, so safetensors can hold it)."""
+        code = self._DTYPE_CODES[self.values.dtype]
+        return torch.tensor([self.LAYOUT_VERSION, self.in_features, self.out_features, self.n, self.m, code], dtype=torch.int64)
+
+    def set_extra_state(self, state: Any) -> None:
+        # Checked, before anything was copied, by _check_entries.
+        pass
+
+    def _check_entries(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        check_nm_linear_entries(self, state_dict, prefix)
 
     @classmethod
     def from_dense(
@@ -113,6 +123,7 @@ class NMLinear(nn.Module):
             w = w.t()
         if w.device.type != "cpu":
             raise ValueError(f"linear: NMLinear runs on the CPU; the weight is on {w.device} (move the model to the CPU)")
+        _refuse_half(w.dtype, "linear")
         dtype = dtype or (w.dtype if w.dtype in (torch.float32, torch.bfloat16) else torch.float32)
         out_features, in_features = w.shape
         layer = cls(in_features, out_features, bias=linear.bias is not None, pattern=(n, m), dtype=dtype)
@@ -142,6 +153,79 @@ class NMLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"pattern={format_pattern((self.n, self.m))}, dtype={self.values.dtype}"
+        )
+
+
+def check_nm_linear_entries(layer: NMLinear, state_dict: Dict[str, Any], prefix: str) -> None:
+    """Raise if ``state_dict``'s entries under ``prefix`` cannot be loaded into ``layer`` as
+    they are (see :class:`NMLinear`); reads only, copies nothing. Missing entries are left to
+    ``load_state_dict``'s own ``strict`` handling."""
+    who = f"NMLinear {prefix[:-1]!r}" if prefix else "NMLinear"
+    layout = state_dict.get(prefix + "_extra_state")
+    if isinstance(layout, torch.Tensor):
+        got = [int(v) for v in layout.reshape(-1).tolist()]
+        want = [int(v) for v in layer.get_extra_state().tolist()]
+        if len(got) != len(want) or got[0] != want[0]:
+            raise ValueError(f"{who}: the checkpoint's layout record {got} is not format version {want[0]} ({want})")
+        if got[1:5] != want[1:5]:
+            raise ValueError(
+                f"{who}: the checkpoint holds a {got[2]}x{got[1]} (out x in) {got[3]}:{got[4]} weight, this layer is "
+                f"{want[2]}x{want[1]} {want[3]}:{want[4]}"
+            )
+    values = state_dict.get(prefix + "values")
+    if isinstance(values, torch.Tensor):
+        if values.dtype != layer.values.dtype:
+            raise TypeError(
+                f"{who}: the checkpoint's values are {values.dtype}, this layer stores {layer.values.dtype}; build the "
+                f"layer with dtype={values.dtype} (values are never reinterpreted)"
+            )
+        if values.shape != layer.values.shape:
+            raise ValueError(
+                f"{who}: the checkpoint's values have shape {tuple(values.shape)}, this layer's layout needs "
+                f"{tuple(layer.values.shape)}"
+            )
+    index = state_dict.get(prefix + "index")
+    if isinstance(index, torch.Tensor):
+        if index.dtype != torch.int32 or index.shape != layer.index.shape:
+            raise ValueError(
+                f"{who}: the checkpoint's index is {index.dtype} {tuple(index.shape)}, expected torch.int32 "
+                f"{tuple(layer.index.shape)}"
+            )
+        _check_positions(index, layer.m, who)
+    bias = state_dict.get(prefix + "bias")
+    if isinstance(bias, torch.Tensor) and layer.bias is not None and bias.shape != layer.bias.shape:
+        raise ValueError(f"{who}: the checkpoint's bias has shape {tuple(bias.shape)}, expected {tuple(layer.bias.shape)}")
+
+
+def _check_positions(index: torch.Tensor, m: int, who: str) -> None:
+    """Stored positions must be below M: with M a power of two every bit pattern is one;
+    otherwise (M = 3, 5, 6, 7) a corrupt file could point past a group, which the kernels would
+    read as the wrong input."""
+    if m & (m - 1) == 0:
+        return
+    bits = 2 if m <= 4 else 4
+    words = index.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+    positions = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    if bool((positions >= m).any()):
+        raise ValueError(f"{who}: index positions must be below M = {m}; this state_dict's index is corrupt")
+
+
+def _check_all_entries(model: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+    """A model-level load pre-hook (installed by :func:`compress`): every compressed layer's
+    entries are checked before any module of the model copies anything."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, NMLinear):
+            check_nm_linear_entries(mod, state_dict, prefix + (name + "." if name else ""))
+
+
+def _refuse_half(dtype: torch.dtype, where: str) -> None:
+    # A float16 model would feed float16 activations, which the compressed kernels do not take
+    # (float32 or bfloat16 inputs); storing its weights as float32 would also make it larger.
+    if dtype == torch.float16:
+        raise TypeError(
+            f"{where}: the weight is float16, which the compressed N:M kernels do not run (their activations are "
+            "float32 or bfloat16); convert the model first, model.to(torch.bfloat16) or model.float()"
         )
 
 
@@ -212,6 +296,13 @@ def compress(
     and a ``ValueError`` names the first that is not (nothing is converted). ``dtype``:
     ``torch.float32`` or ``torch.bfloat16`` for the stored values (default: each weight's own
     dtype when it is one of those, else float32). The model must be on the CPU.
+
+    Raises:
+        TypeError: a float16 layer (convert the model to bfloat16 or float32 first: the kernels
+            take float32 or bfloat16 activations); nothing is converted.
+        ValueError: an ``include`` name that is not a module or a layer that cannot be
+            converted, or a model with no exact N:M layer at all (finalize it first); nothing is
+            converted.
     """
     n, m = parse_pattern(pattern)
     wanted = None if include is None else list(include)
@@ -244,9 +335,20 @@ def compress(
             continue
         plan.append((name, mod))
     for name, mod in plan:
+        _refuse_half(mod.weight.dtype, f"compress: layer {name!r}")
+    if not plan:
+        left = "; ".join(f"{name}: {why}" for name, why in report.skipped[:4]) or "no nn.Linear / Conv1D layer"
+        raise ValueError(
+            f"compress: no layer of the model is exactly {n}:{m}, so nothing would be converted "
+            f"(finalize the model first: sparse.finalize()); {left}"
+        )
+    for name, mod in plan:
         new = NMLinear.from_dense(mod, (n, m), dtype=dtype)
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, new)
         w = mod.weight
         report.layers.append(CompressedLayer(name, (new.out_features, new.in_features), w.numel() * w.element_size(), new.nbytes))
+    if not getattr(model, "_cast_rs_load_checks", False):
+        model.register_load_state_dict_pre_hook(_check_all_entries)
+        model._cast_rs_load_checks = True
     return report

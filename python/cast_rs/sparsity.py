@@ -320,6 +320,21 @@ class SparseModel:
         q = float(torch.quantile(mags, float(quantile)))
         return q / (float(schedule_sum) * steps)
 
+    def _check_finite(self) -> None:
+        """Refuse to finalize a layer whose weight or scale is not finite (before any write)."""
+        for layer in self.layers:
+            mod = layer.module
+            tensors = [("weight", layer.weight)]
+            if parametrize.is_parametrized(mod, "weight"):
+                tensors.append(("weight scale", mod.parametrizations.weight[0].scale))
+            for what, t in tensors:
+                bad = int((~torch.isfinite(_dtensor.full(t.detach()))).sum())
+                if bad:
+                    raise ValueError(
+                        f"finalize: layer {layer.name!r}: its {what} holds {bad} non-finite value(s) (NaN or inf); "
+                        "the model diverged or was corrupted: nothing was finalized"
+                    )
+
     @torch.no_grad()
     def finalize(self) -> FinalizeReport:
         """Make every sparse layer exactly N:M and plain again.
@@ -340,10 +355,16 @@ class SparseModel:
         keeps every sparse layer exactly N:M with no extra call: after each step of any
         ``torch.optim`` optimizer the masked weights are set back to 0, and their gradients are
         masked as they accumulate (see ``cast_rs._mask_guard``). :meth:`release_mask` ends this.
+
+        Raises:
+            ValueError: a sparse layer's weight (or its scale) holds a NaN or an infinity, named
+                with its count; nothing is changed. A non-finite weight would survive the mask
+                (NaN ranks largest) and make the exact N:M model compute NaN.
         """
         if self.finalized:
             raise RuntimeError("finalize: this SparseModel is already finalized")
         n, m = self.pattern
+        self._check_finite()
         report = FinalizeReport()
         for layer in self.layers:
             mod = layer.module
