@@ -15,7 +15,6 @@
 //! either (the default build has no `python` feature).
 
 pub mod adams;
-pub mod adams_lp;
 pub mod checks;
 pub mod error;
 pub mod half;
