@@ -1,0 +1,250 @@
+//! The entry points of an N:M linear layer: check the buffers, pick the kernel this CPU runs
+//! ([`Kernel`]), and drive it block by block and 8 batch rows at a time, on the calling thread
+//! or on the thread pool.
+
+use super::check::check_call;
+use super::elem::{Bf16, NmElem};
+use super::layout::{NmLayout, ROW_BLOCK};
+use super::pieces::in_pieces;
+use super::portable::block_portable;
+#[cfg(target_arch = "x86_64")]
+use super::x86;
+use crate::error::Result;
+
+/// row-major) into `y` (`[batch, rows]`), with the best kernel this CPU has, on the calling
+/// thread ([`nm_linear_parallel`] splits the row blocks over the thread pool). Memory-safe
+/// whatever the index holds (the vector kernels pick inputs inside a register holding the group, the
+/// portable one is bounds-checked), but positions of M or more give wrong sums, so an index
+/// not made by [`compress`] should pass [`check_index`].
+pub fn nm_linear<E: NmElem>(
+    layout: &NmLayout,
+    values: &[E],
+    index: &[u32],
+    bias: Option<&[f32]>,
+    x: &[f32],
+    batch: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    check_call(layout, values, index, bias, x, batch, y)?;
+    run_blocks(
+        layout,
+        values,
+        index,
+        bias,
+        x,
+        batch,
+        y,
+        0,
+        layout.blocks(),
+        level(),
+    );
+    Ok(())
+}
+
+/// Which kernel ran (tests run each one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+/// The best kernel for this CPU (`CAST_RS_NO_SIMD` forces the portable one).
+pub fn level() -> Kernel {
+    match crate::simd::level() {
+        crate::simd::Level::Avx512 => Kernel::Avx512,
+        crate::simd::Level::Avx2 => Kernel::Avx2,
+        crate::simd::Level::Baseline => Kernel::Portable,
+    }
+}
+
+/// Row blocks `[b0, b1)` of a call with kernel `kernel` (which the CPU must support). `y`
+/// is the whole output; only the rows of these blocks are written.
+#[allow(clippy::too_many_arguments)]
+pub fn run_blocks<E: NmElem>(
+    layout: &NmLayout,
+    values: &[E],
+    index: &[u32],
+    bias: Option<&[f32]>,
+    x: &[f32],
+    batch: usize,
+    y: &mut [f32],
+    b0: usize,
+    b1: usize,
+    kernel: Kernel,
+) {
+    assert!(y.len() >= batch * layout.rows && b1 <= layout.blocks());
+    // SAFETY: `y` is exclusively borrowed and long enough (asserted).
+    unsafe {
+        run_blocks_raw(
+            layout,
+            values,
+            index,
+            bias,
+            x,
+            batch,
+            y.as_mut_ptr(),
+            b0,
+            b1,
+            kernel,
+        )
+    }
+}
+
+/// [`run_blocks`] writing through a raw pointer, so that threads can fill disjoint row
+/// blocks of one output.
+///
+/// # Safety
+/// `y` must be valid for writes of `batch · rows` f32; no other thread may access the rows
+/// of blocks `[b0, b1)` of any batch row meanwhile; buffers as checked by [`check_call`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_blocks_raw<E: NmElem>(
+    layout: &NmLayout,
+    values: &[E],
+    index: &[u32],
+    bias: Option<&[f32]>,
+    x: &[f32],
+    batch: usize,
+    y: *mut f32,
+    b0: usize,
+    b1: usize,
+    kernel: Kernel,
+) {
+    let cols = layout.cols;
+    let block_kernel = |b: usize, nb: usize, block: usize, acc: &mut [f32]| {
+        let xs = &x[b * cols..(b + nb) * cols];
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => {
+                // SAFETY: the caller only picks Avx512 on a CPU that has it (`level`);
+                // buffer lengths were checked (`check_call`).
+                unsafe { x86::block_avx512(layout, values, index, xs, nb, block, acc) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => {
+                // SAFETY: as above, for AVX2 + FMA.
+                unsafe { x86::block_avx2(layout, values, index, xs, nb, block, acc) }
+            }
+            _ => block_portable(layout, values, index, xs, nb, block, acc),
+        }
+    };
+    // SAFETY: the caller's contract, forwarded.
+    unsafe { for_chunks(layout, bias, batch, y, b0, b1, block_kernel) }
+}
+
+/// The loop every kernel shares: for each block of `[b0, b1)` and each chunk of up to 8
+/// batch rows, `kernel(b, nb, block, acc)` sums batch rows `b..b + nb` of the block into
+/// `acc[bb · 16 + lane]`, and the chunk's rows (plus bias) are written into `y`.
+///
+/// # Safety
+/// As [`run_blocks_raw`].
+unsafe fn for_chunks(
+    layout: &NmLayout,
+    bias: Option<&[f32]>,
+    batch: usize,
+    y: *mut f32,
+    b0: usize,
+    b1: usize,
+    mut kernel: impl FnMut(usize, usize, usize, &mut [f32]),
+) {
+    let mut acc = [0f32; ROW_BLOCK * 8];
+    for block in b0..b1 {
+        let mut b = 0;
+        while b < batch {
+            let nb = (batch - b).min(8);
+            let acc = &mut acc[..ROW_BLOCK * nb];
+            kernel(b, nb, block, acc);
+            let rows_here = ROW_BLOCK.min(layout.rows - block * ROW_BLOCK);
+            for bb in 0..nb {
+                for lane in 0..rows_here {
+                    let r = block * ROW_BLOCK + lane;
+                    let add = bias.map_or(0.0, |bv| bv[r]);
+                    // SAFETY: in bounds (r < rows, b + bb < batch); these rows are this
+                    // call's (the caller's contract).
+                    unsafe {
+                        *y.add((b + bb) * layout.rows + r) = acc[bb * ROW_BLOCK + lane] + add
+                    };
+                }
+            }
+            b += nb;
+        }
+    }
+}
+
+/// [`nm_linear`] on the crate's thread pool (torch's, in the extension): the row blocks are
+/// cut into a few pieces per thread, handed out dynamically; the calling thread works too.
+pub fn nm_linear_parallel<E: NmElem>(
+    layout: &NmLayout,
+    values: &[E],
+    index: &[u32],
+    bias: Option<&[f32]>,
+    x: &[f32],
+    batch: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    check_call(layout, values, index, bias, x, batch, y)?;
+    let kernel = level();
+    in_pieces(layout, y, |b0, b1, out| {
+        // SAFETY: `y` is borrowed for the whole call and long enough (checked); pieces cover
+        // disjoint block ranges, so no two threads write the same element.
+        unsafe { run_blocks_raw(layout, values, index, bias, x, batch, out, b0, b1, kernel) }
+    });
+    Ok(())
+}
+
+/// Whether [`nm_linear_bf16_parallel`] runs its `vdpbf16ps` kernel for `layout`: a CPU with
+/// AVX-512 BF16 (and the AVX-512 level, so `CAST_RS_NO_SIMD` turns it off) and an even N,
+/// so that a pair of slots never straddles two groups.
+pub fn bf16_dot_kernel(layout: &NmLayout) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static BF16: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let cpu = *BF16.get_or_init(|| std::arch::is_x86_feature_detected!("avx512bf16"));
+        cpu && level() == Kernel::Avx512 && layout.n.is_multiple_of(2)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = layout;
+        false
+    }
+}
+
+/// [`nm_linear_parallel`] for bf16 weights **and bf16 inputs** (a bf16 model's activations).
+///
+/// With [`bf16_dot_kernel`], `vdpbf16ps` multiplies each lane's two kept values of a slot pair
+/// by their two inputs in one instruction: a product of two bf16 is exact in f32, and each of
+/// the two additions into the f32 sum rounds once, as an FMA does (measured on this CPU: the
+/// instruction adds the products one after the other, not fused), so the error bound is the
+/// f32 kernels'; the order differs (a pair's second slot, then its first), so results are
+/// not bit-identical to them. Inputs or outputs below f32's normal range are flushed to zero
+/// by the instruction (bf16 shares f32's exponent range, so only values under 1.2e-38).
+/// Without it, the inputs are widened to f32 and [`nm_linear_parallel`] runs.
+pub fn nm_linear_bf16_parallel(
+    layout: &NmLayout,
+    values: &[Bf16],
+    index: &[u32],
+    bias: Option<&[f32]>,
+    x: &[Bf16],
+    batch: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    check_call(layout, values, index, bias, x, batch, y)?;
+    if !bf16_dot_kernel(layout) {
+        let x32: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        return nm_linear_parallel(layout, values, index, bias, &x32, batch, y);
+    }
+    #[cfg(target_arch = "x86_64")]
+    in_pieces(layout, y, |b0, b1, out| {
+        let cols = layout.cols;
+        let block_kernel = |b: usize, nb: usize, block: usize, acc: &mut [f32]| {
+            let xs = &x[b * cols..(b + nb) * cols];
+            // SAFETY: the CPU features and an even N were checked (`bf16_dot_kernel`), the
+            // buffer lengths by `check_call`.
+            unsafe { x86::block_dpbf16(layout, values, index, xs, nb, block, acc) }
+        };
+        // SAFETY: as in `nm_linear_parallel`: `y` is borrowed for the whole call and long
+        // enough; pieces write disjoint block ranges.
+        unsafe { for_chunks(layout, bias, batch, out, b0, b1, block_kernel) }
+    });
+    Ok(())
+}

@@ -1,0 +1,47 @@
+//! The element types a compressed weight is stored in: f32, and bf16 as its bits ([`Bf16`]),
+//! with what the packing and the kernels need of them.
+
+/// A stored weight element: f32, or bf16 as its bits.
+pub trait NmElem: Copy + Send + Sync + 'static {
+    const ZERO: Self;
+    /// Stored as interleaved pairs of slots ([`NmLayout::value_offset`]): the 2-byte types.
+    const PAIRED: bool;
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+    fn is_zero(self) -> bool;
+}
+
+impl NmElem for f32 {
+    const ZERO: Self = 0.0;
+    const PAIRED: bool = false;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn is_zero(self) -> bool {
+        self == 0.0
+    }
+}
+
+/// bf16 bits (what torch stores for `torch.bfloat16`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct Bf16(pub u16);
+
+impl NmElem for Bf16 {
+    const ZERO: Self = Bf16(0);
+    const PAIRED: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.0 as u32) << 16)
+    }
+    fn from_f32(x: f32) -> Self {
+        Bf16(crate::half::f32_to_bf16(x))
+    }
+    fn is_zero(self) -> bool {
+        self.0 & 0x7fff == 0
+    }
+}

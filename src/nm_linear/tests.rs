@@ -1,0 +1,335 @@
+//! Tests of the compressed layer: round trips, every kernel against an f64 reference and
+//! against each other (bit for bit), the bf16 layouts and kernels, the thread-pool split, and
+//! the refusals.
+
+use super::{
+    bf16_dot_kernel, check_call, check_index, compress, decompress, decompress_into, level,
+    nm_linear, nm_linear_bf16_parallel, nm_linear_parallel, run_blocks, Bf16, Kernel, NmElem,
+    NmLayout,
+};
+
+/// xorshift64*: deterministic test data without a dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let u = (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 24) as f32;
+        2.0 * u - 1.0
+    }
+}
+
+/// A random exactly-N:M weight: in each group, N random positions get random values
+/// (a few of them exactly 0, to exercise the zero-filled slots).
+fn nm_weight(rows: usize, cols: usize, n: usize, m: usize, rng: &mut Rng) -> Vec<f32> {
+    let mut w = vec![0f32; rows * cols];
+    for r in 0..rows {
+        for k in 0..cols / m {
+            let mut order: Vec<usize> = (0..m).collect();
+            for i in (1..m).rev() {
+                let j = ((rng.next() + 1.0) * 0.5 * (i + 1) as f32) as usize % (i + 1);
+                order.swap(i, j);
+            }
+            for &p in &order[..n] {
+                let v = rng.next();
+                w[r * cols + k * m + p] = if v.abs() < 0.05 { 0.0 } else { v };
+            }
+        }
+    }
+    w
+}
+
+fn kernels() -> Vec<Kernel> {
+    let mut ks = vec![Kernel::Portable];
+    if matches!(level(), Kernel::Avx2 | Kernel::Avx512) {
+        ks.push(Kernel::Avx2);
+    }
+    if level() == Kernel::Avx512 {
+        ks.push(Kernel::Avx512);
+    }
+    ks
+}
+
+/// f64 reference: y = x · Wᵀ + bias.
+fn reference(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    batch: usize,
+    bias: &[f32],
+) -> Vec<f64> {
+    let mut y = vec![0f64; batch * rows];
+    for b in 0..batch {
+        for r in 0..rows {
+            let mut s = bias[r] as f64;
+            for c in 0..cols {
+                s += w[r * cols + c] as f64 * x[b * cols + c] as f64;
+            }
+            y[b * rows + r] = s;
+        }
+    }
+    y
+}
+
+/// Asserts that `y` is within f32 summation rounding of the f64 reference: each of the
+/// kept + 1 additions (products and bias) rounds once, by at most 2^-24 of a partial sum,
+/// itself at most Σ|w·x| + |bias|.
+fn assert_within_rounding(
+    l: &NmLayout,
+    w: &[f32],
+    x: &[f32],
+    bias: &[f32],
+    batch: usize,
+    y: &[f32],
+    what: &str,
+) {
+    let (rows, cols) = (l.rows, l.cols);
+    let want = reference(w, rows, cols, x, batch, bias);
+    for (i, (&got, &exact)) in y.iter().zip(&want).enumerate() {
+        let (b, r) = (i / rows, i % rows);
+        let mass: f64 = (0..cols)
+            .map(|c| (w[r * cols + c] as f64 * x[b * cols + c] as f64).abs())
+            .sum::<f64>()
+            + bias[r].abs() as f64;
+        let tol = (l.kept() as f64 + 2.0) * mass * f32::EPSILON as f64 / 2.0 + 1e-30;
+        assert!(
+            (got as f64 - exact).abs() <= tol,
+            "{what} [{i}]: {got} vs {exact}"
+        );
+    }
+}
+
+fn run_with<E: NmElem>(
+    kernel: Kernel,
+    l: &NmLayout,
+    v: &[E],
+    idx: &[u32],
+    bias: &[f32],
+    x: &[f32],
+    batch: usize,
+) -> Vec<f32> {
+    let mut y = vec![f32::NAN; batch * l.rows];
+    check_call(l, v, idx, Some(bias), x, batch, &y).unwrap();
+    run_blocks(
+        l,
+        v,
+        idx,
+        Some(bias),
+        x,
+        batch,
+        &mut y,
+        0,
+        l.blocks(),
+        kernel,
+    );
+    y
+}
+
+#[test]
+fn round_trip_and_every_kernel_against_the_dense_reference() {
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    for &(n, m) in &[(2, 4), (1, 4), (3, 4), (1, 2), (2, 8), (4, 8), (3, 6)] {
+        for &(rows, cols) in &[(16, 8 * m), (37, 4 * m), (5, m), (64, 32 * m)] {
+            let l = NmLayout::new(rows, cols, n, m).unwrap();
+            let w = nm_weight(rows, cols, n, m, &mut rng);
+            let (v, idx) = compress(&l, &w).unwrap();
+            assert_eq!(
+                decompress(&l, &v, &idx).unwrap(),
+                w,
+                "{n}:{m} {rows}x{cols} round trip"
+            );
+            check_index(&l, &idx).unwrap();
+            let bias: Vec<f32> = (0..rows).map(|_| rng.next()).collect();
+            for batch in [1usize, 3, 8, 11, 16] {
+                let x: Vec<f32> = (0..batch * cols).map(|_| rng.next()).collect();
+                let mut first: Option<Vec<f32>> = None;
+                for k in kernels() {
+                    let y = run_with(k, &l, &v, &idx, &bias, &x, batch);
+                    let what = format!("{k:?} {n}:{m} {rows}x{cols} b{batch}");
+                    assert_within_rounding(&l, &w, &x, &bias, batch, &y, &what);
+                    // Every kernel sums in the same order with FMAs: identical results.
+                    match &first {
+                        None => first = Some(y),
+                        Some(f) => assert_eq!(f, &y, "{k:?} differs from the portable kernel"),
+                    }
+                }
+                // bf16 values (stored in interleaved slot pairs, an odd last slot plain):
+                // every kernel equals the f32 layer on the bf16-rounded weight, bit for bit.
+                let wb: Vec<Bf16> = w.iter().map(|&v| Bf16::from_f32(v)).collect();
+                let wr: Vec<f32> = wb.iter().map(|b| b.to_f32()).collect();
+                let (vb, idxb) = compress(&l, &wb).unwrap();
+                assert_eq!(
+                    decompress(&l, &vb, &idxb).unwrap(),
+                    wb,
+                    "{n}:{m} bf16 round trip"
+                );
+                let (vr, idxr) = compress(&l, &wr).unwrap();
+                assert_eq!(idxb, idxr);
+                let want = run_with(Kernel::Portable, &l, &vr, &idxr, &bias, &x, batch);
+                for k in kernels() {
+                    let y = run_with(k, &l, &vb, &idxb, &bias, &x, batch);
+                    assert_eq!(y, want, "{k:?} {n}:{m} {rows}x{cols} b{batch} bf16");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_pairs_interleave_lane_by_lane() {
+    // One block of 16 rows, 2:4 over 8 columns: slots 0, 1 (group 0) and 2, 3 (group 1).
+    let l = NmLayout::new(16, 8, 2, 4).unwrap();
+    let w: Vec<f32> = (0..16 * 8)
+        .map(|i| {
+            if i % 4 == 1 || i % 4 == 2 {
+                i as f32
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let wb: Vec<Bf16> = w.iter().map(|&v| Bf16::from_f32(v)).collect();
+    let (v32, _) = compress(&l, &w).unwrap();
+    let (vb, _) = compress(&l, &wb).unwrap();
+    // f32: slot-major, 16 lanes per slot. Row r keeps columns 1 and 2 of each group.
+    assert_eq!(&v32[..3], &[1.0, 9.0, 17.0]); // slot 0, lanes 0..3: W[r, 1]
+    assert_eq!(v32[16], 2.0); // slot 1, lane 0: W[0, 2]
+                              // bf16: a lane's two slots side by side (W[0, 1], W[0, 2], W[1, 1], W[1, 2], ...).
+    let got: Vec<f32> = vb[..4].iter().map(|b| b.to_f32()).collect();
+    assert_eq!(got, [1.0, 2.0, 9.0, 10.0]);
+    assert_eq!(vb[32].to_f32(), 5.0); // the next pair (slots 2, 3): W[0, 5]
+}
+
+#[test]
+fn bf16_values_compute_in_f32() {
+    let mut rng = Rng(99);
+    let (rows, cols, n, m) = (40, 64, 2, 4);
+    let l = NmLayout::new(rows, cols, n, m).unwrap();
+    let w32 = nm_weight(rows, cols, n, m, &mut rng);
+    let w: Vec<Bf16> = w32.iter().map(|&v| Bf16::from_f32(v)).collect();
+    let (v, idx) = compress(&l, &w).unwrap();
+    assert_eq!(decompress(&l, &v, &idx).unwrap(), w);
+    let wr: Vec<f32> = w.iter().map(|b| b.to_f32()).collect();
+    let (v32, idx32) = compress(&l, &wr).unwrap();
+    assert_eq!(idx, idx32);
+    let bias = vec![0.5f32; rows];
+    for batch in [1usize, 5, 16] {
+        let x: Vec<f32> = (0..batch * cols).map(|_| rng.next()).collect();
+        // The bf16 layer equals the f32 layer on the bf16-rounded weights, bit for bit.
+        let want = run_with(Kernel::Portable, &l, &v32, &idx32, &bias, &x, batch);
+        for k in kernels() {
+            let mut y = vec![0f32; batch * rows];
+            run_blocks(
+                &l,
+                &v,
+                &idx,
+                Some(&bias),
+                &x,
+                batch,
+                &mut y,
+                0,
+                l.blocks(),
+                k,
+            );
+            assert_eq!(y, want, "{k:?} batch {batch}");
+        }
+    }
+}
+
+#[test]
+fn bf16_inputs_against_the_dense_reference() {
+    let mut rng = Rng(0x5eed_bf16);
+    let mut used_dot = false;
+    for &(n, m) in &[(2, 4), (2, 3), (2, 8), (4, 8), (2, 6), (1, 4), (3, 8)] {
+        for &(rows, cols) in &[(16, 8 * m), (37, 4 * m), (5, m), (64, 32 * m)] {
+            let l = NmLayout::new(rows, cols, n, m).unwrap();
+            let w: Vec<Bf16> = nm_weight(rows, cols, n, m, &mut rng)
+                .iter()
+                .map(|&v| Bf16::from_f32(v))
+                .collect();
+            let wf: Vec<f32> = w.iter().map(|b| b.to_f32()).collect();
+            let (v, idx) = compress(&l, &w).unwrap();
+            let bias: Vec<f32> = (0..rows).map(|_| rng.next()).collect();
+            used_dot |= bf16_dot_kernel(&l);
+            for batch in [1usize, 3, 8, 11, 16] {
+                let x: Vec<Bf16> = (0..batch * cols)
+                    .map(|_| Bf16::from_f32(rng.next()))
+                    .collect();
+                let xf: Vec<f32> = x.iter().map(|b| b.to_f32()).collect();
+                let mut y = vec![f32::NAN; batch * rows];
+                nm_linear_bf16_parallel(&l, &v, &idx, Some(&bias), &x, batch, &mut y).unwrap();
+                let mut f32_path = vec![0f32; batch * rows];
+                nm_linear(&l, &v, &idx, Some(&bias), &xf, batch, &mut f32_path).unwrap();
+                // Products of bf16 are exact in f32 and each addition rounds once (as in
+                // the f32 kernels), so the same bound holds in the dot kernel's order.
+                let what = format!("dot {n}:{m} {rows}x{cols} b{batch}");
+                assert_within_rounding(&l, &wf, &xf, &bias, batch, &y, &what);
+                if !bf16_dot_kernel(&l) {
+                    // Without the dot kernel the inputs are widened: the f32 path's bits.
+                    assert_eq!(y, f32_path, "{n}:{m} fallback");
+                }
+            }
+        }
+    }
+    if !used_dot {
+        eprintln!(
+            "bf16_inputs_against_the_dense_reference: this CPU has no AVX-512 BF16 (or \
+             CAST_RS_NO_SIMD is set): only the widening fallback was tested"
+        );
+    }
+}
+
+#[test]
+fn parallel_equals_one_piece() {
+    let mut rng = Rng(7);
+    let (rows, cols) = (1000, 256);
+    let l = NmLayout::new(rows, cols, 2, 4).unwrap();
+    let w = nm_weight(rows, cols, 2, 4, &mut rng);
+    let (v, idx) = compress(&l, &w).unwrap();
+    // 63 blocks: decompress runs in several pieces too.
+    assert_eq!(decompress(&l, &v, &idx).unwrap(), w);
+    for batch in [1usize, 4, 16] {
+        let x: Vec<f32> = (0..batch * cols).map(|_| rng.next()).collect();
+        let mut one = vec![0f32; batch * rows];
+        let mut par = vec![f32::NAN; batch * rows];
+        nm_linear(&l, &v, &idx, None, &x, batch, &mut one).unwrap();
+        nm_linear_parallel(&l, &v, &idx, None, &x, batch, &mut par).unwrap();
+        assert_eq!(one, par);
+    }
+}
+
+#[test]
+fn not_nm_and_bad_shapes_are_refused() {
+    let l = NmLayout::new(2, 8, 2, 4).unwrap();
+    let mut w = vec![0f32; 16];
+    w[0] = 1.0;
+    w[1] = 1.0;
+    w[2] = 1.0; // three nonzeros in a 2:4 group
+    let e = compress(&l, &w).unwrap_err().to_string();
+    assert!(e.contains("not 2:4") && e.contains("row 0, group 0"), "{e}");
+    assert!(NmLayout::new(2, 6, 2, 4)
+        .unwrap_err()
+        .to_string()
+        .contains("multiple of M = 4"));
+    assert!(NmLayout::new(2, 8, 4, 4).is_err() && NmLayout::new(2, 18, 2, 9).is_err());
+    let (v, idx) = compress(&l, &[0f32; 16]).unwrap();
+    let mut y = vec![0f32; 2];
+    let e = nm_linear(&l, &v, &idx, None, &[0f32; 7], 1, &mut y)
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("input: expected 1 x 8"), "{e}");
+    let mut bad = idx.clone();
+    bad[0] = u32::MAX; // positions 3 are fine for M = 4; use M = 3 to make them invalid
+    let l3 = NmLayout::new(2, 6, 1, 3).unwrap();
+    let (_, idx3) = compress(&l3, &[0f32; 12]).unwrap();
+    let mut bad3 = idx3.clone();
+    bad3[0] = u32::MAX;
+    assert!(check_index(&l3, &bad3).is_err());
+    let mut out = vec![7f32; 12];
+    let e = decompress_into(&l3, &vec![0f32; l3.values_len()], &bad3, &mut out).unwrap_err();
+    assert!(e.to_string().starts_with("index: slot 0, lane 0"), "{e}");
+    assert_eq!(out, vec![7f32; 12], "nothing written after a refused index");
+    assert!(check_index(&l, &bad).is_ok());
+}
