@@ -3,7 +3,7 @@
 //! (CUDA included). Used whenever the fast path's conditions do not hold (or when forced,
 //! which is how the tests prove both paths agree on CPU).
 //!
-//! Op order mirrors the fast path (`adams.rs`), which mirrors torch's AdamW, so for f32 on CPU
+//! Op order mirrors the fast path (`crate::adams`), which mirrors torch's AdamW, so for f32 on CPU
 //! the two paths agree to rounding.
 
 use std::ffi::{c_char, CStr};

@@ -1,6 +1,6 @@
 //! bfloat16 and IEEE float16 ⇄ f32 conversions, bit-exact with PyTorch's CPU conversions,
-//! for the fused bf16/fp16 AdamS path (issue 12: load in f32, compute in f32, round once per
-//! stored value).
+//! for the fused bf16/fp16 AdamS path (load in f32, compute in f32, round once per stored
+//! value).
 //!
 //! Both directions are branch-free integer/float arithmetic that LLVM vectorises inside the
 //! kernels' `simd::dispatch` (AVX-512 / AVX2 builds of the same code). Rounding is to nearest,

@@ -213,8 +213,8 @@ pub fn bf16_dot_kernel(layout: &NmLayout) -> bool {
 ///
 /// With [`bf16_dot_kernel`], `vdpbf16ps` multiplies each lane's two kept values of a slot pair
 /// by their two inputs in one instruction: a product of two bf16 is exact in f32, and each of
-/// the two additions into the f32 sum rounds once, as an FMA does (measured on this CPU: the
-/// instruction adds the products one after the other, not fused), so the error bound is the
+/// the two additions into the f32 sum rounds once, as an FMA does (measured on a CPU with
+/// AVX-512 BF16: the instruction adds the products one after the other, not fused), so the error bound is the
 /// f32 kernels'; the order differs (a pair's second slot, then its first), so results are
 /// not bit-identical to them. Inputs or outputs below f32's normal range are flushed to zero
 /// by the instruction (bf16 shares f32's exponent range, so only values under 1.2e-38).
