@@ -44,6 +44,9 @@ fn compile_operators() {
     // Every torch wheel since 2.7 (this crate needs 2.13) is built with the C++11 ABI;
     // LIBTORCH_CXX11_ABI=0 (torch-sys's variable) is for a libtorch built without it.
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
+    // Python.h, for the operators' errors: raised as the same Python exception objects (class
+    // and fields) that the Rust side builds, through pybind11 (torch/include/pybind11).
+    let python_include = python_include();
     let mut build = cc::Build::new();
     build
         .cpp(true)
@@ -61,8 +64,33 @@ fn compile_operators() {
                 .to_str()
                 .expect("utf-8 include path"),
         )
+        .flag("-isystem")
+        .flag(&python_include)
         .warnings(true)
         .extra_warnings(true)
         .files(SOURCES);
     build.compile("cast_rs_ops");
+}
+
+/// The include directory of the building interpreter (the `python3` that torch-sys also runs:
+/// the build backend puts it first on `PATH`; `PYO3_PYTHON` overrides, as for pyo3).
+fn python_include() -> String {
+    println!("cargo:rerun-if-env-changed=PYO3_PYTHON");
+    let python = std::env::var("PYO3_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let out = std::process::Command::new(&python)
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_paths()['include'])",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("running {python} to find Python.h: {e}"));
+    assert!(
+        out.status.success(),
+        "{python} could not report its include directory: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8 include path")
+        .trim()
+        .to_string()
 }

@@ -7,8 +7,8 @@ dominates) and a large one (where the kernel does):
 
 * ``AdamS.step()`` on a 2:4 group (8 weights) through the whole Python optimizer;
 * ``_cast_rs.adams_step`` directly (the binding and the kernel, no Python optimizer);
-* ``scale_weight`` forward + backward (eager: the autograd Function around the kernels);
-* ``_cast_rs.scale_forward`` directly;
+* ``scale_weight`` forward + backward (the operator and its C++ autograd formula);
+* ``torch.ops.cast_rs.scale_forward`` directly;
 * ``nm_mask``.
 
 To compare with another commit (the "before" of a change to the binding layer), build that
@@ -49,7 +49,8 @@ def scale_fwd_bwd(rows: int, cols: int):
 
 def raw_scale_forward(rows: int, cols: int):
     w, s = torch.randn(rows, cols), torch.rand(rows, 2)
-    return lambda: _cast_rs.scale_forward(w, s, 2)
+    op = torch.ops.cast_rs.scale_forward.default
+    return lambda: op(w, s, 2, -1, False)
 
 
 def nm_mask_call(rows: int, cols: int):
@@ -69,7 +70,7 @@ def main() -> None:
         ("AdamS.step() (8 weights, 2:4)", lambda r, c: adams_group(r, c).step),
         ("_cast_rs.adams_step (8 weights)", raw_step),
         ("scale_weight fwd + bwd", scale_fwd_bwd),
-        ("_cast_rs.scale_forward", raw_scale_forward),
+        ("scale_forward (the operator)", raw_scale_forward),
         ("nm_mask", nm_mask_call),
     ]:
         small = median_us(make(64, 64), a.repeats)

@@ -1,21 +1,15 @@
-"""Per-call cost of each cast-rs kernel through its two routes, side by side in one run.
+"""Per-call cost of each cast-rs operator, side by side in one run.
 
     ./run bench ops [--repeats 200]
 
-Every kernel is reachable two ways, both ending in the same Rust entry point (``src/ops.rs``):
-
-* ``direct``: the pyo3 function in ``cast_rs._cast_rs`` (what the Python API calls in eager
-  mode);
-* ``torch.ops``: the C++ PyTorch operator (``csrc/cast_rs_ops.cpp``) through the dispatcher,
-  ``torch.ops.cast_rs.*`` (what ``torch.compile`` / ``torch.export``, TorchScript and C++
-  callers use).
-
-For each operator and a small and a large input: median microseconds per call and the ratio
-torch.ops / direct. On the small input the kernel is nearly free, so the figure is the call
-overhead; on the large one the overhead disappears into the kernel. Two more rows time
-forward + backward of weight scaling with autograd: ``Function`` (``_ScaleFn``, around the
-direct calls: eager mode) against the operator with its registered autograd formula (traced
-mode).
+The Python API reaches every kernel through its PyTorch operator, ``torch.ops.cast_rs.*``
+(``csrc/cast_rs_ops.cpp``, then the Rust entry point in ``src/ops.rs``). For each operator and
+a small and a large input: median microseconds per call. On the small input the kernel is
+nearly free, so the figure is the call overhead; on the large one the overhead disappears into
+the kernel. The AdamS step is also timed through its pyo3 entry (what ``cast_rs.AdamS`` still
+calls), with the ratio. Two more rows time forward + backward of weight scaling: the operator
+with its C++ autograd formula (what ``scale_weight`` runs) against the same operators wrapped
+in a Python ``torch.autograd.Function`` (what a Python formula would cost).
 """
 
 from __future__ import annotations
@@ -29,7 +23,6 @@ import torch
 import cast_rs
 from cast_rs import _cast_rs
 from bench_optimizer import timed  # the same timing loop (benchmarks/ is on sys.path when run)
-from cast_rs.scaling import _ScaleFn
 
 ops = torch.ops.cast_rs
 
@@ -50,30 +43,42 @@ def step_args(n_params: int, rows: int, cols: int):
     return p, g, mu, v, masks, steps, kw
 
 
-def rows_for(rows: int, cols: int) -> List[Tuple[str, Callable[[], Any], Callable[[], Any]]]:
+class _PythonScaleFn(torch.autograd.Function):
+    """The weight-scaling formula in Python around the operators: the comparison row."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w, s)
+        return ops.scale_forward(w.detach(), s.detach(), 2, -1, False)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Any, ...]:
+        w, s = ctx.saved_tensors
+        return ops.scale_backward(grad.contiguous(), w, s, 2, -1, False)
+
+
+def rows_for(rows: int, cols: int) -> List[Tuple[str, Callable[[], Any]]]:
     x = torch.randn(rows, cols)
     s = torch.rand(rows, 2)
-    bits = _cast_rs.nm_mask_packed(x, 2, 4)
+    bits = ops.nm_mask_packed(x, 2, 4)
     shape = [rows, cols]
-    p, g, mu, v, masks, steps, kw = step_args(8, rows, cols)
-    pats = [(2, 4, -1)] * len(p)
-    flat = [2, 4, -1] * len(p)
     return [
-        ("nm_mask", lambda: _cast_rs.nm_mask_tensor(x, 2, 4, -1, False), lambda: ops.nm_mask(x, 2, 4, -1, False)),
-        ("nm_mask_packed", lambda: _cast_rs.nm_mask_packed(x, 2, 4, -1, False), lambda: ops.nm_mask_packed(x, 2, 4, -1, False)),
-        ("unpack_mask", lambda: _cast_rs.unpack_mask(bits, shape), lambda: ops.unpack_mask(bits, shape)),
-        ("scale_forward", lambda: _cast_rs.scale_forward(x, s, 2, -1, False), lambda: ops.scale_forward(x, s, 2, -1, False)),
-        (
-            "scale_backward",
-            lambda: _cast_rs.scale_backward(x, x, s, 2, -1, False),
-            lambda: ops.scale_backward(x, x, s, 2, -1, False),
-        ),
-        (
-            "adams_step_ (8 tensors)",
-            lambda: _cast_rs.adams_step(p, g, mu, v, masks, pats, steps, **kw),
-            lambda: ops.adams_step_(p, g, mu, v, masks, flat, steps, **kw),
-        ),
+        ("nm_mask", lambda: ops.nm_mask.default(x, 2, 4, -1, False)),
+        ("nm_mask_packed", lambda: ops.nm_mask_packed.default(x, 2, 4, -1, False)),
+        ("unpack_mask", lambda: ops.unpack_mask.default(bits, shape)),
+        ("scale_forward", lambda: ops.scale_forward.default(x, s, 2, -1, False)),
+        ("scale_backward", lambda: ops.scale_backward.default(x, x, s, 2, -1, False)),
     ]
+
+
+def adams_calls(rows: int, cols: int) -> Tuple[Callable[[], Any], Callable[[], Any]]:
+    """One AdamS step of 8 sparse tensors through the pyo3 entry and through the operator."""
+    p, g, mu, v, masks, steps, kw = step_args(8, rows, cols)
+    pats, flat = [(2, 4, -1)] * len(p), [2, 4, -1] * len(p)
+    return (
+        lambda: _cast_rs.adams_step(p, g, mu, v, masks, pats, steps, **kw),
+        lambda: ops.adams_step_(p, g, mu, v, masks, flat, steps, **kw),
+    )
 
 
 def main() -> None:
@@ -84,25 +89,34 @@ def main() -> None:
         f"cast-rs {cast_rs.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"median µs per call over {a.repeats} calls (fewer for the large inputs)"
     )
-    head = f"{'operator':>24} {'input':>10} | {'direct':>9} {'torch.ops':>9} {'ratio':>6}"
+    head = f"{'operator':>24} {'input':>10} | {'torch.ops':>9}"
     print(head)
     print("-" * len(head))
-    for rows, cols in ((64, 64), (1024, 1024)):
+    sizes = ((64, 64), (1024, 1024))
+    for rows, cols in sizes:
         repeats = a.repeats if rows <= 64 else max(20, a.repeats // 10)
-        for name, direct, op in rows_for(rows, cols):
-            d, o = median_us(direct, repeats), median_us(op, repeats)
-            print(f"{name:>24} {f'{rows}x{cols}':>10} | {d:9.1f} {o:9.1f} {o / d:6.2f}")
+        for name, op in rows_for(rows, cols):
+            print(f"{name:>24} {f'{rows}x{cols}':>10} | {median_us(op, repeats):9.1f}")
     print()
-    head = f"{'scaling fwd + bwd':>24} {'input':>10} | {'Function':>9} {'operator':>9} {'ratio':>6}"
+    head = f"{'adams step (8 tensors)':>24} {'input':>10} | {'pyo3':>9} {'torch.ops':>9} {'ratio':>6}"
     print(head)
     print("-" * len(head))
-    for rows, cols in ((64, 64), (1024, 1024)):
+    for rows, cols in sizes:
+        repeats = a.repeats if rows <= 64 else max(20, a.repeats // 10)
+        direct, op = adams_calls(rows, cols)
+        d, o = median_us(direct, repeats), median_us(op, repeats)
+        print(f"{'adams_step':>24} {f'{rows}x{cols}':>10} | {d:9.1f} {o:9.1f} {o / d:6.2f}")
+    print()
+    head = f"{'scaling fwd + bwd':>24} {'input':>10} | {'C++ grad':>9} {'Py grad':>9} {'ratio':>6}"
+    print(head)
+    print("-" * len(head))
+    for rows, cols in sizes:
         repeats = a.repeats if rows <= 64 else max(20, a.repeats // 10)
         w = torch.randn(rows, cols, requires_grad=True)
         s = torch.rand(rows, 2, requires_grad=True)
-        old = median_us(lambda w=w, s=s: _ScaleFn.apply(w, s, 2, -1, False).sum().backward(), repeats)
-        new = median_us(lambda w=w, s=s: ops.scale_forward(w, s, 2, -1, False).sum().backward(), repeats)
-        print(f"{'autograd':>24} {f'{rows}x{cols}':>10} | {old:9.1f} {new:9.1f} {new / old:6.2f}")
+        cpp = median_us(lambda w=w, s=s: ops.scale_forward(w, s, 2, -1, False).sum().backward(), repeats)
+        py = median_us(lambda w=w, s=s: _PythonScaleFn.apply(w, s).sum().backward(), repeats)
+        print(f"{'scale_weight':>24} {f'{rows}x{cols}':>10} | {cpp:9.1f} {py:9.1f} {py / cpp:6.2f}")
 
 
 if __name__ == "__main__":

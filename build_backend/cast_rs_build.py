@@ -105,7 +105,9 @@ def _build_info_text(version: str) -> str:
     return (
         '"""The torch the extension was compiled against: written by the build backend\n'
         '(build_backend/cast_rs_build.py). In git with the default torch."""\n'
-        f"TORCH_VERSION = {version.split('+')[0]!r}\n"
+        "\n"
+        # Double quotes, as `ruff format` writes it: a rebuild leaves the checked-in file as it is.
+        f'TORCH_VERSION = "{version.split("+")[0]}"\n'
     )
 
 

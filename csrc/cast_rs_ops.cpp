@@ -3,15 +3,22 @@
 //
 // An operator here is a schema (TORCH_LIBRARY) plus one thin function per device
 // (TORCH_LIBRARY_IMPL) that checks what only C++ sees and calls the Rust entry point through
-// the small C ABI of src/capi.rs. The Rust side owns every argument rule (src/checks.rs) and
+// the small C ABI of src/capi.rs. The Rust side owns every argument rule (src/checks/) and
 // picks the path: the slice kernels for contiguous CPU tensors of their dtype, the generic
 // libtorch ops otherwise (any device, CUDA included), so the CPU and CUDA registrations are
 // the same function until CUDA kernels of our own exist.
 //
-// Fake (meta) implementations and autograd formulas are registered from Python, in
-// python/cast_rs/_registrations.py (set_python_module below tells torch where to find them).
+// Fake (meta) implementations are registered from Python, in python/cast_rs/_registrations.py
+// (set_python_module below tells torch where to find them); the one autograd formula
+// (weight scaling) is registered here, at the Autograd key.
+
+// Python.h first, as Python asks of every file that includes it.
+#include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <pybind11/pybind11.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -31,6 +38,7 @@ struct CastStepScalars {
 };
 
 void cast_rs_free_message(char* message);
+int32_t cast_rs_set_python_error();
 int32_t cast_rs_nm_mask(const at::Tensor* x, int64_t n, int64_t m, int64_t dim, bool force_generic,
                         bool packed, at::Tensor** out, char** message);
 int32_t cast_rs_unpack_mask(const at::Tensor* bits, const int64_t* shape, size_t ndim, at::Tensor** out,
@@ -64,13 +72,20 @@ namespace {
 // Status codes of src/capi.rs.
 constexpr int32_t kOk = 0, kValueError = 1, kTypeError = 2;
 
-// Throws the c10 error of a failed Rust call: ValueError / TypeError / RuntimeError in Python.
+// Throws the error of a failed Rust call. In a Python process: the exception object the Rust
+// side builds (the class and the structured fields every other route raises), as a pybind11
+// error_already_set, which the Python binding of torch.ops restores as it is. Elsewhere (a C++
+// caller without Python): c10::ValueError / TypeError / Error with the same message.
 // (Called after the Rust call returned, never as `check(call(..., &message), message)`: the
 // order in which arguments are evaluated is unspecified.)
 void check(int32_t status, char* message) {
   if (status == kOk) return;
   std::string text = message ? message : "cast-rs: unknown error";
   cast_rs_free_message(message);
+  if (Py_IsInitialized()) {
+    pybind11::gil_scoped_acquire gil;
+    if (cast_rs_set_python_error() == 1) throw pybind11::error_already_set();
+  }
   TORCH_CHECK_VALUE(status != kValueError, text);
   TORCH_CHECK_TYPE(status != kTypeError, text);
   TORCH_CHECK(false, text);
@@ -127,6 +142,43 @@ std::tuple<at::Tensor, at::Tensor> scale_backward(const at::Tensor& grad, const 
   const int32_t status = cast_rs_scale_backward(&g, &weight, &scale, groups, dim, force_generic, &gw, &ga, &message);
   check(status, message);
   return {take(gw), take(ga)};
+}
+
+// The weight-scaling autograd formula, at the operator (as torchvision's ops): eager calls,
+// torch.compile and C++ callers all differentiate scale_forward the same way.
+//   ∂L/∂W = ∂L/∂W_s · A (broadcast over each block), ∂L/∂A[r, j] = Σ_block ∂L/∂W_s · W.
+class ScaleFunction : public torch::autograd::Function<ScaleFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& weight, const at::Tensor& scale,
+                            int64_t groups, int64_t dim, bool force_generic) {
+    ctx->save_for_backward({weight, scale});
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["dim"] = dim;
+    ctx->saved_data["force_generic"] = force_generic;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("cast_rs::scale_forward", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, bool)>();
+    return op.call(weight, scale, groups, dim, force_generic);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("cast_rs::scale_backward", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                   const at::Tensor&, int64_t, int64_t, bool)>();
+    auto [grad_weight, grad_scale] =
+        op.call(grads[0], saved[0], saved[1], ctx->saved_data["groups"].toInt(), ctx->saved_data["dim"].toInt(),
+                ctx->saved_data["force_generic"].toBool());
+    return {grad_weight, grad_scale, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor scale_forward_autograd(const at::Tensor& weight, const at::Tensor& scale, int64_t groups, int64_t dim,
+                                  bool force_generic) {
+  return ScaleFunction::apply(weight, scale, groups, dim, force_generic);
 }
 
 std::vector<const at::Tensor*> pointers(at::TensorList ts) {
@@ -232,7 +284,7 @@ TORCH_LIBRARY(cast_rs, m) {
       "float eps, float weight_decay, float l1_decay, float? total_steps, int mask_interval, "
       "float[]? l1_decays=None, float[]? weight_decays=None, bool force_generic=False, "
       "float masked_lr_scale=1.0) -> Tensor");
-  // Compressed N:M linear layers (CPU inference): src/nm_linear.rs has the layout.
+  // Compressed N:M linear layers (CPU inference): src/nm_linear/layout.rs has the layout.
   m.def("nm_compress(Tensor weight, int n, int m) -> (Tensor, Tensor)");
   m.def("nm_decompress(Tensor values, Tensor index, int rows, int cols, int n, int m) -> Tensor");
   m.def(
@@ -258,5 +310,6 @@ TORCH_LIBRARY_IMPL(cast_rs, CPU, m) {
   m.impl("nm_linear", &nm_linear);
 }
 TORCH_LIBRARY_IMPL(cast_rs, CUDA, m) { CAST_RS_REGISTER(m); }
+TORCH_LIBRARY_IMPL(cast_rs, Autograd, m) { m.impl("scale_forward", &scale_forward_autograd); }
 
 }  // namespace cast_rs

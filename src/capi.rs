@@ -5,10 +5,14 @@
 //!
 //! Every function returns a status ([`OK`], [`VALUE_ERROR`], [`TYPE_ERROR`] or
 //! [`OTHER_ERROR`]) and, on failure, stores a message in `*message` that the caller frees
-//! with [`cast_rs_free_message`]. The C++ side turns the status into `c10::ValueError`,
-//! `c10::TypeError` or `c10::Error`, which Python sees as `ValueError`, `TypeError` and
-//! `RuntimeError`. Panics are caught before they reach the C++ caller.
+//! with [`cast_rs_free_message`], and keeps the error itself for this thread. In a Python
+//! process the C++ side then asks [`cast_rs_set_python_error`] to make it the current Python
+//! exception, the same object (class, message, `param` / `index` / `detail` / `other_*`
+//! fields) that the rest of the package raises, and throws it through pybind11; without
+//! Python it throws `c10::ValueError`, `c10::TypeError` or `c10::Error`. Panics are caught
+//! before they reach the C++ caller.
 
+use std::cell::RefCell;
 use std::ffi::{c_char, CString};
 use std::mem::ManuallyDrop;
 
@@ -57,7 +61,32 @@ unsafe fn status(r: Result<()>, message: *mut *mut c_char) -> i32 {
         // SAFETY: `message` is non-null and valid for a write (the caller's contract).
         unsafe { *message = text.into_raw() };
     }
+    LAST_ERROR.with(|last| *last.borrow_mut() = Some(e));
     code
+}
+
+thread_local! {
+    /// The error of this thread's last failed call, for [`cast_rs_set_python_error`].
+    static LAST_ERROR: RefCell<Option<CastError>> = const { RefCell::new(None) };
+}
+
+/// Makes this thread's last error the current Python exception, built as the Python API
+/// builds it (`py_error::to_pyerr`: `ValueError` / `TypeError` / `cast_rs.CastError` with the
+/// failing argument as fields). Returns 1 when it did, 0 when there was no error to raise.
+///
+/// # Safety
+/// The caller holds the GIL of an initialized interpreter.
+#[no_mangle]
+pub unsafe extern "C" fn cast_rs_set_python_error() -> i32 {
+    let Some(e) = LAST_ERROR.with(|last| last.borrow_mut().take()) else {
+        return 0;
+    };
+    let raised = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: the caller holds the GIL (this function's contract).
+        let py = unsafe { pyo3::Python::assume_gil_acquired() };
+        crate::py_error::to_pyerr(py, e).restore(py);
+    }));
+    i32::from(raised.is_ok())
 }
 
 /// A borrowed input tensor.

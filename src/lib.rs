@@ -37,3 +37,5 @@ mod capi;
 pub mod generic;
 #[cfg(feature = "python")]
 pub mod ops;
+#[cfg(feature = "python")]
+mod py_error;

@@ -27,7 +27,6 @@ import pytest
 import torch
 
 import cast_rs
-from cast_rs import _cast_rs
 from cast_rs.optim import NM_ATTR
 from reference import RefAdamS, ref_nm_mask
 
@@ -216,9 +215,9 @@ def test_scaling_kernels_property_match_reference_on_both_paths(case):
     tol = (block + 2) * fi.eps * abs_sum + (block + 1) * tiny
 
     for generic in (False, True):
-        out = _cast_rs.scale_forward(w, a, groups, dim, generic)
+        out = torch.ops.cast_rs.scale_forward(w, a, groups, dim, generic)
         assert_exact(out, want_out, f"forward (generic={generic})")
-        gw, ga = _cast_rs.scale_backward(g, w, a, groups, dim, generic)
+        gw, ga = torch.ops.cast_rs.scale_backward(g, w, a, groups, dim, generic)
         assert_exact(gw, want_gw, f"grad_w (generic={generic})")
         assert ga.dtype == dtype and tuple(ga.shape) == tuple(a.shape)
         got = ga.double()
@@ -286,7 +285,7 @@ def step_scalars(step, hp):
 
 
 def fast_path_oracle(p, g, mu, v, keep, step, hp):
-    """One AdamS step as documented (AdamS docstring, src/adams.rs), evaluated in IEEE float32
+    """One AdamS step as documented (AdamS docstring, src/adams/), evaluated in IEEE float32
     with NumPy (no FMA, correctly rounded sqrt, no flush-to-zero); returns (θ, μ, v)."""
     f = np.float32
     lr, (b1, b2), eps, wd, lam = hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"], hp["l1_decay"]
@@ -296,7 +295,7 @@ def fast_path_oracle(p, g, mu, v, keep, step, hp):
     with np.errstate(all="ignore"):
         th = p * f(1.0 - lr * wd) if wd != 0.0 else p
         m = mu + f(1.0 - b1) * (g - mu)
-        # adams.rs `sign`, as torch.sign: ±1, else +0 (for ±0 and NaN)
+        # src/adams/scalars.rs `sign`, as torch.sign: ±1, else +0 (for ±0 and NaN)
         sign = np.where(th > 0, f(1.0), np.where(th < 0, f(-1.0), f(0.0)))
         decayed = f(1.0 - sc["alpha"]) * m + f(sc["alpha"] * lam) * sign
         mt = np.where(keep, m, decayed)
@@ -307,7 +306,7 @@ def fast_path_oracle(p, g, mu, v, keep, step, hp):
 
 
 def fast_path_oracle_lowp(p, g, mu, v, keep, step, hp):
-    """The bf16/fp16 fused step (src/adams_lp.rs: torch's fused-AdamW order) in NumPy float32:
+    """The bf16/fp16 fused step (src/adams/lowp.rs: torch's fused-AdamW order) in NumPy float32:
     inputs widened exactly, the two FMAs in float64 (the product of two float32 is exact there;
     a double-rounding tie is about one in 2^29), IEEE sqrt, then one rounding to the parameter's
     dtype by torch (round to nearest even, as the kernel). Returns (θ, μ, v)."""
@@ -766,9 +765,11 @@ def test_nan_weight_sign_agrees_on_both_paths():
 
 
 META_CALLS = {
-    "unpack_mask": lambda: _cast_rs.unpack_mask(torch.zeros(4, dtype=torch.uint8, device="meta"), [4, 8]),
+    "unpack_mask": lambda: torch.ops.cast_rs.unpack_mask(torch.zeros(4, dtype=torch.uint8, device="meta"), [4, 8]),
     "nm_mask": lambda: cast_rs.nm_mask(torch.ones(4, 8, device="meta"), "2:4"),
-    "scale_forward_device_mismatch": lambda: _cast_rs.scale_forward(torch.ones(4, 8), torch.ones(4, 2, device="meta"), 2, -1),
+    "scale_forward_device_mismatch": lambda: torch.ops.cast_rs.scale_forward(
+        torch.ones(4, 8), torch.ones(4, 2, device="meta"), 2, -1
+    ),
 }
 
 
@@ -811,8 +812,8 @@ def test_hostile_calls_do_not_crash_the_interpreter():
             lambda: cast_rs.nm_mask(torch.randn(4, 8)[:, ::2], "2:4"),
             lambda: cast_rs.nm_mask(torch.randn(4, 6), "2:4"),
             lambda: cast_rs.nm_mask(torch.randn(3, 8).to(torch.bfloat16).t(), "2:4", dim=0),
-            lambda: _cast_rs.unpack_mask(torch.zeros(1, dtype=torch.uint8), [-1, 8]),
-            lambda: _cast_rs.unpack_mask(torch.zeros(0, dtype=torch.uint8), [0]),
+            lambda: torch.ops.cast_rs.unpack_mask(torch.zeros(1, dtype=torch.uint8), [-1, 8]),
+            lambda: torch.ops.cast_rs.unpack_mask(torch.zeros(0, dtype=torch.uint8), [0]),
             lambda: _cast_rs.adams_step([torch.randn(8)], [torch.randn(8)], [torch.zeros(8)], [torch.zeros(8)],
                                         [torch.zeros(1, dtype=torch.uint8)], [(2, 4, -1)], [torch.zeros(3)],
                                         lr=0.1, beta1=0.9, beta2=0.9, eps=0.0, weight_decay=0.0, l1_decay=0.0,
@@ -824,23 +825,23 @@ def test_hostile_calls_do_not_crash_the_interpreter():
             lambda: _cast_rs.adams_step([torch.randn(8)], [torch.randn(8)], [torch.zeros(8)], [torch.zeros(8)],
                                         [None], [None], [torch.zeros(())], lr=float("nan"), beta1=0.9, beta2=0.9,
                                         eps=0.0, weight_decay=0.0, l1_decay=0.0, total_steps=None, mask_interval=1),
-            lambda: _cast_rs.scale_forward(torch.randn(4, 8), torch.ones(4, 2), 2, 0),
-            lambda: _cast_rs.scale_backward(torch.randn(3, 3), torch.randn(4, 8), torch.ones(4, 2), 2, -1),
-            lambda: _cast_rs.nm_mask_numpy(__import__("numpy").zeros((2, 8), dtype="int8"), 2, 4),
+            lambda: torch.ops.cast_rs.scale_forward(torch.randn(4, 8), torch.ones(4, 2), 2, 0),
+            lambda: torch.ops.cast_rs.scale_backward(torch.randn(3, 3), torch.randn(4, 8), torch.ones(4, 2), 2, -1),
+            lambda: cast_rs.nm_mask(__import__("numpy").zeros((2, 8), dtype="int8"), "2:4"),
             # Weight scaling: hostile strides (stride 0, storage offsets, every other column,
             # self-overlapping), empty and 3-d weights, absurd groups, hostile values.
-            lambda: _cast_rs.scale_forward(torch.randn(1, 8).expand(4, 8), torch.ones(4, 2), 2, -1, False),
-            lambda: _cast_rs.scale_forward(torch.randn(4, 8).as_strided((4, 8), (1, 1)), hostile[:, :2].contiguous(), 2, -1),
-            lambda: _cast_rs.scale_backward(hostile.t(), hostile.t().contiguous(), torch.ones(1, 2).expand(8, 2), 2, 0),
-            lambda: _cast_rs.scale_backward(hostile.to(torch.bfloat16)[:, ::2], hostile[:, 1::2].to(torch.bfloat16),
+            lambda: torch.ops.cast_rs.scale_forward(torch.randn(1, 8).expand(4, 8), torch.ones(4, 2), 2, -1, False),
+            lambda: torch.ops.cast_rs.scale_forward(torch.randn(4, 8).as_strided((4, 8), (1, 1)), hostile[:, :2].contiguous(), 2, -1),
+            lambda: torch.ops.cast_rs.scale_backward(hostile.t(), hostile.t().contiguous(), torch.ones(1, 2).expand(8, 2), 2, 0),
+            lambda: torch.ops.cast_rs.scale_backward(hostile.to(torch.bfloat16)[:, ::2], hostile[:, 1::2].to(torch.bfloat16),
                                             hostile[:, :2].to(torch.bfloat16), 2, -1, True),
-            lambda: _cast_rs.scale_forward(torch.randn(17, 9, dtype=torch.float64)[1:, 1:], torch.ones(16, 4, dtype=torch.float64), 4, -1),
-            lambda: _cast_rs.scale_backward(torch.randn(8, 0), torch.randn(8, 0), torch.ones(0, 2), 2, 0),
-            lambda: _cast_rs.scale_forward(torch.randn(2, 4, 8), torch.ones(4, 2), 2, -1),
-            lambda: _cast_rs.scale_forward(torch.randn(4, 8), torch.ones(4, 2), 2**62, -1),
-            lambda: _cast_rs.scale_forward(torch.randn(4, 8), torch.ones(4, 2), -2, -1),
-            lambda: _cast_rs.scale_backward(torch.randn(4, 8, dtype=torch.float16), torch.randn(4, 8), torch.ones(4, 2), 2, -1),
-            lambda: _cast_rs.scale_forward(torch.randn(4, 8, dtype=torch.complex64), torch.ones(4, 2, dtype=torch.complex64), 2, -1),
+            lambda: torch.ops.cast_rs.scale_forward(torch.randn(17, 9, dtype=torch.float64)[1:, 1:], torch.ones(16, 4, dtype=torch.float64), 4, -1),
+            lambda: torch.ops.cast_rs.scale_backward(torch.randn(8, 0), torch.randn(8, 0), torch.ones(0, 2), 2, 0),
+            lambda: torch.ops.cast_rs.scale_forward(torch.randn(2, 4, 8), torch.ones(4, 2), 2, -1),
+            lambda: torch.ops.cast_rs.scale_forward(torch.randn(4, 8), torch.ones(4, 2), 2**62, -1),
+            lambda: torch.ops.cast_rs.scale_forward(torch.randn(4, 8), torch.ones(4, 2), -2, -1),
+            lambda: torch.ops.cast_rs.scale_backward(torch.randn(4, 8, dtype=torch.float16), torch.randn(4, 8), torch.ones(4, 2), 2, -1),
+            lambda: torch.ops.cast_rs.scale_forward(torch.randn(4, 8, dtype=torch.complex64), torch.ones(4, 2, dtype=torch.complex64), 2, -1),
             # AdamS steps: hostile values and strides on every dtype, empty and self-overlapping
             # parameters, a gradient that is the parameter, a stride-0 gradient.
             lambda: adams(torch.nn.Parameter(hostile.t().contiguous().t()), hostile.flip(0), pattern="2:4"),
@@ -851,8 +852,8 @@ def test_hostile_calls_do_not_crash_the_interpreter():
             lambda: adams(torch.nn.Parameter(torch.randn(4, 8)), torch.randn(1, 8).expand(4, 8), pattern="2:4"),
             lambda: (lambda p: adams(p, p.detach(), pattern="2:4"))(torch.nn.Parameter(torch.randn(4, 8))),
             # A meta tensor is not an MPS one: whatever happens, no crash.
-            lambda: _cast_rs.unpack_mask(torch.zeros(4, dtype=torch.uint8, device="meta"), [4, 8]),
-            lambda: _cast_rs.scale_forward(torch.ones(4, 8), torch.ones(4, 2, device="meta"), 2, -1),
+            lambda: torch.ops.cast_rs.unpack_mask(torch.zeros(4, dtype=torch.uint8, device="meta"), [4, 8]),
+            lambda: torch.ops.cast_rs.scale_forward(torch.ones(4, 8), torch.ones(4, 2, device="meta"), 2, -1),
         ]
         handled = 0
         for f in bad:

@@ -1,7 +1,7 @@
 """Compressed N:M layers for CPU inference (cast_rs.NMLinear, cast_rs.compress; issue 11).
 
 The kernels themselves are checked against a dense f64 reference on every dispatch level by
-`cargo test` (src/nm_linear.rs); here the layer is checked against the dense masked layer it
+`cargo test` (src/nm_linear/); here the layer is checked against the dense masked layer it
 replaces, through the PyTorch operator, with a rounding bound: both sides sum in float32, in
 different orders, so each output may differ from the exact sum by at most about
 (terms + 1) · 2^-24 · Σ|w·x| (+ the bias)."""

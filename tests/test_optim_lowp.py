@@ -1,7 +1,7 @@
 """The fused bf16 / fp16 CPU path of AdamS (issue 12).
 
 Dense groups against ``torch.optim.AdamW(fused=True)`` on the same dtype, bit for bit: the
-kernel performs torch's fused-kernel operations in the same order (see ``src/adams_lp.rs``),
+kernel performs torch's fused-kernel operations in the same order (see ``src/adams/lowp.rs``),
 so every stored value must agree exactly, step after step. Sparse groups against
 ``reference.ref_adams_lowp_step`` (float32 arithmetic, one rounding per stored value), also
 exactly: same operations, same roundings, so the trajectories cannot drift apart.

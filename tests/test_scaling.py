@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import cast_rs
-from cast_rs import _cast_rs
 
 
 def ref_scale(w, a, groups, dim):
@@ -45,8 +44,8 @@ def test_fast_and_generic_agree():
     w = torch.randn(64, 128)
     a = torch.randn(64, 2)
     g = torch.randn(64, 128)
-    fast = _cast_rs.scale_backward(g, w, a, 2, -1, False)
-    generic = _cast_rs.scale_backward(g, w, a, 2, -1, True)
+    fast = torch.ops.cast_rs.scale_backward(g, w, a, 2, -1, False)
+    generic = torch.ops.cast_rs.scale_backward(g, w, a, 2, -1, True)
     torch.testing.assert_close(fast[0], generic[0], rtol=0, atol=0)
     torch.testing.assert_close(fast[1], generic[1], rtol=1e-5, atol=1e-5)
 
@@ -66,12 +65,12 @@ def test_zeros_stay_zeros_and_scale_starts_at_one():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="groups"):
-        _cast_rs.scale_forward(torch.randn(4, 6), torch.ones(4, 4), 4, -1)
+        torch.ops.cast_rs.scale_forward(torch.randn(4, 6), torch.ones(4, 4), 4, -1)
     with pytest.raises(ValueError, match="scale"):
-        _cast_rs.scale_forward(torch.randn(4, 8), torch.ones(3, 2), 2, -1)
+        torch.ops.cast_rs.scale_forward(torch.randn(4, 8), torch.ones(3, 2), 2, -1)
     with pytest.raises(TypeError, match="dtype"):
-        _cast_rs.scale_forward(torch.randn(4, 8), torch.ones(4, 2, dtype=torch.float64), 2, -1)
+        torch.ops.cast_rs.scale_forward(torch.randn(4, 8), torch.ones(4, 2, dtype=torch.float64), 2, -1)
     with pytest.raises(ValueError, match="dim"):
-        _cast_rs.scale_forward(torch.randn(4, 8), torch.ones(4, 2), 2, 3)
+        torch.ops.cast_rs.scale_forward(torch.randn(4, 8), torch.ones(4, 2), 2, 3)
     with pytest.raises(ValueError, match="scaling_groups"):
         cast_rs.WeightScale(4, 0)

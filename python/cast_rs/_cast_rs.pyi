@@ -1,23 +1,18 @@
-"""Type stubs of the Rust extension ``cast_rs._cast_rs`` (private: use the ``cast_rs`` API)."""
+"""Type stubs of the Rust extension ``cast_rs._cast_rs`` (private: use the ``cast_rs`` API).
 
-from typing import List, Optional, Sequence, Tuple
+The kernels themselves are PyTorch operators, ``torch.ops.cast_rs.*`` (``csrc/``); this module
+holds the exception type, constants and the AdamS step's entry."""
 
-import numpy as np
-import numpy.typing as npt
+from typing import List, Optional, Tuple
+
 import torch
 
 # pyo3 appends every name the module init adds to the module's __all__.
 __all__ = [
     "OPERATORS",
     "CastError",
-    "nm_mask_tensor",
-    "nm_mask_packed",
-    "unpack_mask",
-    "nm_mask_numpy",
     "adams_step",
     "num_threads",
-    "scale_forward",
-    "scale_backward",
     "MAX_M",
     "__version__",
 ]
@@ -32,17 +27,14 @@ class CastError(Exception):
     """Errors from cast-rs that are neither ValueError nor TypeError (libtorch failures,
     internal errors)."""
 
-# Every exception raised by this module (CastError, and the ValueError / TypeError it raises)
-# carries the failing argument as data:
+# Every exception raised by this module and by the operators torch.ops.cast_rs.* in a Python
+# process (CastError, and the ValueError / TypeError they raise) carries the failing argument
+# as data:
 #   param: Optional[str]        the argument ("grads", "lr"), None for errors about no argument
 #   index: Optional[int]        the entry of a per-parameter list argument, else None
 #   detail: str                 the message after "param: " ("{other}" marks the second buffer)
 #   other_param, other_index    the second buffer of a "shares memory" error, else None
 
-def nm_mask_tensor(x: torch.Tensor, n: int, m: int, dim: int = -1, force_generic: bool = False) -> torch.Tensor: ...
-def nm_mask_packed(x: torch.Tensor, n: int, m: int, dim: int = -1, force_generic: bool = False) -> torch.Tensor: ...
-def unpack_mask(bits: torch.Tensor, shape: Sequence[int]) -> torch.Tensor: ...
-def nm_mask_numpy(x: npt.NDArray[np.floating], n: int, m: int, dim: int = -1) -> npt.NDArray[np.bool_]: ...
 def adams_step(
     params: List[torch.Tensor],
     grads: List[torch.Tensor],
@@ -68,7 +60,3 @@ def adams_step(
     masked_lr_scale: float = 1.0,
 ) -> Tuple[int, int, List[Optional[int]]]: ...
 def num_threads() -> int: ...
-def scale_forward(w: torch.Tensor, a: torch.Tensor, groups: int, dim: int = -1, force_generic: bool = False) -> torch.Tensor: ...
-def scale_backward(
-    grad: torch.Tensor, w: torch.Tensor, a: torch.Tensor, groups: int, dim: int = -1, force_generic: bool = False
-) -> Tuple[torch.Tensor, torch.Tensor]: ...

@@ -1,4 +1,4 @@
-"""The Python half of the cast-rs PyTorch operators: fake (meta) implementations and autograd.
+"""The Python half of the cast-rs PyTorch operators: their fake (meta) implementations.
 
 The operators themselves are C++ (``csrc/cast_rs_ops.cpp``): ``TORCH_LIBRARY(cast_rs, ...)``
 schemas and CPU / CUDA kernels that call the Rust entry points, registered when the extension
@@ -12,7 +12,7 @@ operator                    schema (abridged)                                   
 ``nm_mask``                 ``(Tensor x, int n, int m, int dim=-1) -> Tensor``      none (bool)
 ``nm_mask_packed``          ``(Tensor x, int n, int m, int dim=-1) -> Tensor``      none
 ``unpack_mask``             ``(Tensor bits, int[] shape) -> Tensor``                none
-``scale_forward``           ``(Tensor weight, Tensor scale, int groups, int dim)``  yes
+``scale_forward``           ``(Tensor weight, Tensor scale, int groups, int dim)``  yes (C++)
 ``scale_backward``          ``(Tensor grad, Tensor weight, Tensor scale, ...)``     --
 ``adams_step_``             mutates params, exp_avgs, exp_avg_sqs, masks, steps     --
 ``nm_compress``             ``(Tensor weight, int n, int m) -> (values, index)``    none
@@ -27,9 +27,11 @@ path on CPU). ``adams_step_`` takes the per-parameter patterns flat, ``(n, m, di
 ``n = 0`` for a dense parameter, and returns an ``int64`` tensor of mask flips per parameter
 (``-1`` where the mask was not refreshed).
 
-Eager calls from the Python API go to the same Rust entry points through pyo3 directly,
-which costs less per call than the dispatcher (``./run bench ops`` prints both); errors and
-numbers are the same on both routes because the Rust side owns every check.
+The Python API calls these operators and nothing else for its kernels, in eager mode too (as
+torchvision does): one route, so one set of numbers and one error per mistake (the Rust side
+owns every check and builds the exception, see ``src/capi.rs``). ``adams_step_`` is the one
+exception for now: ``cast_rs.AdamS`` still calls the pyo3 entry point, which also keeps the
+generic path's cache of unpacked masks between steps.
 """
 
 from __future__ import annotations
@@ -44,23 +46,27 @@ from ._cast_rs import CastError
 ops = torch.ops.cast_rs
 
 
-def _group_size_check(x: torch.Tensor, m: int, dim: int) -> None:
-    if x.dim() == 0:
-        raise ValueError("x: N:M groups need a tensor with at least one dimension, got a 0-d tensor")
-    size = x.shape[dim]
-    if size % m:
-        raise ValueError(f"x: the group dimension (dim {dim}, size {size}) is not divisible by M={m}")
+# The fake kernels give shapes and dtypes only and check nothing: every rule is the Rust
+# side's, which the real kernel applies when a compiled graph runs, so a mistake raises the
+# same exception, with the same fields, compiled or not.
+
+
+def _result_device(*tensors: torch.Tensor) -> torch.device:
+    """The first input's device, or meta when any input is a meta tensor: this kernel also runs
+    for real calls that reach the Meta key (a meta tensor among real ones), whose results must
+    be meta tensors, not uninitialised memory on another device."""
+    if any(t.device.type == "meta" for t in tensors):
+        return torch.device("meta")
+    return tensors[0].device
 
 
 @torch.library.register_fake("cast_rs::nm_mask")
 def _nm_mask_fake(x: torch.Tensor, n: int, m: int, dim: int = -1, force_generic: bool = False) -> torch.Tensor:
-    _group_size_check(x, m, dim)
     return torch.empty(x.shape, dtype=torch.bool, device=x.device)
 
 
 @torch.library.register_fake("cast_rs::nm_mask_packed")
 def _nm_mask_packed_fake(x: torch.Tensor, n: int, m: int, dim: int = -1, force_generic: bool = False) -> torch.Tensor:
-    _group_size_check(x, m, dim)
     return torch.empty(((x.numel() + 7) // 8,), dtype=torch.uint8, device=x.device)
 
 
@@ -73,16 +79,17 @@ def _unpack_mask_fake(bits: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 def _scale_forward_fake(
     weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: int = -1, force_generic: bool = False
 ) -> torch.Tensor:
-    return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    return torch.empty(weight.shape, dtype=weight.dtype, device=_result_device(weight, scale))
 
 
 @torch.library.register_fake("cast_rs::scale_backward")
 def _scale_backward_fake(
     grad: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: int = -1, force_generic: bool = False
 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    device = _result_device(grad, weight, scale)
     return (
-        torch.empty(weight.shape, dtype=weight.dtype, device=weight.device),
-        torch.empty(scale.shape, dtype=scale.dtype, device=scale.device),
+        torch.empty(weight.shape, dtype=weight.dtype, device=device),
+        torch.empty(scale.shape, dtype=scale.dtype, device=device),
     )
 
 
@@ -141,26 +148,4 @@ def _nm_linear_fake(
     n: int,
     m: int,
 ) -> torch.Tensor:
-    if input.shape[-1] != cols:
-        raise ValueError(f"input: expected a last dimension of {cols} (in_features), got shape {tuple(input.shape)}")
     return input.new_empty((*input.shape[:-1], rows))
-
-
-def _scale_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: torch.Tensor) -> None:
-    weight, scale, groups, dim, force_generic = inputs
-    ctx.save_for_backward(weight, scale)
-    ctx.groups, ctx.dim, ctx.force_generic = groups, dim, force_generic
-
-
-def input_grads(ctx: Any, grad_w: torch.Tensor, grad_a: torch.Tensor) -> Tuple[Any, ...]:
-    """Autograd's answer for the inputs (weight, scale, groups, dim, force_generic)."""
-    return (grad_w if ctx.needs_input_grad[0] else None, grad_a if ctx.needs_input_grad[1] else None, None, None, None)
-
-
-def _scale_backward(ctx: Any, grad: torch.Tensor) -> Tuple[Any, ...]:
-    weight, scale = ctx.saved_tensors
-    grad_w, grad_a = ops.scale_backward(grad, weight, scale, ctx.groups, ctx.dim, ctx.force_generic)
-    return input_grads(ctx, grad_w, grad_a)
-
-
-torch.library.register_autograd("cast_rs::scale_forward", _scale_backward, setup_context=_scale_setup_context)

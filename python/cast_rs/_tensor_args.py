@@ -22,7 +22,6 @@ def check_plain_tensor(t: torch.Tensor, name: str) -> None:
 
 
 def tracing(t: torch.Tensor) -> bool:
-    """True while ``t`` is traced (``torch.compile``, ``torch.export``, fake tensors): the
-    registered operators (``torch.ops.cast_rs.*``) must be called then, not the pyo3 functions,
-    which need real storage. Eager calls keep the direct path (~10 µs cheaper per call)."""
+    """True while ``t`` is traced (``torch.compile``, ``torch.export``, fake tensors), when
+    its type is the tracer's and :func:`check_plain_tensor` does not apply."""
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or isinstance(t, FakeTensor)

@@ -7,7 +7,7 @@ weight instead of 4; bfloat16: 1.125 instead of 2) and multiplies with Rust kern
 that format directly (AVX-512 / AVX2, on torch's threads). Token-by-token decoding reads every
 weight once per token, so it is memory-bound and the smaller weights are faster to read.
 
-The layout (``src/nm_linear.rs``): output rows in blocks of 16; for each block and kept slot
+The layout (``src/nm_linear/``): output rows in blocks of 16; for each block and kept slot
 (group ``k``, ``j``-th kept weight) the 16 rows' values are contiguous (``values``), and their
 positions in the group are packed 2 bits each (4 for M > 4) into ``index`` (int32 words)::
 

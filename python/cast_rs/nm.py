@@ -32,6 +32,9 @@ _PATTERN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 #: Largest supported group size M (defined once, in the Rust core: ``nm::MAX_M``).
 MAX_M: int = _cast_rs.MAX_M
 
+# The operator overload itself: skips the packet's overload resolution on every call.
+_NM_MASK = ops.nm_mask.default
+
 
 def parse_pattern(pattern: Any, *, param: str = "pattern") -> Tuple[int, int]:
     """Turn ``"N:M"`` or ``(N, M)`` into a validated ``(n, m)`` with ``1 <= N < M <= 32``.
@@ -101,10 +104,9 @@ def nm_mask(x: Union[torch.Tensor, np.ndarray], pattern: Pattern = "2:4", dim: i
         d = _normalize_dim(dim, x.dim())
         if not x.is_floating_point():
             raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
-        if tracing(x):
-            return ops.nm_mask(x.detach(), n, m, d, generic_path_forced())
-        check_plain_tensor(x, "x")
-        return _cast_rs.nm_mask_tensor(x.detach(), n, m, d, generic_path_forced())
+        if not tracing(x):
+            check_plain_tensor(x, "x")
+        return _NM_MASK(x.detach(), n, m, d, generic_path_forced())
     if isinstance(x, np.ndarray):
         d = _normalize_dim(dim, x.ndim)
         if x.dtype == np.float16:
@@ -115,7 +117,8 @@ def nm_mask(x: Union[torch.Tensor, np.ndarray], pattern: Pattern = "2:4", dim: i
             arr = x.astype(np.float64)
         else:
             raise TypeError(f"x: expected a float or integer numpy array, got dtype {x.dtype}")
-        return _cast_rs.nm_mask_numpy(np.ascontiguousarray(arr), n, m, d)
+        # The same operator on a tensor view of the array's memory.
+        return _NM_MASK(torch.from_numpy(np.ascontiguousarray(arr)), n, m, d, False).numpy()
     raise TypeError(f"x: expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 
@@ -132,7 +135,7 @@ def nm_mask_packed(x: torch.Tensor, pattern: Pattern = "2:4", dim: int = -1) -> 
     d = _normalize_dim(dim, x.dim())
     if not x.is_floating_point():
         raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
-    return _cast_rs.nm_mask_packed(x.detach(), n, m, d, generic_path_forced())
+    return ops.nm_mask_packed.default(x.detach(), n, m, d, generic_path_forced())
 
 
 def unpack_mask(bits: torch.Tensor, shape: Union[torch.Size, Tuple[int, ...]]) -> torch.Tensor:
@@ -140,7 +143,7 @@ def unpack_mask(bits: torch.Tensor, shape: Union[torch.Size, Tuple[int, ...]]) -
     if not isinstance(bits, torch.Tensor):
         raise TypeError(f"bits: expected a torch.Tensor, got {type(bits).__name__}")
     check_plain_tensor(bits, "bits")
-    return _cast_rs.unpack_mask(bits, list(shape))
+    return ops.unpack_mask.default(bits, list(shape))
 
 
 def group_dim_size(shape: Tuple[int, ...], dim: int) -> Optional[int]:

@@ -5,57 +5,35 @@ layer computes with ``W_s = W · A[r, c // (C/n)]``; ``A`` starts at ones and is
 ordinary dense parameter. Scaling is element-wise: the zeros of ``W`` (its N:M pattern) are
 those of ``W_s``. Forward and backward are Rust kernels (fast path for contiguous float32 /
 float64 on CPU, tensor ops otherwise), registered as the PyTorch operators
-``torch.ops.cast_rs.scale_forward`` / ``scale_backward`` (C++, ``csrc/``; fake
-implementations and autograd in ``_registrations``, so ``torch.compile(fullgraph=True)`` and
+``torch.ops.cast_rs.scale_forward`` / ``scale_backward`` (C++, ``csrc/``, with the autograd
+formula; fake implementations in ``_registrations``, so ``torch.compile(fullgraph=True)`` and
 ``torch.export`` trace through them).
 """
 
 from __future__ import annotations
 
-from typing import Any, Tuple
 
 import torch
 from torch import nn
 
-from . import _cast_rs
-from ._registrations import input_grads, ops
+from ._registrations import ops
 from ._tensor_args import check_plain_tensor, tracing
 from ._config import generic_path_forced
-
-
-class _ScaleFn(torch.autograd.Function):
-    """Eager mode's path: the same Rust entry points called directly through pyo3, which
-    costs less per call than the dispatcher operator with its Python autograd formula
-    (``./run bench ops`` prints both); tracing needs the operator, eager mode does not."""
-
-    @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: int, force_generic: bool) -> torch.Tensor:
-        ctx.save_for_backward(weight, scale)
-        ctx.groups, ctx.dim, ctx.force_generic = groups, dim, force_generic
-        return _cast_rs.scale_forward(weight.detach(), scale.detach(), groups, dim, force_generic)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Any, ...]:
-        weight, scale = ctx.saved_tensors
-        grad_w, grad_a = _cast_rs.scale_backward(
-            grad.contiguous(), weight.detach(), scale.detach(), ctx.groups, ctx.dim, ctx.force_generic
-        )
-        return input_grads(ctx, grad_w, grad_a)
 
 
 def scale_weight(weight: torch.Tensor, scale: torch.Tensor, groups: int, dim: int = -1) -> torch.Tensor:
     """Differentiable ``W · A`` (see the module docstring). ``dim`` is the group (input)
     dimension of the weight: -1 for ``nn.Linear`` ``[out, in]``, 0 for ``Conv1D`` ``[in, out]``.
 
-    Eager calls on plain tensors take the direct kernel path (:class:`_ScaleFn`); under
-    ``torch.compile`` / ``torch.export`` (or with fake tensors) the registered operator
-    ``torch.ops.cast_rs.scale_forward`` is used. Both run the same kernels."""
-    force_generic = generic_path_forced()
-    if tracing(weight):
-        return ops.scale_forward(weight, scale, groups, dim, force_generic)
-    check_plain_tensor(weight, "weight")  # another subclass (a DTensor): a clear error
-    check_plain_tensor(scale, "scale")
-    return _ScaleFn.apply(weight, scale, groups, dim, force_generic)
+    One call of the operator ``torch.ops.cast_rs.scale_forward``, whose autograd formula is
+    registered with it (C++), in eager mode and under ``torch.compile`` / ``torch.export``."""
+    if not tracing(weight):
+        check_plain_tensor(weight, "weight")  # another subclass (a DTensor): a clear error
+        check_plain_tensor(scale, "scale")
+    return _SCALE_FORWARD(weight, scale, groups, dim, generic_path_forced())
+
+
+_SCALE_FORWARD = ops.scale_forward.default
 
 
 class WeightScale(nn.Module):
