@@ -19,15 +19,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import fill_study_tables  # noqa: E402
-import study_tax  # noqa: E402
+import study_report  # noqa: E402
 
 
 @pytest.fixture()
 def report(tmp_path, monkeypatch, capsys) -> str:
     # An empty results directory: the report reads the shipped records, not a local run's.
-    monkeypatch.setattr(study_tax, "OUT", tmp_path)
-    assert study_tax.records() == study_tax.SHIPPED_RECORDS
-    study_tax.cmd_report(None)
+    monkeypatch.setattr(study_report, "OUT", tmp_path)
+    assert study_report.records() == study_report.SHIPPED_RECORDS
+    study_report.cmd_report(None)
     return capsys.readouterr().out
 
 
@@ -49,7 +49,7 @@ def test_every_doc_table_marker_has_a_report_block(report):
 
 def test_a_changed_record_changes_the_tables(report, tmp_path, monkeypatch, capsys):
     """The comparison above can fail: a record's perplexity moved by 1 % changes the tables."""
-    lines = study_tax.SHIPPED_RECORDS.read_text().splitlines()
+    lines = study_report.SHIPPED_RECORDS.read_text().splitlines()
     rows = [json.loads(l) for l in lines]
     i = next(
         k
@@ -62,7 +62,7 @@ def test_a_changed_record_changes_the_tables(report, tmp_path, monkeypatch, caps
     )
     rows[i]["ppl"] *= 1.01
     (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    study_tax.cmd_report(None)
+    study_report.cmd_report(None)
     changed = capsys.readouterr().out
     doc = (ROOT / "docs/sparsity_tax.md").read_text()
     readme = (ROOT / "README.md").read_text()
