@@ -144,6 +144,34 @@ fn adams_step(
     Ok((out.n_fast, out.n_generic, out.flips))
 }
 
+/// The ranges of AdamS's scalar hyperparameters (`AdamsHyper::validate`, the rule the kernel
+/// applies at every step), for the optimizer to check a group when it is built, with the same
+/// messages. No tensor: the values only.
+#[pyfunction]
+#[pyo3(signature = (*, lr, beta1, beta2, eps, weight_decay, l1_decay, masked_lr_scale))]
+#[allow(clippy::too_many_arguments)]
+fn check_adams_hyper(
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    l1_decay: f64,
+    masked_lr_scale: f64,
+) -> PyResult<()> {
+    AdamsHyper {
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        l1_decay,
+        masked_lr_scale,
+    }
+    .validate()?;
+    Ok(())
+}
+
 /// Number of threads the fast path uses.
 #[pyfunction]
 fn num_threads() -> usize {
@@ -161,6 +189,7 @@ fn _cast_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CastError", m.py().get_type::<PyCastError>())?;
     m.add_function(wrap_pyfunction!(adams_step, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(check_adams_hyper, m)?)?;
     // The pattern limit, defined once (nm::MAX_M) and read by the Python layer.
     m.add("MAX_M", nm::MAX_M)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -1,22 +1,25 @@
-"""AdamS's hyperparameters: turning what a user passes into plain Python numbers, and their
-ranges.
+"""AdamS's hyperparameters: turning what a user passes into plain Python numbers, and the
+ranges of the options that only the optimizer knows.
 
 Users pass NumPy scalars, 0-d tensors (``lr``, ``betas``) and the like, as they do to
 ``torch.optim``; a group is stored with plain ``float`` / ``int`` values so that
-``state_dict()`` and the kernels see plain types. Each range is checked here, before any
-parameter or state is written; the kernels check them again at their entry (so that a direct
-``torch.ops.cast_rs.adams_step_`` call is safe too).
+``state_dict()`` and the kernels see plain types. The ranges of the kernel's scalars (``lr``,
+``betas``, ``eps``, ``weight_decay``, ``l1_decay``, ``masked_lr_scale``) are the Rust side's
+rule, asked here when a group is built (``_cast_rs.check_adams_hyper``, the same check the
+kernel applies at every step, with the same message); ``ramp_end``, ``l1_mode``,
+``total_steps``, ``mask_interval`` and ``pattern`` are turned into what the kernel takes here,
+so their rules live here.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
+from . import _cast_rs
 from .nm import parse_pattern
 
 #: The accepted values of ``l1_mode`` (see :class:`cast_rs.AdamS`).
@@ -59,48 +62,50 @@ def integer(x: Any) -> Optional[int]:
     return None
 
 
-def _lr(group: Dict[str, Any], where: str) -> None:
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor):  # a tensor lr stays a tensor (torch.optim allows it)
-        if lr.numel() != 1:
-            raise ValueError(f"{where}lr: a tensor lr must have one element, got shape {tuple(lr.shape)}")
-        value: Optional[float] = float(lr)
-    else:
-        value = real(lr)
-        if value is not None:
-            group["lr"] = value
-    if value is None or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{where}lr: expected a finite number >= 0, got {group['lr']!r}")
+def _as_number(group: Dict[str, Any], key: str, where: str, keep_tensor: bool = False) -> float:
+    """``group[key]`` as a float (stored as one unless it is a tensor kept as such)."""
+    value = group[key]
+    if isinstance(value, torch.Tensor) and keep_tensor:
+        if value.numel() != 1:
+            raise ValueError(f"{where}{key}: a tensor {key} must have one element, got shape {tuple(value.shape)}")
+        return float(value)
+    number = real(value)
+    if number is None:
+        raise TypeError(f"{where}{key}: expected a number, got {value!r}")
+    group[key] = number
+    return number
 
 
-def _betas(group: Dict[str, Any], where: str) -> None:
+def _betas(group: Dict[str, Any], where: str) -> Tuple[float, float]:
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"{where}betas: expected a pair (beta1, beta2), got {betas!r}")
     plain = []
     for i, b in enumerate(betas):
-        value = float(b) if isinstance(b, torch.Tensor) else real(b)
-        if value is None or not 0.0 <= value < 1.0:
-            raise ValueError(f"{where}betas[{i}]: expected a number in [0, 1), got {betas[i]!r}")
-        plain.append(b if isinstance(b, torch.Tensor) else value)
-    group["betas"] = tuple(plain)
+        value = float(b) if isinstance(b, torch.Tensor) and b.numel() == 1 else real(b)
+        if value is None:
+            raise TypeError(f"{where}betas[{i}]: expected a number, got {b!r}")
+        plain.append(value)
+    group["betas"] = tuple(b if isinstance(b, torch.Tensor) else v for b, v in zip(betas, plain))
+    return plain[0], plain[1]
 
 
-def _number(
-    key: str, ok: Callable[[float], bool], expected: str, optional: bool = False
-) -> Callable[[Dict[str, Any], str], None]:
-    """A check of a real-valued key: converted to float, refused unless ``ok``; ``optional``
-    keys may be absent (groups saved before they existed get their default)."""
-
-    def check(group: Dict[str, Any], where: str) -> None:
-        if optional and key not in group:
-            return
-        value = real(group[key])
-        if value is None or not ok(value):
-            raise ValueError(f"{where}{key}: expected {expected}, got {group[key]!r}")
-        group[key] = value
-
-    return check
+def _kernel_scalars(group: Dict[str, Any], where: str) -> None:
+    """Convert the kernel's scalars and check their ranges with the kernel's own rule."""
+    lr = _as_number(group, "lr", where, keep_tensor=True)
+    beta1, beta2 = _betas(group, where)
+    values = {key: _as_number(group, key, where) for key in ("eps", "weight_decay", "l1_decay")}
+    # Absent from groups saved before it existed: those get the paper's update (1).
+    mlr = _as_number(group, "masked_lr_scale", where) if "masked_lr_scale" in group else DEFAULT_MASKED_LR_SCALE
+    try:
+        _cast_rs.check_adams_hyper(lr=lr, beta1=beta1, beta2=beta2, masked_lr_scale=mlr, **values)
+    except ValueError as e:
+        if not where:
+            raise
+        named = type(e)(f"{where}{e}")
+        for field in ("param", "index", "detail", "other_param", "other_index"):
+            setattr(named, field, getattr(e, field, None))
+        raise named from None
 
 
 def _total_steps(group: Dict[str, Any], where: str) -> None:
@@ -125,38 +130,25 @@ def _l1_mode(group: Dict[str, Any], where: str) -> None:
         raise ValueError(f"{where}l1_mode: expected one of {', '.join(map(repr, L1_MODES))}, got {group['l1_mode']!r}")
 
 
+def _ramp_end(group: Dict[str, Any], where: str) -> None:
+    # Absent from groups saved before it existed: those get the paper's ramp (1).
+    if "ramp_end" not in group:
+        return
+    value = real(group["ramp_end"])
+    if value is None or not 0.0 < value <= 1.0:
+        raise ValueError(
+            f"{where}ramp_end: expected a number in (0, 1] (the fraction of total_steps at which the decay is "
+            f"fully on), got {group['ramp_end']!r}"
+        )
+    group["ramp_end"] = value
+
+
 def _pattern(group: Dict[str, Any], where: str) -> None:
     if group["pattern"] is not None:
         parse_pattern(group["pattern"], param=f"{where}pattern")
 
 
-def _finite_nonneg(x: float) -> bool:
-    return math.isfinite(x) and x >= 0
-
-
-_CHECKS = (
-    _lr,
-    _betas,
-    _number("eps", _finite_nonneg, "a finite number >= 0"),
-    _number("weight_decay", _finite_nonneg, "a finite number >= 0"),
-    _number("l1_decay", _finite_nonneg, "a finite number >= 0"),
-    _total_steps,
-    _l1_mode,
-    _number(
-        "ramp_end",
-        lambda x: 0.0 < x <= 1.0,
-        "a number in (0, 1] (the fraction of total_steps at which the decay is fully on)",
-        optional=True,
-    ),
-    _number(
-        "masked_lr_scale",
-        lambda x: math.isfinite(x) and x > 0.0,
-        "a finite number > 0 (the masked weights' lr relative to the kept weights')",
-        optional=True,
-    ),
-    _mask_interval,
-    _pattern,
-)
+_CHECKS = (_kernel_scalars, _total_steps, _l1_mode, _ramp_end, _mask_interval, _pattern)
 
 
 def check_group(group: Dict[str, Any], where: str) -> None:

@@ -13,6 +13,7 @@ __all__ = [
     "CastError",
     "adams_step",
     "num_threads",
+    "check_adams_hyper",
     "MAX_M",
     "__version__",
 ]
@@ -60,3 +61,6 @@ def adams_step(
     masked_lr_scale: float = 1.0,
 ) -> Tuple[int, int, List[Optional[int]]]: ...
 def num_threads() -> int: ...
+def check_adams_hyper(
+    *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, l1_decay: float, masked_lr_scale: float
+) -> None: ...
