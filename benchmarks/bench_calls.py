@@ -6,7 +6,7 @@ Times what a training loop calls at every step, on a small input (where the bind
 dominates) and a large one (where the kernel does):
 
 * ``AdamS.step()`` on a 2:4 group (8 weights) through the whole Python optimizer;
-* ``_cast_rs.adams_step`` directly (the binding and the kernel, no Python optimizer);
+* ``torch.ops.cast_rs.adams_step_`` directly (the operator and the kernel, no Python optimizer);
 * ``scale_weight`` forward + backward (the operator and its C++ autograd formula);
 * ``torch.ops.cast_rs.scale_forward`` directly;
 * ``nm_mask``.
@@ -24,7 +24,6 @@ import argparse
 import torch
 
 import cast_rs
-from cast_rs import _cast_rs
 from bench_ops import median_us, step_args  # benchmarks/ is on sys.path when run
 
 
@@ -38,7 +37,8 @@ def adams_group(rows: int, cols: int):
 
 def raw_step(rows: int, cols: int):
     p, g, mu, v, masks, steps, kw = step_args(8, rows, cols)
-    return lambda: _cast_rs.adams_step(p, g, mu, v, masks, [(2, 4, -1)] * len(p), steps, **kw)
+    op, flat = torch.ops.cast_rs.adams_step_.default, [2, 4, -1] * len(p)
+    return lambda: op(p, g, mu, v, masks, flat, steps, [], **kw)
 
 
 def scale_fwd_bwd(rows: int, cols: int):
@@ -68,7 +68,7 @@ def main() -> None:
     rows = []
     for name, make in [
         ("AdamS.step() (8 weights, 2:4)", lambda r, c: adams_group(r, c).step),
-        ("_cast_rs.adams_step (8 weights)", raw_step),
+        ("adams_step_ operator (8 weights)", raw_step),
         ("scale_weight fwd + bwd", scale_fwd_bwd),
         ("scale_forward (the operator)", raw_scale_forward),
         ("nm_mask", nm_mask_call),

@@ -6,8 +6,7 @@ The Python API reaches every kernel through its PyTorch operator, ``torch.ops.ca
 (``csrc/cast_rs_ops.cpp``, then the Rust entry point in ``src/ops.rs``). For each operator and
 a small and a large input: median microseconds per call. On the small input the kernel is
 nearly free, so the figure is the call overhead; on the large one the overhead disappears into
-the kernel. The AdamS step is also timed through its pyo3 entry (what ``cast_rs.AdamS`` still
-calls), with the ratio. Two more rows time forward + backward of weight scaling: the operator
+the kernel. Two more rows time forward + backward of weight scaling: the operator
 with its C++ autograd formula (what ``scale_weight`` runs) against the same operators wrapped
 in a Python ``torch.autograd.Function`` (what a Python formula would cost).
 """
@@ -21,7 +20,6 @@ from typing import Any, Callable, List, Tuple
 import torch
 
 import cast_rs
-from cast_rs import _cast_rs
 from bench_optimizer import timed  # the same timing loop (benchmarks/ is on sys.path when run)
 
 ops = torch.ops.cast_rs
@@ -68,17 +66,15 @@ def rows_for(rows: int, cols: int) -> List[Tuple[str, Callable[[], Any]]]:
         ("unpack_mask", lambda: ops.unpack_mask.default(bits, shape)),
         ("scale_forward", lambda: ops.scale_forward.default(x, s, 2, -1, False)),
         ("scale_backward", lambda: ops.scale_backward.default(x, x, s, 2, -1, False)),
+        ("adams_step_ (8 tensors)", adams_call(rows, cols)),
     ]
 
 
-def adams_calls(rows: int, cols: int) -> Tuple[Callable[[], Any], Callable[[], Any]]:
-    """One AdamS step of 8 sparse tensors through the pyo3 entry and through the operator."""
+def adams_call(rows: int, cols: int) -> Callable[[], Any]:
+    """One AdamS step of 8 sparse 2:4 tensors through the operator (no mask cache)."""
     p, g, mu, v, masks, steps, kw = step_args(8, rows, cols)
-    pats, flat = [(2, 4, -1)] * len(p), [2, 4, -1] * len(p)
-    return (
-        lambda: _cast_rs.adams_step(p, g, mu, v, masks, pats, steps, **kw),
-        lambda: ops.adams_step_(p, g, mu, v, masks, flat, steps, **kw),
-    )
+    flat = [2, 4, -1] * len(p)
+    return lambda: ops.adams_step_.default(p, g, mu, v, masks, flat, steps, [], **kw)
 
 
 def main() -> None:
@@ -97,15 +93,6 @@ def main() -> None:
         repeats = a.repeats if rows <= 64 else max(20, a.repeats // 10)
         for name, op in rows_for(rows, cols):
             print(f"{name:>24} {f'{rows}x{cols}':>10} | {median_us(op, repeats):9.1f}")
-    print()
-    head = f"{'adams step (8 tensors)':>24} {'input':>10} | {'pyo3':>9} {'torch.ops':>9} {'ratio':>6}"
-    print(head)
-    print("-" * len(head))
-    for rows, cols in sizes:
-        repeats = a.repeats if rows <= 64 else max(20, a.repeats // 10)
-        direct, op = adams_calls(rows, cols)
-        d, o = median_us(direct, repeats), median_us(op, repeats)
-        print(f"{'adams_step':>24} {f'{rows}x{cols}':>10} | {d:9.1f} {o:9.1f} {o / d:6.2f}")
     print()
     head = f"{'scaling fwd + bwd':>24} {'input':>10} | {'C++ grad':>9} {'Py grad':>9} {'ratio':>6}"
     print(head)

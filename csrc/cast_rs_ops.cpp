@@ -51,9 +51,9 @@ int32_t cast_rs_scale_backward(const at::Tensor* grad, const at::Tensor* weight,
 int32_t cast_rs_adams_step(size_t k, const at::Tensor* const* params, const at::Tensor* const* grads,
                            const at::Tensor* const* exp_avgs, const at::Tensor* const* exp_avg_sqs,
                            const at::Tensor* const* masks, const int64_t* patterns,
-                           const at::Tensor* const* steps, const CastStepScalars* scalars,
-                           const double* l1_decays, const double* weight_decays, int64_t* flips,
-                           char** message);
+                           const at::Tensor* const* steps, const at::Tensor* const* keep_cache,
+                           const CastStepScalars* scalars, const double* l1_decays, const double* weight_decays,
+                           bool validate_only, int64_t* flips, bool* fast, char** message);
 int32_t cast_rs_nm_compress(const at::Tensor* weight, int64_t n, int64_t m, at::Tensor** values, at::Tensor** index,
                             char** message);
 int32_t cast_rs_nm_decompress(const at::Tensor* values, const at::Tensor* index, int64_t rows, int64_t cols,
@@ -188,13 +188,29 @@ std::vector<const at::Tensor*> pointers(at::TensorList ts) {
   return out;
 }
 
-at::Tensor adams_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                       at::TensorList exp_avg_sqs, const c10::List<std::optional<at::Tensor>>& masks,
-                       at::IntArrayRef patterns, at::TensorList steps, double lr, double beta1, double beta2,
-                       double eps, double weight_decay, double l1_decay, std::optional<double> total_steps,
-                       int64_t mask_interval, std::optional<at::ArrayRef<double>> l1_decays,
-                       std::optional<at::ArrayRef<double>> weight_decays, bool force_generic,
-                       double masked_lr_scale) {
+// Pointers to the entries of an optional-tensor list (null for None); `keep_alive` holds the
+// tensors so that the pointers stay valid.
+std::vector<const at::Tensor*> optional_pointers(const c10::List<std::optional<at::Tensor>>& list,
+                                                 std::vector<at::Tensor>& keep_alive) {
+  const size_t k = list.size();
+  keep_alive.clear();
+  keep_alive.reserve(k);
+  std::vector<const at::Tensor*> out(k, nullptr);
+  for (size_t i = 0; i < k; ++i) {
+    std::optional<at::Tensor> t = list.get(i);
+    keep_alive.push_back(t.has_value() ? *t : at::Tensor());
+    if (t.has_value() && t->defined()) out[i] = &keep_alive.back();
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> adams_step_(
+    at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+    const c10::List<std::optional<at::Tensor>>& masks, at::IntArrayRef patterns, at::TensorList steps,
+    const c10::List<std::optional<at::Tensor>>& keep_cache, double lr, double beta1, double beta2, double eps,
+    double weight_decay, double l1_decay, std::optional<double> total_steps, int64_t mask_interval,
+    std::optional<at::ArrayRef<double>> l1_decays, std::optional<at::ArrayRef<double>> weight_decays,
+    bool force_generic, double masked_lr_scale, bool validate_only) {
   const size_t k = params.size();
   // List lengths are the one thing the C ABI cannot check (it takes k entries of each).
   auto same = [k](const char* name, size_t len) {
@@ -207,17 +223,14 @@ at::Tensor adams_step_(at::TensorList params, at::TensorList grads, at::TensorLi
   TORCH_CHECK_VALUE(patterns.size() == 3 * k, "patterns: expected ", 3 * k,
                     " values ((n, m, dim) per parameter, n = 0 for a dense one), got ", patterns.size());
   same("steps", steps.size());
+  TORCH_CHECK_VALUE(keep_cache.size() == 0 || keep_cache.size() == k, "keep_cache: expected 0 or ", k,
+                    " entries (one per parameter), got ", keep_cache.size());
   if (l1_decays) same("l1_decays", l1_decays->size());
   if (weight_decays) same("weight_decays", weight_decays->size());
 
-  std::vector<at::Tensor> mask_values;  // keeps the optional masks alive and addressable
-  mask_values.reserve(k);
-  std::vector<const at::Tensor*> mask_ptrs(k, nullptr);
-  for (size_t i = 0; i < k; ++i) {
-    std::optional<at::Tensor> m = masks.get(i);
-    mask_values.push_back(m.has_value() ? *m : at::Tensor());
-    if (m.has_value() && m->defined()) mask_ptrs[i] = &mask_values.back();
-  }
+  std::vector<at::Tensor> mask_values, keep_values;
+  const std::vector<const at::Tensor*> mask_ptrs = optional_pointers(masks, mask_values);
+  const std::vector<const at::Tensor*> keep_ptrs = optional_pointers(keep_cache, keep_values);
   const CastStepScalars scalars{lr,
                                 beta1,
                                 beta2,
@@ -230,14 +243,17 @@ at::Tensor adams_step_(at::TensorList params, at::TensorList grads, at::TensorLi
                                 mask_interval,
                                 force_generic};
   at::Tensor flips = at::empty({static_cast<int64_t>(k)}, at::kLong);
+  at::Tensor fast = at::empty({static_cast<int64_t>(k)}, at::kBool);
   char* message = nullptr;
   auto p = pointers(params), g = pointers(grads), mu = pointers(exp_avgs), v = pointers(exp_avg_sqs),
        s = pointers(steps);
-  const int32_t status = cast_rs_adams_step(k, p.data(), g.data(), mu.data(), v.data(), mask_ptrs.data(), patterns.data(), s.data(),
-                           &scalars, l1_decays ? l1_decays->data() : nullptr,
-                           weight_decays ? weight_decays->data() : nullptr, flips.data_ptr<int64_t>(), &message);
+  const int32_t status = cast_rs_adams_step(
+      k, p.data(), g.data(), mu.data(), v.data(), mask_ptrs.data(), patterns.data(), s.data(),
+      keep_cache.size() == 0 ? nullptr : keep_ptrs.data(), &scalars, l1_decays ? l1_decays->data() : nullptr,
+      weight_decays ? weight_decays->data() : nullptr, validate_only, flips.data_ptr<int64_t>(),
+      fast.data_ptr<bool>(), &message);
   check(status, message);
-  return flips;
+  return {flips, fast};
 }
 
 std::tuple<at::Tensor, at::Tensor> nm_compress(const at::Tensor& weight, int64_t n, int64_t m) {
@@ -280,10 +296,10 @@ TORCH_LIBRARY(cast_rs, m) {
       "bool force_generic=False) -> (Tensor, Tensor)");
   m.def(
       "adams_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)?[] masks, int[] patterns, Tensor(e!)[] steps, *, float lr, float beta1, float beta2, "
-      "float eps, float weight_decay, float l1_decay, float? total_steps, int mask_interval, "
-      "float[]? l1_decays=None, float[]? weight_decays=None, bool force_generic=False, "
-      "float masked_lr_scale=1.0) -> Tensor");
+      "Tensor(d!)?[] masks, int[] patterns, Tensor(e!)[] steps, Tensor(f!)?[] keep_cache, *, float lr, "
+      "float beta1, float beta2, float eps, float weight_decay, float l1_decay, float? total_steps, "
+      "int mask_interval, float[]? l1_decays=None, float[]? weight_decays=None, bool force_generic=False, "
+      "float masked_lr_scale=1.0, bool validate_only=False) -> (Tensor, Tensor)");
   // Compressed N:M linear layers (CPU inference): src/nm_linear/layout.rs has the layout.
   m.def("nm_compress(Tensor weight, int n, int m) -> (Tensor, Tensor)");
   m.def("nm_decompress(Tensor values, Tensor index, int rows, int cols, int n, int m) -> Tensor");

@@ -289,12 +289,19 @@ pub struct CastStepScalars {
 /// One AdamS step over `k` parameters. `masks[i]` is null for a dense parameter;
 /// `patterns` holds `(n, m, dim)` per parameter, `n = 0` for a dense one; `l1_decays` and
 /// `weight_decays` are null or hold `k` values; `flips` receives `k` values: the number of
-/// N:M groups whose mask changed for tensors refreshed at this step, else -1.
+/// N:M groups whose mask changed for tensors refreshed at this step, else -1; `fast` receives
+/// `k` flags: stepped by the slice kernel (else the generic path).
+///
+/// `keep_cache` (null, or `k` entries, each null or a tensor) is the generic path's cache of
+/// unpacked masks, kept by the caller between steps: an empty tensor means "none cached". On
+/// success each given entry is set, in place, to the `keep` tensor this step used (sharing
+/// its storage) or emptied when the parameter did not use one, so the caller passes the same
+/// tensors back next step. With `validate_only` everything is checked and nothing written.
 ///
 /// # Safety
-/// Every list pointer points to `k` entries (tensor entries as for [`borrow`], masks may be
-/// null), `scalars` to one struct, `flips` is valid for `k` writes, `message` as in
-/// [`status`].
+/// Every list pointer points to `k` entries (tensor entries as for [`borrow`], masks and
+/// cache entries may be null), `scalars` to one struct, `flips` and `fast` are valid for `k`
+/// writes, `message` as in [`status`].
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn cast_rs_adams_step(
@@ -306,15 +313,23 @@ pub unsafe extern "C" fn cast_rs_adams_step(
     masks: *const *const C_tensor,
     patterns: *const i64,
     steps: *const *const C_tensor,
+    keep_cache: *const *const C_tensor,
     scalars: *const CastStepScalars,
     l1_decays: *const f64,
     weight_decays: *const f64,
+    validate_only: bool,
     flips: *mut i64,
+    fast: *mut bool,
     message: *mut *mut c_char,
 ) -> i32 {
     let r = guarded(|| {
         // SAFETY (whole block): the caller's contract on every pointer.
         unsafe {
+            let cache = if keep_cache.is_null() {
+                None
+            } else {
+                Some(borrow_list(keep_cache, k, true)?)
+            };
             let list = |ps| -> Result<Vec<Tensor>> {
                 Ok(borrow_list(ps, k, false)?.into_iter().flatten().collect())
             };
@@ -343,9 +358,17 @@ pub unsafe extern "C" fn cast_rs_adams_step(
                     .map(|p| (p[0] != 0).then_some((p[0], p[1], p[2])))
                     .collect(),
                 steps: list(steps)?,
-                // An operator call keeps no cache between steps: the generic path unpacks
-                // each sparse tensor's mask once per call.
-                keeps: Vec::new(),
+                keeps: match &cache {
+                    Some(entries) => entries
+                        .iter()
+                        .map(|e| {
+                            e.as_ref()
+                                .filter(|t| t.numel() > 0)
+                                .map(Tensor::shallow_clone)
+                        })
+                        .collect(),
+                    None => Vec::new(),
+                },
             };
             let cfg = StepConfig {
                 hyper: AdamsHyper {
@@ -363,12 +386,16 @@ pub unsafe extern "C" fn cast_rs_adams_step(
                 weight_decays: floats(weight_decays),
                 force_generic: sc.force_generic,
             };
-            let outcome = ops::adams_step(tensors, &cfg, false)?;
+            let outcome = ops::adams_step(tensors, &cfg, validate_only)?;
             if k > 0 {
                 let out = std::slice::from_raw_parts_mut(flips, k);
-                for (o, f) in out.iter_mut().zip(outcome.flips) {
+                for (o, f) in out.iter_mut().zip(&outcome.flips) {
                     *o = f.map_or(-1, |v| v as i64);
                 }
+                std::slice::from_raw_parts_mut(fast, k).copy_from_slice(&outcome.fast);
+            }
+            if let (Some(entries), false) = (cache, validate_only) {
+                store_keeps(entries, outcome.keeps)?;
             }
         }
         Ok(())
@@ -467,4 +494,25 @@ pub unsafe extern "C" fn cast_rs_nm_linear(
     });
     // SAFETY: the caller's contract.
     unsafe { status(r, message) }
+}
+
+/// Puts each step's `keep` tensor into the caller's cache entry (sharing its storage), or
+/// empties the entry when the parameter used none. An entry that already is the step's
+/// `keep` (a cache hit, the common case) is left alone: no libtorch call per parameter.
+fn store_keeps(entries: Vec<Option<Tensor>>, keeps: Vec<Option<Tensor>>) -> Result<()> {
+    let torch = |e: tch::TchError| CastError::Torch {
+        context: "keep_cache".into(),
+        msg: e.to_string(),
+    };
+    for (entry, keep) in entries.into_iter().zip(keeps) {
+        let Some(mut entry) = entry else { continue };
+        // Both calls return the entry itself, already updated in place.
+        match keep {
+            Some(t) if t.data_ptr() == entry.data_ptr() && t.size() == entry.size() => {}
+            Some(t) => drop(entry.f_set_source_tensor_(&t).map_err(torch)?),
+            None if entry.numel() == 0 => {}
+            None => drop(entry.f_resize_([0i64]).map_err(torch)?),
+        }
+    }
+    Ok(())
 }

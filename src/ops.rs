@@ -288,6 +288,8 @@ pub struct StepOutcome {
     /// The `keep` tensor each sparse generic-path parameter used (for the caller to cache
     /// and pass back next step); `None` for the others.
     pub keeps: Vec<Option<Tensor>>,
+    /// Per parameter: stepped by the slice kernel (true) or the generic path.
+    pub fast: Vec<bool>,
 }
 
 /// Completed steps held in a one-element counter tensor (torch keeps `state["step"]` as a
@@ -400,13 +402,15 @@ pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Resu
         })
         .collect();
     let plans = checks::step_plans(cfg, &l1s, &wds, &metas)?;
-    let n_fast = plans.iter().filter(|p| p.fast.is_some()).count();
+    let fast: Vec<bool> = plans.iter().map(|p| p.fast.is_some()).collect();
+    let n_fast = fast.iter().filter(|&&f| f).count();
     if validate_only {
         return Ok(StepOutcome {
             n_fast,
             n_generic: k - n_fast,
             flips: vec![None; k],
             keeps: (0..k).map(|_| None).collect(),
+            fast,
         });
     }
     // The generic path writes through libtorch (in-place ops on shared tensor handles) and
@@ -478,6 +482,7 @@ pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Resu
             n_generic: k - n_fast,
             flips,
             keeps: std::mem::take(&mut keeps),
+            fast: fast.clone(),
         })
     })
 }

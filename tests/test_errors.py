@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cast_rs
-from cast_rs import _cast_rs
+from _adams_op import adams_step
 
 
 def snapshot(opt, params):
@@ -165,23 +165,22 @@ def test_kernel_validates_before_writing():
     before = [t.clone() for t in p]
     kw = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, l1_decay=0.0, total_steps=10.0, mask_interval=10)
     with pytest.raises(ValueError, match=r"exp_avg_sqs\[1\]"):
-        _cast_rs.adams_step(p, g, mu, v, masks, [(2, 4, -1)] * 2, [torch.tensor(0.0), torch.tensor(0.0)], **kw)
+        adams_step(p, g, mu, v, masks, [(2, 4, -1)] * 2, [torch.tensor(0.0), torch.tensor(0.0)], **kw)
     assert all(torch.equal(a, b) for a, b in zip(p, before))
     assert all(int(m.sum()) == 0 for m in masks)
     v[1] = torch.zeros(4, 8)
     masks[1] = torch.zeros(5, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"masks\[1\]"):
-        _cast_rs.adams_step(p, g, mu, v, masks, [(2, 4, -1)] * 2, [torch.tensor(0.0), torch.tensor(0.0)], **kw)
+        adams_step(p, g, mu, v, masks, [(2, 4, -1)] * 2, [torch.tensor(0.0), torch.tensor(0.0)], **kw)
     with pytest.raises(ValueError, match="shares memory"):
-        _cast_rs.adams_step([p[0]], [p[0]], [mu[0]], [v[0]], [None], [None], [torch.tensor(0.0)], **kw)
+        adams_step([p[0]], [p[0]], [mu[0]], [v[0]], [None], [None], [torch.tensor(0.0)], **kw)
     with pytest.raises(ValueError, match="total_steps"):
-        _cast_rs.adams_step(
-            [p[0]], [g[0]], [mu[0]], [v[0]], [masks[0]], [(2, 4, -1)], [torch.tensor(0.0)], **{**kw, "total_steps": None}
-        )
+        adams_step([p[0]], [g[0]], [mu[0]], [v[0]], [masks[0]], [(2, 4, -1)], [torch.tensor(0.0)], **{**kw, "total_steps": None})
     with pytest.raises(TypeError, match="expected dtype torch.float32"):
-        _cast_rs.adams_step([p[0]], [g[0].double()], [mu[0]], [v[0]], [None], [None], [torch.tensor(0.0)], **kw)
-    with pytest.raises(TypeError, match="torch.Tensor"):
-        _cast_rs.adams_step([p[0]], ["not a tensor"], [mu[0]], [v[0]], [None], [None], [torch.tensor(0.0)], **kw)
+        adams_step([p[0]], [g[0].double()], [mu[0]], [v[0]], [None], [None], [torch.tensor(0.0)], **kw)
+    # Not a tensor at all: torch's operator argument parser refuses it, naming the argument.
+    with pytest.raises(RuntimeError, match="for argument 'grads'"):
+        adams_step([p[0]], ["not a tensor"], [mu[0]], [v[0]], [None], [None], [torch.tensor(0.0)], **kw)
     assert all(torch.equal(a, b) for a, b in zip(p, before))
 
 

@@ -107,6 +107,7 @@ def test_operator_takes_it():
         [bits],
         [2, 4, -1],
         [step],
+        [],
         lr=1e-2,
         beta1=0.9,
         beta2=0.999,

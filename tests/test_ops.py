@@ -14,6 +14,7 @@ import torch
 
 import cast_rs
 from cast_rs import _cast_rs
+from _adams_op import adams_step
 from reference import foreach_adams_step, ref_nm_mask
 
 ops = torch.ops.cast_rs
@@ -27,7 +28,7 @@ def test_operators_are_registered_with_the_schemas_they_document():
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"cast_rs::{name}", key), (name, key)
     schema = ops.adams_step_.default._schema
     mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
-    assert mutated == {"params", "exp_avgs", "exp_avg_sqs", "masks", "steps"}
+    assert mutated == {"params", "exp_avgs", "exp_avg_sqs", "masks", "steps", "keep_cache"}
     for name in names - {"adams_step_"}:
         args = getattr(ops, name).default._schema.arguments
         assert not any(a.alias_info is not None and a.alias_info.is_write for a in args), name
@@ -79,14 +80,17 @@ def _step_inputs(seed: int):
 KW = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, l1_decay=0.05, total_steps=10.0, mask_interval=1)
 
 
-def test_adams_step_operator_equals_the_direct_route_and_the_reference(kernel_path):
+def test_adams_step_operator_with_and_without_its_cache_and_the_reference(kernel_path):
     fg = kernel_path == "generic"
     a = _step_inputs(0)
     b = [[t.clone() if t is not None else None for t in ts] for ts in _step_inputs(0)]
+    cache = [torch.empty(0), torch.empty(0), None]
     for _ in range(3):
-        flips = ops.adams_step_(*a[:5], [2, 4, -1, 2, 4, -1, 0, 0, 0], a[5], force_generic=fg, **KW)
-        _, _, direct = _cast_rs.adams_step(*b[:5], [(2, 4, -1), (2, 4, -1), None], b[5], force_generic=fg, **KW)
-        assert flips.tolist() == [-1 if f is None else f for f in direct]
+        flips, fast = ops.adams_step_(*a[:5], [2, 4, -1, 2, 4, -1, 0, 0, 0], a[5], [], force_generic=fg, **KW)
+        assert fast.tolist() == [not fg] * 3
+        # The same step with the generic path's mask cache (what AdamS passes): the same numbers.
+        _, _, cached = adams_step(*b[:5], [(2, 4, -1), (2, 4, -1), None], b[5], mask_cache=cache, force_generic=fg, **KW)
+        assert flips.tolist() == [-1 if f is None else f for f in cached]
     for x, y in zip(a[0] + a[2] + a[3] + a[5], b[0] + b[2] + b[3] + b[5]):
         assert torch.equal(x, y)
     assert flips[2] == -1 and flips[0] >= 0  # the dense tensor has no mask; the sparse ones refresh every step
@@ -109,13 +113,13 @@ def test_adams_step_operator_writes_nothing_when_it_refuses():
     v[1] = torch.zeros(4, 7)
     before = [t.clone() for t in p + mu + steps]
     with pytest.raises(ValueError, match=r"^exp_avg_sqs\[1\]: expected shape \[4, 8\]"):
-        ops.adams_step_(p, g, mu, v, masks, [2, 4, -1, 2, 4, -1, 0, 0, 0], steps, **KW)
+        ops.adams_step_(p, g, mu, v, masks, [2, 4, -1, 2, 4, -1, 0, 0, 0], steps, [], **KW)
     with pytest.raises(ValueError, match=r"^patterns: expected 9 values"):
-        ops.adams_step_(p, g, mu, v, masks, [2, 4, -1], steps, **KW)
+        ops.adams_step_(p, g, mu, v, masks, [2, 4, -1], steps, [], **KW)
     with pytest.raises(ValueError, match=r"^grads: expected 3 entries"):
-        ops.adams_step_(p, g[:2], mu, v, masks, [0] * 9, steps, **KW)
+        ops.adams_step_(p, g[:2], mu, v, masks, [0] * 9, steps, [], **KW)
     with pytest.raises(ValueError, match=r"^mask_interval: expected an integer >= 1, got -1"):
-        ops.adams_step_(p, g, mu, v, masks, [0] * 9, steps, **{**KW, "mask_interval": -1})
+        ops.adams_step_(p, g, mu, v, masks, [0] * 9, steps, [], **{**KW, "mask_interval": -1})
     assert all(torch.equal(x, y) for x, y in zip(p + mu + steps, before))
     assert all(int(m.sum()) == 0 for m in masks[:2])
 
@@ -170,17 +174,17 @@ def test_errors_carry_the_argument_as_data():
     p, g, mu, v, masks, steps = _step_inputs(2)
     v[1] = torch.zeros(4, 7)
     with pytest.raises(ValueError) as e:
-        _cast_rs.adams_step(p, g, mu, v, masks, [(2, 4, -1), (2, 4, -1), None], steps, **KW)
+        adams_step(p, g, mu, v, masks, [(2, 4, -1), (2, 4, -1), None], steps, **KW)
     assert (e.value.param, e.value.index) == ("exp_avg_sqs", 1)
     assert e.value.detail == "expected shape [4, 8] (the parameter's), got [4, 7]"
     assert str(e.value) == f"exp_avg_sqs[1]: {e.value.detail}"
     v[1] = torch.zeros(4, 8)
     with pytest.raises(ValueError) as e:
-        _cast_rs.adams_step(p, [g[0], mu[1], g[2]], mu, v, masks, [(2, 4, -1), (2, 4, -1), None], steps, **KW)
+        adams_step(p, [g[0], mu[1], g[2]], mu, v, masks, [(2, 4, -1), (2, 4, -1), None], steps, **KW)
     assert (e.value.param, e.value.index, e.value.other_param, e.value.other_index) == ("exp_avgs", 1, "grads", 1)
     assert e.value.detail == "shares memory with {other}; each buffer must be its own tensor"
     with pytest.raises(ValueError) as e:
-        _cast_rs.adams_step(p, g, mu, v, masks, [(2, 4, -1), (2, 4, -1), None], steps, **{**KW, "lr": -1.0})
+        adams_step(p, g, mu, v, masks, [(2, 4, -1), (2, 4, -1), None], steps, **{**KW, "lr": -1.0})
     assert (e.value.param, e.value.index) == ("lr", None)
 
 
@@ -218,7 +222,7 @@ def test_opcheck_schemas_fakes_and_autograd():
     p, gr, mu, v, masks, steps = _step_inputs(3)
     torch.library.opcheck(
         ops.adams_step_.default,
-        (p, gr, mu, v, masks, [2, 4, -1, 2, 4, -1, 0, 0, 0], steps),
+        (p, gr, mu, v, masks, [2, 4, -1, 2, 4, -1, 0, 0, 0], steps, []),
         dict(KW),
         test_utils=("test_schema", "test_faketensor"),
     )

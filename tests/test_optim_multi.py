@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import cast_rs
-from cast_rs import _cast_rs
+from _adams_op import adams_step
 from reference import RefAdamS
 from test_optim import HP, assert_close_robust, grads_for, make_params, run
 
@@ -65,7 +65,7 @@ def test_cache_equals_no_cache_bit_for_bit():
             for p, g in zip(params, grads):
                 p.grad = g
             opt.step()
-            _cast_rs.adams_step(twins, grads, mus, vs, masks, [(2, 4, -1), (2, 4, -1), None], steps, **kw)
+            adams_step(twins, grads, mus, vs, masks, [(2, 4, -1), (2, 4, -1), None], steps, **kw)
     for p, t in zip(params, twins):
         assert torch.equal(p.detach(), t)
     assert torch.equal(opt.state[params[0]]["mask"], masks[0])
@@ -162,8 +162,10 @@ def test_aten_ops_per_step_do_not_grow_with_parameters(weight_decay):
                 p.grad = torch.randn_like(p)
             counts.append(_top_level_aten_ops(opt.step))
     assert counts[0] == counts[1], counts
-    # Weight decay rides in `_fused_adamw_`: it adds no call.
-    assert counts[0] <= 7, counts
+    # Weight decay rides in `_fused_adamw_`: it adds no call. 7 calls compute the step; the
+    # operator's two small outputs (flips, paths) add an `empty` each and their conversion to
+    # Python lists a `resolve_conj` and a `resolve_neg` each: 13, whatever the parameter count.
+    assert counts[0] <= 13, counts
 
 
 def test_strided_and_contiguous_tensors_in_one_call():

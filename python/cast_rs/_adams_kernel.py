@@ -1,8 +1,9 @@
 """AdamS's call into the fused kernel: the arguments of one group, the λ of ``l1_mode =
 "relative"``, and the call itself (with its errors named after the user's parameters).
 
-The kernel (``src/adams``) validates every argument of a call before it writes anything and
-updates parameters and state in place; it is stateless apart from what it is handed.
+The kernel is the operator ``torch.ops.cast_rs.adams_step_`` (``csrc/``, then ``src/adams``):
+it validates every argument of a call before it writes anything and updates parameters and
+state in place; it is stateless apart from what it is handed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import _cast_rs, _dtensor
+from . import _dtensor
+from ._cast_rs import CastError
 from ._adams_hyper import DEFAULT_MASKED_LR_SCALE, DEFAULT_RAMP_END
 from ._adams_state import Spec, param_name
 
@@ -98,6 +100,9 @@ _STATE_NAME = {
 KeepCache = Dict[torch.Tensor, Tuple[torch.Tensor, int, int]]
 
 
+_ADAMS_STEP = torch.ops.cast_rs.adams_step_.default
+
+
 def run_kernel(
     keep_cache: KeepCache, group: Dict[str, Any], gi: int, indices: List[int], args: tuple, kwargs: Dict[str, Any]
 ) -> Tuple[int, int, List[Optional[int]]]:
@@ -111,33 +116,38 @@ def run_kernel(
     ``keep_cache``: the generic path's ``keep`` tensors (1 where the mask keeps a weight, 0
     where it removes it, in the parameter's dtype), kept between steps so that a step need
     not unpack every packed mask. A cache, never state: an entry is used only while the packed
-    mask it was made from is unchanged (same storage, same version counter).
+    mask it was made from is unchanged (same storage, same version counter). The operator
+    fills the tensors it is handed in place (an empty one: none cached).
     """
     # Keyed by the parameter itself (args[0] holds the local tensors, which for a DTensor
     # are new objects at every step).
-    params, masks = [group["params"][i] for i in indices], args[4]
-    cache = None
-    if not kwargs.get("validate_only", False):
-        cache = []
-        for p, bits in zip(params, masks):
-            entry = keep_cache.get(p) if bits is not None else None
-            fresh = entry is not None and entry[1] == bits.data_ptr() and entry[2] == bits._version
-            cache.append(entry[0] if fresh else None)
-        kwargs = dict(kwargs, mask_cache=cache)
+    params, locals_, masks = [group["params"][i] for i in indices], args[0], args[4]
+    cache: List[Optional[torch.Tensor]] = []
+    for p, pl, bits in zip(params, locals_, masks):
+        if bits is None:
+            cache.append(None)
+            continue
+        entry = keep_cache.get(p)
+        fresh = entry is not None and entry[1] == bits.data_ptr() and entry[2] == bits._version
+        cache.append(entry[0] if fresh else torch.empty(0, dtype=pl.dtype, device=pl.device))
+    patterns = [v for spec in args[5] for v in (spec if spec is not None else (0, 0, 0))]
     try:
-        out = _cast_rs.adams_step(*args, **kwargs)
-    except (ValueError, TypeError, _cast_rs.CastError) as e:
+        flips, fast = _ADAMS_STEP(*args[:5], patterns, args[6], cache, **kwargs)
+    except (ValueError, TypeError, CastError) as e:
         named = _named(e, group, gi, indices)
         if named is e:
             raise
         raise named from e
-    if cache is not None:
+    if not kwargs.get("validate_only", False):
         for p, bits, keep in zip(params, masks, cache):
             if keep is None:
+                continue
+            if keep.numel() == 0:
                 keep_cache.pop(p, None)
             else:
                 keep_cache[p] = (keep, bits.data_ptr(), bits._version)
-    return out
+    n_fast = sum(fast.tolist())
+    return n_fast, len(params) - n_fast, [None if f < 0 else f for f in flips.tolist()]
 
 
 def _named(e: Exception, group: Dict[str, Any], gi: int, indices: List[int]) -> Exception:

@@ -1,17 +1,12 @@
 """Type stubs of the Rust extension ``cast_rs._cast_rs`` (private: use the ``cast_rs`` API).
 
 The kernels themselves are PyTorch operators, ``torch.ops.cast_rs.*`` (``csrc/``); this module
-holds the exception type, constants and the AdamS step's entry."""
-
-from typing import List, Optional, Tuple
-
-import torch
+holds the exception type, the constants and AdamS's check of its scalar hyperparameters."""
 
 # pyo3 appends every name the module init adds to the module's __all__.
 __all__ = [
     "OPERATORS",
     "CastError",
-    "adams_step",
     "num_threads",
     "check_adams_hyper",
     "MAX_M",
@@ -36,30 +31,6 @@ class CastError(Exception):
 #   detail: str                 the message after "param: " ("{other}" marks the second buffer)
 #   other_param, other_index    the second buffer of a "shares memory" error, else None
 
-def adams_step(
-    params: List[torch.Tensor],
-    grads: List[torch.Tensor],
-    exp_avgs: List[torch.Tensor],
-    exp_avg_sqs: List[torch.Tensor],
-    masks: List[Optional[torch.Tensor]],
-    patterns: List[Optional[Tuple[int, int, int]]],
-    steps: List[torch.Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    l1_decay: float,
-    total_steps: Optional[float],
-    mask_interval: int,
-    force_generic: bool = False,
-    validate_only: bool = False,
-    l1_decays: Optional[List[float]] = None,
-    weight_decays: Optional[List[float]] = None,
-    mask_cache: Optional[List[Optional[torch.Tensor]]] = None,
-    masked_lr_scale: float = 1.0,
-) -> Tuple[int, int, List[Optional[int]]]: ...
 def num_threads() -> int: ...
 def check_adams_hyper(
     *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, l1_decay: float, masked_lr_scale: float

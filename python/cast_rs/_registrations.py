@@ -14,7 +14,8 @@ operator                    schema (abridged)                                   
 ``unpack_mask``             ``(Tensor bits, int[] shape) -> Tensor``                none
 ``scale_forward``           ``(Tensor weight, Tensor scale, int groups, int dim)``  yes (C++)
 ``scale_backward``          ``(Tensor grad, Tensor weight, Tensor scale, ...)``     --
-``adams_step_``             mutates params, exp_avgs, exp_avg_sqs, masks, steps     --
+``adams_step_``             mutates params, exp_avgs, exp_avg_sqs, masks, steps,   --
+                            keep_cache
 ``nm_compress``             ``(Tensor weight, int n, int m) -> (values, index)``    none
 ``nm_decompress``           ``(Tensor values, Tensor index, int rows, ...)``        none
 ``nm_linear``               ``(Tensor input, Tensor values, Tensor index, ...)``    none
@@ -24,14 +25,14 @@ The last three (CPU only) are the compressed N:M layers of ``cast_rs.inference``
 
 Every operator also takes ``force_generic: bool = False`` (the tests' way to run the generic
 path on CPU). ``adams_step_`` takes the per-parameter patterns flat, ``(n, m, dim)`` each with
-``n = 0`` for a dense parameter, and returns an ``int64`` tensor of mask flips per parameter
-(``-1`` where the mask was not refreshed).
+``n = 0`` for a dense parameter, and the generic path's cache of unpacked masks (``keep_cache``:
+``[]``, or one entry per parameter: ``None``, or a tensor the operator fills in place, empty for
+none cached); it returns an ``int64`` tensor of mask flips per parameter (``-1`` where the mask
+was not refreshed) and a ``bool`` tensor: stepped by the fast path.
 
 The Python API calls these operators and nothing else for its kernels, in eager mode too (as
 torchvision does): one route, so one set of numbers and one error per mistake (the Rust side
-owns every check and builds the exception, see ``src/capi.rs``). ``adams_step_`` is the one
-exception for now: ``cast_rs.AdamS`` still calls the pyo3 entry point, which also keeps the
-generic path's cache of unpacked masks between steps.
+owns every check and builds the exception, see ``src/capi.rs``).
 """
 
 from __future__ import annotations
@@ -102,9 +103,11 @@ def _adams_step_fake(
     masks: List[Optional[torch.Tensor]],
     patterns: List[int],
     steps: List[torch.Tensor],
+    keep_cache: List[Optional[torch.Tensor]],
     **scalars: Any,
-) -> torch.Tensor:
-    return torch.empty((len(params),), dtype=torch.int64)
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    k = len(params)
+    return torch.empty((k,), dtype=torch.int64), torch.empty((k,), dtype=torch.bool)
 
 
 #: Output rows per block of the compressed layout (``src/nm_linear``'s ``ROW_BLOCK``).
