@@ -96,8 +96,9 @@ _STATE_NAME = {
 }
 
 #: One cached ``keep`` tensor per sparse parameter (the packed mask's storage and version it
-#: was made from): see :func:`run_kernel`.
-KeepCache = Dict[torch.Tensor, Tuple[torch.Tensor, int, int]]
+#: was made from), or None for a parameter the last step took on the fast path: see
+#: :func:`run_kernel`.
+KeepCache = Dict[torch.Tensor, Optional[Tuple[torch.Tensor, int, int]]]
 
 
 _ADAMS_STEP = torch.ops.cast_rs.adams_step_.default
@@ -123,13 +124,17 @@ def run_kernel(
     # are new objects at every step).
     params, locals_, masks = [group["params"][i] for i in indices], args[0], args[4]
     cache: List[Optional[torch.Tensor]] = []
-    for p, pl, bits in zip(params, locals_, masks):
-        if bits is None:
-            cache.append(None)
-            continue
-        entry = keep_cache.get(p)
-        fresh = entry is not None and entry[1] == bits.data_ptr() and entry[2] == bits._version
-        cache.append(entry[0] if fresh else torch.empty(0, dtype=pl.dtype, device=pl.device))
+    # Which path a tensor takes follows from its device, dtype and layout, which do not change
+    # between steps: when every sparse tensor took the fast path last time, no cache is passed
+    # (an empty list, the operator's "none"), which keeps the common CPU step free of it.
+    if any(bits is not None and keep_cache.get(p, ()) is not None for p, bits in zip(params, masks)):
+        for p, pl, bits in zip(params, locals_, masks):
+            entry = keep_cache.get(p) if bits is not None else None
+            fresh = entry is not None and entry[1] == bits.data_ptr() and entry[2] == bits._version
+            if bits is None:
+                cache.append(None)
+            else:
+                cache.append(entry[0] if fresh else torch.empty(0, dtype=pl.dtype, device=pl.device))
     patterns = [v for spec in args[5] for v in (spec if spec is not None else (0, 0, 0))]
     try:
         flips, fast = _ADAMS_STEP(*args[:5], patterns, args[6], cache, **kwargs)
@@ -138,15 +143,19 @@ def run_kernel(
         if named is e:
             raise
         raise named from e
+    took_fast = fast.tolist()
     if not kwargs.get("validate_only", False):
-        for p, bits, keep in zip(params, masks, cache):
-            if keep is None:
+        for j, (p, bits) in enumerate(zip(params, masks)):
+            if bits is None:
                 continue
-            if keep.numel() == 0:
-                keep_cache.pop(p, None)
-            else:
+            keep = cache[j] if cache else None
+            if took_fast[j]:
+                keep_cache[p] = None
+            elif keep is not None and keep.numel():
                 keep_cache[p] = (keep, bits.data_ptr(), bits._version)
-    n_fast = sum(fast.tolist())
+            else:
+                keep_cache.pop(p, None)
+    n_fast = sum(took_fast)
     return n_fast, len(params) - n_fast, [None if f < 0 else f for f in flips.tolist()]
 
 
