@@ -25,6 +25,7 @@ DOC_TABLES = {
     "MLR": "mlr",
     "SHORT": "short",
     "TARGETS": "targets",
+    "PRACTITIONERS": "practitioners",
 }
 README_BLOCKS = ("main",)  # the README's headline table; the others are in the study
 

@@ -145,8 +145,34 @@ def _length_rows(model: str, corp: str):
     return out
 
 
+def practitioners_table() -> None:
+    """CAST against one-shot + fixed-mask fine-tuning (the recipe 2:4 models are made with
+    today), every method in the plain user's loop (``--loop user``), one row per run."""
+    print(
+        "#### practitioners (the user's loop: each optimizer's default betas, no clipping, cosine to lr/10, "
+        "no warmup; tax against dense_continued at lr 1e-3)\n"
+    )
+    print("| model | corpus | sparse steps | seed | method | lr | one-shot ppl | val ppl | tax |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = _rows(seed=None, loop="user")
+    for key in sorted({(r["model"], r["corpus"], r["steps"], r.get("seed", 0)) for r in rows}):
+        model, corp, steps, seed = key
+        rs = [r for r in rows if (r["model"], r["corpus"], r["steps"], r.get("seed", 0)) == key]
+        dc = _last(rs, "dense_continued")
+        if dc is None:
+            continue
+        for r in sorted(rs, key=lambda r: r["ppl"]):
+            name, kv = parse_method(r["method"])
+            lr = r.get("suggested", {}).get("lr") or float(kv.get("lr", r.get("lr_default", 1e-3)))
+            one = f"{r['ppl_one_shot']:.4f}" if "ppl_one_shot" in r else "-"
+            tax = "-" if r is dc else f"{100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%"
+            print(f"| {model} | {corp} | {steps} | {seed} | `{r['method']}` | {lr:.3g} | {one} | {r['ppl']:.4f} | {tax} |")
+    print()
+
+
 def cmd_report(a) -> None:  # noqa: C901 (one report, a branch per table)
     """The markdown tables of docs/sparsity_tax.md, from runs.jsonl."""
+    practitioners_table()
     default, suggested = DEFAULT_CAST, SUGGESTED_CAST
     print("#### main\n")
     print(
