@@ -35,6 +35,7 @@ from .checking import NMReport, check_nm, keep_nm
 from .export import export_semi_structured, plain_state_dict
 from . import baselines
 from .inference import CompressReport, NMLinear, compress
+from .lora import check_lora, load_lora, lora, lora_config, merge_lora, reproject
 
 __version__: str = _cast_rs.__version__
 
@@ -64,5 +65,11 @@ __all__ = [
     "nm_mask_packed",
     "parse_pattern",
     "unpack_mask",
+    "check_lora",
+    "load_lora",
+    "lora",
+    "lora_config",
+    "merge_lora",
+    "reproject",
     "__version__",
 ]
