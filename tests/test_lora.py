@@ -11,6 +11,7 @@ computations round differently.
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -366,3 +367,35 @@ def test_errors():
         cast_rs.lora(llama(), peft.LoraConfig(r=4, target_modules=["lm_head"]))
     with pytest.raises(cast_rs.CastError, match="no layer of it is 2:4"):
         cast_rs.reproject(llama(), dense.state_dict())
+
+
+def test_gpt2_conv1d_layers():
+    """GPT-2's Conv1D stores [in, out] (groups along dim 0; peft sets fan_in_fan_out): the masked
+    update is built in that layout, the merge stays 2:4 inside the old masks, and a merged layer
+    computes what the adapted one did up to the rounding of two different length-in matmuls
+    (F.linear on the transposed view against Conv1D's addmm)."""
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=1, n_head=4, n_positions=32)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    cast_rs.sparsify(model, "2:4", scaling_groups=0).finalize()
+    masks = {n: cast_rs.nm_mask(m.weight, "2:4", dim=0) for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft: "fan_in_fan_out is set to False but the target is Conv1D"
+        pm = cast_rs.lora(model, r=4, lora_alpha=8)
+    layers = masked_layers(pm)
+    assert len(layers) == 4 and all(m.fan_in_fan_out for _, m in layers)
+    randomize_b(pm)
+    mlp = pm.base_model.model.transformer.h[0].mlp.c_fc
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        y_adapted = mlp(x)
+    merged = cast_rs.merge_lora(pm)
+    assert cast_rs.check_nm(merged, "2:4").ok
+    for name, mod in merged.named_modules():
+        if name in masks:
+            assert not mod.weight.detach().masked_fill(masks[name], 0).any(), name
+    c_fc = merged.transformer.h[0].mlp.c_fc
+    with torch.no_grad():
+        y_merged = c_fc(x)
+    bound = 2 * gamma(33) * (x.abs() @ c_fc.weight.abs() + c_fc.bias.abs())
+    assert ((y_merged - y_adapted).abs() <= bound).all()

@@ -132,6 +132,13 @@ class NMLoraLinear(PeftLoraLinear):
     nm_masked: bool = False
     nm_pattern: Optional[Tuple[int, int]] = None
 
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, **kwargs: Any) -> None:
+        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+        # peft's default dispatcher, which a custom module bypasses, sets this from the layer type
+        # (a Conv1D stores its weight [in, out]) whatever the config says; so do we.
+        kind = layer_kind(self.get_base_layer())
+        self.fan_in_fan_out = kind is not None and kind[0] == "Conv1D"
+
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any) -> None:
         if "nm_mask_bits" not in self._buffers:
             self._setup_mask(config, kwargs.get("target_name", ""))
