@@ -35,15 +35,20 @@ from .checking import NMReport, check_nm, keep_nm
 from .export import export_semi_structured, plain_state_dict
 from . import baselines
 from .inference import CompressReport, NMLinear, compress
+from .checkpoint import load_compressed, save_compressed, install_transformers_hook as _install_transformers_hook
 from .lora import check_lora, load_lora, lora, lora_config, merge_lora, reproject
 
 __version__: str = _cast_rs.__version__
+
+_install_transformers_hook()
 
 __all__ = [
     "AdamS",
     "CompressReport",
     "NMLinear",
     "compress",
+    "load_compressed",
+    "save_compressed",
     "MaskGuard",
     "NMReport",
     "SparseModel",

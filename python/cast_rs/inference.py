@@ -31,6 +31,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ._record import dtype_name, is_hf_model, make_record, set_record
 from ._registrations import layout_sizes
 from .checking import count_violations
 from .nm import format_pattern, parse_pattern
@@ -84,7 +85,9 @@ class NMLinear(nn.Module):
         self.register_buffer("values", torch.zeros(values_len, dtype=dtype))
         self.register_buffer("index", torch.zeros(index_len, dtype=torch.int32))
         if bias:
-            self.bias: Optional[nn.Parameter] = nn.Parameter(torch.zeros(out_features), requires_grad=False)
+            # float32 whatever the default dtype (a from_pretrained skeleton is built under the
+            # checkpoint's dtype): the kernels add a float32 bias.
+            self.bias: Optional[nn.Parameter] = nn.Parameter(torch.zeros(out_features, dtype=torch.float32), requires_grad=False)
         else:
             self.register_parameter("bias", None)
         self._register_load_state_dict_pre_hook(NMLinear._check_entries, with_module=True)
@@ -134,6 +137,28 @@ class NMLinear(nn.Module):
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.detach().float())
         return layer
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "NMLinear":
+        # model.to(dtype) / .float() / .bfloat16() convert buffers element by element, but the
+        # float32 and bfloat16 layouts order the values differently: converting in place would
+        # give a layer that silently computes something else. A dtype change re-lays the weight
+        # out instead (through one dense copy of this layer), and the bias stays float32.
+        old = self.values.dtype
+        new = fn(torch.empty(0, dtype=old)).dtype
+        if new == old:
+            return super()._apply(fn, recurse)
+        if new not in (torch.float32, torch.bfloat16):
+            raise TypeError(
+                f"NMLinear: cannot convert its values to {new}; the compressed kernels hold float32 or bfloat16 "
+                "(convert the model before cast_rs.compress, or to torch.bfloat16 / torch.float32)"
+            )
+        dense = self.dense_weight()
+        super()._apply(fn, recurse)
+        values, index = torch.ops.cast_rs.nm_compress(fn(dense).contiguous(), self.n, self.m)
+        self._buffers["values"], self._buffers["index"] = values, index.to(self.index.device)
+        if self.bias is not None and self.bias.dtype != torch.float32:
+            self.bias = nn.Parameter(self.bias.detach().float(), requires_grad=False)
+        return self
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return torch.ops.cast_rs.nm_linear(
@@ -217,6 +242,29 @@ def _check_all_entries(model: nn.Module, state_dict: Dict[str, Any], prefix: str
     for name, mod in model.named_modules():
         if isinstance(mod, NMLinear):
             check_nm_linear_entries(mod, state_dict, prefix + (name + "." if name else ""))
+
+
+def _refuse_mixed_record(model: nn.Module, planned: List[torch.dtype]) -> None:
+    # A Hugging Face model's checkpoint record holds one values dtype, so that from_pretrained
+    # can build every layer before reading the file.
+    if not is_hf_model(model):
+        return
+    dtypes = set(planned) | {mod.values.dtype for mod in model.modules() if isinstance(mod, NMLinear)}
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"dtype: the compressed layers would hold values of {sorted(map(dtype_name, dtypes))}, and a saved "
+            "Hugging Face model records one values dtype; pass dtype=torch.bfloat16 or dtype=torch.float32"
+        )
+
+
+def _record_compressed(model: nn.Module, pattern: Tuple[int, int]) -> None:
+    """Record a Hugging Face model's NMLinear layers in its config: save_pretrained then writes
+    the record and from_pretrained rebuilds them (cast_rs.checkpoint); compress refused a mix of
+    value dtypes up front."""
+    names = [name for name, mod in model.named_modules() if isinstance(mod, NMLinear)]
+    dtypes = {mod.values.dtype for mod in model.modules() if isinstance(mod, NMLinear)}
+    if dtypes:
+        set_record(model, make_record(format_pattern(pattern), True, dtype_name(dtypes.pop()), names))
 
 
 def _refuse_half(dtype: torch.dtype, where: str) -> None:
@@ -342,12 +390,14 @@ def compress(
             f"compress: no layer of the model is exactly {n}:{m}, so nothing would be converted "
             f"(finalize the model first: sparse.finalize()); {left}"
         )
+    _refuse_mixed_record(model, [dtype or mod.weight.dtype for _, mod in plan])
     for name, mod in plan:
         new = NMLinear.from_dense(mod, (n, m), dtype=dtype)
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, new)
         w = mod.weight
         report.layers.append(CompressedLayer(name, (new.out_features, new.in_features), w.numel() * w.element_size(), new.nbytes))
+    _record_compressed(model, (n, m))
     if not getattr(model, "_cast_rs_load_checks", False):
         model.register_load_state_dict_pre_hook(_check_all_entries)
         model._cast_rs_load_checks = True

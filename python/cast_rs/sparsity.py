@@ -25,6 +25,7 @@ from torch.nn.utils import parametrize
 from . import _dtensor
 from ._cast_rs import CastError
 from ._mask_guard import MaskGuard
+from ._record import make_record, set_record, unmark_hf_model
 from ._markers import NM_ATTR, mark, module_spec, original_weight, unmark
 from .layers import SPARSE_MODULE_ATTR, Rules, SkippedLayer, find_layers
 from .nm import Pattern, format_pattern, nm_mask, parse_pattern
@@ -400,6 +401,9 @@ class SparseModel:
             )
         self.finalized = True
         self._mask_guard = MaskGuard([(original_weight(l.module), (n, m), l.dim) for l in self.layers])
+        # A Hugging Face model records its N:M layers in its config, so that save_pretrained /
+        # from_pretrained give back a model whose masks are guarded (cast_rs.checkpoint).
+        set_record(self.model, make_record(format_pattern(self.pattern), False, None, [l.name for l in self.layers]))
         return report
 
     @property
@@ -414,6 +418,7 @@ class SparseModel:
             raise RuntimeError("release_mask: the model is not finalized; before finalize the mask is AdamS's to move")
         if self._mask_guard is not None:
             self._mask_guard.release()
+        unmark_hf_model(self.model)
 
 
 def sparsify(
