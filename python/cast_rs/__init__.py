@@ -37,6 +37,7 @@ from . import baselines
 from .inference import CompressReport, NMLinear, compress
 from .checkpoint import load_compressed, save_compressed, install_transformers_hook as _install_transformers_hook
 from .lora import check_lora, load_lora, lora, lora_config, merge_lora, reproject
+from .compressed_tensors import export_compressed_tensors, load_compressed_tensors
 
 __version__: str = _cast_rs.__version__
 
@@ -76,5 +77,7 @@ __all__ = [
     "lora_config",
     "merge_lora",
     "reproject",
+    "export_compressed_tensors",
+    "load_compressed_tensors",
     "__version__",
 ]
