@@ -147,6 +147,10 @@ class CastRsQuantizer(HfQuantizer):
             # transformers (which would refuse .float(), .to(dtype) and plain training).
             model.__dict__.pop("hf_quantizer", None)
             model.__dict__.pop("quantization_method", None)
+            model.__dict__.pop("is_quantized", None)
+            for module in model.modules():
+                if hasattr(getattr(module, "config", None), "_is_quantized"):
+                    module.config._is_quantized = False
         return model
 
     def is_serializable(self) -> bool:

@@ -98,5 +98,3 @@ def unmark_hf_model(model: nn.Module) -> None:
 
 def _quant_method(qc: Any) -> Optional[str]:
     return qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-
-

@@ -143,6 +143,7 @@ def after_load(model: nn.Module, record: Dict[str, Any]) -> None:
     if record["compressed"]:
         for name, mod in model.named_modules():
             if isinstance(mod, NMLinear):
+                mod.check_loaded_layout(name)
                 for buf_name, buf in (("values", mod.values), ("index", mod.index), ("bias", mod.bias)):
                     if buf is not None and buf.is_meta:
                         raise ValueError(f"checkpoint: NMLinear {name!r} has no {buf_name!r} in the file (truncated?)")

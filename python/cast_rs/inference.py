@@ -102,8 +102,23 @@ class NMLinear(nn.Module):
         return torch.tensor([self.LAYOUT_VERSION, self.in_features, self.out_features, self.n, self.m, code], dtype=torch.int64)
 
     def set_extra_state(self, state: Any) -> None:
-        # Checked, before anything was copied, by _check_entries.
-        pass
+        # load_state_dict checked it (with everything else) before copying anything
+        # (_check_entries); loaders that set entries one by one (transformers' from_pretrained)
+        # skip that hook, so the layout is kept for cast_rs.checkpoint to compare after loading.
+        self._loaded_layout = [int(v) for v in state.reshape(-1).tolist()] if isinstance(state, torch.Tensor) else state
+
+    def check_loaded_layout(self, name: str) -> None:
+        """Raise ``ValueError`` naming the layer unless the layout a loader passed to
+        :meth:`set_extra_state` is this layer's (its shape, pattern and values dtype)."""
+        got = getattr(self, "_loaded_layout", None)
+        want = [int(v) for v in self.get_extra_state().tolist()]
+        if got is None:
+            raise ValueError(f"NMLinear {name!r}: the checkpoint has no layout record ({name}._extra_state) for it")
+        if got != want:
+            raise ValueError(
+                f"NMLinear {name!r}: the checkpoint's layout [version, in, out, N, M, dtype code] is {got}, this "
+                f"layer's is {want} (the file does not hold this model's layer)"
+            )
 
     def _check_entries(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
         check_nm_linear_entries(self, state_dict, prefix)
