@@ -26,6 +26,7 @@ A CAST method is ``cast:key=value,...``; keys (defaults = the library's AdamS as
     opt       lib (cast_rs.AdamS) | ref (the plain-PyTorch research optimizer below, which has
               the extra knobs; with default knobs it takes the same steps as lib)
     vsrc      mutilde (paper: v from μ̃ for every element) | grad (v from g² where m = 1)
+    warm      AdamS's own warmup (a fraction of the run; default 0: none)
     suggest   1: lr and mlr from ``sparse.suggest_adams(steps, dense_lr=--lr)`` (the documented
               default; overrides lr / mlr)
 
@@ -338,6 +339,7 @@ def run_method(  # noqa: C901 (one research loop, a branch per method)
                 ramp_end=common["ramp"],
                 l1_mode="relative" if kv.get("mode", "abs") == "rel" else "absolute",
                 masked_lr_scale=mlr,
+                warmup=float(kv.get("warm", 0.0)),
             )
         else:
             specs = {l.weight: (n, m_, l.dim) for l in handle.layers}

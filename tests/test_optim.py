@@ -412,3 +412,28 @@ def test_numpy_scalar_hyperparameters(kernel_path):
     ):
         with pytest.raises(ValueError, match=key):
             cast_rs.AdamS([torch.nn.Parameter(w0.clone())], pattern="2:4", **dict(dict(total_steps=5), **bad))
+
+
+def test_warmup_is_the_same_update_as_a_scaled_lr(kernel_path):
+    # AdamS(warmup=w) must step exactly as AdamS whose lr a scheduler sets to lr·min(1, s/(wT)):
+    # the same kernel call with the same scalar, so the parameters agree bit for bit.
+    torch.manual_seed(0)
+    w0 = torch.randn(8, 16)
+    steps, lr, warmup = 12, 1e-2, 0.25  # ramp over the first 3 steps
+    grads = [torch.randn(8, 16) for _ in range(steps)]
+    a = torch.nn.Parameter(w0.clone())
+    b = torch.nn.Parameter(w0.clone())
+    opt_a = cast_rs.AdamS([a], lr=lr, pattern="2:4", total_steps=steps, warmup=warmup)
+    opt_b = cast_rs.AdamS([b], lr=lr, pattern="2:4", total_steps=steps)
+    for s, g in enumerate(grads, start=1):
+        opt_b.param_groups[0]["lr"] = lr * min(1.0, s / (warmup * steps))
+        a.grad, b.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+        assert torch.equal(a, b), s
+    # Without total_steps there is nothing to take a fraction of; the range is checked.
+    with pytest.raises(ValueError, match="warmup: 0.1 is a fraction of total_steps"):
+        cast_rs.AdamS([torch.nn.Parameter(torch.zeros(4))], warmup=0.1)
+    for bad in (-0.1, 1.0, "0.1"):
+        with pytest.raises(ValueError, match=r"warmup: expected a number in \[0, 1\)"):
+            cast_rs.AdamS([torch.nn.Parameter(torch.zeros(4))], total_steps=10, warmup=bad)

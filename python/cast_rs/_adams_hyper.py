@@ -45,6 +45,9 @@ DEFAULT_RAMP_END = 1.0
 #: seed and both corpora; at 1000 steps by 0.01-0.10 (docs/sparsity_tax.md, "Faster-moving
 #: masked weights").
 DEFAULT_MASKED_LR_SCALE = 1.0
+#: ``warmup``: AdamS's own linear learning-rate warmup over ``warmup · total_steps`` steps, on
+#: top of any scheduler. 0 (off) is the paper's AdamS; opt-in while it is being measured.
+DEFAULT_WARMUP = 0.0
 
 
 def real(x: Any) -> Optional[float]:
@@ -143,12 +146,27 @@ def _ramp_end(group: Dict[str, Any], where: str) -> None:
     group["ramp_end"] = value
 
 
+def _warmup(group: Dict[str, Any], where: str) -> None:
+    # Absent from groups saved before it existed: those have none (0).
+    if "warmup" not in group:
+        return
+    value = real(group["warmup"])
+    if value is None or not 0.0 <= value < 1.0:
+        raise ValueError(
+            f"{where}warmup: expected a number in [0, 1) (the fraction of total_steps over which AdamS ramps its "
+            f"learning rate up), got {group['warmup']!r}"
+        )
+    if value > 0.0 and group.get("total_steps") is None:
+        raise ValueError(f"{where}warmup: {value} is a fraction of total_steps, so total_steps must be given")
+    group["warmup"] = value
+
+
 def _pattern(group: Dict[str, Any], where: str) -> None:
     if group["pattern"] is not None:
         parse_pattern(group["pattern"], param=f"{where}pattern")
 
 
-_CHECKS = (_kernel_scalars, _total_steps, _l1_mode, _ramp_end, _mask_interval, _pattern)
+_CHECKS = (_kernel_scalars, _total_steps, _l1_mode, _ramp_end, _warmup, _mask_interval, _pattern)
 
 
 def check_group(group: Dict[str, Any], where: str) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from . import _dtensor
 from ._cast_rs import CastError
-from ._adams_hyper import DEFAULT_MASKED_LR_SCALE, DEFAULT_RAMP_END
+from ._adams_hyper import DEFAULT_MASKED_LR_SCALE, DEFAULT_RAMP_END, DEFAULT_WARMUP
 from ._adams_state import Spec, param_name
 
 
@@ -42,7 +42,7 @@ def kernel_args(
         [st["step"] for st in states],  # incremented by the kernel on success
     )
     kwargs = dict(
-        lr=float(group["lr"]),
+        lr=float(group["lr"]) * warmup_factor(group, states),
         beta1=beta1,
         beta2=beta2,
         eps=float(group["eps"]),
@@ -55,6 +55,16 @@ def kernel_args(
         masked_lr_scale=float(group.get("masked_lr_scale", DEFAULT_MASKED_LR_SCALE)),
     )
     return args, kwargs
+
+
+def warmup_factor(group: Dict[str, Any], states: List[Dict[str, Any]]) -> float:
+    """min(1, s / (warmup · T)) for this step s (1 without a warmup): AdamS's own ramp of the
+    learning rate, on top of the group's lr as a scheduler set it."""
+    warmup = float(group.get("warmup", DEFAULT_WARMUP))
+    if warmup <= 0.0 or not states:
+        return 1.0
+    s = float(states[0]["step"]) + 1.0
+    return min(1.0, s / (warmup * float(group["total_steps"])))
 
 
 def relative_l1(

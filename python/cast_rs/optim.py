@@ -14,6 +14,7 @@ from ._adams_hyper import (
     DEFAULT_L1_MODE,
     DEFAULT_MASKED_LR_SCALE,
     DEFAULT_RAMP_END,
+    DEFAULT_WARMUP,
     L1_MODES,
     check_group,
 )
@@ -92,6 +93,13 @@ class AdamS(Optimizer):
             generic path a sparse tensor with r != 1 takes the ``_foreach_*`` route instead
             of ``_fused_adamw_``: 1.8-2.4x the step time there (``./run bench optimizer``);
             the CPU fast path costs the same as r = 1.
+        warmup: w in [0, 1): AdamS ramps its learning rate linearly over the first
+            ``w · total_steps`` steps, γ_s = γ · min(1, s / (w · T)), on top of whatever a
+            scheduler sets (default 0: none, the paper's AdamS; not in the paper, opt-in).
+            Why: AdamS's steps are near-sign (v averages μ̃², not g²), so from the first step
+            every kept weight of a well-trained model moves by about γ, which a loop without
+            a warmup feels as a jump of the loss in the first tens of steps. Needs
+            ``total_steps``.
         pattern: ``"N:M"`` / ``(N, M)`` to make every parameter of the group N:M along its
             last dimension, or None (dense). A parameter marked by :func:`cast_rs.sparsify`
             is sparse along its marked dimension whatever the group says.
@@ -144,6 +152,7 @@ class AdamS(Optimizer):
         l1_mode: str = DEFAULT_L1_MODE,
         ramp_end: float = DEFAULT_RAMP_END,
         masked_lr_scale: float = DEFAULT_MASKED_LR_SCALE,
+        warmup: float = DEFAULT_WARMUP,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -157,6 +166,7 @@ class AdamS(Optimizer):
             l1_mode=l1_mode,
             ramp_end=ramp_end,
             masked_lr_scale=masked_lr_scale,
+            warmup=warmup,
         )
         check_group(defaults, where="")
         # Tensors stepped on the (fast, generic) kernel path so far: for tests and diagnostics.
