@@ -286,3 +286,13 @@ def test_compress_refuses_a_mix_of_value_dtypes_on_a_hf_model():
         cast_rs.compress(model)
     assert not any(isinstance(m, cast_rs.NMLinear) for m in model.modules())  # nothing converted
     assert cast_rs.compress(model, dtype=torch.bfloat16).layers
+
+
+def test_a_plain_lora_merged_into_a_finalized_model_does_not_load_as_finalized(tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is a test dependency (./run test installs it)")
+    model = finalized("llama")
+    adapter = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    merged = peft.get_peft_model(model, adapter).merge_and_unload()  # plain LoRA: dense updates
+    merged.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="recorded as finalized 2:4, but its layers are not.*merge_and_unload"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)

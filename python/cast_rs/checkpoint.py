@@ -156,10 +156,16 @@ def after_load(model: nn.Module, record: Dict[str, Any]) -> None:
         if mod is None or layer_kind(mod) is None:
             raise ValueError(f"quantization_config.modules: the model has no Linear / Conv1D {name!r}")
         setattr(mod, SPARSE_MODULE_ATTR, format_pattern(pattern))
-    try:
-        guard = keep_nm(model, pattern)
-    except ValueError as error:
-        raise ValueError(f"checkpoint: recorded as finalized {format_pattern(pattern)}, but {error}") from None
+    report = check_nm(model, pattern)
+    if not report.ok:
+        raise ValueError(
+            f"checkpoint: recorded as finalized {format_pattern(pattern)}, but its layers are not: something made them "
+            "dense after finalize (a plain LoRA merged with peft's merge_and_unload, or training with the mask "
+            "guard released) before it was saved. cast_rs.reproject(merged, masks_from=<the finalized model>) "
+            "puts a merged model back on its N:M support before saving; cast_rs.lora adapters merge without leaving "
+            f"it:\n{report}"
+        )
+    guard = keep_nm(model, pattern)
     model._cast_rs_mask_guard = guard
     set_record(model, record)
 
