@@ -147,17 +147,21 @@ def _length_rows(model: str, corp: str):
 
 def practitioners_table() -> None:
     """CAST against one-shot + fixed-mask fine-tuning (the recipe 2:4 models are made with
-    today), every method in the plain user's loop (``--loop user``), one row per run."""
+    today), every method in the plain user's loop (``--loop user``) and its variations (one
+    change each: ``user,clip=1`` ...), one row per run, the tax against ``dense_continued`` of
+    the same loop."""
     print(
         "#### practitioners (the user's loop: each optimizer's default betas, no clipping, cosine to lr/10, "
-        "no warmup; tax against dense_continued at lr 1e-3)\n"
+        "no warmup, and one change at a time; tax against dense_continued at lr 1e-3 in the same loop)\n"
     )
-    print("| model | corpus | sparse steps | seed | method | lr | one-shot ppl | val ppl | tax |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    rows = _rows(seed=None, loop="user")
-    for key in sorted({(r["model"], r["corpus"], r["steps"], r.get("seed", 0)) for r in rows}):
-        model, corp, steps, seed = key
-        rs = [r for r in rows if (r["model"], r["corpus"], r["steps"], r.get("seed", 0)) == key]
+    print("| model | corpus | sparse steps | seed | loop | method | lr | one-shot ppl | val ppl | tax |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = [r for r in _rows(seed=None, loop=None) if r.get("loop", "study").startswith("user")]
+    setting = lambda r: (r["model"], r["corpus"], r["steps"], r.get("seed", 0), r["loop"])  # noqa: E731
+    order = lambda k: (k[0], k[1], k[2], k[3], k[4] != "user", k[4])  # noqa: E731
+    for key in sorted({setting(r) for r in rows}, key=order):
+        model, corp, steps, seed, loop = key
+        rs = [r for r in rows if setting(r) == key]
         dc = _last(rs, "dense_continued")
         if dc is None:
             continue
@@ -166,7 +170,10 @@ def practitioners_table() -> None:
             lr = r.get("suggested", {}).get("lr") or float(kv.get("lr", r.get("lr_default", 1e-3)))
             one = f"{r['ppl_one_shot']:.4f}" if "ppl_one_shot" in r else "-"
             tax = "-" if r is dc else f"{100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%"
-            print(f"| {model} | {corp} | {steps} | {seed} | `{r['method']}` | {lr:.3g} | {one} | {r['ppl']:.4f} | {tax} |")
+            print(
+                f"| {model} | {corp} | {steps} | {seed} | `{loop}` | `{r['method']}` | {lr:.3g} | {one} | "
+                f"{r['ppl']:.4f} | {tax} |"
+            )
     print()
 
 
