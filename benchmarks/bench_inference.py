@@ -176,11 +176,26 @@ def crossover_section(rounds: int, threads_list, shape=(4096, 4096)) -> None:
         del ws, dense, layers
 
 
+def llama_1b_config():
+    """The Llama shape of the end-to-end runs: about 1.1 B parameters (TinyLlama's)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    )
+
+
 def e2e_child(kind: str, dtype_name: str, compressed: bool, new_tokens: int, threads: int) -> dict:
     """One decoding measurement (run in its own process so that peak memory is its own)."""
     import resource
 
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
@@ -188,16 +203,7 @@ def e2e_child(kind: str, dtype_name: str, compressed: bool, new_tokens: int, thr
     if kind == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024))
     else:
-        cfg = LlamaConfig(
-            hidden_size=2048,
-            intermediate_size=5632,
-            num_hidden_layers=22,
-            num_attention_heads=32,
-            num_key_value_heads=4,
-            vocab_size=32000,
-            max_position_embeddings=2048,
-        )
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(llama_1b_config())
     model = model.to(dtype).eval()
     params = sum(p.numel() for p in model.parameters())
     cast_rs.baselines.magnitude_prune(model, "2:4")  # every layer sparsify would pick

@@ -33,20 +33,6 @@ PROMPT = [1, 450, 4996, 17354, 1701, 29916]
 NEW_TOKENS = 4
 
 
-def _config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
-        max_position_embeddings=2048,
-    )
-
-
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -54,6 +40,7 @@ def _rss_bytes() -> int:
 
 def write_child(directory: str, dtype_name: str) -> None:
     import torch
+    from bench_inference import llama_1b_config
     from transformers import LlamaForCausalLM
 
     import cast_rs
@@ -61,7 +48,7 @@ def write_child(directory: str, dtype_name: str) -> None:
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
     with torch.device("meta"):
-        model = LlamaForCausalLM(_config())
+        model = LlamaForCausalLM(llama_1b_config())
     # Random weights without transformers' per-module init (minutes on one core for 1.1 B).
     model = model.to_empty(device="cpu").to(dtype)
     with torch.no_grad():

@@ -48,10 +48,10 @@ import torch
 from torch import nn
 
 from .checking import check_nm, keep_nm
-from .inference import NMLinear
-from .layers import SPARSE_MODULE_ATTR, layer_kind
+from .inference import NMLinear, compressed_record
+from .layers import SPARSE_MODULE_ATTR, layer_kind, parameter_aliases
 from .nm import format_pattern, parse_pattern
-from ._record import DTYPES, QUANT_METHOD, check_record, dtype_name, make_record, set_record
+from ._record import DTYPES, QUANT_METHOD, check_record, make_record, set_record
 
 __all__ = ["save_compressed", "load_compressed", "checkpoint_record"]
 
@@ -69,18 +69,9 @@ def checkpoint_record(model: nn.Module) -> Dict[str, Any]:
     Raises ``ValueError`` for a model with neither (there is nothing to record: compress or
     finalize it first), with NMLinear layers of different patterns or dtypes, or with marked
     layers that are not exactly N:M."""
-    nm_layers = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, NMLinear)]
-    if nm_layers:
-        patterns = {(mod.n, mod.m) for _, mod in nm_layers}
-        dtypes = {mod.values.dtype for _, mod in nm_layers}
-        if len(patterns) > 1 or len(dtypes) > 1:
-            raise ValueError(
-                f"model: its NMLinear layers mix patterns {sorted(map(format_pattern, patterns))} or value dtypes "
-                f"{sorted(map(dtype_name, dtypes))}; a checkpoint records one of each"
-            )
-        (pattern,) = patterns
-        (dtype,) = dtypes
-        return make_record(format_pattern(pattern), True, dtype_name(dtype), [name for name, _ in nm_layers])
+    record = compressed_record(model)
+    if record is not None:
+        return record
     marked = [(name, mod) for name, mod in model.named_modules() if getattr(mod, SPARSE_MODULE_ATTR, None)]
     if not marked:
         raise ValueError(
@@ -210,9 +201,10 @@ def load_compressed(directory: PathLike, model: Optional[nn.Module] = None, **fr
     Raises ``ValueError`` when the directory holds no cast-rs record, the record does not fit
     the model, or the file's tensors do not (missing or unexpected keys, shapes)."""
     directory = Path(directory)
-    record = _read_record(directory)
+    config = _read_config(directory)
+    record = config["quantization_config"]
     if model is None:
-        return _load_hf(directory, record, from_pretrained_kwargs)
+        return _load_hf(directory, config, from_pretrained_kwargs)
     if from_pretrained_kwargs:
         raise TypeError(f"load_compressed: {sorted(from_pretrained_kwargs)} apply to Hugging Face checkpoints only")
     safetensors_torch = _safetensors()
@@ -245,10 +237,8 @@ def load_compressed(directory: PathLike, model: Optional[nn.Module] = None, **fr
 
 def _shared_groups(model: nn.Module) -> List[List[str]]:
     """Names (state-dict keys) of parameters that are one object in ``model``: tied weights."""
-    by_id: Dict[int, List[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(name)
-    return [names for names in by_id.values() if len(names) > 1]
+    groups = {tuple(names) for names in parameter_aliases(model).values() if len(names) > 1}
+    return [list(names) for names in groups]
 
 
 def _retie(model: nn.Module, groups: List[List[str]]) -> None:
@@ -260,27 +250,29 @@ def _retie(model: nn.Module, groups: List[List[str]]) -> None:
             setattr(model.get_submodule(parent_name) if parent_name else model, leaf, first)
 
 
-def _read_record(directory: Path) -> Dict[str, Any]:
-    config = directory / _CONFIG
-    if not config.is_file():
+def _read_config(directory: Path) -> Dict[str, Any]:
+    """``config.json`` of a saved model that holds a cast-rs record (checked)."""
+    path = directory / _CONFIG
+    if not path.is_file():
         raise ValueError(f"directory: no {_CONFIG} in {str(directory)!r} (not a saved model)")
-    record = json.loads(config.read_text()).get("quantization_config")
+    config = json.loads(path.read_text())
+    record = config.get("quantization_config")
     if not isinstance(record, dict) or record.get("quant_method") != QUANT_METHOD:
         raise ValueError(
             f"directory: {str(directory)!r} holds no cast-rs checkpoint (its config.json has no quantization_config "
             f"with quant_method {QUANT_METHOD!r}); load a plain model with its own from_pretrained"
         )
     check_record(record)
-    return record
+    return config
 
 
-def _load_hf(directory: Path, record: Dict[str, Any], kwargs: Dict[str, Any]) -> nn.Module:
+def _load_hf(directory: Path, config: Dict[str, Any], kwargs: Dict[str, Any]) -> nn.Module:
     try:
         import transformers
     except ImportError:
         raise ImportError("load_compressed: this checkpoint needs transformers (pip install transformers)") from None
     register_with_transformers()
-    arch = (json.loads((directory / _CONFIG).read_text()).get("architectures") or [None])[0]
+    arch = (config.get("architectures") or [None])[0]
     cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
     if cls is None:
         raise ValueError(

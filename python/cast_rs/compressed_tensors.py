@@ -37,7 +37,8 @@ from torch import nn
 
 from ._cast_rs import CastError
 from .checking import count_violations
-from .inference import NMLinear, _check_all_entries, _record_compressed, compress
+from .inference import NMLinear, compress, finish_compressed
+from .layers import parameter_aliases
 
 __all__ = ["load_compressed_tensors", "export_compressed_tensors"]
 
@@ -401,14 +402,6 @@ def _skeleton(directory: str) -> nn.Module:
     return model
 
 
-def _aliases(model: nn.Module) -> Dict[str, List[str]]:
-    """Parameter name -> every name of the same tensor (tied weights)."""
-    by_id: Dict[int, List[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(param), []).append(name)
-    return {name: names for names in by_id.values() for name in names}
-
-
 def _persistent_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
     out = {}
     for mod_name, mod in model.named_modules():
@@ -443,7 +436,7 @@ def _plan_dense(model: nn.Module, dense: Dict[str, torch.Tensor], replaced: Set[
     for name, tensor in dense.items():
         if name in targets and tuple(tensor.shape) != tuple(targets[name].shape):
             raise CastError(f"{name}: the checkpoint's shape is {tuple(tensor.shape)}, the model's {tuple(targets[name].shape)}")
-    aliases = _aliases(model)
+    aliases = parameter_aliases(model)
     missing = []
     for name in params:
         layer = name.rpartition(".")[0]
@@ -468,7 +461,7 @@ def _plan_dense(model: nn.Module, dense: Dict[str, torch.Tensor], replaced: Set[
 def _put_dense(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
     """Put the tensors in as the model's parameters and buffers (tied names get one shared
     parameter). Every name was checked by :func:`_plan_dense`."""
-    aliases = _aliases(model)
+    aliases = parameter_aliases(model)
     modules = dict(model.named_modules())
     done: Set[str] = set()
     for name, tensor in tensors.items():
@@ -599,14 +592,7 @@ def load_compressed_tensors(
     if fmt == "dense":
         compress(model, "2:4")
     else:
-        # As compress does: a Hugging Face model records its NMLinear layers in its config (its
-        # save_pretrained / from_pretrained then round-trip them; one values dtype per record),
-        # and a later load_state_dict checks every NMLinear before copying any.
-        if len({layer.values.dtype for layer in layers.values()}) == 1:
-            _record_compressed(model, (2, 4))
-        if not getattr(model, "_cast_rs_load_checks", False):
-            model.register_load_state_dict_pre_hook(_check_all_entries)
-            model._cast_rs_load_checks = True
+        finish_compressed(model)  # as compress does: the checkpoint record and the load checks
     model.eval()
     if built and hasattr(model, "generation_config"):
         _load_generation_config(model, directory)

@@ -272,14 +272,38 @@ def _refuse_mixed_record(model: nn.Module, planned: List[torch.dtype]) -> None:
         )
 
 
-def _record_compressed(model: nn.Module, pattern: Tuple[int, int]) -> None:
-    """Record a Hugging Face model's NMLinear layers in its config: save_pretrained then writes
-    the record and from_pretrained rebuilds them (cast_rs.checkpoint); compress refused a mix of
-    value dtypes up front."""
-    names = [name for name, mod in model.named_modules() if isinstance(mod, NMLinear)]
-    dtypes = {mod.values.dtype for mod in model.modules() if isinstance(mod, NMLinear)}
-    if dtypes:
-        set_record(model, make_record(format_pattern(pattern), True, dtype_name(dtypes.pop()), names))
+def compressed_record(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """The checkpoint record (cast_rs.checkpoint) of ``model``'s NMLinear layers, None if it has
+    none. Raises ``ValueError`` if they mix patterns or value dtypes: a record holds one of each,
+    so that from_pretrained can build every layer before reading the file."""
+    layers = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, NMLinear)]
+    if not layers:
+        return None
+    patterns = {(mod.n, mod.m) for _, mod in layers}
+    dtypes = {mod.values.dtype for _, mod in layers}
+    if len(patterns) > 1 or len(dtypes) > 1:
+        raise ValueError(
+            f"model: its NMLinear layers mix patterns {sorted(map(format_pattern, patterns))} or value dtypes "
+            f"{sorted(map(dtype_name, dtypes))}; a checkpoint records one of each"
+        )
+    return make_record(format_pattern(patterns.pop()), True, dtype_name(dtypes.pop()), [name for name, _ in layers])
+
+
+def finish_compressed(model: nn.Module) -> None:
+    """What a model whose layers just became NMLinear gets (``compress`` and
+    ``load_compressed_tensors``): a Hugging Face model records them in its config, so that
+    save_pretrained writes the record and from_pretrained rebuilds them; and a model-level load
+    pre-hook checks every NMLinear's entries before any module copies anything."""
+    if is_hf_model(model):
+        try:
+            set_record(model, compressed_record(model))
+        except ValueError:
+            # Layers of two value dtypes: compress refuses them up front on a Hugging Face
+            # model; a compressed-tensors checkpoint that mixes them is loaded unrecorded.
+            pass
+    if not getattr(model, "_cast_rs_load_checks", False):
+        model.register_load_state_dict_pre_hook(_check_all_entries)
+        model._cast_rs_load_checks = True
 
 
 def _refuse_half(dtype: torch.dtype, where: str) -> None:
@@ -412,8 +436,5 @@ def compress(
         setattr(modules[parent_name] if parent_name else model, child, new)
         w = mod.weight
         report.layers.append(CompressedLayer(name, (new.out_features, new.in_features), w.numel() * w.element_size(), new.nbytes))
-    _record_compressed(model, (n, m))
-    if not getattr(model, "_cast_rs_load_checks", False):
-        model.register_load_state_dict_pre_hook(_check_all_entries)
-        model._cast_rs_load_checks = True
+    finish_compressed(model)
     return report

@@ -38,6 +38,7 @@ __all__ = [
     "find_layers",
     "layer_kind",
     "output_heads",
+    "parameter_aliases",
 ]
 
 #: Module attribute left by ``finalize`` (and set while sparse) so that ``check_nm`` knows
@@ -118,6 +119,15 @@ class SkippedLayer:
     kind: str
     shape: Tuple[int, ...]
     reason: str
+
+
+def parameter_aliases(model: nn.Module) -> Dict[str, List[str]]:
+    """Parameter name -> every name of the same tensor in ``model`` (a tied weight has several;
+    any other parameter only its own)."""
+    by_id: Dict[int, List[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(param), []).append(name)
+    return {name: names for names in by_id.values() for name in names}
 
 
 def output_heads(model: nn.Module) -> List[str]:
