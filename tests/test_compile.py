@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import cast_rs
+from _tiny_hf import tiny_llama_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (./run test installs it)")
 
@@ -25,15 +26,7 @@ def mlp():
 
 
 def llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
+    cfg = tiny_llama_config(vocab_size=64)
     return transformers.LlamaForCausalLM(cfg)
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import cast_rs
+from _tiny_hf import tiny_llama_config
 from cast_rs import CastError, NMLinear
 from cast_rs.compressed_tensors import export_compressed_tensors, load_compressed_tensors, nm_buffers, nm_slots
 
@@ -55,16 +56,7 @@ def gamma(k: int) -> float:
 
 def llama(tied=False, dtype=torch.float32):
     """A tiny random Llama whose Linear layers (all but lm_head) are exactly 2:4."""
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tied,
-    )
+    cfg = tiny_llama_config(vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=tied)
     model = transformers.LlamaForCausalLM(cfg)
     cast_rs.sparsify(model, "2:4", exclude=["lm_head"]).finalize()
     return model.to(dtype).eval()
@@ -423,10 +415,7 @@ def test_bad_tensors_are_refused_and_the_model_is_left_as_it_was(checkpoint, cas
 
 
 def test_a_model_of_another_size_is_refused(checkpoint):
-    other = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)
-    )  # fmt: skip
+    other = transformers.LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB, intermediate_size=128))
     with pytest.raises(CastError, match=r"mlp\.\w+_proj.shape: the checkpoint's weight is \d+x\d+, the model's layer is"):
         load_compressed_tensors(checkpoint, other)
     assert not any(isinstance(mod, NMLinear) for mod in other.modules())

@@ -9,21 +9,13 @@ import pytest
 import torch
 
 import cast_rs
+from _tiny_hf import tiny_llama_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (./run test installs it)")
 
 
 def llama(tied):
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=tied,
-    )
+    cfg = tiny_llama_config(tie_word_embeddings=tied)
     return transformers.LlamaForCausalLM(cfg)
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import cast_rs
+from _tiny_hf import tiny_llama_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (./run test installs it)")
 peft = pytest.importorskip("peft", reason="peft is a test dependency (./run test installs it)")
@@ -32,16 +33,7 @@ def gamma(k: int, u: float = U32) -> float:
 
 
 def llama(dtype=torch.float32):
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
+    cfg = tiny_llama_config(tie_word_embeddings=False)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
     cast_rs.sparsify(model, "2:4", scaling_groups=0).finalize()

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import cast_rs
+from _tiny_hf import tiny_llama_config
 from cast_rs import baselines
 from reference import ref_nm_mask, ref_sparsegpt_nm
 
@@ -201,15 +202,7 @@ def test_output_head_stays_dense_by_default():
 
 def test_output_head_of_a_hugging_face_llama_is_its_lm_head():
     transformers = pytest.importorskip("transformers", reason="needs transformers (a test dependency)")
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    cfg = tiny_llama_config(vocab_size=64, num_hidden_layers=1, tie_word_embeddings=False)
     model = transformers.LlamaForCausalLM(cfg)
     assert cast_rs.layers.output_heads(model) == ["lm_head"]
     sparse = cast_rs.sparsify(model, "2:4")
