@@ -1,6 +1,6 @@
 //! The Python module `cast_rs._cast_rs`: module set-up, the exception type, the constants the
-//! Python layer reads, and the one rule a caller asks without a tensor (AdamS's scalar
-//! ranges). Every kernel is reached through the PyTorch operators (`torch.ops.cast_rs.*`,
+//! Python layer reads, and the rules a caller asks without a tensor (AdamS's scalar ranges,
+//! whether a shape holds an N:M pattern). Every kernel is reached through the PyTorch operators (`torch.ops.cast_rs.*`,
 //! `csrc/`). No numerics and no argument rules live here.
 
 use pyo3::prelude::*;
@@ -44,6 +44,15 @@ fn check_adams_hyper(
     Ok(())
 }
 
+/// Whether a tensor of `shape` holds `n:m` groups along `dim` (`checks::pattern_layout`, the
+/// rule every kernel applies), for the optimizer to check a parameter before it makes state
+/// for it. Errors name `shape`. No tensor: the shape only.
+#[pyfunction]
+fn check_nm_shape(shape: Vec<i64>, n: i64, m: i64, dim: i64) -> PyResult<()> {
+    crate::checks::pattern_layout(n, m, dim, &shape, &crate::error::Arg::from("shape"))?;
+    Ok(())
+}
+
 /// Number of threads the fast path uses.
 #[pyfunction]
 fn num_threads() -> usize {
@@ -61,6 +70,7 @@ fn _cast_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CastError", m.py().get_type::<PyCastError>())?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(check_adams_hyper, m)?)?;
+    m.add_function(wrap_pyfunction!(check_nm_shape, m)?)?;
     // The pattern limit, defined once (nm::MAX_M) and read by the Python layer.
     m.add("MAX_M", nm::MAX_M)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -119,7 +119,7 @@ def test_gradient_dtype_mismatch():
     w.grad_dtype = None  # torch itself refuses a mismatched grad unless told to allow it
     w.grad = torch.randn(8, 16, dtype=torch.float64)
     b.grad = torch.randn(8)
-    with pytest.raises(TypeError, match="gradient dtype"):
+    with pytest.raises(TypeError, match="gradient: expected dtype"):
         opt.step()
     assert_unchanged(opt, params, snap)
 

@@ -573,8 +573,8 @@ def _add_indivisible_group(opt, victim, ctx):
 # kind: (make the call invalid -> the call (default opt.step), exception, message pattern).
 # {name} is the victim (the last parameter of the last group), {extra} a parameter being added.
 INVALID = {
-    "grad_dtype": (_grad_dtype, TypeError, "{name}: gradient dtype"),
-    "grad_shape": (_grad_shape, ValueError, "{name}: gradient shape"),
+    "grad_dtype": (_grad_dtype, TypeError, "{name} gradient: expected dtype"),
+    "grad_shape": (_grad_shape, ValueError, "{name} gradient: expected shape"),
     "grad_sparse": (_grad_sparse, TypeError, "{name}: AdamS does not support sparse gradients"),
     "lr_nan": (_set_group("lr", float("nan")), ValueError, r"param_groups\[1\]: lr"),
     "lr_negative": (_set_group("lr", -1e-3), ValueError, r"param_groups\[1\]: lr"),
@@ -587,9 +587,9 @@ INVALID = {
     "total_steps_float": (_set_group("total_steps", 2.5), ValueError, r"param_groups\[1\]: total_steps"),
     "total_steps_none": (_set_group("total_steps", None), ValueError, "total_steps: required"),
     "pattern": (_set_group("pattern", "5:4"), ValueError, r"param_groups\[1\]: pattern"),
-    "marked_indivisible": (_mark_indivisible, ValueError, "{name}: shape .* cannot hold"),
-    "exp_avg_shape": (_exp_avg_shape, ValueError, "{name}: optimizer state 'exp_avg'"),
-    "exp_avg_dtype": (_exp_avg_dtype, ValueError, "{name}: optimizer state 'exp_avg'"),
+    "marked_indivisible": (_mark_indivisible, ValueError, "{name}: .*not divisible by M"),
+    "exp_avg_shape": (_exp_avg_shape, ValueError, "{name} state 'exp_avg': expected shape"),
+    "exp_avg_dtype": (_exp_avg_dtype, TypeError, "{name} state 'exp_avg': expected dtype"),
     "add_param_group_indivisible": (_add_indivisible_group, ValueError, "{extra}: 2:4 groups .* not divisible by M=4"),
 }
 

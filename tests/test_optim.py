@@ -414,6 +414,31 @@ def test_numpy_scalar_hyperparameters(kernel_path):
             cast_rs.AdamS([torch.nn.Parameter(w0.clone())], pattern="2:4", **dict(dict(total_steps=5), **bad))
 
 
+def test_group_changed_between_steps_is_checked_again():
+    """A step skips re-checking a group whose settings are unchanged since they last passed;
+    any change (a scheduler's lr, a NumPy scalar, a bool where an int goes, a value out of range)
+    is checked and converted as at construction, before anything is written."""
+    w = torch.nn.Parameter(torch.randn(8, 16))
+    opt = cast_rs.AdamS([w], lr=1e-2, total_steps=10, pattern="2:4")
+    w.grad = torch.randn(8, 16)
+    opt.step()
+    group = opt.param_groups[0]
+    for key, bad in (("mask_interval", True), ("total_steps", 2.5), ("ramp_end", 0.0), ("lr", float("nan"))):
+        good = group[key]
+        group[key] = bad
+        before = (w.detach().clone(), opt.state[w]["exp_avg"].clone(), float(opt.state[w]["step"]))
+        with pytest.raises(ValueError, match=key):
+            opt.step()
+        assert torch.equal(w, before[0]) and torch.equal(opt.state[w]["exp_avg"], before[1])
+        assert float(opt.state[w]["step"]) == before[2]
+        group[key] = good
+    group["lr"] = np.float32(5e-3)
+    group["mask_interval"] = np.int64(3)
+    opt.step()
+    assert type(group["lr"]) is float and type(group["mask_interval"]) is int
+    assert float(opt.state[w]["step"]) == 2.0
+
+
 def test_warmup_is_the_same_update_as_a_scaled_lr(kernel_path):
     # AdamS(warmup=w) must step exactly as AdamS whose lr a scheduler sets to lr·min(1, s/(wT)):
     # the same kernel call with the same scalar, so the parameters agree bit for bit.

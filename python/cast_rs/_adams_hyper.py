@@ -169,6 +169,28 @@ def _pattern(group: Dict[str, Any], where: str) -> None:
 _CHECKS = (_kernel_scalars, _total_steps, _l1_mode, _ramp_end, _warmup, _mask_interval, _pattern)
 
 
+_PLAIN = (float, int, str, bool, type(None))
+
+
+def snapshot(group: Dict[str, Any]) -> Optional[tuple]:
+    """The group's settings as an immutable value (types included, so ``np.float32(1e-3)`` and
+    ``1e-3`` differ), for skipping :func:`check_group` while a group is unchanged; None when a
+    setting can change without the group changing (a tensor ``lr`` or ``betas``, a list), so
+    that such a group is checked at every step."""
+    out = []
+    for key, value in group.items():
+        if key == "params" or key == "param_names":
+            continue
+        kind = type(value)
+        if kind is tuple:
+            if not all(type(v) is float for v in value):
+                return None
+        elif kind not in _PLAIN:
+            return None
+        out.append((key, kind, value))
+    return tuple(out)
+
+
 def check_group(group: Dict[str, Any], where: str) -> None:
     """Check a group's hyperparameters in place, storing plain numbers; ``where`` prefixes the
     parameter's name in messages (``"param_groups[1]: "``)."""

@@ -26,18 +26,28 @@ def kernel_args(
     specs: List[Optional[Spec]],
     states: List[Dict[str, Any]],
     force_generic: bool,
+    sharded: bool = False,
 ) -> Tuple[tuple, Dict[str, Any]]:
-    """The kernel's positional and keyword arguments for one group."""
-    local = _dtensor.local
+    """The kernel's positional and keyword arguments for one group (``sharded``: some
+    parameter is a DTensor, whose state tensors are DTensors whose local shards are stepped)."""
     beta1, beta2 = (float(b) for b in group["betas"])
     total = group["total_steps"]
     ramp = float(group.get("ramp_end", DEFAULT_RAMP_END))
+    if sharded:
+        local, local_mask = _dtensor.local, _dtensor.local_mask
+        exp_avgs = [local(st["exp_avg"]) for st in states]
+        exp_avg_sqs = [local(st["exp_avg_sq"]) for st in states]
+        masks = [local_mask(st["mask"]) if spec is not None else None for st, spec in zip(states, specs)]
+    else:
+        exp_avgs = [st["exp_avg"] for st in states]
+        exp_avg_sqs = [st["exp_avg_sq"] for st in states]
+        masks = [st["mask"] if spec is not None else None for st, spec in zip(states, specs)]
     args = (
         locals_,
         grads,
-        [local(st["exp_avg"]) for st in states],
-        [local(st["exp_avg_sq"]) for st in states],
-        [_dtensor.local_mask(st["mask"]) if spec is not None else None for st, spec in zip(states, specs)],
+        exp_avgs,
+        exp_avg_sqs,
+        masks,
         specs,
         [st["step"] for st in states],  # incremented by the kernel on success
     )
@@ -154,7 +164,9 @@ def run_kernel(
             raise
         raise named from e
     took_fast = fast.tolist()
-    if not kwargs.get("validate_only", False):
+    # With no cache passed (every sparse tensor was on the fast path) and every tensor on the
+    # fast path again, the cache's entries (None) are already right.
+    if not kwargs.get("validate_only", False) and (cache or not all(took_fast)):
         for j, (p, bits) in enumerate(zip(params, masks)):
             if bits is None:
                 continue

@@ -12,10 +12,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import _dtensor
+from . import _cast_rs, _dtensor
 from ._markers import NM_ATTR, weight_scales
 from ._tensor_args import check_plain_tensor
-from .nm import format_pattern, group_dim_size, nm_mask_packed, parse_pattern
+from .nm import format_pattern, nm_mask_packed, parse_pattern
 
 Spec = Tuple[int, int, int]  # (n, m, dim) of a sparse parameter
 
@@ -54,16 +54,7 @@ def check_new_group(group: Dict[str, Any], gi: int, where: str) -> None:
         if spec is None:
             continue
         any_sparse = True
-        n, m, dim = spec
-        size = group_dim_size(tuple(p.shape), dim)
-        where_dim = "last dimension" if dim == -1 else "dimension 0"
-        if size is None:
-            raise ValueError(f"{name}: a {n}:{m} parameter needs at least one dimension, got a 0-d tensor")
-        if size % m:
-            raise ValueError(
-                f"{name}: {n}:{m} groups run along the {where_dim}, whose size {size} is not "
-                f"divisible by M={m} (shape {tuple(p.shape)}); put it in a group with pattern=None"
-            )
+        check_sparse_shape(name, p, spec, "; put it in a group with pattern=None")
         if _dtensor.is_dtensor(p):
             _dtensor.check_sharding(p, spec, name)
     if any_sparse and group["total_steps"] is None:
@@ -99,7 +90,7 @@ class GroupPlan:
     local gradients and tensors (the tensors themselves, or a DTensor's local shard), their
     specs and their indices in the group."""
 
-    __slots__ = ("params", "grads", "specs", "locals_", "indices")
+    __slots__ = ("params", "grads", "specs", "locals_", "indices", "sharded")
 
     def __init__(self) -> None:
         self.params: List[torch.Tensor] = []
@@ -107,6 +98,7 @@ class GroupPlan:
         self.specs: List[Optional[Spec]] = []
         self.locals_: List[torch.Tensor] = []
         self.indices: List[int] = []
+        self.sharded = False  # any DTensor parameter (its state is DTensors too)
 
 
 def collect_group(
@@ -131,25 +123,23 @@ def collect_group(
                 _dtensor.check_grad(p, g, name)
                 _dtensor.check_sharding(p, spec, name)
                 pl, g = p.to_local(), g.to_local()
+                plan.sharded = True
             else:
                 check_plain_tensor(p, param_name(group, gi, i))
         if type(g) is not torch.Tensor:
             check_plain_tensor(g, param_name(group, gi, i) + " gradient")
-        if g.is_sparse or g.dtype != pl.dtype or g.shape != pl.shape or g.device != pl.device or not pl.is_floating_point():
+        # A sparse gradient cannot reach the kernel (the operator has no sparse registration),
+        # so it is refused here; dtype, shape and device of gradients and state are the
+        # kernel's rule, checked there before it writes anything.
+        if g.is_sparse or not pl.is_floating_point():
             raise_bad_grad(param_name(group, gi, i), pl, g)
-        st = state.get(p)
         if spec is not None:
-            if st is None or "mask" not in st:  # sparse for the first time
+            st = state.get(p)
+            if st is None or "mask" not in st:  # sparse for the first time: its mask is made here
                 if scale_lookup is None:
                     scale_lookup = (weight_scales(), {id(q) for g_ in all_groups for q in g_["params"]})
                 check_scale_is_optimized(param_name(group, gi, i), p, *scale_lookup)
-            _check_sparse_shape(group, gi, i, p, spec)
-        if st:
-            mu = st.get("exp_avg")
-            if mu is not None and (mu.shape != p.shape or mu.dtype != p.dtype):
-                raise ValueError(
-                    f"{param_name(group, gi, i)}: optimizer state 'exp_avg' does not match the parameter (shape/dtype)"
-                )
+                check_sparse_shape(param_name(group, gi, i), p, spec)
         plan.params.append(p)
         plan.grads.append(g)
         plan.specs.append(spec)
@@ -158,15 +148,13 @@ def collect_group(
     return plan
 
 
-def _check_sparse_shape(group: Dict[str, Any], gi: int, i: int, p: torch.Tensor, spec: Spec) -> None:
-    size = group_dim_size(tuple(p.shape), spec[2])
-    if size is None or size % spec[1]:
-        name = param_name(group, gi, i)
-        raise ValueError(f"{name}: shape {tuple(p.shape)} cannot hold {spec[0]}:{spec[1]} groups along dim {spec[2]}")
-    if group["total_steps"] is None:
-        raise ValueError(
-            "total_steps: required when a group has sparse (N:M) parameters; pass total_steps=<planned optimizer steps>"
-        )
+def check_sparse_shape(name: str, p: torch.Tensor, spec: Spec, advice: str = "") -> None:
+    """Raise, naming the parameter, unless ``p`` holds ``spec``'s N:M groups (the kernels' own
+    rule, ``nm.rs``); ``advice`` is appended to the message."""
+    try:
+        _cast_rs.check_nm_shape(tuple(p.shape), *spec)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{name}: {getattr(e, 'detail', e)}{advice}") from None
 
 
 def check_scale_is_optimized(name: str, p: torch.Tensor, scales: Dict[int, torch.Tensor], held: set) -> None:
@@ -189,13 +177,7 @@ def check_scale_is_optimized(name: str, p: torch.Tensor, scales: Dict[int, torch
 def raise_bad_grad(name: str, p: torch.Tensor, g: torch.Tensor) -> None:
     if not p.is_floating_point():
         raise TypeError(f"{name}: AdamS needs floating-point parameters, got dtype {p.dtype}")
-    if g.is_sparse:
-        raise TypeError(f"{name}: AdamS does not support sparse gradients (got a {g.layout} gradient)")
-    if g.dtype != p.dtype:
-        raise TypeError(f"{name}: gradient dtype {g.dtype} differs from the parameter's {p.dtype}")
-    if g.shape != p.shape:
-        raise ValueError(f"{name}: gradient shape {tuple(g.shape)} differs from the parameter's {tuple(p.shape)}")
-    raise ValueError(f"{name}: gradient is on {g.device}, the parameter on {p.device}")
+    raise TypeError(f"{name}: AdamS does not support sparse gradients (got a {g.layout} gradient)")
 
 
 def state_for(st: Dict[str, Any], p: torch.Tensor, pl: torch.Tensor, spec: Optional[Spec]) -> Dict[str, Any]:

@@ -1,14 +1,18 @@
 """Type stubs of the Rust extension ``cast_rs._cast_rs`` (private: use the ``cast_rs`` API).
 
 The kernels themselves are PyTorch operators, ``torch.ops.cast_rs.*`` (``csrc/``); this module
-holds the exception type, the constants and AdamS's check of its scalar hyperparameters."""
+holds the exception type, the constants and the rules asked without a tensor (AdamS's scalar
+hyperparameters, whether a shape holds an N:M pattern)."""
 
 # pyo3 appends every name the module init adds to the module's __all__.
+from typing import Sequence
+
 __all__ = [
     "OPERATORS",
     "CastError",
     "num_threads",
     "check_adams_hyper",
+    "check_nm_shape",
     "MAX_M",
     "__version__",
 ]
@@ -35,3 +39,5 @@ def num_threads() -> int: ...
 def check_adams_hyper(
     *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, l1_decay: float, masked_lr_scale: float
 ) -> None: ...
+def check_nm_shape(shape: Sequence[int], n: int, m: int, dim: int) -> None:
+    """Raise (ValueError naming ``shape``) unless a tensor of ``shape`` holds ``n:m`` groups along ``dim``."""

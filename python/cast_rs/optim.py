@@ -17,6 +17,7 @@ from ._adams_hyper import (
     DEFAULT_WARMUP,
     L1_MODES,
     check_group,
+    snapshot,
 )
 from ._config import generic_path_forced
 from ._markers import NM_ATTR, remark_weights, weight_scales
@@ -173,6 +174,8 @@ class AdamS(Optimizer):
         self._kernel_calls = [0, 0]
         # The generic path's cached `keep` tensors (_adams_kernel.run_kernel): not state.
         self._keep_cache: _adams_kernel.KeepCache = {}
+        # Per group index: (the group, its settings when they last passed check_group).
+        self._hyper_checked: Dict[int, Tuple[Dict[str, Any], Optional[tuple]]] = {}
         # fully_shard (FSDP2) replaces parameters and drops sparsify's markers: restore them.
         remark_weights()
         super().__init__(params, defaults)
@@ -221,7 +224,7 @@ class AdamS(Optimizer):
                 loss = closure()
         plans = []
         for gi, group in enumerate(self.param_groups):
-            check_group(group, f"param_groups[{gi}]: ")
+            self._check_hyper(gi, group)
             plans.append(_adams_state.collect_group(group, gi, self.state, self.param_groups))
         created: List[Tuple[torch.Tensor, Tuple[bool, bool]]] = []  # state this call creates: undone on error
         first_fill: set = set()  # ids of sparse parameters whose first mask this call computes
@@ -243,6 +246,16 @@ class AdamS(Optimizer):
             self._record(plans[gi], kwargs, out, first_fill)
         return loss
 
+    def _check_hyper(self, gi: int, group: Dict[str, Any]) -> None:
+        """:func:`check_group` unless the group is unchanged since it last passed (a scheduler
+        changing ``lr`` is a change). The kernel checks its scalars' ranges at every call as well."""
+        last = self._hyper_checked.get(gi)
+        snap = snapshot(group)
+        if snap is not None and last is not None and last[0] is group and last[1] == snap:
+            return
+        check_group(group, f"param_groups[{gi}]: ")
+        self._hyper_checked[gi] = (group, snapshot(group))
+
     def _prepare_calls(self, plans: List[_adams_state.GroupPlan], created: list, first_fill: set) -> list:
         """The kernel call of every group with parameters to step, creating their missing state
         (recorded in ``created`` so that the caller can undo it)."""
@@ -260,7 +273,9 @@ class AdamS(Optimizer):
                 if spec is not None and not had_mask and float(st["step"]) == 0.0:
                     first_fill.add(id(p))
                 states.append(st)
-            args, kwargs = _adams_kernel.kernel_args(group, plan.locals_, plan.grads, plan.specs, states, force_generic)
+            args, kwargs = _adams_kernel.kernel_args(
+                group, plan.locals_, plan.grads, plan.specs, states, force_generic, plan.sharded
+            )
             if group.get("l1_mode", DEFAULT_L1_MODE) == "relative" and any(sp is not None for sp in plan.specs):
                 kwargs["l1_decays"] = _adams_kernel.relative_l1(group, plan.params, plan.specs, states)
             if kwargs["weight_decay"] != 0.0:
