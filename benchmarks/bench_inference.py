@@ -6,13 +6,20 @@
     ./run bench inference --crossover     # batches 1-256 on one shape: where 2:4 stops paying
     ./run bench inference --quick         # fewer rounds, the small model only (a smoke run)
 
+**Host.** The CPU model, logical CPUs, the last-level cache (from sysfs, else `getconf
+LEVEL3_CACHE_SIZE`, else `lscpu -B`; when none answers, the weight copies below rotate through
+1 GiB instead of a guess) and the ISA flags that matter; then the host's read bandwidth: a sum
+and a dot product over a buffer of max(4x the last-level cache, 512 MiB), on 1 thread and on
+all, the medians in GB/s.
+
 **Layers.** For each weight shape (out, in) and dtype (float32, bfloat16), at batch 1, 4 and
 16, on 1 thread and on all threads: the compressed 2:4 layer against `F.linear` on the same
 dtype (the dense masked weight) and against `F.linear` in float32. Every contender cycles
 through its own copies of the weight, enough of them to exceed the last-level cache twice over,
 so memory, not cache, is measured; contenders are timed in interleaved rounds (the order
 rotated each round) and the table gives medians with the interquartile range. GB/s is the
-weight bytes read per second (values and positions for the compressed layer).
+weight bytes read per second (values and positions for the compressed layer, the dense weight
+for F.linear), and % BW that as a share of the host's read bandwidth at the row's threads.
 
 **End to end.** Greedy decoding with a KV cache (Hugging Face `generate`) of a GPT-2-small
 shaped model (12 layers, width 768) and a Llama-shaped model of about 1.1 B parameters (22
@@ -25,8 +32,10 @@ conversion, its freed memory trimmed and the peak counter reset), each configura
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -38,16 +47,173 @@ import torch.nn.functional as F
 import cast_rs
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (768, 3072), (3072, 768)]
-LLC_BYTES = 32 * 2**20  # this machine's L3 (lscpu); copies cover at least twice that
+UNKNOWN_LLC_ROTATION = 2**30  # bytes of weight copies when the OS does not tell the cache size
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
-def llc_bytes() -> int:
+def _size_bytes(text: str) -> int | None:
+    """ "32768K", "32 MiB", "33554432 (1 instance)", "1M" -> bytes (None if unreadable)."""
+    m = re.match(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)(?:i?B)?\b", text, re.IGNORECASE)
+    if not m:
+        return None
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2).upper()]
+    return int(float(m.group(1)) * scale) or None
+
+
+def _llc_sysfs() -> tuple[int, str] | None:
+    """The largest cache level in /sys/devices/system/cpu/cpu*/cache/index*, summed over its
+    instances (one per distinct set of CPUs sharing it: a CCX, a socket)."""
+    caches: dict[int, dict[str, int]] = {}
+    for index in glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cache/index[0-9]*"):
+        try:
+            with open(os.path.join(index, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(index, "type")) as f:
+                if f.read().strip() == "Instruction":
+                    continue
+            with open(os.path.join(index, "size")) as f:
+                size = _size_bytes(f.read())
+            try:
+                with open(os.path.join(index, "shared_cpu_list")) as f:
+                    shared = f.read().strip()
+            except OSError:
+                shared = index
+        except (OSError, ValueError):
+            continue
+        if size:
+            caches.setdefault(level, {})[shared] = size
+    if not caches:
+        return None
+    level = max(caches)
+    sizes = list(caches[level].values())
+    each = f"{sizes[0] // 2**20} MiB" if len(set(sizes)) == 1 else "sizes vary"
+    return sum(sizes), f"sysfs L{level}, {len(sizes)} instance(s) of {each}"
+
+
+def _llc_getconf() -> tuple[int, str] | None:
     try:
-        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
-            text = f.read().strip()
-        return int(text[:-1]) * 1024 if text.endswith("K") else int(text)
-    except (OSError, ValueError):
-        return LLC_BYTES
+        out = subprocess.run(["getconf", "LEVEL3_CACHE_SIZE"], capture_output=True, text=True, timeout=10).stdout
+        size = int(out.strip())
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+    return (size, "getconf LEVEL3_CACHE_SIZE") if size > 0 else None
+
+
+def _llc_lscpu() -> tuple[int, str] | None:
+    try:
+        out = subprocess.run(["lscpu", "-B"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    levels = {}
+    for line in out.splitlines():
+        m = re.match(r"\s*L(\d)\w* cache:\s*(.*)", line)
+        if m and (size := _size_bytes(m.group(2))):
+            levels[int(m.group(1))] = size  # lscpu gives the total over the instances
+    if not levels:
+        return None
+    level = max(levels)
+    return levels[level], f"lscpu -B L{level}"
+
+
+_LLC: list = []
+
+
+def llc_bytes() -> tuple[int | None, str]:
+    """The last-level cache in bytes (all its instances) and where that came from: sysfs, then
+    ``getconf LEVEL3_CACHE_SIZE``, then ``lscpu -B``; (None, reason) if none of them answers."""
+    if not _LLC:
+        found = _llc_sysfs() or _llc_getconf() or _llc_lscpu()
+        _LLC.append(found or (None, "unknown: sysfs, getconf and lscpu gave no cache size"))
+    return _LLC[0]
+
+
+def rotation_bytes() -> int:
+    """Bytes of weight copies a contender cycles through: twice the last-level cache, or
+    UNKNOWN_LLC_ROTATION (1 GiB) when the cache size is unknown (never a guess of it)."""
+    llc, _ = llc_bytes()
+    return 2 * llc if llc else UNKNOWN_LLC_ROTATION
+
+
+def rotation_note() -> str:
+    llc, source = llc_bytes()
+    if llc:
+        return f"weight copies covering >= 2x the {llc / 2**20:.0f} MiB last-level cache"
+    return f"weight copies covering >= {UNKNOWN_LLC_ROTATION // 2**20} MiB (last-level cache size {source})"
+
+
+def host_info() -> dict:
+    """CPU model, logical CPUs, last-level cache and the ISA flags that matter here."""
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    llc, source = llc_bytes()
+    return dict(model=model, cpus=os.cpu_count() or 1, llc=llc, llc_source=source, isa=[f for f in ISA_FLAGS if f in flags])
+
+
+def print_host(info: dict) -> None:
+    llc = f"{info['llc'] / 2**20:.0f} MiB ({info['llc_source']})" if info["llc"] else info["llc_source"]
+    print(
+        f"host: {info['model']}, {info['cpus']} logical CPUs, last-level cache {llc}, ISA: {' '.join(info['isa']) or 'none of ' + ' '.join(ISA_FLAGS)}"
+    )
+    if not info["llc"]:
+        print(f"the last-level cache size is unknown: weight copies rotate through {UNKNOWN_LLC_ROTATION // 2**20} MiB instead")
+
+
+def mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def read_bandwidth(threads_list, runs: int = 7) -> tuple[dict, int]:
+    """STREAM-style read bandwidth over a float32 buffer of max(4x the last-level cache,
+    512 MiB) (at most a quarter of the available memory), per thread count: bytes / median
+    seconds of ``runs`` runs (after one warm-up) of ``buf.sum()`` and of ``torch.dot(buf, buf)``
+    (one read of the buffer each). Returns ({threads: {"sum": GB/s, "dot": GB/s}}, bytes)."""
+    llc, _ = llc_bytes()
+    want = max(4 * (llc or UNKNOWN_LLC_ROTATION), 512 * 2**20)
+    avail = mem_available()
+    nbytes = min(want, avail // 4) if avail else want
+    buf = torch.ones(nbytes // 4)  # written once: every page is resident
+    nbytes = buf.numel() * 4
+    kernels = {"sum": buf.sum, "dot": lambda: torch.dot(buf, buf)}
+    out = {}
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        out[threads] = {}
+        for name, fn in kernels.items():
+            fn()
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            out[threads][name] = nbytes / statistics.median(times) / 1e9
+    return out, nbytes
+
+
+def bandwidth_section(threads_list) -> dict:
+    """The host's read bandwidth table; returns {threads: GB/s} (the faster of the two kernels)."""
+    bw, nbytes = read_bandwidth(threads_list)
+    print(
+        f"\n## Host read bandwidth ({nbytes / 2**20:.0f} MiB of float32, median of 7 runs; "
+        f"the faster kernel is the reference for the layer table's % BW)\n"
+    )
+    print("| threads | torch.sum GB/s | torch.dot(x, x) GB/s | read GB/s |")
+    print("|---|---|---|---|")
+    for threads, r in bw.items():
+        print(f"| {threads} | {r['sum']:.1f} | {r['dot']:.1f} | **{max(r.values()):.1f}** |", flush=True)
+    return {threads: max(r.values()) for threads, r in bw.items()}
 
 
 def nm_weight(out_f: int, in_f: int, seed: int) -> torch.Tensor:
@@ -86,10 +252,15 @@ class Rotating:
         return self.fn(c)
 
 
-def weight_copies(out_f: int, in_f: int, dtype: torch.dtype, llc: int):
-    """Enough random 2:4 weights (float32) that even the smallest format's copies cover twice
-    the last-level cache, and their compressed layers in ``dtype``."""
-    copies = max(2, -(-2 * llc // (out_f * in_f * 4 // 2)))
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def weight_copies(out_f: int, in_f: int, dtype: torch.dtype, rotation: int):
+    """Enough random 2:4 weights (float32) that even the smallest format's copies cover
+    ``rotation`` bytes (twice the last-level cache: rotation_bytes), and their compressed
+    layers in ``dtype``."""
+    copies = max(2, -(-rotation // (out_f * in_f * 4 // 2)))
     ws = [nm_weight(out_f, in_f, s) for s in range(copies)]
     layers = []
     for w in ws:
@@ -100,25 +271,32 @@ def weight_copies(out_f: int, in_f: int, dtype: torch.dtype, llc: int):
     return ws, layers
 
 
-def layer_section(rounds: int, threads_list, shapes) -> None:
-    llc = llc_bytes()
+def layer_section(rounds: int, threads_list, shapes, bandwidth: dict) -> None:
+    """``bandwidth``: the host's read GB/s by thread count (bandwidth_section)."""
+    rotation = rotation_bytes()
     print(
         f"\n## Layers: 2:4 compressed vs F.linear (medians of {rounds} interleaved rounds, [q1-q3] in ms; "
-        f"each contender cycles through copies of its weight covering >= 2x the {llc // 2**20} MiB LLC)\n"
+        f"each contender cycles through {rotation_note()})\n"
+    )
+    print(
+        "GB/s: the weight bytes a call reads (compressed: values and positions; F.linear: the dense "
+        "weight in the same dtype) per second; % BW: that as a share of the host's read bandwidth "
+        "at the row's thread count.\n"
     )
     print(
         "| shape (out, in) | dtype | batch | threads | compressed ms | F.linear same dtype ms | F.linear f32 ms "
-        "| vs same dtype | vs f32 | compressed GB/s |"
+        "| vs same dtype | vs f32 | compressed GB/s | compressed % BW | F.linear same dtype GB/s | F.linear % BW |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for out_f, in_f in shapes:
         for dtype in (torch.float32, torch.bfloat16):
-            ws, layers = weight_copies(out_f, in_f, dtype, llc)
+            ws, layers = weight_copies(out_f, in_f, dtype, rotation)
             # Every contender has copies of its own (F.linear f32 and F.linear on float32 read
             # the same values, but must not read the same memory: the second would hit cache).
             dense_same = [w.to(dtype).clone() for w in ws]
             dense_f32 = [w.clone() for w in ws]
-            nbytes = layers[0].nbytes
+            nbytes = tensor_bytes(layers[0].values, layers[0].index)  # what a compressed call reads
+            dense_nbytes = tensor_bytes(dense_same[0])
             for batch in (1, 4, 16):
                 x32 = torch.randn(batch, in_f)
                 x = x32.to(dtype)
@@ -135,10 +313,12 @@ def layer_section(rounds: int, threads_list, shapes) -> None:
                         )
                     nm, same, f32 = med["nm"], med["same"], med["f32"]
                     name = "f32" if dtype == torch.float32 else "bf16"
+                    nm_gbs, dense_gbs, host = nbytes / nm[0] / 1e9, dense_nbytes / same[0] / 1e9, bandwidth[threads]
                     print(
                         f"| ({out_f}, {in_f}) | {name} | {batch} | {threads} | {nm[0] * 1e3:.3f} "
                         f"[{nm[1] * 1e3:.3f}-{nm[2] * 1e3:.3f}] | {same[0] * 1e3:.3f} | {f32[0] * 1e3:.3f} "
-                        f"| **{same[0] / nm[0]:.2f}x** | {f32[0] / nm[0]:.2f}x | {nbytes / nm[0] / 1e9:.1f} |",
+                        f"| **{same[0] / nm[0]:.2f}x** | {f32[0] / nm[0]:.2f}x | {nm_gbs:.1f} | {100 * nm_gbs / host:.0f} % "
+                        f"| {dense_gbs:.1f} | {100 * dense_gbs / host:.0f} % |",
                         flush=True,
                     )
             del ws, dense_same, dense_f32, layers
@@ -147,16 +327,16 @@ def layer_section(rounds: int, threads_list, shapes) -> None:
 def crossover_section(rounds: int, threads_list, shape=(4096, 4096)) -> None:
     """Where 2:4 stops paying: the compressed layer against ``F.linear`` on the same dtype at
     batches 1 to 256 on one shape (the operator runs its kernels at every batch)."""
-    llc = llc_bytes()
+    rotation = rotation_bytes()
     out_f, in_f = shape
     print(
         f"\n## Crossover: ({out_f}, {in_f}), compressed 2:4 vs F.linear by batch (medians of {rounds} "
-        f"interleaved rounds; copies cover >= 2x the {llc // 2**20} MiB LLC)\n"
+        f"interleaved rounds; each contender cycles through {rotation_note()})\n"
     )
     print("| dtype | threads | batch | compressed ms | F.linear ms | compressed vs F.linear |")
     print("|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
-        ws, layers = weight_copies(out_f, in_f, dtype, llc)
+        ws, layers = weight_copies(out_f, in_f, dtype, rotation)
         dense = [w.to(dtype).clone() for w in ws]
         for threads in threads_list:
             torch.set_num_threads(threads)
@@ -191,28 +371,53 @@ def llama_1b_config():
     )
 
 
-def e2e_child(kind: str, dtype_name: str, compressed: bool, new_tokens: int, threads: int) -> dict:
-    """One decoding measurement (run in its own process so that peak memory is its own)."""
-    import resource
+def llama_small_config():
+    """A two-layer Llama (width 256, the 32000-token vocabulary) for the llama.cpp equivalence
+    check and the quick run."""
+    from transformers import LlamaConfig
 
+    return LlamaConfig(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    )
+
+
+PROMPT_TOKENS = 16
+
+
+def build_model(kind: str, dtype_name: str):
+    """The end-to-end model: seed 0, random weights in ``dtype_name``, pruned to 2:4 by
+    magnitude; and the prompt, drawn right after (the same ids in every process). Returns
+    (model, dense parameter count, prompt [1, PROMPT_TOKENS])."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
     torch.manual_seed(0)
-    torch.set_num_threads(threads)
     dtype = torch.float32 if dtype_name == "f32" else torch.bfloat16
     if kind == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024))
     else:
-        model = LlamaForCausalLM(llama_1b_config())
+        model = LlamaForCausalLM(llama_1b_config() if kind == "llama" else llama_small_config())
     model = model.to(dtype).eval()
     params = sum(p.numel() for p in model.parameters())
     cast_rs.baselines.magnitude_prune(model, "2:4")  # every layer sparsify would pick
-    weight_bytes = None
-    if compressed:
-        report = cast_rs.compress(model)
-        weight_bytes = (report.dense_bytes, report.compressed_bytes)
-    # Peak memory of the decoding itself: the dense weights the conversion started from are
-    # freed, then the kernel's peak-RSS counter is reset (Linux: clear_refs 5).
+    prompt = torch.randint(0, 1000, (1, PROMPT_TOKENS))
+    return model, params, prompt
+
+
+def greedy(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Hugging Face greedy decoding with a KV cache, exactly ``new_tokens`` tokens (the end of
+    sequence token is suppressed until then: min_new_tokens)."""
+    return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+
+def reset_peak_rss() -> None:
+    """Free what can be freed, return it to the OS, and reset the kernel's peak-RSS counter
+    (Linux: clear_refs 5), so that VmHWM is the peak from here on."""
     import gc
 
     gc.collect()
@@ -227,25 +432,63 @@ def e2e_child(kind: str, dtype_name: str, compressed: bool, new_tokens: int, thr
             f.write("5")
     except OSError:
         pass
-    prompt = torch.randint(0, 1000, (1, 16))
-    with torch.no_grad():
-        model.generate(prompt, max_new_tokens=4, do_sample=False, min_new_tokens=4, pad_token_id=0)  # warm-up
-        t0 = time.perf_counter()
-        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        dt = time.perf_counter() - t0
-    assert out.shape[1] == 16 + new_tokens
+
+
+def peak_rss() -> int:
+    import resource
+
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     try:
         with open("/proc/self/status") as f:
             rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     except (OSError, StopIteration):
         pass
-    return dict(params=params, tokens_per_s=new_tokens / dt, peak_rss=rss, weight_bytes=weight_bytes)
+    return rss
 
 
-def e2e_section(kinds, new_tokens: int, threads: int) -> None:
+def e2e_child(kind: str, dtype_name: str, compressed: bool, new_tokens: int, threads: int) -> dict:
+    """One decoding measurement (run in its own process so that peak memory is its own)."""
+    torch.set_num_threads(threads)
+    model, params, prompt = build_model(kind, dtype_name)
+    weight_bytes = bytes_per_weight = None
+    if compressed:
+        report = cast_rs.compress(model)
+        weight_bytes = (report.dense_bytes, report.compressed_bytes)
+        bytes_per_weight = report.bytes_per_weight
+    # Peak memory of the decoding itself: the dense weights the conversion started from are
+    # freed, then the peak counter is reset.
+    reset_peak_rss()
+    with torch.no_grad():
+        greedy(model, prompt, 4)  # warm-up
+        t0 = time.perf_counter()
+        out = greedy(model, prompt, new_tokens)  # the prompt's pass (prefill) included, as in llama.cpp's rows
+        dt = time.perf_counter() - t0
+    assert out.shape[1] == PROMPT_TOKENS + new_tokens
+    return dict(
+        params=params,
+        tokens_per_s=new_tokens / dt,
+        peak_rss=peak_rss(),
+        weight_bytes=weight_bytes,
+        bytes_per_weight=bytes_per_weight,
+        prompt=prompt[0].tolist(),
+        tokens=out[0, PROMPT_TOKENS:].tolist(),
+    )
+
+
+def run_child(args: list, what: str) -> dict:
+    """``python <args>`` in a child process; its last stdout line, parsed as JSON."""
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"{what} failed (exit code {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def e2e_section(kinds, new_tokens: int, threads: int, results: dict | None = None) -> dict:
+    """The PyTorch table; returns the measurements by (kind, dtype name, compressed)."""
+    results = {} if results is None else results
     print(
-        f"\n## End to end: greedy decoding with a KV cache (16-token prompt, {new_tokens} new tokens, "
+        f"\n## End to end: greedy decoding with a KV cache ({PROMPT_TOKENS}-token prompt, {new_tokens} new tokens, "
         f"{threads} threads), random weights pruned to 2:4\n"
     )
     print(
@@ -257,12 +500,9 @@ def e2e_section(kinds, new_tokens: int, threads: int) -> None:
         for dtype_name in ("f32", "bf16"):
             res = {}
             for compressed in (False, True):
-                cmd = [sys.executable, __file__, "--child", json.dumps([kind, dtype_name, compressed, new_tokens, threads])]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    print(proc.stderr[-2000:], file=sys.stderr)
-                    raise SystemExit(f"child {kind} {dtype_name} compressed={compressed} failed")
-                res[compressed] = json.loads(proc.stdout.strip().splitlines()[-1])
+                spec = json.dumps([kind, dtype_name, compressed, new_tokens, threads])
+                res[compressed] = run_child([__file__, "--child", spec], f"child {kind} {dtype_name} compressed={compressed}")
+                results[kind, dtype_name, compressed] = res[compressed]
             d, c = res[False], res[True]
             dense_b, comp_b = c["weight_bytes"]
             label = f"{kind} ({d['params'] / 1e6:.0f} M)"
@@ -272,6 +512,7 @@ def e2e_section(kinds, new_tokens: int, threads: int) -> None:
                 f"| {c['peak_rss'] / 2**30:.2f} GiB | {comp_b / dense_b:.3f} |",
                 flush=True,
             )
+    return results
 
 
 def main() -> None:
@@ -294,14 +535,17 @@ def main() -> None:
     all_threads = os.cpu_count() or 1
     threads_list = sorted({1, torch.get_num_threads(), all_threads})
     print(f"torch {torch.__version__}, cast-rs {cast_rs.__version__}, {all_threads} CPUs")
+    print_host(host_info())
+    bandwidth = bandwidth_section(threads_list)
     both = not (a.layers or a.e2e or a.crossover)
     if a.layers or both:
         shapes = SHAPES[3:] if a.quick else SHAPES
-        layer_section(a.rounds or (5 if a.quick else 30), threads_list, shapes)
+        layer_section(a.rounds or (5 if a.quick else 30), threads_list, shapes, bandwidth)
     if a.crossover or both:
         crossover_section(a.rounds or (3 if a.quick else 15), threads_list, (768, 3072) if a.quick else (4096, 4096))
     if a.e2e or both:
-        e2e_section(["gpt2"] if a.quick else ["gpt2", "llama"], a.tokens or (8 if a.quick else 64), all_threads)
+        new_tokens = a.tokens or (8 if a.quick else 64)
+        e2e_section(["gpt2"] if a.quick else ["gpt2", "llama"], new_tokens, all_threads)
 
 
 if __name__ == "__main__":
