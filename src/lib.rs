@@ -10,7 +10,8 @@
 //! * [`half`]: bf16 / fp16 ⇄ f32 conversions, bit-exact with torch's (for the fused bf16 path).
 //! * [`checks`]: every argument rule of the entry points, on tensor metadata (pure Rust):
 //!   `meta`, `aliasing`, `mask`, `scale`, `step`.
-//! * `ops` (feature `python`): the entry points on libtorch tensors (check, pick the path, run).
+//! * `ops` (feature `python`): the entry points on libtorch tensors (check, pick the path, run);
+//!   `nm_ops`: those of the compressed N:M layers.
 //! * `bindings` (feature `python`): the thin pyo3 layer, `cast_rs._cast_rs`.
 //! * `capi` (feature `python`): the C ABI that the `csrc/` PyTorch operators call.
 //! * [`error`]: the error type every entry point returns; [`simd`] and [`parallel`]: the
@@ -35,6 +36,8 @@ mod bindings;
 mod capi;
 #[cfg(feature = "python")]
 pub mod generic;
+#[cfg(feature = "python")]
+mod nm_ops;
 #[cfg(feature = "python")]
 pub mod ops;
 #[cfg(feature = "python")]
