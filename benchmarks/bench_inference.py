@@ -5,6 +5,7 @@
     ./run bench inference --e2e           # the decoding table only
     ./run bench inference --crossover     # batches 1-256 on one shape: where 2:4 stops paying
     ./run bench inference --quick         # fewer rounds, the small model only (a smoke run)
+    ./run bench inference --e2e --llamacpp  # and llama.cpp on the same weights (installs llama-cpp-python)
 
 **Host.** The CPU model, logical CPUs, the last-level cache (from sysfs, else `getconf
 LEVEL3_CACHE_SIZE`, else `lscpu -B`; when none answers, the weight copies below rotate through
@@ -27,6 +28,13 @@ layers, width 2048, MLP 5632; TinyLlama's shape), random weights pruned to 2:4 b
 (speed does not depend on the values), dense against `cast_rs.compress`-ed, float32 and
 bfloat16: tokens per second and the peak resident memory of the decoding (after the
 conversion, its freed memory trimmed and the peak counter reset), each configuration in its own process.
+
+**llama.cpp** (`--llamacpp`): the same Llama weights written as F32, BF16 and Q8_0 GGUF files
+(benchmarks/gguf_export.py), decoded by llama.cpp (llama-cpp-python) from the same prompt ids
+with the same threads, greedy, timed and measured the same way (its own process; warm-up, then
+the prompt's pass and the new tokens). A check first: on a two-layer Llama, llama.cpp's greedy
+tokens from the F32 file must equal PyTorch's (the run stops otherwise). With --quick, that
+two-layer Llama is also the model of the side-by-side table.
 """
 
 from __future__ import annotations
@@ -515,6 +523,83 @@ def e2e_section(kinds, new_tokens: int, threads: int, results: dict | None = Non
     return results
 
 
+def llamacpp_section(kind: str, new_tokens: int, threads: int, results: dict) -> None:
+    """llama.cpp (llama-cpp-python) on the same weights as the PyTorch rows: first a check on a
+    two-layer Llama that its greedy tokens equal PyTorch's (fails loudly otherwise), then the
+    model as F32, BF16 and Q8_0 GGUF files (benchmarks/gguf_export.py; a temporary directory,
+    deleted after), each timed in its own process like e2e_child."""
+    import tempfile
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    export = os.path.join(here, "gguf_export.py")
+    import gguf_export
+
+    chk = run_child([export, "check", "16"], "the llama.cpp equivalence check")
+    print(
+        f"\nllama.cpp equivalence check (2-layer Llama, width 256, float32, same random 2:4 weights and prompt ids): "
+        f"greedy tokens {len(chk['llama_cpp'])}/{len(chk['pytorch'])} equal to PyTorch's; "
+        f"largest |logit difference| after the prompt {chk['max_logit_diff']:.1e} with llama.cpp's float16 KV cache "
+        f"(as timed), {chk['max_logit_diff_f32_kv']:.1e} with a float32 one (largest |logit| {chk['max_logit']:.2f})"
+    )
+    for dtype_name in ("f32", "bf16"):
+        for compressed in (False, True):
+            if (kind, dtype_name, compressed) not in results:
+                spec = json.dumps([kind, dtype_name, compressed, new_tokens, threads])
+                results[kind, dtype_name, compressed] = run_child(
+                    [__file__, "--child", spec], f"child {kind} {dtype_name} compressed={compressed}"
+                )
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="cast_rs_gguf_") as tmp:
+        t0 = time.perf_counter()
+        files = run_child([export, "write", kind, tmp], f"writing {kind} as GGUF")
+        written = time.perf_counter() - t0
+        if files["prompt"] != results[kind, "f32", False]["prompt"]:
+            raise SystemExit("the GGUF export's prompt ids differ from the PyTorch run's")
+        for ftype in ("F32", "BF16", "Q8_0"):
+            spec = json.dumps([files["paths"][ftype], files["prompt"], new_tokens, threads])
+            rows[ftype] = run_child([export, "time", spec], f"llama.cpp {ftype}")
+            os.remove(files["paths"][ftype])
+    params = results[kind, "f32", False]["params"]
+
+    def same_tokens(tokens: list, ref: list) -> str:
+        k = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), len(ref))
+        return f"{k}/{len(ref)}" if k == len(ref) else f"first {k}/{len(ref)}"
+
+    print(
+        f"\n## Side by side with llama.cpp: {kind} ({params / 1e6:.0f} M), the same random 2:4 weights and prompt ids "
+        f"({PROMPT_TOKENS}-token prompt, {new_tokens} new tokens, {threads} threads, greedy)\n"
+    )
+    print(
+        "| runtime | weights | bytes per weight | tok/s | vs PyTorch dense f32 | peak RSS "
+        "| greedy tokens equal to PyTorch dense (f32 for Q8_0) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    base = results[kind, "f32", False]["tokens_per_s"]
+    for dtype_name, ftype in (("f32", "F32"), ("bf16", "BF16"), (None, "Q8_0")):
+        ref = results[kind, dtype_name or "f32", False]["tokens"]
+        if dtype_name:
+            for compressed in (False, True):
+                r = results[kind, dtype_name, compressed]
+                bpw = r["bytes_per_weight"] if compressed else (4.0 if dtype_name == "f32" else 2.0)
+                name = "cast_rs 2:4 (compress)" if compressed else "PyTorch dense"
+                print(
+                    f"| {name} | {dtype_name} | {bpw:.4g} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f}x "
+                    f"| {r['peak_rss'] / 2**30:.2f} GiB | {same_tokens(r['tokens'], ref)} |"
+                )
+        r = rows[ftype]
+        print(
+            f"| llama.cpp | {ftype} GGUF | {gguf_export.BYTES_PER_WEIGHT[ftype]:.4g} | {r['tokens_per_s']:.1f} "
+            f"| {r['tokens_per_s'] / base:.2f}x | {r['peak_rss'] / 2**30:.2f} GiB | {same_tokens(r['tokens'], ref)} |",
+            flush=True,
+        )
+    sizes = ", ".join(f"{t} {n / 2**30:.2f} GiB" for t, n in files["sizes"].items())
+    print(
+        f"\nbytes per weight: storage of the linear layers' weights (cast_rs: the compress report's, values and "
+        f"positions; Q8_0: 32 int8 + one fp16 scale per 32). GGUF files ({sizes}) written in {written:.0f} s, "
+        f"deleted after. llama-cpp-python {rows['F32']['version']}: {rows['F32']['system_info']}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", action="store_true", help="only the layer table")
@@ -523,6 +608,12 @@ def main() -> None:
         "--crossover",
         action="store_true",
         help="only the crossover table (batches 1-256 on (4096, 4096): where the kernel stops paying)",
+    )
+    ap.add_argument(
+        "--llamacpp",
+        action="store_true",
+        help="with the end-to-end table, llama.cpp (llama-cpp-python; ./run installs it) on the same weights "
+        "as F32, BF16 and Q8_0 GGUF files",
     )
     ap.add_argument("--quick", action="store_true", help="a smoke run: few rounds, small shapes and model")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per layer row (default 30)")
@@ -545,7 +636,9 @@ def main() -> None:
         crossover_section(a.rounds or (3 if a.quick else 15), threads_list, (768, 3072) if a.quick else (4096, 4096))
     if a.e2e or both:
         new_tokens = a.tokens or (8 if a.quick else 64)
-        e2e_section(["gpt2"] if a.quick else ["gpt2", "llama"], new_tokens, all_threads)
+        results = e2e_section(["gpt2"] if a.quick else ["gpt2", "llama"], new_tokens, all_threads)
+        if a.llamacpp:  # the quick run: the two-layer Llama instead of the 1.1 B one
+            llamacpp_section("llama_small" if a.quick else "llama", new_tokens, all_threads, results)
 
 
 if __name__ == "__main__":
