@@ -20,6 +20,7 @@ from typing import Any, Callable, List, Tuple
 import torch
 
 import cast_rs
+from cast_rs._adams_hyper import kernel_hyper  # the operator's hyper list, as AdamS builds it
 from bench_optimizer import timed  # the same timing loop (benchmarks/ is on sys.path when run)
 
 ops = torch.ops.cast_rs
@@ -37,7 +38,8 @@ def step_args(n_params: int, rows: int, cols: int):
     v = [torch.zeros(rows, cols) for _ in range(n_params)]
     masks = [torch.zeros((rows * cols + 7) // 8, dtype=torch.uint8) for _ in range(n_params)]
     steps = [torch.tensor(0.0) for _ in range(n_params)]
-    kw = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, l1_decay=0.1, total_steps=1e9, mask_interval=10)
+    group = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, l1_decay=0.1, masked_lr_scale=1.0)
+    kw = dict(hyper=kernel_hyper(group), total_steps=1e9, mask_interval=10)
     return p, g, mu, v, masks, steps, kw
 
 

@@ -29,8 +29,8 @@
 extern "C" {
 // Mirrors CastStepScalars in src/capi.rs.
 struct CastStepScalars {
-  double lr, beta1, beta2, eps, weight_decay, l1_decay;
-  double masked_lr_scale;
+  const double* hyper;  // AdamsHyper::FIELDS, in that order
+  size_t hyper_len;
   double total_steps;
   bool has_total_steps;
   int64_t mask_interval;
@@ -207,10 +207,9 @@ std::vector<const at::Tensor*> optional_pointers(const c10::List<std::optional<a
 std::tuple<at::Tensor, at::Tensor> adams_step_(
     at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
     const c10::List<std::optional<at::Tensor>>& masks, at::IntArrayRef patterns, at::TensorList steps,
-    const c10::List<std::optional<at::Tensor>>& keep_cache, double lr, double beta1, double beta2, double eps,
-    double weight_decay, double l1_decay, std::optional<double> total_steps, int64_t mask_interval,
-    std::optional<at::ArrayRef<double>> l1_decays, std::optional<at::ArrayRef<double>> weight_decays,
-    bool force_generic, double masked_lr_scale, bool validate_only) {
+    const c10::List<std::optional<at::Tensor>>& keep_cache, at::ArrayRef<double> hyper,
+    std::optional<double> total_steps, int64_t mask_interval, std::optional<at::ArrayRef<double>> l1_decays,
+    std::optional<at::ArrayRef<double>> weight_decays, bool force_generic, bool validate_only) {
   const size_t k = params.size();
   // List lengths are the one thing the C ABI cannot check (it takes k entries of each).
   auto same = [k](const char* name, size_t len) {
@@ -231,13 +230,8 @@ std::tuple<at::Tensor, at::Tensor> adams_step_(
   std::vector<at::Tensor> mask_values, keep_values;
   const std::vector<const at::Tensor*> mask_ptrs = optional_pointers(masks, mask_values);
   const std::vector<const at::Tensor*> keep_ptrs = optional_pointers(keep_cache, keep_values);
-  const CastStepScalars scalars{lr,
-                                beta1,
-                                beta2,
-                                eps,
-                                weight_decay,
-                                l1_decay,
-                                masked_lr_scale,
+  const CastStepScalars scalars{hyper.data(),
+                                hyper.size(),
                                 total_steps.value_or(0.0),
                                 total_steps.has_value(),
                                 mask_interval,
@@ -296,10 +290,9 @@ TORCH_LIBRARY(cast_rs, m) {
       "bool force_generic=False) -> (Tensor, Tensor)");
   m.def(
       "adams_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)?[] masks, int[] patterns, Tensor(e!)[] steps, Tensor(f!)?[] keep_cache, *, float lr, "
-      "float beta1, float beta2, float eps, float weight_decay, float l1_decay, float? total_steps, "
-      "int mask_interval, float[]? l1_decays=None, float[]? weight_decays=None, bool force_generic=False, "
-      "float masked_lr_scale=1.0, bool validate_only=False) -> (Tensor, Tensor)");
+      "Tensor(d!)?[] masks, int[] patterns, Tensor(e!)[] steps, Tensor(f!)?[] keep_cache, *, float[] hyper, "
+      "float? total_steps, int mask_interval, float[]? l1_decays=None, float[]? weight_decays=None, "
+      "bool force_generic=False, bool validate_only=False) -> (Tensor, Tensor)");
   // Compressed N:M linear layers (CPU inference): src/nm_linear/layout.rs has the layout.
   m.def("nm_compress(Tensor weight, int n, int m) -> (Tensor, Tensor)");
   m.def("nm_decompress(Tensor values, Tensor index, int rows, int cols, int n, int m) -> Tensor");

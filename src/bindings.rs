@@ -18,29 +18,11 @@ impl From<CastError> for PyErr {
 
 /// The ranges of AdamS's scalar hyperparameters (`AdamsHyper::validate`, the rule the kernel
 /// applies at every step), for the optimizer to check a group when it is built, with the same
-/// messages. No tensor: the values only.
+/// messages. `values` in the order of `ADAMS_HYPER` (`AdamsHyper::FIELDS`). No tensor: the
+/// values only.
 #[pyfunction]
-#[pyo3(signature = (*, lr, beta1, beta2, eps, weight_decay, l1_decay, masked_lr_scale))]
-#[allow(clippy::too_many_arguments)]
-fn check_adams_hyper(
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-    l1_decay: f64,
-    masked_lr_scale: f64,
-) -> PyResult<()> {
-    AdamsHyper {
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        l1_decay,
-        masked_lr_scale,
-    }
-    .validate()?;
+fn check_adams_hyper(values: Vec<f64>) -> PyResult<()> {
+    AdamsHyper::from_values(&values)?;
     Ok(())
 }
 
@@ -73,6 +55,11 @@ fn _cast_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_nm_shape, m)?)?;
     // The pattern limit, defined once (nm::MAX_M) and read by the Python layer.
     m.add("MAX_M", nm::MAX_M)?;
+    // The order of the operator's `hyper` list, defined once (AdamsHyper::FIELDS).
+    m.add(
+        "ADAMS_HYPER",
+        pyo3::types::PyTuple::new(m.py(), AdamsHyper::FIELDS)?,
+    )?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

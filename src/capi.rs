@@ -271,14 +271,9 @@ pub unsafe extern "C" fn cast_rs_scale_backward(
 /// The scalars of one AdamS step call (mirrored by `CastStepScalars` in the C++ source).
 #[repr(C)]
 pub struct CastStepScalars {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    pub l1_decay: f64,
-    /// The masked weights' step relative to the kept ones' (1: the paper's AdamS).
-    pub masked_lr_scale: f64,
+    /// `hyper_len` values in the order of `AdamsHyper::FIELDS` (the operator's `hyper` list).
+    pub hyper: *const f64,
+    pub hyper_len: usize,
     /// Used when `has_total_steps`.
     pub total_steps: f64,
     pub has_total_steps: bool,
@@ -300,8 +295,9 @@ pub struct CastStepScalars {
 ///
 /// # Safety
 /// Every list pointer points to `k` entries (tensor entries as for [`borrow`], masks and
-/// cache entries may be null), `scalars` to one struct, `flips` and `fast` are valid for `k`
-/// writes, `message` as in [`status`].
+/// cache entries may be null), `scalars` to one struct whose `hyper` points to `hyper_len`
+/// values (or `hyper_len` is 0), `flips` and `fast` are valid for `k` writes, `message` as in
+/// [`status`].
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn cast_rs_adams_step(
@@ -371,15 +367,11 @@ pub unsafe extern "C" fn cast_rs_adams_step(
                 },
             };
             let cfg = StepConfig {
-                hyper: AdamsHyper {
-                    lr: sc.lr,
-                    beta1: sc.beta1,
-                    beta2: sc.beta2,
-                    eps: sc.eps,
-                    weight_decay: sc.weight_decay,
-                    l1_decay: sc.l1_decay,
-                    masked_lr_scale: sc.masked_lr_scale,
-                },
+                hyper: AdamsHyper::from_values(if sc.hyper_len == 0 {
+                    &[]
+                } else {
+                    std::slice::from_raw_parts(sc.hyper, sc.hyper_len)
+                })?,
                 total_steps: sc.has_total_steps.then_some(sc.total_steps),
                 mask_interval,
                 l1_decays: floats(l1_decays),

@@ -792,6 +792,11 @@ def test_hostile_calls_do_not_crash_the_interpreter():
         """
         import torch, cast_rs
         from cast_rs import _cast_rs
+        from cast_rs._adams_hyper import kernel_hyper
+
+        def op_kwargs(lr, beta1, beta2, eps, l1_decay, **rest):  # the operator's hyper list, as AdamS builds it
+            group = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=0.0, l1_decay=l1_decay)
+            return dict(rest, hyper=kernel_hyper(group))
 
         def adams(p, g, **kw):
             opt = cast_rs.AdamS([p], total_steps=3, **kw)
@@ -816,15 +821,16 @@ def test_hostile_calls_do_not_crash_the_interpreter():
             lambda: torch.ops.cast_rs.unpack_mask(torch.zeros(0, dtype=torch.uint8), [0]),
             lambda: torch.ops.cast_rs.adams_step_([torch.randn(8)], [torch.randn(8)], [torch.zeros(8)], [torch.zeros(8)],
                                         [torch.zeros(1, dtype=torch.uint8)], [2, 4, -1], [torch.zeros(3)], [],
-                                        lr=0.1, beta1=0.9, beta2=0.9, eps=0.0, weight_decay=0.0, l1_decay=0.0,
-                                        total_steps=1.0, mask_interval=1),
+                                        **op_kwargs(lr=0.1, beta1=0.9, beta2=0.9, eps=0.0, l1_decay=0.0,
+                                                    total_steps=1.0, mask_interval=1)),
             lambda: torch.ops.cast_rs.adams_step_([torch.randn(8)], [torch.randn(8)], [torch.zeros(8)], [torch.zeros(8)],
                                         [None], [40, 4, -1], [torch.zeros(())], [],
-                                        lr=0.1, beta1=0.9, beta2=0.9, eps=0.0, weight_decay=0.0, l1_decay=0.0,
-                                        total_steps=1.0, mask_interval=1),
+                                        **op_kwargs(lr=0.1, beta1=0.9, beta2=0.9, eps=0.0, l1_decay=0.0,
+                                                    total_steps=1.0, mask_interval=1)),
             lambda: torch.ops.cast_rs.adams_step_([torch.randn(8)], [torch.randn(8)], [torch.zeros(8)], [torch.zeros(8)],
-                                        [None], [0, 0, 0], [torch.zeros(())], [], lr=float("nan"), beta1=0.9, beta2=0.9,
-                                        eps=0.0, weight_decay=0.0, l1_decay=0.0, total_steps=None, mask_interval=1),
+                                        [None], [0, 0, 0], [torch.zeros(())], [],
+                                        **op_kwargs(lr=float("nan"), beta1=0.9, beta2=0.9, eps=0.0, l1_decay=0.0,
+                                                    total_steps=None, mask_interval=1)),
             lambda: torch.ops.cast_rs.scale_forward(torch.randn(4, 8), torch.ones(4, 2), 2, 0),
             lambda: torch.ops.cast_rs.scale_backward(torch.randn(3, 3), torch.randn(4, 8), torch.ones(4, 2), 2, -1),
             lambda: cast_rs.nm_mask(__import__("numpy").zeros((2, 8), dtype="int8"), "2:4"),

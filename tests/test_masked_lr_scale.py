@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import cast_rs
+from _adams_op import op_kwargs
 from reference import RefAdamS
 from test_optim import HP, assert_close_robust, grads_for, make_params, run
 
@@ -108,15 +109,16 @@ def test_operator_takes_it():
         [2, 4, -1],
         [step],
         [],
-        lr=1e-2,
-        beta1=0.9,
-        beta2=0.999,
-        eps=1e-8,
-        weight_decay=0.0,
-        l1_decay=0.1,
-        total_steps=4.0,
-        mask_interval=10,
-        masked_lr_scale=2.0,
+        **op_kwargs(
+            lr=1e-2,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            l1_decay=0.1,
+            total_steps=4.0,
+            mask_interval=10,
+            masked_lr_scale=2.0,
+        ),
     )
     assert torch.equal(p1.detach(), p2)
     assert torch.equal(opt.state[p1]["mask"], bits)

@@ -14,7 +14,7 @@ import torch
 
 import cast_rs
 from cast_rs import _cast_rs
-from _adams_op import adams_step
+from _adams_op import adams_step, op_kwargs
 from reference import foreach_adams_step, ref_nm_mask
 
 ops = torch.ops.cast_rs
@@ -86,7 +86,7 @@ def test_adams_step_operator_with_and_without_its_cache_and_the_reference(kernel
     b = [[t.clone() if t is not None else None for t in ts] for ts in _step_inputs(0)]
     cache = [torch.empty(0), torch.empty(0), None]
     for _ in range(3):
-        flips, fast = ops.adams_step_(*a[:5], [2, 4, -1, 2, 4, -1, 0, 0, 0], a[5], [], force_generic=fg, **KW)
+        flips, fast = ops.adams_step_(*a[:5], [2, 4, -1, 2, 4, -1, 0, 0, 0], a[5], [], force_generic=fg, **op_kwargs(**KW))
         assert fast.tolist() == [not fg] * 3
         # The same step with the generic path's mask cache (what AdamS passes): the same numbers.
         _, _, cached = adams_step(*b[:5], [(2, 4, -1), (2, 4, -1), None], b[5], mask_cache=cache, force_generic=fg, **KW)
@@ -113,13 +113,13 @@ def test_adams_step_operator_writes_nothing_when_it_refuses():
     v[1] = torch.zeros(4, 7)
     before = [t.clone() for t in p + mu + steps]
     with pytest.raises(ValueError, match=r"^exp_avg_sqs\[1\]: expected shape \[4, 8\]"):
-        ops.adams_step_(p, g, mu, v, masks, [2, 4, -1, 2, 4, -1, 0, 0, 0], steps, [], **KW)
+        ops.adams_step_(p, g, mu, v, masks, [2, 4, -1, 2, 4, -1, 0, 0, 0], steps, [], **op_kwargs(**KW))
     with pytest.raises(ValueError, match=r"^patterns: expected 9 values"):
-        ops.adams_step_(p, g, mu, v, masks, [2, 4, -1], steps, [], **KW)
+        ops.adams_step_(p, g, mu, v, masks, [2, 4, -1], steps, [], **op_kwargs(**KW))
     with pytest.raises(ValueError, match=r"^grads: expected 3 entries"):
-        ops.adams_step_(p, g[:2], mu, v, masks, [0] * 9, steps, [], **KW)
+        ops.adams_step_(p, g[:2], mu, v, masks, [0] * 9, steps, [], **op_kwargs(**KW))
     with pytest.raises(ValueError, match=r"^mask_interval: expected an integer >= 1, got -1"):
-        ops.adams_step_(p, g, mu, v, masks, [0] * 9, steps, [], **{**KW, "mask_interval": -1})
+        ops.adams_step_(p, g, mu, v, masks, [0] * 9, steps, [], **op_kwargs(**{**KW, "mask_interval": -1}))
     assert all(torch.equal(x, y) for x, y in zip(p + mu + steps, before))
     assert all(int(m.sum()) == 0 for m in masks[:2])
 
@@ -223,7 +223,7 @@ def test_opcheck_schemas_fakes_and_autograd():
     torch.library.opcheck(
         ops.adams_step_.default,
         (p, gr, mu, v, masks, [2, 4, -1, 2, 4, -1, 0, 0, 0], steps, []),
-        dict(KW),
+        op_kwargs(**KW),
         test_utils=("test_schema", "test_faketensor"),
     )
 

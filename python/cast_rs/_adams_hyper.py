@@ -14,7 +14,7 @@ so their rules live here.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -93,15 +93,35 @@ def _betas(group: Dict[str, Any], where: str) -> Tuple[float, float]:
     return plain[0], plain[1]
 
 
+#: The value a group without the setting gets (groups saved before it existed): the paper's
+#: update for the settings added since.
+ABSENT = {"masked_lr_scale": DEFAULT_MASKED_LR_SCALE}
+
+
+def kernel_hyper(group: Dict[str, Any], lr: Optional[float] = None) -> List[float]:
+    """The kernel's scalar hyperparameters of ``group`` as one list in the order of
+    ``_cast_rs.ADAMS_HYPER`` (the operator's ``hyper``), ``lr`` replacing the group's when
+    given. A group's ``betas`` are the list's ``beta1`` and ``beta2``."""
+    out = []
+    for name in _cast_rs.ADAMS_HYPER:
+        if name == "lr" and lr is not None:
+            out.append(lr)
+        elif name in ("beta1", "beta2"):
+            out.append(float(group["betas"][name == "beta2"]))
+        else:
+            out.append(float(group[name] if name in group else ABSENT[name]))
+    return out
+
+
 def _kernel_scalars(group: Dict[str, Any], where: str) -> None:
     """Convert the kernel's scalars and check their ranges with the kernel's own rule."""
-    lr = _as_number(group, "lr", where, keep_tensor=True)
-    beta1, beta2 = _betas(group, where)
-    values = {key: _as_number(group, key, where) for key in ("eps", "weight_decay", "l1_decay")}
-    # Absent from groups saved before it existed: those get the paper's update (1).
-    mlr = _as_number(group, "masked_lr_scale", where) if "masked_lr_scale" in group else DEFAULT_MASKED_LR_SCALE
+    _as_number(group, "lr", where, keep_tensor=True)
+    _betas(group, where)
+    for name in _cast_rs.ADAMS_HYPER:
+        if name not in ("lr", "beta1", "beta2") and name in group:
+            _as_number(group, name, where)
     try:
-        _cast_rs.check_adams_hyper(lr=lr, beta1=beta1, beta2=beta2, masked_lr_scale=mlr, **values)
+        _cast_rs.check_adams_hyper(kernel_hyper(group))
     except ValueError as e:
         if not where:
             raise

@@ -15,7 +15,7 @@ import torch
 
 from . import _dtensor
 from ._cast_rs import CastError
-from ._adams_hyper import DEFAULT_MASKED_LR_SCALE, DEFAULT_RAMP_END, DEFAULT_WARMUP
+from ._adams_hyper import DEFAULT_RAMP_END, DEFAULT_WARMUP, kernel_hyper
 from ._adams_state import Spec, param_name
 
 
@@ -30,7 +30,6 @@ def kernel_args(
 ) -> Tuple[tuple, Dict[str, Any]]:
     """The kernel's positional and keyword arguments for one group (``sharded``: some
     parameter is a DTensor, whose state tensors are DTensors whose local shards are stepped)."""
-    beta1, beta2 = (float(b) for b in group["betas"])
     total = group["total_steps"]
     ramp = float(group.get("ramp_end", DEFAULT_RAMP_END))
     if sharded:
@@ -52,17 +51,11 @@ def kernel_args(
         [st["step"] for st in states],  # incremented by the kernel on success
     )
     kwargs = dict(
-        lr=float(group["lr"]) * warmup_factor(group, states),
-        beta1=beta1,
-        beta2=beta2,
-        eps=float(group["eps"]),
-        weight_decay=float(group["weight_decay"]),
-        l1_decay=float(group["l1_decay"]),
+        hyper=kernel_hyper(group, lr=float(group["lr"]) * warmup_factor(group, states)),
         # α = min(1, s / (ramp_end·T)): the kernel ramps over ramp_end·T steps.
         total_steps=None if total is None else max(1.0, ramp * float(total)),
         mask_interval=int(group["mask_interval"]),
         force_generic=force_generic,
-        masked_lr_scale=float(group.get("masked_lr_scale", DEFAULT_MASKED_LR_SCALE)),
     )
     return args, kwargs
 

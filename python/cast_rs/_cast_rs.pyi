@@ -5,7 +5,7 @@ holds the exception type, the constants and the rules asked without a tensor (Ad
 hyperparameters, whether a shape holds an N:M pattern)."""
 
 # pyo3 appends every name the module init adds to the module's __all__.
-from typing import Sequence
+from typing import Sequence, Tuple
 
 __all__ = [
     "OPERATORS",
@@ -14,12 +14,16 @@ __all__ = [
     "check_adams_hyper",
     "check_nm_shape",
     "MAX_M",
+    "ADAMS_HYPER",
     "__version__",
 ]
 
 __version__: str
 #: Largest supported group size M (the Rust core's ``nm::MAX_M``).
 MAX_M: int
+#: The names of AdamS's scalar hyperparameters in the order ``torch.ops.cast_rs.adams_step_``
+#: takes them (its ``hyper`` list) and :func:`check_adams_hyper` checks them.
+ADAMS_HYPER: Tuple[str, ...]
 #: True: the C++ operators ``torch.ops.cast_rs.*`` (``csrc/``) are linked in and registered.
 OPERATORS: bool
 
@@ -36,8 +40,9 @@ class CastError(Exception):
 #   other_param, other_index    the second buffer of a "shares memory" error, else None
 
 def num_threads() -> int: ...
-def check_adams_hyper(
-    *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, l1_decay: float, masked_lr_scale: float
-) -> None: ...
+def check_adams_hyper(values: Sequence[float]) -> None:
+    """Raise (ValueError naming the hyperparameter) unless ``values``, in the order of
+    :data:`ADAMS_HYPER`, are in the ranges AdamS's kernel takes."""
+
 def check_nm_shape(shape: Sequence[int], n: int, m: int, dim: int) -> None:
     """Raise (ValueError naming ``shape``) unless a tensor of ``shape`` holds ``n:m`` groups along ``dim``."""

@@ -278,13 +278,14 @@ class AdamS(Optimizer):
             )
             if group.get("l1_mode", DEFAULT_L1_MODE) == "relative" and any(sp is not None for sp in plan.specs):
                 kwargs["l1_decays"] = _adams_kernel.relative_l1(group, plan.params, plan.specs, states)
-            if kwargs["weight_decay"] != 0.0:
+            weight_decay = float(group["weight_decay"])
+            if weight_decay != 0.0:
                 if scale_ids is None:
                     scale_ids = {id(sc) for sc in weight_scales().values()}
                 if any(id(p) in scale_ids for p in plan.params):
                     # Weight-scale parameters take no weight decay: it would pull the
                     # scales (initialised to 1) toward 0, shrinking the layer's output.
-                    kwargs["weight_decays"] = [0.0 if id(p) in scale_ids else kwargs["weight_decay"] for p in plan.params]
+                    kwargs["weight_decays"] = [0.0 if id(p) in scale_ids else weight_decay for p in plan.params]
             calls.append((gi, group, plan.indices, (args, kwargs)))
         return calls
 

@@ -21,6 +21,48 @@ pub struct AdamsHyper {
 }
 
 impl AdamsHyper {
+    /// The order in which a caller hands the hyperparameters over as one list of numbers
+    /// ([`AdamsHyper::from_values`]): the operator `adams_step_` takes them as `float[] hyper`
+    /// and the Python optimizer builds that list from these names, so a new hyperparameter is
+    /// added here (and in the kernels that use it), not in every layer between.
+    pub const FIELDS: [&'static str; 7] = [
+        "lr",
+        "beta1",
+        "beta2",
+        "eps",
+        "weight_decay",
+        "l1_decay",
+        "masked_lr_scale",
+    ];
+
+    /// The hyperparameters from `values`, in the order of [`AdamsHyper::FIELDS`], checked
+    /// ([`AdamsHyper::validate`]).
+    pub fn from_values(values: &[f64]) -> Result<Self> {
+        let [lr, beta1, beta2, eps, weight_decay, l1_decay, masked_lr_scale] =
+            <[f64; 7]>::try_from(values).map_err(|_| {
+                CastError::value(
+                    "hyper",
+                    format!(
+                        "expected {} values ({}), got {}",
+                        Self::FIELDS.len(),
+                        Self::FIELDS.join(", "),
+                        values.len()
+                    ),
+                )
+            })?;
+        let h = AdamsHyper {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            l1_decay,
+            masked_lr_scale,
+        };
+        h.validate()?;
+        Ok(h)
+    }
+
     pub fn validate(&self) -> Result<()> {
         let finite_nonneg = |name: &'static str, x: f64| {
             if x.is_finite() && x >= 0.0 {

@@ -36,6 +36,33 @@ fn per_tensor_defaults_checks_length_and_values() {
     }
 }
 
+#[test]
+fn hyper_from_values_follows_fields_and_checks() {
+    let h = AdamsHyper::from_values(&[1e-3, 0.9, 0.999, 1e-8, 0.1, 0.5, 2.0]).unwrap();
+    assert_eq!(
+        [
+            h.lr,
+            h.beta1,
+            h.beta2,
+            h.eps,
+            h.weight_decay,
+            h.l1_decay,
+            h.masked_lr_scale
+        ],
+        [1e-3, 0.9, 0.999, 1e-8, 0.1, 0.5, 2.0]
+    );
+    assert_eq!(AdamsHyper::FIELDS[6], "masked_lr_scale");
+    let e = AdamsHyper::from_values(&[1e-3; 6]).unwrap_err().to_string();
+    assert!(
+        e.starts_with("hyper: expected 7 values (lr, beta1,") && e.ends_with("got 6"),
+        "{e}"
+    );
+    let e = AdamsHyper::from_values(&[1e-3, 0.9, 1.0, 1e-8, 0.0, 0.1, 1.0])
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("betas[1]:"), "{e}");
+}
+
 fn lcg(seed: &mut u64) -> f32 {
     *seed = seed
         .wrapping_mul(6364136223846793005)
