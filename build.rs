@@ -32,6 +32,7 @@ fn compile_operators() {
     for source in SOURCES {
         println!("cargo:rerun-if-changed={source}");
     }
+    println!("cargo:rerun-if-changed=csrc/adams_foreach.h");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let lib = PathBuf::from(
         std::env::var("DEP_TCH_LIBTORCH_LIB")

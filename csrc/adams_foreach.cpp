@@ -4,8 +4,8 @@
 // CUDA kernel of our own exists (on CUDA each call below is one multi-tensor kernel launch),
 // and the path of any CPU tensor the slice kernels do not take (fp64, non-contiguous).
 //
-// Rust (src/generic.rs) calls it through the C ABI below, after it has refreshed the masks
-// that are due (per tensor, every `mask_interval` steps) and made sure every sparse tensor has
+// The adams_step_ operator (cast_rs_ops.cpp) calls it once the Rust side (src/generic.rs)
+// has refreshed the masks that are due (per tensor, every `mask_interval` steps) and made sure every sparse tensor has
 // its `keep` tensor: 1 where the current mask keeps the weight, 0 where it removes it, in the
 // parameter's dtype. The packed 1-bit mask stays the state of record; `keep` is a cache that
 // saves unpacking it at every step (a CUDA-friendly trade of one parameter-sized buffer per
@@ -52,6 +52,8 @@
 // or a NaN θ gives NaN in μ̃ where the fast path's per-element select keeps ±inf or μ; the
 // elements of θ that end non-finite are the same.
 
+#include "adams_foreach.h"
+
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -71,19 +73,6 @@ void write_message(const char* text, char* message, size_t message_len) {
 }
 }  // namespace
 
-extern "C" {
-// Mirrors ForeachScalars in src/generic.rs.
-struct CastForeachScalars {
-  double step;          // s, the step being taken (>= 1)
-  double weight_decay;  // wd (the fused route)
-  double decay;         // 1 − lr·wd (the foreach route)
-  double l1;            // λ (sparse tensors)
-  double alpha;         // α = min(1, s / T) (sparse tensors)
-  double step_size;     // lr / (1 − β1^s)
-  double inv_bc2_sqrt;  // 1 / sqrt(1 − β2^s)
-  double masked_lr_scale;  // r: masked weights step r·lr (sparse tensors; 1 = the paper's AdamS)
-};
-}
 
 namespace {
 

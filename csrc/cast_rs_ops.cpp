@@ -15,6 +15,8 @@
 // Python.h first, as Python asks of every file that includes it.
 #include <Python.h>
 
+#include "adams_foreach.h"
+
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <pybind11/pybind11.h>
@@ -53,7 +55,8 @@ int32_t cast_rs_adams_step(size_t k, const at::Tensor* const* params, const at::
                            const at::Tensor* const* masks, const int64_t* patterns,
                            const at::Tensor* const* steps, const at::Tensor* const* keep_cache,
                            const CastStepScalars* scalars, const double* l1_decays, const double* weight_decays,
-                           bool validate_only, int64_t* flips, bool* fast, char** message);
+                           bool validate_only, int64_t* flips, bool* fast, CastForeachScalars* foreach_scalars,
+                           at::Tensor** foreach_keeps, double* foreach_hyper, char** message);
 int32_t cast_rs_nm_compress(const at::Tensor* weight, int64_t n, int64_t m, at::Tensor** values, at::Tensor** index,
                             char** message);
 int32_t cast_rs_nm_decompress(const at::Tensor* values, const at::Tensor* index, int64_t rows, int64_t cols,
@@ -240,15 +243,49 @@ std::tuple<at::Tensor, at::Tensor> adams_step_(
   at::Tensor fast = at::empty({static_cast<int64_t>(k)}, at::kBool);
   char* message = nullptr;
   auto p = pointers(params), g = pointers(grads), mu = pointers(exp_avgs), v = pointers(exp_avg_sqs),
+  std::vector<CastForeachScalars> foreach_scalars(k);
+  std::vector<at::Tensor*> foreach_keeps(k, nullptr);
+  double foreach_hyper[4] = {0.0, 0.0, 0.0, 0.0};  // lr, beta1, beta2, eps
        s = pointers(steps);
   const int32_t status = cast_rs_adams_step(
       k, p.data(), g.data(), mu.data(), v.data(), mask_ptrs.data(), patterns.data(), s.data(),
       keep_cache.size() == 0 ? nullptr : keep_ptrs.data(), &scalars, l1_decays ? l1_decays->data() : nullptr,
       weight_decays ? weight_decays->data() : nullptr, validate_only, flips.data_ptr<int64_t>(),
-      fast.data_ptr<bool>(), &message);
+      fast.data_ptr<bool>(), foreach_scalars.data(), foreach_keeps.data(), foreach_hyper, &message);
   check(status, message);
   return {flips, fast};
 }
+  // The generic-path tensors: checked, their masks refreshed and their steps counted by the
+  // Rust side, which leaves their multi-tensor step to this one call per (device, dtype).
+  std::vector<at::Tensor> keeps(k);
+  for (size_t i = 0; i < k; ++i)
+    if (foreach_keeps[i] != nullptr) keeps[i] = take(foreach_keeps[i]);
+  if (!validate_only) {
+    const bool* took_fast = fast.data_ptr<bool>();
+    std::vector<bool> done(k, false);
+    for (size_t i = 0; i < k; ++i) {
+      if (took_fast[i] || done[i]) continue;
+      std::vector<const at::Tensor*> gp, gg, gmu, gv, gkeep;
+      std::vector<CastForeachScalars> gsc;
+      for (size_t j = i; j < k; ++j) {
+        if (took_fast[j] || done[j] || params[j].device() != params[i].device() ||
+            params[j].scalar_type() != params[i].scalar_type())
+          continue;
+        done[j] = true;
+        gp.push_back(p[j]);
+        gg.push_back(g[j]);
+        gmu.push_back(mu[j]);
+        gv.push_back(v[j]);
+        gkeep.push_back(keeps[j].defined() ? &keeps[j] : nullptr);
+        gsc.push_back(foreach_scalars[j]);
+      }
+      char text[1024] = {0};
+      const int32_t rc = cast_rs_adams_foreach(gp.size(), gp.data(), gg.data(), gmu.data(), gv.data(), gkeep.data(),
+                                               gsc.data(), foreach_hyper[0], foreach_hyper[1], foreach_hyper[2],
+                                               foreach_hyper[3], text, sizeof(text));
+      TORCH_CHECK(rc == 0, "adams_step (generic path): ", text);
+    }
+  }
 
 std::tuple<at::Tensor, at::Tensor> nm_compress(const at::Tensor& weight, int64_t n, int64_t m) {
   at::Tensor *values = nullptr, *index = nullptr;

@@ -22,6 +22,7 @@ use torch_sys::C_tensor;
 use crate::adams::AdamsHyper;
 use crate::checks::StepConfig;
 use crate::error::{CastError, Result};
+use crate::generic::ForeachScalars;
 use crate::ops::{self, guarded, MaskForm, StepTensors};
 
 extern "C" {
@@ -287,6 +288,12 @@ pub struct CastStepScalars {
 /// N:M groups whose mask changed for tensors refreshed at this step, else -1; `fast` receives
 /// `k` flags: stepped by the slice kernel (else the generic path).
 ///
+/// The generic-path tensors (`fast[i]` false) are left for the caller to step with one
+/// multi-tensor call per (device, dtype) (`cast_rs_adams_foreach`, `csrc/adams_foreach.cpp`):
+/// `foreach_scalars[i]` receives their scalars, `foreach_keeps[i]` a new tensor (the caller
+/// deletes it) holding the `keep` tensor of a sparse one (null for a dense one), and
+/// `foreach_hyper` the call's `lr, beta1, beta2, eps`.
+///
 /// `keep_cache` (null, or `k` entries, each null or a tensor) is the generic path's cache of
 /// unpacked masks, kept by the caller between steps: an empty tensor means "none cached". On
 /// success each given entry is set, in place, to the `keep` tensor this step used (sharing
@@ -296,8 +303,8 @@ pub struct CastStepScalars {
 /// # Safety
 /// Every list pointer points to `k` entries (tensor entries as for [`borrow`], masks and
 /// cache entries may be null), `scalars` to one struct whose `hyper` points to `hyper_len`
-/// values (or `hyper_len` is 0), `flips` and `fast` are valid for `k` writes, `message` as in
-/// [`status`].
+/// values (or `hyper_len` is 0), `flips`, `fast`, `foreach_scalars` and `foreach_keeps` are
+/// valid for `k` writes and `foreach_hyper` for 4, `message` as in [`status`].
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn cast_rs_adams_step(
@@ -316,6 +323,9 @@ pub unsafe extern "C" fn cast_rs_adams_step(
     validate_only: bool,
     flips: *mut i64,
     fast: *mut bool,
+    foreach_scalars: *mut ForeachScalars,
+    foreach_keeps: *mut *mut C_tensor,
+    foreach_hyper: *mut f64,
     message: *mut *mut c_char,
 ) -> i32 {
     let r = guarded(|| {
@@ -379,16 +389,31 @@ pub unsafe extern "C" fn cast_rs_adams_step(
                 force_generic: sc.force_generic,
             };
             let outcome = ops::adams_step(tensors, &cfg, validate_only)?;
+            // The generic-path tensors' keep tensors, handed over below once nothing can fail.
+            let handed: Vec<Option<Tensor>> = (0..k)
+                .map(|i| {
+                    outcome.foreach[i].and(outcome.keeps[i].as_ref().map(Tensor::shallow_clone))
+                })
+                .collect();
+            if let (Some(entries), false) = (cache, validate_only) {
+                store_keeps(entries, outcome.keeps)?;
+            }
             if k > 0 {
                 let out = std::slice::from_raw_parts_mut(flips, k);
                 for (o, f) in out.iter_mut().zip(&outcome.flips) {
                     *o = f.map_or(-1, |v| v as i64);
                 }
                 std::slice::from_raw_parts_mut(fast, k).copy_from_slice(&outcome.fast);
+                let scalars_out = std::slice::from_raw_parts_mut(foreach_scalars, k);
+                let keeps_out = std::slice::from_raw_parts_mut(foreach_keeps, k);
+                for (i, keep) in handed.into_iter().enumerate() {
+                    scalars_out[i] = outcome.foreach[i].unwrap_or_default();
+                    keeps_out[i] = keep.map_or(std::ptr::null_mut(), give);
+                }
             }
-            if let (Some(entries), false) = (cache, validate_only) {
-                store_keeps(entries, outcome.keeps)?;
-            }
+            let h = &cfg.hyper;
+            std::slice::from_raw_parts_mut(foreach_hyper, 4)
+                .copy_from_slice(&[h.lr, h.beta1, h.beta2, h.eps]);
         }
         Ok(())
     });

@@ -6,10 +6,8 @@
 //! Op order mirrors the fast path (`crate::adams`), which mirrors torch's AdamW, so for f32 on CPU
 //! the two paths agree to rounding.
 
-use std::ffi::{c_char, CStr};
 
 use tch::{Device, Kind, Tensor};
-use torch_sys::C_tensor;
 
 use crate::adams::AdamsHyper;
 use crate::error::{CastError, Result};
@@ -161,37 +159,20 @@ pub struct GenericBuffers<'a> {
     pub keeps: &'a mut [Option<Tensor>],
 }
 
-/// Mirrors `CastForeachScalars` in `csrc/adams_foreach.cpp`.
+/// A generic-path tensor's scalars for the multi-tensor step (`CastForeachScalars` in
+/// `csrc/adams_foreach.h`), which the operator runs after this crate has checked the call,
+/// stepped the fast-path tensors and refreshed the masks that were due.
 #[repr(C)]
-struct ForeachScalars {
-    step: f64,
-    weight_decay: f64,
-    decay: f64,
-    l1: f64,
-    alpha: f64,
-    step_size: f64,
-    inv_bc2_sqrt: f64,
-    masked_lr_scale: f64,
-}
-
-extern "C" {
-    /// Defined in `csrc/adams_foreach.cpp`: the multi-tensor step of one (device, dtype)
-    /// group. Returns 0, or 3 with a NUL-terminated message in `message`.
-    fn cast_rs_adams_foreach(
-        k: usize,
-        params: *const *const C_tensor,
-        grads: *const *const C_tensor,
-        exp_avgs: *const *const C_tensor,
-        exp_avg_sqs: *const *const C_tensor,
-        keeps: *const *const C_tensor,
-        scalars: *const ForeachScalars,
-        lr: f64,
-        beta1: f64,
-        beta2: f64,
-        eps: f64,
-        message: *mut c_char,
-        message_len: usize,
-    ) -> i32;
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForeachScalars {
+    pub step: f64,
+    pub weight_decay: f64,
+    pub decay: f64,
+    pub l1: f64,
+    pub alpha: f64,
+    pub step_size: f64,
+    pub inv_bc2_sqrt: f64,
+    pub masked_lr_scale: f64,
 }
 
 /// The `keep` tensor of a sparse parameter for this step, refreshing its mask first when
@@ -253,19 +234,19 @@ fn keep_for_step(
     Ok((d, Some(count)))
 }
 
-/// One AdamS step of the generic-path parameters of a call, with a number of libtorch calls
-/// that does not grow with the number of parameters (except at mask refreshes): the masks
-/// due for a refresh are recomputed (per tensor), then each (device, dtype) group takes one
-/// multi-tensor step (`csrc/adams_foreach.cpp`: 5–6 calls, torch's `_fused_adamw_` and a few
-/// `_foreach_*` ones). A refresh step
-/// reads its mask-flip counts back to the host in one transfer; other steps never
-/// synchronise with the device. Validation is the caller's: this only fails on libtorch
-/// errors. Returns the flips of the refreshed tensors in `flips`.
-pub fn adams_step_multi(
+/// The generic-path half of a step call that needs this crate: the masks due for a refresh are
+/// recomputed (per tensor; the counts of changed groups go to `flips`, brought to the host in
+/// one transfer) and every sparse tensor gets its `keep` tensor in `b.keeps`. Returns each
+/// generic-path tensor's scalars, in the order of `items`: the multi-tensor step itself
+/// (`csrc/adams_foreach.cpp`: torch's `_fused_adamw_` and a few `_foreach_*` calls per
+/// (device, dtype) group) is the operator's, which runs it when this returns, so that the C++
+/// and Rust halves of a call meet once. Validation is the caller's: this only fails on
+/// libtorch errors.
+pub fn prepare_foreach(
     items: &[GenericItem],
     b: GenericBuffers<'_>,
     flips: &mut [Option<u64>],
-) -> Result<()> {
+) -> Result<Vec<ForeachScalars>> {
     let e = torch_err("adams_step (generic path)");
     let mut counts: Vec<(usize, Tensor)> = Vec::new();
     for it in items {
@@ -294,78 +275,19 @@ pub fn adams_step_multi(
             flips[*i] = Some(n.max(0) as u64);
         }
     }
-    let mut groups: Vec<((Device, Kind), Vec<&GenericItem>)> = Vec::new();
-    for it in items {
-        let key = (b.params[it.index].device(), b.params[it.index].kind());
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, members)) => members.push(it),
-            None => groups.push((key, vec![it])),
-        }
-    }
-    for (_, members) in groups {
-        let ptrs = |ts: &[Tensor]| -> Vec<*const C_tensor> {
-            members.iter().map(|it| ts[it.index].as_ptr()).collect()
-        };
-        let (p, g, mu, v) = (
-            ptrs(b.params),
-            ptrs(b.grads),
-            ptrs(b.exp_avgs),
-            ptrs(b.exp_avg_sqs),
-        );
-        let keeps: Vec<*const C_tensor> = members
-            .iter()
-            .map(|it| match (&it.mask, &b.keeps[it.index]) {
-                (Some(_), Some(d)) => d.as_ptr(),
-                _ => std::ptr::null(),
-            })
-            .collect();
-        let scalars: Vec<ForeachScalars> = members
-            .iter()
-            .map(|it| ForeachScalars {
-                step: it.scalars.step,
-                weight_decay: it.hyper.weight_decay,
-                decay: 1.0 - it.hyper.lr * it.hyper.weight_decay,
-                l1: it.hyper.l1_decay,
-                alpha: it.scalars.alpha,
-                step_size: it.scalars.step_size,
-                inv_bc2_sqrt: it.scalars.inv_bc2_sqrt,
-                masked_lr_scale: it.hyper.masked_lr_scale,
-            })
-            .collect();
-        let h = &members[0].hyper;
-        let mut message = [0 as c_char; 1024];
-        // SAFETY: every pointer array has `members.len()` entries, each a live at::Tensor of
-        // this call (or null in `keeps` for a dense tensor), all kept alive by `b` for the
-        // duration of the call; `scalars` has as many entries; `message` is a writable
-        // buffer of the length passed. The C++ side catches every exception.
-        let status = unsafe {
-            cast_rs_adams_foreach(
-                members.len(),
-                p.as_ptr(),
-                g.as_ptr(),
-                mu.as_ptr(),
-                v.as_ptr(),
-                keeps.as_ptr(),
-                scalars.as_ptr(),
-                h.lr,
-                h.beta1,
-                h.beta2,
-                h.eps,
-                message.as_mut_ptr(),
-                message.len(),
-            )
-        };
-        if status != 0 {
-            // SAFETY: the C++ side wrote a NUL-terminated string into `message` (or left it
-            // zeroed, which is the empty string).
-            let text = unsafe { CStr::from_ptr(message.as_ptr()) };
-            return Err(CastError::Torch {
-                context: "adams_step (generic path)".to_string(),
-                msg: text.to_string_lossy().into_owned(),
-            });
-        }
-    }
-    Ok(())
+    Ok(items
+        .iter()
+        .map(|it| ForeachScalars {
+            step: it.scalars.step,
+            weight_decay: it.hyper.weight_decay,
+            decay: 1.0 - it.hyper.lr * it.hyper.weight_decay,
+            l1: it.hyper.l1_decay,
+            alpha: it.scalars.alpha,
+            step_size: it.scalars.step_size,
+            inv_bc2_sqrt: it.scalars.inv_bc2_sqrt,
+            masked_lr_scale: it.hyper.masked_lr_scale,
+        })
+        .collect())
 }
 
 pub fn is_cpu(t: &Tensor) -> bool {

@@ -290,6 +290,10 @@ pub struct StepOutcome {
     pub keeps: Vec<Option<Tensor>>,
     /// Per parameter: stepped by the slice kernel (true) or the generic path.
     pub fast: Vec<bool>,
+    /// Per parameter: the scalars of its multi-tensor step (`generic::prepare_foreach`) for a
+    /// generic-path parameter, which the caller still has to step (with `keeps`); `None` for
+    /// the others.
+    pub foreach: Vec<Option<generic::ForeachScalars>>,
 }
 
 /// Completed steps held in a one-element counter tensor (torch keeps `state["step"]` as a
@@ -373,7 +377,9 @@ fn step_fast<E: StepElem>(
     Ok(())
 }
 
-/// One AdamS / AdamW step over a param group (see `cast_rs.AdamS` for the algorithm).
+/// One AdamS / AdamW step over a param group (see `cast_rs.AdamS` for the algorithm), but for
+/// the multi-tensor step of the generic-path parameters, which the outcome describes
+/// (`foreach`, `keeps`) for the caller (the operator, `csrc/`) to run.
 /// Everything is checked before anything is written; with `validate_only` nothing is.
 pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Result<StepOutcome> {
     let k = t.params.len();
@@ -411,6 +417,7 @@ pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Resu
             flips: vec![None; k],
             keeps: (0..k).map(|_| None).collect(),
             fast,
+            foreach: vec![None; k],
         });
     }
     // The generic path writes through libtorch (in-place ops on shared tensor handles) and
@@ -460,8 +467,9 @@ pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Resu
                 keeps[i] = None;
             }
         }
+        let mut foreach = vec![None; k];
         if !items.is_empty() {
-            generic::adams_step_multi(
+            let scalars = generic::prepare_foreach(
                 &items,
                 generic::GenericBuffers {
                     params: &params,
@@ -473,6 +481,9 @@ pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Resu
                 },
                 &mut flips,
             )?;
+            for (it, sc) in items.iter().zip(scalars) {
+                foreach[it.index] = Some(sc);
+            }
         }
         for (s, plan) in steps.iter_mut().zip(&plans) {
             write_step(s, plan.step)?;
@@ -483,6 +494,7 @@ pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Resu
             flips,
             keeps: std::mem::take(&mut keeps),
             fast: fast.clone(),
+            foreach,
         })
     })
 }
