@@ -59,11 +59,13 @@ int32_t cast_rs_adams_step(size_t k, const at::Tensor* const* params, const at::
                            at::Tensor** foreach_keeps, double* foreach_hyper, char** message);
 int32_t cast_rs_nm_compress(const at::Tensor* weight, int64_t n, int64_t m, at::Tensor** values, at::Tensor** index,
                             char** message);
+int32_t cast_rs_nm_compress_int8(const at::Tensor* weight, int64_t n, int64_t m, at::Tensor** values,
+                                 at::Tensor** index, at::Tensor** scales, char** message);
 int32_t cast_rs_nm_decompress(const at::Tensor* values, const at::Tensor* index, int64_t rows, int64_t cols,
-                              int64_t n, int64_t m, at::Tensor** out, char** message);
+                              int64_t n, int64_t m, const at::Tensor* scales, at::Tensor** out, char** message);
 int32_t cast_rs_nm_linear(const at::Tensor* input, const at::Tensor* values, const at::Tensor* index,
-                          const at::Tensor* bias, int64_t rows, int64_t cols, int64_t n, int64_t m, at::Tensor** out,
-                          char** message);
+                          const at::Tensor* bias, int64_t rows, int64_t cols, int64_t n, int64_t m,
+                          const at::Tensor* scales, at::Tensor** out, char** message);
 // Anchors this object file in the extension (src/capi.rs calls it once at import), so the
 // linker keeps the static registrations below.
 int32_t cast_rs_operators_linked() { return 1; }
@@ -295,21 +297,36 @@ std::tuple<at::Tensor, at::Tensor> nm_compress(const at::Tensor& weight, int64_t
   return {take(values), take(index)};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nm_compress_int8(const at::Tensor& weight, int64_t n, int64_t m) {
+  at::Tensor *values = nullptr, *index = nullptr, *scales = nullptr;
+  char* message = nullptr;
+  const int32_t status = cast_rs_nm_compress_int8(&weight, n, m, &values, &index, &scales, &message);
+  check(status, message);
+  return {take(values), take(index), take(scales)};
+}
+
+// The tensor of an optional argument, or null for None.
+const at::Tensor* optional_pointer(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? &*t : nullptr;
+}
+
 at::Tensor nm_decompress(const at::Tensor& values, const at::Tensor& index, int64_t rows, int64_t cols, int64_t n,
-                         int64_t m) {
+                         int64_t m, const std::optional<at::Tensor>& scales) {
   at::Tensor* out = nullptr;
   char* message = nullptr;
-  const int32_t status = cast_rs_nm_decompress(&values, &index, rows, cols, n, m, &out, &message);
+  const int32_t status =
+      cast_rs_nm_decompress(&values, &index, rows, cols, n, m, optional_pointer(scales), &out, &message);
   check(status, message);
   return take(out);
 }
 
 at::Tensor nm_linear(const at::Tensor& input, const at::Tensor& values, const at::Tensor& index,
-                     const std::optional<at::Tensor>& bias, int64_t rows, int64_t cols, int64_t n, int64_t m) {
+                     const std::optional<at::Tensor>& bias, int64_t rows, int64_t cols, int64_t n, int64_t m,
+                     const std::optional<at::Tensor>& scales) {
   at::Tensor* out = nullptr;
   char* message = nullptr;
-  const at::Tensor* b = bias.has_value() && bias->defined() ? &*bias : nullptr;
-  const int32_t status = cast_rs_nm_linear(&input, &values, &index, b, rows, cols, n, m, &out, &message);
+  const int32_t status = cast_rs_nm_linear(&input, &values, &index, optional_pointer(bias), rows, cols, n, m,
+                                           optional_pointer(scales), &out, &message);
   check(status, message);
   return take(out);
 }
@@ -331,11 +348,16 @@ TORCH_LIBRARY(cast_rs, m) {
       "float? total_steps, int mask_interval, float[]? l1_decays=None, float[]? weight_decays=None, "
       "bool force_generic=False, bool validate_only=False) -> (Tensor, Tensor)");
   // Compressed N:M linear layers (CPU inference): src/nm_linear/layout.rs has the layout.
+  // int8 values carry one float32 scale per output row (src/nm_linear/quant.rs): made by
+  // nm_compress_int8, passed as `scales` to the other two (None for float values).
   m.def("nm_compress(Tensor weight, int n, int m) -> (Tensor, Tensor)");
-  m.def("nm_decompress(Tensor values, Tensor index, int rows, int cols, int n, int m) -> Tensor");
+  m.def("nm_compress_int8(Tensor weight, int n, int m) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "nm_linear(Tensor input, Tensor values, Tensor index, Tensor? bias, int rows, int cols, int n, int m) "
+      "nm_decompress(Tensor values, Tensor index, int rows, int cols, int n, int m, Tensor? scales=None) "
       "-> Tensor");
+  m.def(
+      "nm_linear(Tensor input, Tensor values, Tensor index, Tensor? bias, int rows, int cols, int n, int m, "
+      "Tensor? scales=None) -> Tensor");
 }
 
 // One registration per device; the Rust side picks the slice kernels or the generic path.
@@ -352,6 +374,7 @@ TORCH_LIBRARY_IMPL(cast_rs, CPU, m) {
   // CPU only: the compressed layout is read by the CPU kernels (a CUDA tensor gets the
   // dispatcher's "no kernel for CUDA" error).
   m.impl("nm_compress", &nm_compress);
+  m.impl("nm_compress_int8", &nm_compress_int8);
   m.impl("nm_decompress", &nm_decompress);
   m.impl("nm_linear", &nm_linear);
 }

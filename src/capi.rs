@@ -449,10 +449,53 @@ pub unsafe extern "C" fn cast_rs_nm_compress(
     unsafe { status(r, message) }
 }
 
-/// `nm_decompress(values, index, rows, cols, n, m) -> weight`.
+/// `nm_compress_int8(weight, n, m) -> (values, index, scales)`.
 ///
 /// # Safety
-/// As [`cast_rs_nm_mask`].
+/// As [`cast_rs_nm_mask`], with three outputs.
+#[no_mangle]
+pub unsafe extern "C" fn cast_rs_nm_compress_int8(
+    weight: *const C_tensor,
+    n: i64,
+    m: i64,
+    values: *mut *mut C_tensor,
+    index: *mut *mut C_tensor,
+    scales: *mut *mut C_tensor,
+    message: *mut *mut c_char,
+) -> i32 {
+    let r = guarded(|| {
+        // SAFETY: the caller's contract.
+        let w = unsafe { borrow(weight) }?;
+        let (v, i, s) = ops::nm_compress_int8(&w, n, m)?;
+        // SAFETY: as above.
+        unsafe {
+            *values = give(v);
+            *index = give(i);
+            *scales = give(s);
+        }
+        Ok(())
+    });
+    // SAFETY: the caller's contract.
+    unsafe { status(r, message) }
+}
+
+/// A borrowed optional input: null for None.
+///
+/// # Safety
+/// `p` is null or points to a live tensor.
+unsafe fn borrow_optional(p: *const C_tensor) -> Result<Option<Tensor>> {
+    if p.is_null() {
+        Ok(None)
+    } else {
+        // SAFETY: non-null, so a live tensor (the caller's contract).
+        unsafe { borrow(p) }.map(Some)
+    }
+}
+
+/// `nm_decompress(values, index, rows, cols, n, m, scales?) -> weight`; `scales` may be null.
+///
+/// # Safety
+/// As [`cast_rs_nm_mask`]; `scales` is null or points to a live tensor.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn cast_rs_nm_decompress(
@@ -462,13 +505,14 @@ pub unsafe extern "C" fn cast_rs_nm_decompress(
     cols: i64,
     n: i64,
     m: i64,
+    scales: *const C_tensor,
     out: *mut *mut C_tensor,
     message: *mut *mut c_char,
 ) -> i32 {
     let r = guarded(|| {
         // SAFETY: the caller's contract.
-        let (v, i) = unsafe { (borrow(values)?, borrow(index)?) };
-        let t = ops::nm_decompress(&v, &i, rows, cols, n, m)?;
+        let (v, i, s) = unsafe { (borrow(values)?, borrow(index)?, borrow_optional(scales)?) };
+        let t = ops::nm_decompress(&v, &i, rows, cols, n, m, s.as_ref())?;
         // SAFETY: as above.
         unsafe { *out = give(t) };
         Ok(())
@@ -477,10 +521,11 @@ pub unsafe extern "C" fn cast_rs_nm_decompress(
     unsafe { status(r, message) }
 }
 
-/// `nm_linear(input, values, index, bias?, rows, cols, n, m) -> output`; `bias` may be null.
+/// `nm_linear(input, values, index, bias?, rows, cols, n, m, scales?) -> output`; `bias` and
+/// `scales` may be null.
 ///
 /// # Safety
-/// As [`cast_rs_nm_mask`]; `bias` is null or points to a live tensor.
+/// As [`cast_rs_nm_mask`]; `bias` and `scales` are null or point to live tensors.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn cast_rs_nm_linear(
@@ -492,19 +537,16 @@ pub unsafe extern "C" fn cast_rs_nm_linear(
     cols: i64,
     n: i64,
     m: i64,
+    scales: *const C_tensor,
     out: *mut *mut C_tensor,
     message: *mut *mut c_char,
 ) -> i32 {
     let r = guarded(|| {
         // SAFETY: the caller's contract.
         let (x, v, i) = unsafe { (borrow(input)?, borrow(values)?, borrow(index)?) };
-        let b = if bias.is_null() {
-            None
-        } else {
-            // SAFETY: non-null, so a live tensor (the caller's contract).
-            Some(unsafe { borrow(bias) }?)
-        };
-        let t = ops::nm_linear(&x, &v, &i, b.as_ref(), rows, cols, n, m)?;
+        // SAFETY: the caller's contract.
+        let (b, s) = unsafe { (borrow_optional(bias)?, borrow_optional(scales)?) };
+        let t = ops::nm_linear(&x, &v, &i, b.as_ref(), rows, cols, n, m, s.as_ref())?;
         // SAFETY: as above.
         unsafe { *out = give(t) };
         Ok(())

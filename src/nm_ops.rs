@@ -1,5 +1,5 @@
 //! The entry points of the compressed N:M layers on libtorch tensors (the operators
-//! `nm_compress`, `nm_decompress` and `nm_linear`): check the tensors against the layout
+//! `nm_compress`, `nm_compress_int8`, `nm_decompress` and `nm_linear`): check the tensors against the layout
 //! ([`crate::nm_linear`]), hand their memory to the slice kernels, and convert the result. CPU
 //! only: the layout is read by the CPU kernels.
 
@@ -7,15 +7,19 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{CastError, Result};
 use crate::generic::torch_err;
+use crate::nm_linear::{
+    check_scales, compress, compress_int8, decompress_into, dequantize_into,
+    nm_linear_bf16_parallel, nm_linear_parallel, Bf16, NmLayout,
+};
 use crate::ops::{guarded, slice_mut};
 
 /// The layout of a compressed N:M weight from the operator's integer arguments.
-fn nm_layout(rows: i64, cols: i64, n: i64, m: i64) -> Result<crate::nm_linear::NmLayout> {
+fn nm_layout(rows: i64, cols: i64, n: i64, m: i64) -> Result<NmLayout> {
     let size = |v: i64, name: &'static str| {
         usize::try_from(v)
             .map_err(|_| CastError::value(name, format!("expected a size >= 0, got {v}")))
     };
-    crate::nm_linear::NmLayout::new(
+    NmLayout::new(
         size(rows, "rows")?,
         size(cols, "cols")?,
         size(n, "n")?,
@@ -58,32 +62,52 @@ fn check_flat(
     Ok(())
 }
 
-/// The layout of a compressed weight whose `values` and `index` tensors are checked against it.
+/// The layout of a compressed weight whose `values`, `index` and `scales` tensors are checked
+/// against it (as tensors: device, dtype, length; whether the values take scales is
+/// [`check_scales`]'s rule, applied by [`scales_rule`]).
 fn compressed_args(
     values: &Tensor,
     index: &Tensor,
+    scales: Option<&Tensor>,
     rows: i64,
     cols: i64,
     n: i64,
     m: i64,
-) -> Result<crate::nm_linear::NmLayout> {
+) -> Result<NmLayout> {
     let layout = nm_layout(rows, cols, n, m)?;
     check_flat(
         values,
         "values",
-        &[Kind::Float, Kind::BFloat16],
+        &[Kind::Float, Kind::BFloat16, Kind::Int8],
         layout.values_len(),
-        "float32 or bfloat16",
+        "float32, bfloat16 or int8",
     )?;
     check_flat(index, "index", &[Kind::Int], layout.index_len(), "int32")?;
+    if let Some(s) = scales {
+        check_flat(s, "scales", &[Kind::Float], layout.rows, "float32")?;
+    }
     Ok(layout)
 }
 
-/// Compresses a 2-D `[rows, cols]` weight that is exactly N:M along its rows (float32 or
-/// bfloat16, CPU): `(values, index)` as in [`crate::nm_linear`] (values in the weight's dtype,
-/// index int32).
-pub fn nm_compress(w: &Tensor, n: i64, m: i64) -> Result<(Tensor, Tensor)> {
-    use crate::nm_linear::{compress, Bf16};
+/// [`check_scales`] for values of dtype `kind` (a checked values dtype).
+fn scales_rule(
+    kind: Kind,
+    layout: &NmLayout,
+    scales: Option<&Tensor>,
+    required: bool,
+) -> Result<()> {
+    // Only presence and length matter to the rule, so an empty stand-in of the right length.
+    let stand_in = scales.map(|_| vec![0f32; layout.rows]);
+    let s = stand_in.as_deref();
+    match kind {
+        Kind::Int8 => check_scales::<i8>(layout, s, required),
+        Kind::BFloat16 => check_scales::<Bf16>(layout, s, required),
+        _ => check_scales::<f32>(layout, s, required),
+    }
+}
+
+/// The weight argument of the compress operators: a 2-D float32 or bfloat16 CPU tensor.
+fn weight_layout(w: &Tensor, n: i64, m: i64) -> Result<NmLayout> {
     let size = w.size();
     if size.len() != 2 {
         return Err(CastError::value(
@@ -102,6 +126,14 @@ pub fn nm_compress(w: &Tensor, n: i64, m: i64) -> Result<(Tensor, Tensor)> {
             ),
         ));
     }
+    Ok(layout)
+}
+
+/// Compresses a 2-D `[rows, cols]` weight that is exactly N:M along its rows (float32 or
+/// bfloat16, CPU): `(values, index)` as in [`crate::nm_linear`] (values in the weight's dtype,
+/// index int32).
+pub fn nm_compress(w: &Tensor, n: i64, m: i64) -> Result<(Tensor, Tensor)> {
+    let layout = weight_layout(w, n, m)?;
     guarded(|| {
         let e = torch_err("nm_compress");
         let w = w.f_contiguous().map_err(&e)?;
@@ -127,7 +159,39 @@ pub fn nm_compress(w: &Tensor, n: i64, m: i64) -> Result<(Tensor, Tensor)> {
     })
 }
 
-/// The dense `[rows, cols]` weight of a compressed one.
+/// Compresses a 2-D `[rows, cols]` weight that is exactly N:M along its rows (float32 or
+/// bfloat16, CPU; bfloat16 is widened exactly) into int8 values with one float32 scale per row
+/// (`nm_linear::compress_int8`: symmetric per-row quantization): `(values int8, index int32,
+/// scales float32 [rows])`.
+pub fn nm_compress_int8(w: &Tensor, n: i64, m: i64) -> Result<(Tensor, Tensor, Tensor)> {
+    let layout = weight_layout(w, n, m)?;
+    guarded(|| {
+        let e = torch_err("nm_compress_int8");
+        let w = w
+            .f_to_kind(Kind::Float)
+            .map_err(&e)?
+            .f_contiguous()
+            .map_err(&e)?;
+        let cpu = |len: usize, kind: Kind| Tensor::f_empty([len as i64], (kind, Device::Cpu));
+        let values_t = cpu(layout.values_len(), Kind::Int8).map_err(&e)?;
+        let index_t = cpu(layout.index_len(), Kind::Int).map_err(&e)?;
+        let scales_t = cpu(layout.rows, Kind::Float).map_err(&e)?;
+        // SAFETY: `w` is a contiguous f32 CPU tensor; the outputs are fresh, contiguous and of
+        // the lengths written below.
+        unsafe {
+            let (v, idx, s) = compress_int8(&layout, slice_mut::<f32>(&w))?;
+            slice_mut::<i8>(&values_t).copy_from_slice(&v);
+            slice_mut::<u32>(&index_t).copy_from_slice(&idx);
+            slice_mut::<f32>(&scales_t).copy_from_slice(&s);
+        }
+        Ok((values_t, index_t, scales_t))
+    })
+}
+
+/// The dense `[rows, cols]` weight of a compressed one, in the values' dtype; for int8 values
+/// with their `scales`, the dequantized float32 weight `q · scale` (without them, the stored
+/// integers as an int8 tensor).
+#[allow(clippy::too_many_arguments)]
 pub fn nm_decompress(
     values: &Tensor,
     index: &Tensor,
@@ -135,29 +199,43 @@ pub fn nm_decompress(
     cols: i64,
     n: i64,
     m: i64,
+    scales: Option<&Tensor>,
 ) -> Result<Tensor> {
-    use crate::nm_linear::{decompress_into, Bf16};
-    let layout = compressed_args(values, index, rows, cols, n, m)?;
+    let layout = compressed_args(values, index, scales, rows, cols, n, m)?;
+    scales_rule(values.kind(), &layout, scales, false)?;
     guarded(|| {
-        let out = Tensor::f_empty([rows, cols], (values.kind(), Device::Cpu))
+        let kind = match scales {
+            Some(_) => Kind::Float,
+            None => values.kind(),
+        };
+        let out = Tensor::f_empty([rows, cols], (kind, Device::Cpu))
             .map_err(torch_err("nm_decompress"))?;
         // SAFETY: checked contiguous CPU tensors of these element types; `out` is fresh.
         unsafe {
             let idx = slice_mut::<u32>(index);
-            if values.kind() == Kind::Float {
-                decompress_into(
+            match (values.kind(), scales) {
+                (Kind::Float, _) => decompress_into(
                     &layout,
                     slice_mut::<f32>(values),
                     idx,
                     slice_mut::<f32>(&out),
-                )?;
-            } else {
-                decompress_into(
+                )?,
+                (Kind::BFloat16, _) => decompress_into(
                     &layout,
                     slice_mut::<Bf16>(values),
                     idx,
                     slice_mut::<Bf16>(&out),
-                )?;
+                )?,
+                (_, Some(s)) => dequantize_into(
+                    &layout,
+                    slice_mut::<i8>(values),
+                    idx,
+                    slice_mut::<f32>(s),
+                    slice_mut::<f32>(&out),
+                )?,
+                (_, None) => {
+                    decompress_into(&layout, slice_mut::<i8>(values), idx, slice_mut::<i8>(&out))?
+                }
             }
         }
         Ok(out)
@@ -166,7 +244,8 @@ pub fn nm_decompress(
 
 /// `input · Wᵀ + bias` for a compressed N:M weight `W` (`[rows, cols]`): `input` is
 /// `[..., cols]` (float32 or bfloat16, any strides; products and sums in float32), the result
-/// `[..., rows]` in the input's dtype. On torch's thread pool.
+/// `[..., rows]` in the input's dtype. On torch's thread pool. int8 values take their
+/// `scales` (float32, one per row: `W = q · scale`), float values none.
 ///
 /// The compressed kernels run at every batch size: the weight is never expanded (no dense
 /// copy, not even for a long prompt). Measured on a 2-core AVX-512 BF16 VM, (4096, 4096)
@@ -186,9 +265,10 @@ pub fn nm_linear(
     cols: i64,
     n: i64,
     m: i64,
+    scales: Option<&Tensor>,
 ) -> Result<Tensor> {
-    use crate::nm_linear::{nm_linear_bf16_parallel, nm_linear_parallel, Bf16};
-    let layout = compressed_args(values, index, rows, cols, n, m)?;
+    let layout = compressed_args(values, index, scales, rows, cols, n, m)?;
+    scales_rule(values.kind(), &layout, scales, true)?;
     let shape = input.size();
     if shape.last() != Some(&cols) {
         return Err(CastError::value(
@@ -231,7 +311,8 @@ pub fn nm_linear(
             input.numel() as i64 / cols
         };
         // bf16 inputs to bf16 weights stay bf16 (`vdpbf16ps` multiplies them as they are;
-        // widening would double the bytes read); anything else is computed in f32.
+        // widening would double the bytes read); anything else is computed in f32 (bf16
+        // inputs to int8 weights are widened: no quantized activations).
         let bf16_inputs = input.kind() == Kind::BFloat16 && values.kind() == Kind::BFloat16;
         let x = input
             .f_reshape([batch, cols])
@@ -268,36 +349,45 @@ pub fn nm_linear(
         unsafe {
             let (ys, idx) = (slice_mut::<f32>(&y), slice_mut::<u32>(index));
             let bs = b.as_ref().map(|b| &*slice_mut::<f32>(b));
+            let ss = scales.map(|s| &*slice_mut::<f32>(s));
+            let batch = batch as usize;
             if bf16_inputs {
-                nm_linear_bf16_parallel(
-                    &layout,
-                    slice_mut::<Bf16>(values),
-                    idx,
-                    bs,
-                    slice_mut::<Bf16>(&x),
-                    batch as usize,
-                    ys,
-                )?;
-            } else if values.kind() == Kind::Float {
-                nm_linear_parallel(
-                    &layout,
-                    slice_mut::<f32>(values),
-                    idx,
-                    bs,
-                    slice_mut::<f32>(&x),
-                    batch as usize,
-                    ys,
-                )?;
+                let xs = slice_mut::<Bf16>(&x);
+                nm_linear_bf16_parallel(&layout, slice_mut(values), idx, bs, xs, batch, ys)?;
             } else {
-                nm_linear_parallel(
-                    &layout,
-                    slice_mut::<Bf16>(values),
-                    idx,
-                    bs,
-                    slice_mut::<f32>(&x),
-                    batch as usize,
-                    ys,
-                )?;
+                let xs = slice_mut::<f32>(&x);
+                match values.kind() {
+                    Kind::Float => nm_linear_parallel::<f32>(
+                        &layout,
+                        slice_mut(values),
+                        idx,
+                        ss,
+                        bs,
+                        xs,
+                        batch,
+                        ys,
+                    )?,
+                    Kind::BFloat16 => nm_linear_parallel::<Bf16>(
+                        &layout,
+                        slice_mut(values),
+                        idx,
+                        ss,
+                        bs,
+                        xs,
+                        batch,
+                        ys,
+                    )?,
+                    _ => nm_linear_parallel::<i8>(
+                        &layout,
+                        slice_mut(values),
+                        idx,
+                        ss,
+                        bs,
+                        xs,
+                        batch,
+                        ys,
+                    )?,
+                }
             }
         }
         restore_shape(y)

@@ -499,6 +499,6 @@ pub fn adams_step(t: StepTensors, cfg: &StepConfig, validate_only: bool) -> Resu
     })
 }
 
-// The compressed N:M layers' entry points (nm_compress, nm_decompress, nm_linear) are in
-// `nm_ops`; re-exported so that every caller reaches the entry points through `ops`.
-pub use crate::nm_ops::{nm_compress, nm_decompress, nm_linear};
+// The compressed N:M layers' entry points (nm_compress, nm_compress_int8, nm_decompress,
+// nm_linear) are in `nm_ops`; re-exported so that every caller reaches them through `ops`.
+pub use crate::nm_ops::{nm_compress, nm_compress_int8, nm_decompress, nm_linear};

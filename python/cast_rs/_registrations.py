@@ -17,11 +17,16 @@ operator                    schema (abridged)                                   
 ``adams_step_``             mutates params, exp_avgs, exp_avg_sqs, masks, steps,   --
                             keep_cache
 ``nm_compress``             ``(Tensor weight, int n, int m) -> (values, index)``    none
-``nm_decompress``           ``(Tensor values, Tensor index, int rows, ...)``        none
-``nm_linear``               ``(Tensor input, Tensor values, Tensor index, ...)``    none
+``nm_compress_int8``        ``(Tensor weight, int n, int m) -> (values, index,``    none
+                            ``scales)``
+``nm_decompress``           ``(Tensor values, Tensor index, int rows, ...,``        none
+                            ``Tensor? scales=None)``
+``nm_linear``               ``(Tensor input, Tensor values, Tensor index, ...,``    none
+                            ``Tensor? scales=None)``
 ==========================  =====================================================  =========
 
-The last three (CPU only) are the compressed N:M layers of ``cast_rs.inference``.
+The last four (CPU only) are the compressed N:M layers of ``cast_rs.inference``; int8 values
+come with one float32 scale per output row (``scales``), float values with none.
 
 Every operator also takes ``force_generic: bool = False`` (the tests' way to run the generic
 path on CPU). ``adams_step_`` takes the per-parameter patterns flat, ``(n, m, dim)`` each with
@@ -135,9 +140,23 @@ def _nm_compress_fake(weight: torch.Tensor, n: int, m: int) -> Tuple[torch.Tenso
     )
 
 
+@torch.library.register_fake("cast_rs::nm_compress_int8")
+def _nm_compress_int8_fake(weight: torch.Tensor, n: int, m: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    values_len, index_len = layout_sizes(weight.shape[0], weight.shape[1], n, m)
+    return (
+        torch.empty((values_len,), dtype=torch.int8, device=weight.device),
+        torch.empty((index_len,), dtype=torch.int32, device=weight.device),
+        torch.empty((weight.shape[0],), dtype=torch.float32, device=weight.device),
+    )
+
+
 @torch.library.register_fake("cast_rs::nm_decompress")
-def _nm_decompress_fake(values: torch.Tensor, index: torch.Tensor, rows: int, cols: int, n: int, m: int) -> torch.Tensor:
-    return torch.empty((rows, cols), dtype=values.dtype, device=values.device)
+def _nm_decompress_fake(
+    values: torch.Tensor, index: torch.Tensor, rows: int, cols: int, n: int, m: int, scales: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    # int8 values with their scales give the dequantized float32 weight.
+    dtype = values.dtype if scales is None else torch.float32
+    return torch.empty((rows, cols), dtype=dtype, device=values.device)
 
 
 @torch.library.register_fake("cast_rs::nm_linear")
@@ -150,5 +169,6 @@ def _nm_linear_fake(
     cols: int,
     n: int,
     m: int,
+    scales: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     return input.new_empty((*input.shape[:-1], rows))

@@ -27,17 +27,52 @@ pub(super) fn check_buffers(layout: &NmLayout, values: usize, index: usize) -> R
     Ok(())
 }
 
-/// Checks every buffer length of a call.
+/// The row scales of values of type `E`: int8 values take one f32 scale per output row (the
+/// kernels need them: `required`; expanding the stored integers does not), float values none
+/// (their scale is in the values, and a scale would be silently ignored).
+pub fn check_scales<E: NmElem>(
+    layout: &NmLayout,
+    scales: Option<&[f32]>,
+    required: bool,
+) -> Result<()> {
+    match scales {
+        None if E::QUANTIZED && required => Err(CastError::value(
+            "scales",
+            format!(
+                "int8 values need their scales: one float32 per output row ([{}]), got none",
+                layout.rows
+            ),
+        )),
+        Some(_) if !E::QUANTIZED => Err(CastError::value(
+            "scales",
+            "only int8 values take scales; these values are float32 or bfloat16 (pass None)",
+        )),
+        Some(s) if s.len() != layout.rows => Err(CastError::value(
+            "scales",
+            format!(
+                "expected {} elements (one per output row), got {}",
+                layout.rows,
+                s.len()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Checks every buffer length of a call, and that int8 values come with their scales.
+#[allow(clippy::too_many_arguments)]
 pub fn check_call<E: NmElem, X: NmElem>(
     layout: &NmLayout,
     values: &[E],
     index: &[u32],
+    scales: Option<&[f32]>,
     bias: Option<&[f32]>,
     x: &[X],
     batch: usize,
     y: &[f32],
 ) -> Result<()> {
     check_buffers(layout, values.len(), index.len())?;
+    check_scales::<E>(layout, scales, true)?;
     if x.len() != batch * layout.cols {
         return Err(CastError::value(
             "input",

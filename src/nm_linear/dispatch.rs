@@ -11,25 +11,30 @@ use super::portable::block_portable;
 use super::x86;
 use crate::error::Result;
 
+/// `y = x · Wᵀ (+ bias)` for a compressed N:M weight `W` (int8 values: `W = q · scales[row]`,
+/// `scales` required; float values: `scales` None) and `batch` input rows `x` (`[batch, cols]`,
 /// row-major) into `y` (`[batch, rows]`), with the best kernel this CPU has, on the calling
 /// thread ([`nm_linear_parallel`] splits the row blocks over the thread pool). Memory-safe
 /// whatever the index holds (the vector kernels pick inputs inside a register holding the group, the
 /// portable one is bounds-checked), but positions of M or more give wrong sums, so an index
 /// not made by [`compress`] should pass [`check_index`].
+#[allow(clippy::too_many_arguments)]
 pub fn nm_linear<E: NmElem>(
     layout: &NmLayout,
     values: &[E],
     index: &[u32],
+    scales: Option<&[f32]>,
     bias: Option<&[f32]>,
     x: &[f32],
     batch: usize,
     y: &mut [f32],
 ) -> Result<()> {
-    check_call(layout, values, index, bias, x, batch, y)?;
+    check_call(layout, values, index, scales, bias, x, batch, y)?;
     run_blocks(
         layout,
         values,
         index,
+        scales,
         bias,
         x,
         batch,
@@ -65,6 +70,7 @@ pub fn run_blocks<E: NmElem>(
     layout: &NmLayout,
     values: &[E],
     index: &[u32],
+    scales: Option<&[f32]>,
     bias: Option<&[f32]>,
     x: &[f32],
     batch: usize,
@@ -80,6 +86,7 @@ pub fn run_blocks<E: NmElem>(
             layout,
             values,
             index,
+            scales,
             bias,
             x,
             batch,
@@ -102,6 +109,7 @@ unsafe fn run_blocks_raw<E: NmElem>(
     layout: &NmLayout,
     values: &[E],
     index: &[u32],
+    scales: Option<&[f32]>,
     bias: Option<&[f32]>,
     x: &[f32],
     batch: usize,
@@ -129,17 +137,21 @@ unsafe fn run_blocks_raw<E: NmElem>(
         }
     };
     // SAFETY: the caller's contract, forwarded.
-    unsafe { for_chunks(layout, bias, batch, y, b0, b1, block_kernel) }
+    unsafe { for_chunks(layout, scales, bias, batch, y, b0, b1, block_kernel) }
 }
 
 /// The loop every kernel shares: for each block of `[b0, b1)` and each chunk of up to 8
 /// batch rows, `kernel(b, nb, block, acc)` sums batch rows `b..b + nb` of the block into
-/// `acc[bb · 16 + lane]`, and the chunk's rows (plus bias) are written into `y`.
+/// `acc[bb · 16 + lane]`, and the chunk's rows are written into `y`: `acc + bias`, or for
+/// int8 values `acc · scale + bias` in one FMA (the row's scale applied once per output, by
+/// the same instruction whichever kernel summed, so every kernel still gives the same bits).
 ///
 /// # Safety
 /// As [`run_blocks_raw`].
+#[allow(clippy::too_many_arguments)]
 unsafe fn for_chunks(
     layout: &NmLayout,
+    scales: Option<&[f32]>,
     bias: Option<&[f32]>,
     batch: usize,
     y: *mut f32,
@@ -159,11 +171,14 @@ unsafe fn for_chunks(
                 for lane in 0..rows_here {
                     let r = block * ROW_BLOCK + lane;
                     let add = bias.map_or(0.0, |bv| bv[r]);
+                    let sum = acc[bb * ROW_BLOCK + lane];
+                    let out = match scales {
+                        Some(s) => sum.mul_add(s[r], add),
+                        None => sum + add,
+                    };
                     // SAFETY: in bounds (r < rows, b + bb < batch); these rows are this
                     // call's (the caller's contract).
-                    unsafe {
-                        *y.add((b + bb) * layout.rows + r) = acc[bb * ROW_BLOCK + lane] + add
-                    };
+                    unsafe { *y.add((b + bb) * layout.rows + r) = out };
                 }
             }
             b += nb;
@@ -173,21 +188,27 @@ unsafe fn for_chunks(
 
 /// [`nm_linear`] on the crate's thread pool (torch's, in the extension): the row blocks are
 /// cut into a few pieces per thread, handed out dynamically; the calling thread works too.
+#[allow(clippy::too_many_arguments)]
 pub fn nm_linear_parallel<E: NmElem>(
     layout: &NmLayout,
     values: &[E],
     index: &[u32],
+    scales: Option<&[f32]>,
     bias: Option<&[f32]>,
     x: &[f32],
     batch: usize,
     y: &mut [f32],
 ) -> Result<()> {
-    check_call(layout, values, index, bias, x, batch, y)?;
+    check_call(layout, values, index, scales, bias, x, batch, y)?;
     let kernel = level();
     in_pieces(layout, y, |b0, b1, out| {
         // SAFETY: `y` is borrowed for the whole call and long enough (checked); pieces cover
         // disjoint block ranges, so no two threads write the same element.
-        unsafe { run_blocks_raw(layout, values, index, bias, x, batch, out, b0, b1, kernel) }
+        unsafe {
+            run_blocks_raw(
+                layout, values, index, scales, bias, x, batch, out, b0, b1, kernel,
+            )
+        }
     });
     Ok(())
 }
@@ -228,10 +249,10 @@ pub fn nm_linear_bf16_parallel(
     batch: usize,
     y: &mut [f32],
 ) -> Result<()> {
-    check_call(layout, values, index, bias, x, batch, y)?;
+    check_call(layout, values, index, None, bias, x, batch, y)?;
     if !bf16_dot_kernel(layout) {
         let x32: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
-        return nm_linear_parallel(layout, values, index, bias, &x32, batch, y);
+        return nm_linear_parallel(layout, values, index, None, bias, &x32, batch, y);
     }
     #[cfg(target_arch = "x86_64")]
     in_pieces(layout, y, |b0, b1, out| {
@@ -244,7 +265,7 @@ pub fn nm_linear_bf16_parallel(
         };
         // SAFETY: as in `nm_linear_parallel`: `y` is borrowed for the whole call and long
         // enough; pieces write disjoint block ranges.
-        unsafe { for_chunks(layout, bias, batch, out, b0, b1, block_kernel) }
+        unsafe { for_chunks(layout, None, bias, batch, out, b0, b1, block_kernel) }
     });
     Ok(())
 }

@@ -1,11 +1,14 @@
-//! The element types a compressed weight is stored in: f32, and bf16 as its bits ([`Bf16`]),
-//! with what the packing and the kernels need of them.
+//! The element types a compressed weight is stored in: f32, bf16 as its bits ([`Bf16`]) and
+//! int8 (with one f32 scale per output row, `quant`), with what the packing and the kernels
+//! need of them.
 
-/// A stored weight element: f32, or bf16 as its bits.
+/// A stored weight element: f32, bf16 as its bits, or int8.
 pub trait NmElem: Copy + Send + Sync + 'static {
     const ZERO: Self;
     /// Stored as interleaved pairs of slots ([`NmLayout::value_offset`]): the 2-byte types.
     const PAIRED: bool;
+    /// The stored values are integers that need their row's scale (`y = scale · Σ q·x`).
+    const QUANTIZED: bool = false;
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
     fn is_zero(self) -> bool;
@@ -43,5 +46,25 @@ impl NmElem for Bf16 {
     }
     fn is_zero(self) -> bool {
         self.0 & 0x7fff == 0
+    }
+}
+
+/// int8: a quantized value `q` in [-127, 127] (the weight is `q · scale` of its row). Stored in
+/// the f32 slot order (not paired): the kernels widen 8 or 16 of them at once, exactly.
+impl NmElem for i8 {
+    const ZERO: Self = 0;
+    const PAIRED: bool = false;
+    const QUANTIZED: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    /// Rounds half to even and saturates at ±127 (the symmetric range: -128 has no positive
+    /// counterpart); NaN becomes 0, but quantization refuses non-finite weights first.
+    fn from_f32(x: f32) -> Self {
+        x.round_ties_even().clamp(-127.0, 127.0) as i8
+    }
+    fn is_zero(self) -> bool {
+        self == 0
     }
 }

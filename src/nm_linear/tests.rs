@@ -1,11 +1,11 @@
 //! Tests of the compressed layer: round trips, every kernel against an f64 reference and
-//! against each other (bit for bit), the bf16 layouts and kernels, the thread-pool split, and
-//! the refusals.
+//! against each other (bit for bit), the bf16 layouts and kernels, int8 values (quantization,
+//! kernels), the thread-pool split, and the refusals.
 
 use super::{
-    bf16_dot_kernel, check_call, check_index, compress, decompress, decompress_into, level,
-    nm_linear, nm_linear_bf16_parallel, nm_linear_parallel, run_blocks, Bf16, Kernel, NmElem,
-    NmLayout,
+    bf16_dot_kernel, check_call, check_index, compress, compress_int8, decompress, decompress_into,
+    dequantize_into, level, nm_linear, nm_linear_bf16_parallel, nm_linear_parallel, row_scale,
+    run_blocks, Bf16, Kernel, NmElem, NmLayout,
 };
 
 /// xorshift64*: deterministic test data without a dependency.
@@ -51,9 +51,9 @@ fn kernels() -> Vec<Kernel> {
     ks
 }
 
-/// f64 reference: y = x · Wᵀ + bias.
-fn reference(
-    w: &[f32],
+/// f64 reference: y = x · Wᵀ + bias (`W` in f32, or in f64 for dequantized int8 weights).
+fn reference<W: Copy + Into<f64>>(
+    w: &[W],
     rows: usize,
     cols: usize,
     x: &[f32],
@@ -65,7 +65,7 @@ fn reference(
         for r in 0..rows {
             let mut s = bias[r] as f64;
             for c in 0..cols {
-                s += w[r * cols + c] as f64 * x[b * cols + c] as f64;
+                s += w[r * cols + c].into() * x[b * cols + c] as f64;
             }
             y[b * rows + r] = s;
         }
@@ -76,9 +76,9 @@ fn reference(
 /// Asserts that `y` is within f32 summation rounding of the f64 reference: each of the
 /// kept + 1 additions (products and bias) rounds once, by at most 2^-24 of a partial sum,
 /// itself at most Σ|w·x| + |bias|.
-fn assert_within_rounding(
+fn assert_within_rounding<W: Copy + Into<f64>>(
     l: &NmLayout,
-    w: &[f32],
+    w: &[W],
     x: &[f32],
     bias: &[f32],
     batch: usize,
@@ -90,7 +90,7 @@ fn assert_within_rounding(
     for (i, (&got, &exact)) in y.iter().zip(&want).enumerate() {
         let (b, r) = (i / rows, i % rows);
         let mass: f64 = (0..cols)
-            .map(|c| (w[r * cols + c] as f64 * x[b * cols + c] as f64).abs())
+            .map(|c| (w[r * cols + c].into() * x[b * cols + c] as f64).abs())
             .sum::<f64>()
             + bias[r].abs() as f64;
         let tol = (l.kept() as f64 + 2.0) * mass * f32::EPSILON as f64 / 2.0 + 1e-30;
@@ -110,12 +110,27 @@ fn run_with<E: NmElem>(
     x: &[f32],
     batch: usize,
 ) -> Vec<f32> {
+    run_scaled(kernel, l, v, idx, None, bias, x, batch)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_scaled<E: NmElem>(
+    kernel: Kernel,
+    l: &NmLayout,
+    v: &[E],
+    idx: &[u32],
+    scales: Option<&[f32]>,
+    bias: &[f32],
+    x: &[f32],
+    batch: usize,
+) -> Vec<f32> {
     let mut y = vec![f32::NAN; batch * l.rows];
-    check_call(l, v, idx, Some(bias), x, batch, &y).unwrap();
+    check_call(l, v, idx, scales, Some(bias), x, batch, &y).unwrap();
     run_blocks(
         l,
         v,
         idx,
+        scales,
         Some(bias),
         x,
         batch,
@@ -225,6 +240,7 @@ fn bf16_values_compute_in_f32() {
                 &l,
                 &v,
                 &idx,
+                None,
                 Some(&bias),
                 &x,
                 batch,
@@ -261,7 +277,7 @@ fn bf16_inputs_against_the_dense_reference() {
                 let mut y = vec![f32::NAN; batch * rows];
                 nm_linear_bf16_parallel(&l, &v, &idx, Some(&bias), &x, batch, &mut y).unwrap();
                 let mut f32_path = vec![0f32; batch * rows];
-                nm_linear(&l, &v, &idx, Some(&bias), &xf, batch, &mut f32_path).unwrap();
+                nm_linear(&l, &v, &idx, None, Some(&bias), &xf, batch, &mut f32_path).unwrap();
                 // Products of bf16 are exact in f32 and each addition rounds once (as in
                 // the f32 kernels), so the same bound holds in the dot kernel's order.
                 let what = format!("dot {n}:{m} {rows}x{cols} b{batch}");
@@ -294,8 +310,8 @@ fn parallel_equals_one_piece() {
         let x: Vec<f32> = (0..batch * cols).map(|_| rng.next()).collect();
         let mut one = vec![0f32; batch * rows];
         let mut par = vec![f32::NAN; batch * rows];
-        nm_linear(&l, &v, &idx, None, &x, batch, &mut one).unwrap();
-        nm_linear_parallel(&l, &v, &idx, None, &x, batch, &mut par).unwrap();
+        nm_linear(&l, &v, &idx, None, None, &x, batch, &mut one).unwrap();
+        nm_linear_parallel(&l, &v, &idx, None, None, &x, batch, &mut par).unwrap();
         assert_eq!(one, par);
     }
 }
@@ -316,7 +332,7 @@ fn not_nm_and_bad_shapes_are_refused() {
     assert!(NmLayout::new(2, 8, 4, 4).is_err() && NmLayout::new(2, 18, 2, 9).is_err());
     let (v, idx) = compress(&l, &[0f32; 16]).unwrap();
     let mut y = vec![0f32; 2];
-    let e = nm_linear(&l, &v, &idx, None, &[0f32; 7], 1, &mut y)
+    let e = nm_linear(&l, &v, &idx, None, None, &[0f32; 7], 1, &mut y)
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("input: expected 1 x 8"), "{e}");
@@ -332,4 +348,170 @@ fn not_nm_and_bad_shapes_are_refused() {
     assert!(e.to_string().starts_with("index: slot 0, lane 0"), "{e}");
     assert_eq!(out, vec![7f32; 12], "nothing written after a refused index");
     assert!(check_index(&l, &bad).is_ok());
+}
+
+/// The per-row int8 quantization, written out directly on the dense weight: `(q, scales)`.
+fn quantize_reference(w: &[f32], rows: usize, cols: usize) -> (Vec<i8>, Vec<f32>) {
+    let scales: Vec<f32> = (0..rows)
+        .map(|r| {
+            let max = w[r * cols..(r + 1) * cols]
+                .iter()
+                .fold(0f32, |a, v| a.max(v.abs()));
+            if max / 127.0 == 0.0 {
+                1.0
+            } else {
+                max / 127.0
+            }
+        })
+        .collect();
+    let q = (0..rows * cols)
+        .map(|i| {
+            let v = (w[i] / scales[i / cols]).round_ties_even();
+            v.clamp(-127.0, 127.0) as i8
+        })
+        .collect();
+    (q, scales)
+}
+
+#[test]
+fn int8_quantization_is_symmetric_per_row() {
+    let mut rng = Rng(0x1a7_8b17);
+    for &(n, m) in &[(2, 4), (1, 4), (4, 8), (3, 6)] {
+        let (rows, cols) = (37, 8 * m);
+        let l = NmLayout::new(rows, cols, n, m).unwrap();
+        let mut w = nm_weight(rows, cols, n, m, &mut rng);
+        w[3 * cols..4 * cols].fill(0.0); // a zero row: scale 1, all values 0
+        w[5 * cols..6 * cols].fill(0.0);
+        for c in (0..cols).step_by(m) {
+            w[5 * cols + c] = 1e-44; // subnormal: max / 127 underflows to 0
+        }
+        let (q, idx, scales) = compress_int8(&l, &w).unwrap();
+        let (want_q, want_scales) = quantize_reference(&w, rows, cols);
+        assert_eq!(scales, want_scales, "{n}:{m} scales");
+        assert_eq!((scales[3], scales[5]), (1.0, 1.0));
+        assert_eq!(decompress(&l, &q, &idx).unwrap(), want_q, "{n}:{m} values");
+        assert!(q.iter().all(|&v| v != i8::MIN));
+        // The largest |weight| of each nonzero row is ±127.
+        let dq = decompress(&l, &q, &idx).unwrap();
+        for r in (0..rows).filter(|&r| r != 3 && r != 5) {
+            let top = dq[r * cols..(r + 1) * cols].iter().map(|v| v.abs()).max();
+            assert_eq!(top, Some(127), "row {r}");
+        }
+        // The same index as the f32 layout; dequantized: q · s, one rounding each.
+        assert_eq!(compress(&l, &w).unwrap().1, idx);
+        let mut deq = vec![f32::NAN; rows * cols];
+        dequantize_into(&l, &q, &idx, &scales, &mut deq).unwrap();
+        for (i, &d) in deq.iter().enumerate() {
+            assert_eq!(d, want_q[i] as f32 * want_scales[i / cols]);
+        }
+    }
+    assert_eq!(row_scale(127.0), 1.0);
+    assert_eq!(i8::from_f32(2.5), 2); // half to even
+    assert_eq!(i8::from_f32(-3.5), -4);
+    assert_eq!(i8::from_f32(300.0), 127);
+    assert_eq!(i8::from_f32(-300.0), -127);
+}
+
+#[test]
+fn int8_every_kernel_against_the_dense_reference() {
+    let mut rng = Rng(0x8b17_5eed);
+    for &(n, m) in &[(2, 4), (1, 4), (4, 8), (3, 6), (1, 2)] {
+        for &(rows, cols) in &[(16, 8 * m), (37, 4 * m), (5, m), (70, 32 * m)] {
+            let l = NmLayout::new(rows, cols, n, m).unwrap();
+            let w = nm_weight(rows, cols, n, m, &mut rng);
+            let (q, idx, scales) = compress_int8(&l, &w).unwrap();
+            let dq = decompress(&l, &q, &idx).unwrap();
+            // The exact weight the int8 layer holds: q · s in f64 (7 + 24 bits, exact).
+            let exact: Vec<f64> = dq
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| v as f64 * scales[i / cols] as f64)
+                .collect();
+            // The integers as f32 values with unit scales: the f32 kernel's bits, since the
+            // int8 kernels widen exactly and fma(S, 1, b) rounds as S + b.
+            let qf: Vec<f32> = dq.iter().map(|&v| v as f32).collect();
+            let (vq, idxq) = compress(&l, &qf).unwrap();
+            let ones = vec![1f32; rows];
+            let bias: Vec<f32> = (0..rows).map(|_| rng.next()).collect();
+            for batch in [1usize, 3, 8, 9, 17] {
+                let x: Vec<f32> = (0..batch * cols).map(|_| rng.next()).collect();
+                let what = format!("{n}:{m} {rows}x{cols} b{batch}");
+                let want = run_scaled(
+                    Kernel::Portable,
+                    &l,
+                    &q,
+                    &idx,
+                    Some(&scales),
+                    &bias,
+                    &x,
+                    batch,
+                );
+                // Σ q·x in the f32 kernels' order (kept + 1 roundings of at most u·Σ|q·x|),
+                // then one FMA with the scale and the bias (one rounding of u·|y|): within
+                // (kept + 2)·u·(Σ|s·q·x| + |b|) of the exact value, the f32 kernels' bound.
+                assert_within_rounding(&l, &exact, &x, &bias, batch, &want, &what);
+                for k in kernels() {
+                    let y = run_scaled(k, &l, &q, &idx, Some(&scales), &bias, &x, batch);
+                    assert_eq!(y, want, "{k:?} {what}: not the portable kernel's bits");
+                    let unit = run_scaled(k, &l, &q, &idx, Some(&ones), &bias, &x, batch);
+                    let f32_layer = run_with(k, &l, &vq, &idxq, &bias, &x, batch);
+                    assert_eq!(unit, f32_layer, "{k:?} {what}: unit scales");
+                }
+                let mut par = vec![f32::NAN; batch * rows];
+                nm_linear_parallel(
+                    &l,
+                    &q,
+                    &idx,
+                    Some(&scales),
+                    Some(&bias),
+                    &x,
+                    batch,
+                    &mut par,
+                )
+                .unwrap();
+                let mut one = vec![f32::NAN; batch * rows];
+                nm_linear(
+                    &l,
+                    &q,
+                    &idx,
+                    Some(&scales),
+                    Some(&bias),
+                    &x,
+                    batch,
+                    &mut one,
+                )
+                .unwrap();
+                assert_eq!(par, one, "{what}: parallel");
+            }
+        }
+    }
+}
+
+#[test]
+fn int8_refusals_name_the_argument() {
+    let l = NmLayout::new(3, 8, 2, 4).unwrap();
+    let mut w = vec![0f32; 24];
+    w[9] = f32::NAN;
+    let e = compress_int8(&l, &w).unwrap_err().to_string();
+    assert!(e.starts_with("weight: row 1, column 1 holds NaN"), "{e}");
+    w[9] = 1.0;
+    w[10] = 1.0;
+    w[11] = 1.0;
+    let e = compress_int8(&l, &w).unwrap_err().to_string();
+    assert!(e.contains("not 2:4") && e.contains("row 1, group 0"), "{e}");
+    let (q, idx, scales) = compress_int8(&l, &[0f32; 24]).unwrap();
+    let (x, mut y) = (vec![0f32; 8], vec![0f32; 3]);
+    let e = nm_linear(&l, &q, &idx, None, None, &x, 1, &mut y).unwrap_err();
+    assert!(e.to_string().starts_with("scales: int8 values need"), "{e}");
+    let e = nm_linear(&l, &q, &idx, Some(&scales[..2]), None, &x, 1, &mut y).unwrap_err();
+    assert!(
+        e.to_string().starts_with("scales: expected 3 elements"),
+        "{e}"
+    );
+    let (v, idx32) = compress(&l, &[0f32; 24]).unwrap();
+    let e = nm_linear(&l, &v, &idx32, Some(&scales), None, &x, 1, &mut y).unwrap_err();
+    assert!(e.to_string().starts_with("scales: only int8 values"), "{e}");
+    let mut out = vec![0f32; 24];
+    let e = dequantize_into(&l, &q, &idx, &scales[..1], &mut out).unwrap_err();
+    assert!(e.to_string().starts_with("scales: expected 3"), "{e}");
 }

@@ -12,6 +12,10 @@ unsafe fn load16<E: NmElem>(values: &[E], off: usize) -> __m512 {
     let p = values.as_ptr().add(off);
     if std::mem::size_of::<E>() == 4 {
         _mm512_loadu_ps(p as *const f32)
+    } else if std::mem::size_of::<E>() == 1 {
+        // int8 → f32: sign-extended to 32 bits, then converted (exact: |q| ≤ 127).
+        let b = _mm_loadu_si128(p as *const __m128i);
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b))
     } else {
         // bf16 → f32: the bits, widened and shifted into the high half.
         let h = _mm256_loadu_si256(p as *const __m256i);
@@ -19,15 +23,17 @@ unsafe fn load16<E: NmElem>(values: &[E], off: usize) -> __m512 {
     }
 }
 
-/// The two slots of a pair (at element offset `off`) as f32: f32 takes two loads; bf16
-/// pairs are interleaved (`value_offset`), so one load, a shift (the low halves, the
-/// first slot) and a mask (the high halves, the second slot).
+/// The two slots of a pair (at element offset `off`) as f32: f32 and int8 take two loads
+/// (int8 slots are not paired); bf16 pairs are interleaved (`value_offset`), so one load, a
+/// shift (the low halves, the first slot) and a mask (the high halves, the second slot).
 #[inline(always)]
 unsafe fn load_pair<E: NmElem>(values: &[E], off: usize) -> (__m512, __m512) {
     let p = values.as_ptr().add(off);
     if std::mem::size_of::<E>() == 4 {
         let p = p as *const f32;
         (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(ROW_BLOCK)))
+    } else if !E::PAIRED {
+        (load16(values, off), load16(values, off + ROW_BLOCK))
     } else {
         let v = _mm512_loadu_si512(p as *const __m512i);
         let high = _mm512_set1_epi32(0xffff_0000_u32 as i32);
@@ -464,15 +470,20 @@ unsafe fn block_avx2_nb<E: NmElem, const NB: usize>(
     let (n, m, cols, kept) = (layout.n, layout.m, layout.cols, layout.kept());
     let bits = layout.idx_bits();
     let first = block * kept;
-    let paired = std::mem::size_of::<E>() == 2;
+    let paired = E::PAIRED;
+    let bytes = std::mem::size_of::<E>();
     for half in 0..2 {
         let lane0 = 8 * half;
         // Slot t's 8 values of this half as f32 (unpaired slot, or the first of a pair).
         let load8 = |t: usize| -> __m256 {
             let p = values.as_ptr().add((first + t) * ROW_BLOCK + lane0);
-            if paired {
+            if bytes == 2 {
                 let h = _mm_loadu_si128(p as *const __m128i);
                 _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            } else if bytes == 1 {
+                // int8: 8 bytes, sign-extended and converted (exact).
+                let b = _mm_loadl_epi64(p as *const __m128i);
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b))
             } else {
                 _mm256_loadu_ps(p as *const f32)
             }
