@@ -98,6 +98,25 @@ def test_no_graph_break_in_the_forward(name):
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_compiled_compressed_model_equals_eager(name, dtype, backend):
+    """A finalized model compressed (NMLinear: torch.ops.cast_rs.nm_linear, with the row scales
+    as an argument for int8 values) compiles into one graph and gives the eager outputs bit for
+    bit (the same operator runs in both)."""
+    torch._dynamo.reset()
+    model, sp, x = sparsified(name)
+    sp.finalize()
+    cast_rs.compress(model, dtype=dtype)
+    assert any(isinstance(m, cast_rs.NMLinear) and m.values.dtype == dtype for m in model.modules())
+    with torch.no_grad():
+        out = output(model, x)
+        explained = torch._dynamo.explain(model)(x)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert torch.equal(output(torch.compile(model, fullgraph=True, backend=backend), x), out)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_compiled_function_calling_adams_step_equals_eager(backend):
     """It used to fail in AdamS._init_group ("Cannot construct ConstantVariable for value of
     type Parameter"); the step now runs eagerly inside the compiled function."""

@@ -185,7 +185,7 @@ def test_refusals_name_what_is_wrong():
         cast_rs.compress(nn.Sequential(dense), include=["0"])
     with pytest.raises(cast_rs.CastError, match="in_features: 10 is not a multiple of M = 4"):
         NMLinear(10, 8)
-    with pytest.raises(TypeError, match="dtype: expected torch.float32 or torch.bfloat16"):
+    with pytest.raises(TypeError, match="dtype: expected torch.float32, torch.bfloat16 or torch.int8"):
         NMLinear(16, 8, dtype=torch.float16)
     layer = NMLinear.from_dense(nm_linear_layer(16, 8))
     with torch.no_grad(), pytest.raises(ValueError, match=r"input: expected a last dimension of 16"):

@@ -8,8 +8,8 @@ is imported):
 
 * a **compressed** model (``compressed: true``): the recorded layers are built as
   :class:`~cast_rs.NMLinear` on the meta device, so the loader fills their ``values`` /
-  ``index`` buffers straight from the file and no dense weight of theirs is ever allocated;
-  the model is inference-only (``is_trainable`` is false, as ``NMLinear`` has no backward);
+  ``index`` (and int8 ``scales``) buffers straight from the file and no dense weight of theirs
+  is ever allocated; the model is inference-only (``is_trainable`` is false, as ``NMLinear`` has no backward);
 * a **finalized, dense** model (``compressed: false``): the layers load as they are and are
   then guarded (:func:`cast_rs.keep_nm`), so further training keeps their N:M support. Such a
   model is not "quantized" for ``transformers`` after loading (the quantizer detaches itself,

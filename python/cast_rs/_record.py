@@ -18,7 +18,7 @@ FORMAT = "cast_rs.nm"
 #: The checkpoint's layout: NMLinear's buffers as ``NMLinear.LAYOUT_VERSION`` describes them,
 #: under the recorded module names (bump both together).
 FORMAT_VERSION = 1
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

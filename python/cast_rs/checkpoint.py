@@ -10,7 +10,8 @@ A checkpoint records what it holds in a ``quantization_config`` section of its
         "format_version": 1,              # NMLinear.LAYOUT_VERSION
         "pattern": "2:4",
         "compressed": true,               # NMLinear buffers (values, index) or dense N:M weights
-        "values_dtype": "bfloat16",       # compressed: the stored values' dtype
+        "values_dtype": "bfloat16",       # compressed: the stored values' dtype (or "int8", with
+                                          # one float32 scale per output row)
         "modules": ["model.layers.0.self_attn.q_proj", ...]
     }
 
@@ -135,7 +136,8 @@ def after_load(model: nn.Module, record: Dict[str, Any]) -> None:
         for name, mod in model.named_modules():
             if isinstance(mod, NMLinear):
                 mod.check_loaded_layout(name)
-                for buf_name, buf in (("values", mod.values), ("index", mod.index), ("bias", mod.bias)):
+                buffers = (("values", mod.values), ("index", mod.index), ("scales", mod.scales), ("bias", mod.bias))
+                for buf_name, buf in buffers:
                     if buf is not None and buf.is_meta:
                         raise ValueError(f"checkpoint: NMLinear {name!r} has no {buf_name!r} in the file (truncated?)")
         set_record(model, record)

@@ -688,7 +688,8 @@ def export_compressed_tensors(model: nn.Module, directory: _PathLike) -> List[st
     names of the compressed layers.
 
     Only 2:4 layers are written compressed (the format has no other pattern); a model with an
-    NMLinear of another pattern is refused with a ``CastError``, as is one without any.
+    NMLinear of another pattern, or with int8 values, is refused with a ``CastError``, as is one
+    without any.
     """
     from safetensors.torch import save_file
 
@@ -699,6 +700,13 @@ def export_compressed_tensors(model: nn.Module, directory: _PathLike) -> List[st
     for name, layer in layers.items():
         if (layer.n, layer.m) != (2, 4):
             raise CastError(f"layer {name!r}: pattern {layer.n}:{layer.m}; sparse-24-bitmask stores 2:4 only")
+        if layer.values.dtype == torch.int8:
+            # The format's int8 weights need a quantization config of compressed-tensors' own,
+            # which cast-rs does not write.
+            raise CastError(
+                f"layer {name!r}: int8 values; sparse-24-bitmask here holds float32 or bfloat16 weights (compress the "
+                "model with dtype=torch.float32 or torch.bfloat16 to export it)"
+            )
     tensors: Dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         values, positions = nm_slots(layer)

@@ -3,7 +3,8 @@
 A finalized N:M model computes exactly like a dense one and is as large. :func:`compress`
 swaps its N:M ``nn.Linear`` (and Hugging Face ``Conv1D``) layers for :class:`NMLinear`, which
 stores only the kept weights and their positions (2:4 in float32: 2.125 bytes per dense
-weight instead of 4; bfloat16: 1.125 instead of 2) and multiplies with Rust kernels that read
+weight instead of 4; bfloat16: 1.125 instead of 2; int8 with a float32 scale per output row:
+0.625 + 4 / in_features) and multiplies with Rust kernels that read
 that format directly (AVX-512 / AVX2, on torch's threads). Token-by-token decoding reads every
 weight once per token, so it is memory-bound and the smaller weights are faster to read.
 
@@ -18,7 +19,11 @@ bfloat16 values interleave each pair of slots ``(2i, 2i + 1)`` of a block lane b
 
     values[(block * kept + 2i) * 16 + 2 * lane + (t % 2)]  for slot t in {2i, 2i + 1}
 
-(an odd last slot of a block stays plain).
+(an odd last slot of a block stays plain). int8 values take the float32 order, one byte each,
+with one float32 scale per output row (``scales``): symmetric per-row quantization of the kept
+weights, ``scale_r = max |W[r]| / 127`` (1 for a row whose scale would be 0: all its weights
+zero), ``q = round_half_even(W / scale_r)`` in [-127, 127]; the kernels sum ``q · x`` in float32
+and multiply each output by its row's scale once (``y = scale_r · Σ q·x + b``).
 
 Inference only: ``nm_linear`` has no backward (use the dense model to train).
 """
@@ -49,15 +54,16 @@ class NMLinear(nn.Module):
         bias: whether the layer has a bias (float32).
         pattern: ``"N:M"`` or ``(N, M)`` with ``1 <= N < M <= 8`` (groups of M along the
             input dimension).
-        dtype: of the stored values, ``torch.float32`` or ``torch.bfloat16``. The input may
-            be float32 or bfloat16 (products and sums are float32); the output has the
-            input's dtype.
+        dtype: of the stored values, ``torch.float32``, ``torch.bfloat16`` or ``torch.int8``
+            (with a float32 ``scales`` buffer, one per output row: the weight is
+            ``values · scales[row]``). The input may be float32 or bfloat16 (products and sums
+            are float32); the output has the input's dtype.
 
-    A new layer holds zeros; :meth:`from_dense` converts an ``nn.Linear`` and
-    ``load_state_dict`` fills one from a saved ``state_dict`` (buffers ``values``, ``index``,
-    the ``bias`` and ``_extra_state``: the layout, ``[format version, in_features,
-    out_features, N, M, values dtype]`` as an int64 tensor), so a model can be rebuilt and
-    loaded without any dense weight.
+    A new layer holds zeros (int8: unit scales); :meth:`from_dense` converts an ``nn.Linear``
+    and ``load_state_dict`` fills one from a saved ``state_dict`` (buffers ``values``,
+    ``index``, ``scales`` for int8, the ``bias`` and ``_extra_state``: the layout, ``[format
+    version, in_features, out_features, N, M, values dtype]`` as an int64 tensor), so a model
+    can be rebuilt and loaded without any dense weight.
 
     Loading checks the entries before it copies anything into the layer: the recorded layout
     must be this layer's (shape and pattern), the values' dtype this layer's (a float32
@@ -77,13 +83,17 @@ class NMLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise TypeError(f"dtype: expected torch.float32 or torch.bfloat16, got {dtype}")
+        if dtype not in self._DTYPE_CODES:
+            raise TypeError(f"dtype: expected torch.float32, torch.bfloat16 or torch.int8, got {dtype}")
         n, m = parse_pattern(pattern)
         values_len, index_len = layout_sizes(out_features, in_features, n, m)
         self.in_features, self.out_features, self.n, self.m = in_features, out_features, n, m
         self.register_buffer("values", torch.zeros(values_len, dtype=dtype))
         self.register_buffer("index", torch.zeros(index_len, dtype=torch.int32))
+        # int8 only (float values hold their scale): float32 whatever the default dtype, as the
+        # bias below.
+        self.scales: Optional[torch.Tensor]
+        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32) if dtype == torch.int8 else None)
         if bias:
             # float32 whatever the default dtype (a from_pretrained skeleton is built under the
             # checkpoint's dtype): the kernels add a float32 bias.
@@ -94,7 +104,7 @@ class NMLinear(nn.Module):
 
     #: Version of the layout recorded in ``_extra_state`` (bump when the layout changes).
     LAYOUT_VERSION = 1
-    _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+    _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
     def get_extra_state(self) -> torch.Tensor:
         """The layout as saved with the buffers (an int64 tensor, so safetensors can hold it)."""
@@ -130,8 +140,10 @@ class NMLinear(nn.Module):
         """An :class:`NMLinear` computing what ``linear`` computes. ``linear`` is an
         ``nn.Linear`` or a Hugging Face ``Conv1D`` whose weight is exactly N:M along its input
         dimension (at most N nonzeros per group: finalize the model first); ``dtype`` defaults
-        to the weight's (float32 or bfloat16). Raises ``ValueError`` naming the first group
-        that is not N:M."""
+        to the weight's (float32 or bfloat16); ``torch.int8`` quantizes the kept weights per
+        output row (the module docstring; then the layer computes with the dequantized weight,
+        :meth:`dense_weight`). Raises ``ValueError`` naming the first group that is not N:M
+        (or, for int8, a weight that is not finite)."""
         kind = layer_kind(linear)
         if kind is None:
             raise TypeError(f"linear: expected an nn.Linear or a Hugging Face Conv1D, got {type(linear).__name__}")
@@ -145,10 +157,15 @@ class NMLinear(nn.Module):
         dtype = dtype or (w.dtype if w.dtype in (torch.float32, torch.bfloat16) else torch.float32)
         out_features, in_features = w.shape
         layer = cls(in_features, out_features, bias=linear.bias is not None, pattern=(n, m), dtype=dtype)
-        values, index = torch.ops.cast_rs.nm_compress(w.to(dtype).contiguous(), n, m)
+        if dtype == torch.int8:
+            values, index, scales = torch.ops.cast_rs.nm_compress_int8(w.contiguous(), n, m)
+        else:
+            values, index = torch.ops.cast_rs.nm_compress(w.to(dtype).contiguous(), n, m)
         with torch.no_grad():
             layer.values.copy_(values)
             layer.index.copy_(index)
+            if dtype == torch.int8:
+                layer.scales.copy_(scales)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias.detach().float())
         return layer
@@ -158,13 +175,15 @@ class NMLinear(nn.Module):
         # float32 and bfloat16 layouts order the values differently: converting in place would
         # give a layer that silently computes something else. A dtype change re-lays the weight
         # out instead (through one dense copy of this layer), and the bias stays float32.
+        if self.values.dtype == torch.int8:
+            return self._apply_int8(fn, recurse)
         old = self.values.dtype
         new = fn(torch.empty(0, dtype=old)).dtype
         if new == old:
             return super()._apply(fn, recurse)
         if new not in (torch.float32, torch.bfloat16):
             raise TypeError(
-                f"NMLinear: cannot convert its values to {new}; the compressed kernels hold float32 or bfloat16 "
+                f"NMLinear: cannot convert its values to {new}; the compressed kernels hold float32, bfloat16 or int8 "
                 "(convert the model before cast_rs.compress, or to torch.bfloat16 / torch.float32)"
             )
         dense = self.dense_weight()
@@ -175,19 +194,44 @@ class NMLinear(nn.Module):
             self.bias = nn.Parameter(self.bias.detach().float(), requires_grad=False)
         return self
 
+    def _apply_int8(self, fn: Any, recurse: bool) -> "NMLinear":
+        # An int8 layer's values, positions and scales are its encoding, not weights in the
+        # model's dtype: model.to(torch.bfloat16) leaves them as they are (bit for bit; the layer
+        # then takes bfloat16 activations and returns bfloat16). The bias is treated as in the
+        # float layers: converted with the model, kept as float32. float16 (or float64)
+        # activations are refused, as for the float layers.
+        new = fn(torch.empty(0, dtype=torch.float32)).dtype
+        if new not in (torch.float32, torch.bfloat16):
+            raise TypeError(
+                f"NMLinear: cannot run with {new} activations; an int8 layer takes float32 or bfloat16 ones (its "
+                "values stay int8): convert the model to torch.bfloat16 or torch.float32"
+            )
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if self.scales is not None and self.scales.dtype != torch.float32:
+            self._buffers["scales"] = scales.to(self.scales.device)
+        if self.bias is not None and self.bias.dtype != torch.float32:
+            self.bias = nn.Parameter(self.bias.detach().float(), requires_grad=False)
+        return self
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return torch.ops.cast_rs.nm_linear(
-            input, self.values, self.index, self.bias, self.out_features, self.in_features, self.n, self.m
+            input, self.values, self.index, self.bias, self.out_features, self.in_features, self.n, self.m, self.scales
         )
 
     def dense_weight(self) -> torch.Tensor:
-        """The dense ``[out_features, in_features]`` weight (a new tensor, the values' dtype)."""
-        return torch.ops.cast_rs.nm_decompress(self.values, self.index, self.out_features, self.in_features, self.n, self.m)
+        """The dense ``[out_features, in_features]`` weight (a new tensor, the values' dtype; for
+        int8 values the dequantized float32 weight ``values · scales[row]``)."""
+        return torch.ops.cast_rs.nm_decompress(
+            self.values, self.index, self.out_features, self.in_features, self.n, self.m, self.scales
+        )
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the weight as stored (values and positions; the bias not included)."""
-        return self.values.numel() * self.values.element_size() + self.index.numel() * 4
+        """Bytes of the weight as stored (values, positions and, for int8, the row scales; the
+        bias not included)."""
+        scales = 0 if self.scales is None else self.scales.numel() * 4
+        return self.values.numel() * self.values.element_size() + self.index.numel() * 4 + scales
 
     def extra_repr(self) -> str:
         return (
@@ -232,6 +276,13 @@ def check_nm_linear_entries(layer: NMLinear, state_dict: Dict[str, Any], prefix:
                 f"{tuple(layer.index.shape)}"
             )
         _check_positions(index, layer.m, who)
+    scales = state_dict.get(prefix + "scales")
+    if isinstance(scales, torch.Tensor) and layer.scales is not None:
+        if scales.dtype != torch.float32 or scales.shape != layer.scales.shape:
+            raise ValueError(
+                f"{who}: the checkpoint's scales are {scales.dtype} {tuple(scales.shape)}, expected torch.float32 "
+                f"{tuple(layer.scales.shape)} (one per output row)"
+            )
     bias = state_dict.get(prefix + "bias")
     if isinstance(bias, torch.Tensor) and layer.bias is not None and bias.shape != layer.bias.shape:
         raise ValueError(f"{who}: the checkpoint's bias has shape {tuple(bias.shape)}, expected {tuple(layer.bias.shape)}")
@@ -343,8 +394,8 @@ class CompressReport:
 
     @property
     def bytes_per_weight(self) -> float:
-        """Stored bytes per dense weight of the converted layers (2:4 float32: 2.125; dense
-        float32: 4)."""
+        """Stored bytes per dense weight of the converted layers (2:4 float32: 2.125, bfloat16:
+        1.125, int8: 0.625 + 4 / in_features for the row scales; dense float32: 4)."""
         weights = sum(layer.shape[0] * layer.shape[1] for layer in self.layers)
         return self.compressed_bytes / max(1, weights)
 
@@ -381,8 +432,11 @@ def compress(
     left dense and listed in ``report.skipped`` with the reason. ``include`` names the layers
     to convert (module names as in ``model.named_modules()``); then each of them must be N:M,
     and a ``ValueError`` names the first that is not (nothing is converted). ``dtype``:
-    ``torch.float32`` or ``torch.bfloat16`` for the stored values (default: each weight's own
-    dtype when it is one of those, else float32). The model must be on the CPU.
+    ``torch.float32``, ``torch.bfloat16`` or ``torch.int8`` for the stored values (default:
+    each weight's own dtype when it is one of those, else float32). ``torch.int8`` quantizes
+    each layer's kept weights per output row (one float32 scale per row, see the module
+    docstring): 2:4 costs 0.625 bytes per dense weight plus 4 bytes per row, and the
+    activations stay float32 or bfloat16 (the model's). The model must be on the CPU.
 
     Raises:
         TypeError: a float16 layer (convert the model to bfloat16 or float32 first: the kernels
@@ -429,6 +483,8 @@ def compress(
             f"compress: no layer of the model is exactly {n}:{m}, so nothing would be converted "
             f"(finalize the model first: sparse.finalize()); {left}"
         )
+    if dtype is not None and dtype not in NMLinear._DTYPE_CODES:
+        raise TypeError(f"dtype: expected torch.float32, torch.bfloat16 or torch.int8, got {dtype}")
     _refuse_mixed_record(model, [dtype or mod.weight.dtype for _, mod in plan])
     for name, mod in plan:
         new = NMLinear.from_dense(mod, (n, m), dtype=dtype)
