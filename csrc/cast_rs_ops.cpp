@@ -243,11 +243,11 @@ std::tuple<at::Tensor, at::Tensor> adams_step_(
                                 force_generic};
   at::Tensor flips = at::empty({static_cast<int64_t>(k)}, at::kLong);
   at::Tensor fast = at::empty({static_cast<int64_t>(k)}, at::kBool);
-  char* message = nullptr;
-  auto p = pointers(params), g = pointers(grads), mu = pointers(exp_avgs), v = pointers(exp_avg_sqs),
   std::vector<CastForeachScalars> foreach_scalars(k);
   std::vector<at::Tensor*> foreach_keeps(k, nullptr);
   double foreach_hyper[4] = {0.0, 0.0, 0.0, 0.0};  // lr, beta1, beta2, eps
+  char* message = nullptr;
+  auto p = pointers(params), g = pointers(grads), mu = pointers(exp_avgs), v = pointers(exp_avg_sqs),
        s = pointers(steps);
   const int32_t status = cast_rs_adams_step(
       k, p.data(), g.data(), mu.data(), v.data(), mask_ptrs.data(), patterns.data(), s.data(),
@@ -255,8 +255,6 @@ std::tuple<at::Tensor, at::Tensor> adams_step_(
       weight_decays ? weight_decays->data() : nullptr, validate_only, flips.data_ptr<int64_t>(),
       fast.data_ptr<bool>(), foreach_scalars.data(), foreach_keeps.data(), foreach_hyper, &message);
   check(status, message);
-  return {flips, fast};
-}
   // The generic-path tensors: checked, their masks refreshed and their steps counted by the
   // Rust side, which leaves their multi-tensor step to this one call per (device, dtype).
   std::vector<at::Tensor> keeps(k);
@@ -288,6 +286,8 @@ std::tuple<at::Tensor, at::Tensor> adams_step_(
       TORCH_CHECK(rc == 0, "adams_step (generic path): ", text);
     }
   }
+  return {flips, fast};
+}
 
 std::tuple<at::Tensor, at::Tensor> nm_compress(const at::Tensor& weight, int64_t n, int64_t m) {
   at::Tensor *values = nullptr, *index = nullptr;
