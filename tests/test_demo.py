@@ -195,9 +195,10 @@ def test_demo_cast_takes_suggest_adams_unless_given_an_lr():
     assert lr == expected["lr"] == cfg.lr / 2
     assert opt.param_groups[0]["initial_lr"] == lr
     assert opt.param_groups[0]["masked_lr_scale"] == pytest.approx(expected["masked_lr_scale"], rel=1e-12)
+    assert opt.param_groups[0]["warmup"] == expected["warmup"] == 0.05
     assert logs and "suggest_adams(3, dense_lr=0.001)" in logs[0]
     _, opt, _, lr = train_cast(
         copy.deepcopy(base), cfg, batches, teacher, lr=7e-4, l1_decay=0.1, mask_interval=10, show=False, log=logs.append
     )
     assert lr == 7e-4 and opt.param_groups[0]["initial_lr"] == 7e-4
-    assert opt.param_groups[0]["masked_lr_scale"] == 1.0
+    assert opt.param_groups[0]["masked_lr_scale"] == 1.0 and opt.param_groups[0]["warmup"] == 0.0

@@ -387,7 +387,7 @@ def test_suggest_adams_halves_the_dense_lr_for_short_runs_and_speeds_up_only_the
     # Short run: suggest_lr would raise every weight's lr to the floor; suggest_adams keeps the
     # kept weights at dense_lr / 2 and gives the masked ones exactly the floor (lr · r).
     hp = sparse.suggest_adams(short, dense_lr=dense_lr)
-    assert set(hp) == {"lr", "masked_lr_scale"}
+    assert set(hp) == {"lr", "masked_lr_scale", "warmup"} and hp["warmup"] == cast_rs.sparsity.SUGGESTED_WARMUP
     assert hp["lr"] == dense_lr / 2 and hp["masked_lr_scale"] > 1
     assert hp["lr"] * hp["masked_lr_scale"] == pytest.approx(floor_short, rel=1e-12)
     assert sparse.suggest_lr(short, dense_lr=dense_lr) == floor_short
@@ -402,14 +402,14 @@ def test_suggest_adams_halves_the_dense_lr_for_short_runs_and_speeds_up_only_the
         # r = 1 from T½ on (at round(T½) itself the floor may exceed dense_lr / 2 by rounding).
         assert hp_t["masked_lr_scale"] == max(1.0, sparse.suggest_lr(round(t)) / hp_t["lr"])
         assert hp_t["masked_lr_scale"] == 1.0 or t == half
-    assert sparse.suggest_adams(long_, dense_lr=dense_lr) == {"lr": dense_lr, "masked_lr_scale": 1.0}
+    assert sparse.suggest_adams(long_, dense_lr=dense_lr) == {"lr": dense_lr, "masked_lr_scale": 1.0, "warmup": 0.05}
     # schedule_sum / quantile reach the floor as in suggest_lr.
     hp_const = sparse.suggest_adams(short, dense_lr=dense_lr, schedule_sum=1.0, quantile=0.5)
     assert hp_const["lr"] * hp_const["masked_lr_scale"] == pytest.approx(
         max(dense_lr / 2, sparse.suggest_lr(short, schedule_sum=1.0, quantile=0.5)), rel=1e-12
     )
     opt = cast_rs.AdamS(model.parameters(), total_steps=short, **hp)  # what it is for
-    assert opt.param_groups[0]["masked_lr_scale"] == hp["masked_lr_scale"]
+    assert opt.param_groups[0]["masked_lr_scale"] == hp["masked_lr_scale"] and opt.param_groups[0]["warmup"] == 0.05
     for kwargs, param in (
         ({"total_steps": 0, "dense_lr": 1e-3}, "total_steps"),
         ({"total_steps": 10, "dense_lr": 0.0}, "dense_lr"),

@@ -405,24 +405,26 @@ def train_cast(
     show: bool = True,
     log: Callable[[str], None] = print,
 ):
-    """CAST on ``m`` in place: sparsify, AdamS with distillation. ``lr=None`` takes ``lr`` and
-    ``masked_lr_scale`` from ``suggest_adams(cfg.steps, dense_lr=cfg.lr)``; a given ``lr`` runs
-    with ``masked_lr_scale`` 1 (the paper's update). Returns (handle, optimizer, curve, lr used);
+    """CAST on ``m`` in place: sparsify, AdamS with distillation. ``lr=None`` takes ``lr``,
+    ``masked_lr_scale`` and ``warmup`` from ``suggest_adams(cfg.steps, dense_lr=cfg.lr)``; a
+    given ``lr`` runs the paper's update (``masked_lr_scale`` 1, no AdamS warmup). Returns (handle, optimizer, curve, lr used);
     the caller finalizes."""
     handle = sparsify(m, cfg.pattern, scaling_groups=cfg.scaling_groups)
-    masked_lr_scale = 1.0
+    hp = {"lr": lr, "masked_lr_scale": 1.0}
     if lr is None:
         hp = handle.suggest_adams(cfg.steps, dense_lr=cfg.lr)
-        lr, masked_lr_scale = hp["lr"], hp["masked_lr_scale"]
-        log(f"CAST: AdamS lr {lr:.3g}, masked_lr_scale {masked_lr_scale:.3g} = suggest_adams({cfg.steps}, dense_lr={cfg.lr:g})")
+        lr = hp["lr"]
+        log(
+            f"CAST: AdamS lr {lr:.3g}, masked_lr_scale {hp['masked_lr_scale']:.3g}, warmup {hp['warmup']:g} "
+            f"= suggest_adams({cfg.steps}, dense_lr={cfg.lr:g})"
+        )
     opt = AdamS(
         m.parameters(),
-        lr=lr,
         betas=(0.9, 0.95),
         l1_decay=l1_decay,
         total_steps=cfg.steps,
         mask_interval=mask_interval,
-        masked_lr_scale=masked_lr_scale,
+        **hp,
     )
     curve = train(
         m,

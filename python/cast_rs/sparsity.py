@@ -136,6 +136,12 @@ def _positive_finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
+#: AdamS's ``warmup`` in :meth:`SparseModel.suggest_adams`: a linear learning-rate ramp over the
+#: first 5 % of ``total_steps`` (measured against none in loops without a warmup of their own:
+#: docs/sparsity_tax.md, "Against the recipe practitioners use").
+SUGGESTED_WARMUP = 0.05
+
+
 def _adams_from_floor(floor: float, dense_lr: float) -> Dict[str, float]:
     """:meth:`SparseModel.suggest_adams`'s rule from the travel floor (also used by the study's
     report, benchmarks/study_tax.py, which has the floors but not the models)."""
@@ -247,9 +253,10 @@ class SparseModel:
     def suggest_adams(
         self, total_steps: int, *, dense_lr: float, quantile: float = 0.99, schedule_sum: float = 0.5
     ) -> Dict[str, float]:
-        """``lr`` and ``masked_lr_scale`` for :class:`AdamS`: the kept weights at half the dense
-        learning rate for short runs and at the whole of it for long ones, the masked weights as
-        fast as they must go to reach zero within the run.
+        """``lr``, ``masked_lr_scale`` and ``warmup`` for :class:`AdamS`: the kept weights at
+        half the dense learning rate for short runs and at the whole of it for long ones, the
+        masked weights as fast as they must go to reach zero within the run, and AdamS's own
+        learning-rate warmup over the first 5 % of the run.
 
         With ``floor`` :meth:`suggest_lr`'s travel floor (``suggest_lr(total_steps)``: the lr at
         which the masked weights can reach zero in ``total_steps``) and ``T½`` the run length at
@@ -258,6 +265,7 @@ class SparseModel:
 
             lr = dense_lr · clip(total_steps / (2 · T½), 1/2, 1)
             masked_lr_scale = max(1, floor / lr)
+            warmup = 0.05                      (SUGGESTED_WARMUP)
 
         that is half the dense lr up to ``T½``, the dense lr from ``2 · T½`` on, linear in the
         run length between; ``masked_lr_scale`` is 1 (the paper's update) except in runs
@@ -266,34 +274,20 @@ class SparseModel:
             optimizer = cast_rs.AdamS(model.parameters(), total_steps=T,
                                       **sparse.suggest_adams(T, dense_lr=1e-3))
 
-        Why: AdamS's steps are near-sign, so at the full dense lr the kept weights of a
-        well-trained model are shaken in the first steps (docs/sparsity_tax.md, "AdamS's steps
-        are near-sign"); a short run cannot repair that, a long one can and then needs the
-        dense lr to re-fit. :meth:`suggest_lr` raises every weight's lr to the floor in short
-        runs, which shakes the kept weights further (``masked_lr_scale`` is an addition to the
-        paper's AdamS, see :class:`AdamS`).
-        Evidence (2:4, cosine to 0, dense AdamW lr 1e-3; ``T½`` ≈ 410 steps on both study
-        models): at 400 steps 5e-4 beat 1e-3 on all four model × corpus settings; at 1000 steps
-        1e-3 beat 5e-4 on four of five runs (small model: stdlib, prose on two batch seeds;
-        large model: stdlib, -0.34 % against dense_continued where 5e-4 gave +0.27 %), not on
-        the large model's prose (+0.75 % against +0.46 %, SR-STE +1.02 %; the same with a 10 %
-        warmup); 7.5e-4 beat both ends on the small model, tied 5e-4 on large prose and lost
-        0.42 point to 1e-3 on large stdlib, so over the four settings it is no better than 1e-3
-        (summed regret 0.42 point each, largest 0.42 against 0.30); at 2000 steps the large
-        model's prose reached -0.26 % at 1e-3 (SR-STE +1.14 %); at 3000 steps (small, stdlib)
-        +0.42 % against +0.99 %; at 600 steps (small model, stdlib and prose, two batch seeds
-        each, all run after the ramp was written; it gives 7.2-7.3e-4 there) its lr was the best
-        of it, 5e-4 and 1e-3 on three runs and 0.02 point behind 5e-4 on the fourth, 1e-3 the
-        worst on all four (stdlib seed 0: 7e-4 +1.95 %, 5e-4 +2.03 %, 1e-3 +2.45 %, SR-STE
-        +3.53 %); at 150 steps, the masked weights at the floor alone: small model +5.2-5.4 % against
-        +13.0-14.8 % with every weight at the floor and +5.7-5.8 % for SR-STE (three batch
-        seeds); the 6.4 M-parameter model +1.58 %, 0.69 point behind SR-STE. The ramp between
-        ``T½`` and ``2 · T½`` interpolates between those measurements. Call it after
-        :func:`sparsify` and before training.
+        Why: AdamS's steps are near-sign (v averages the blended momentum's square, not g²), so
+        from the first step every kept weight of a well-trained model moves by about ``lr``; a
+        short run cannot repair that shake, a long one can and then needs the dense lr to
+        re-fit. The warmup removes the first-step shake, which is what kept the whole dense lr
+        from paying in training loops without a warmup of their own; it ramps on top of the
+        loop's schedule, so a loop that warms up already ramps a little longer. The evidence
+        (both study models and corpora, 100 to 3000 steps, the study's loop and a plain user's
+        loop, against SR-STE and SparseGPT + fixed-mask fine-tuning) is in the sparsity-tax
+        report, docs/sparsity_tax.md. Call it after :func:`sparsify` and before training.
         """
         if not _positive_finite(dense_lr):
             raise CastError(f"dense_lr: expected a positive number (the dense AdamW lr), got {dense_lr!r}")
-        return _adams_from_floor(self._travel_floor("suggest_adams", total_steps, quantile, schedule_sum), float(dense_lr))
+        hp = _adams_from_floor(self._travel_floor("suggest_adams", total_steps, quantile, schedule_sum), float(dense_lr))
+        return {**hp, "warmup": SUGGESTED_WARMUP}
 
     def _travel_floor(self, caller: str, total_steps: int, quantile: float, schedule_sum: float) -> float:
         """q / (schedule_sum · total_steps), q = the ``quantile`` of |w| over the weights the
