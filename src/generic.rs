@@ -6,7 +6,6 @@
 //! Op order mirrors the fast path (`crate::adams`), which mirrors torch's AdamW, so for f32 on CPU
 //! the two paths agree to rounding.
 
-
 use tch::{Device, Kind, Tensor};
 
 use crate::adams::AdamsHyper;

@@ -13,6 +13,7 @@ along the input dimension) or dimension 0 (GPT-2 ``Conv1D`` stores ``[in, out]``
 
 from __future__ import annotations
 
+import functools
 import numbers
 import re
 from typing import Any, Optional, Tuple, Union, overload
@@ -34,6 +35,13 @@ MAX_M: int = _cast_rs.MAX_M
 
 # The operator overload itself: skips the packet's overload resolution on every call.
 _NM_MASK = ops.nm_mask.default
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(pattern: str) -> Tuple[int, int]:
+    """:func:`parse_pattern` of a string, remembered (a mask call on a small tensor costs a few
+    microseconds, of which the pattern's regular expression was a fifth)."""
+    return parse_pattern(pattern)
 
 
 def parse_pattern(pattern: Any, *, param: str = "pattern") -> Tuple[int, int]:
@@ -99,14 +107,17 @@ def nm_mask(x: Union[torch.Tensor, np.ndarray], pattern: Pattern = "2:4", dim: i
         ValueError: bad pattern, ``dim`` not first/last, or the group dimension not divisible by M.
         TypeError: ``x`` is neither a tensor nor an array, or has a non-floating dtype.
     """
-    n, m = parse_pattern(pattern)
+    n, m = _parsed(pattern) if type(pattern) is str else parse_pattern(pattern)
     if isinstance(x, torch.Tensor):
         d = _normalize_dim(dim, x.dim())
         if not x.is_floating_point():
             raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
-        if not tracing(x):
+        # A plain tensor is never a tracer's (those are subclasses), so the common eager call
+        # skips asking whether something is being traced.
+        if type(x) is not torch.Tensor and type(x) is not torch.nn.Parameter and not tracing(x):
             check_plain_tensor(x, "x")
-        return _NM_MASK(x.detach(), n, m, d, generic_path_forced())
+        # The operator has no autograd formula (a mask has no gradient): detach what tracks one.
+        return _NM_MASK(x.detach() if x.requires_grad else x, n, m, d, generic_path_forced())
     if isinstance(x, np.ndarray):
         d = _normalize_dim(dim, x.ndim)
         if x.dtype == np.float16:
