@@ -36,7 +36,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import _record as _rec
-from . import checkpoint as _ckpt
+from . import _rebuild
 from .inference import NMLinear
 
 
@@ -126,7 +126,7 @@ class CastRsQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         if self._compressed:
-            _ckpt.swap_in_nm_linear(model, self.quantization_config.to_dict(), device="meta")
+            _rebuild.swap_in_nm_linear(model, self.quantization_config.to_dict(), device="meta")
             # Some models' _init_weights write a child layer's .weight from its parent (GPT-2's
             # scaled c_proj init), which NMLinear does not have; while loading, each gets a meta
             # stand-in that transformers' initializers skip (it is marked initialized).
@@ -141,7 +141,7 @@ class CastRsQuantizer(HfQuantizer):
         for mod in model.modules():
             if isinstance(mod, NMLinear):
                 mod.__dict__.pop("weight", None)
-        _ckpt.after_load(model, self.quantization_config.to_dict())
+        _rebuild.after_load(model, self.quantization_config.to_dict())
         if not self._compressed:
             # A dense N:M model is an ordinary model that keeps a guard: not "quantized" for
             # transformers (which would refuse .float(), .to(dtype) and plain training).
@@ -169,8 +169,17 @@ class CastRsQuantizer(HfQuantizer):
         return True
 
 
+def _config_for(model: nn.Module, record: Dict[str, Any]) -> CastRsConfig:
+    """The config object a Hugging Face model holds for ``record`` (:func:`cast_rs._record.set_record`)."""
+    config = CastRsConfig(**{k: v for k, v in record.items() if k != "quant_method"})
+    config.follow(model)
+    return config
+
+
 def register() -> None:
-    """Register the config class and the quantizer with ``transformers`` (idempotent)."""
+    """Register the config class and the quantizer with ``transformers``, and the config
+    factory with :mod:`cast_rs._record` (idempotent)."""
+    _rec.config_factory = _config_for
     if _rec.QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(_rec.QUANT_METHOD)(CastRsConfig)
     if _rec.QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:

@@ -6,7 +6,7 @@ Hugging Face model's config. Imports nothing of cast-rs's layers, so that ``comp
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -63,6 +63,11 @@ def check_record(record: Dict[str, Any]) -> None:
         raise ValueError(f"{where}.modules: expected a non-empty list of module names, got {modules!r}")
 
 
+#: Makes the ``quantization_config`` object of a Hugging Face model from a record:
+#: ``cast_rs._hf_quantizer`` sets it when it registers with ``transformers``.
+config_factory: Optional[Callable[[nn.Module, Dict[str, Any]], Any]] = None
+
+
 def set_record(model: nn.Module, record: Dict[str, Any]) -> None:
     """Put the record in a Hugging Face model's config (``save_pretrained`` writes it). Other
     modules, and a config that holds another library's ``quantization_config``, are left as
@@ -72,12 +77,11 @@ def set_record(model: nn.Module, record: Dict[str, Any]) -> None:
     held = getattr(model.config, "quantization_config", None)
     if held is not None and _quant_method(held) != QUANT_METHOD:
         return
-    from ._hf_quantizer import CastRsConfig, register
-
-    register()
-    config = CastRsConfig(**{k: v for k, v in record.items() if k != "quant_method"})
-    config.follow(model)
-    model.config.quantization_config = config
+    # The config class is transformers' kind (cast_rs._hf_quantizer), registered here when
+    # transformers' quantizers load, which happens before any of its models can exist; a plain
+    # dict, which save_pretrained writes the same, only if that registration never ran.
+    factory = config_factory
+    model.config.quantization_config = factory(model, record) if factory is not None else dict(record)
 
 
 def is_hf_model(model: nn.Module) -> bool:

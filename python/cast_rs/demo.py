@@ -24,8 +24,7 @@ wanda                  one-shot Wanda 2:4 (calibration: training batches)
 sparsegpt              one-shot SparseGPT 2:4 (calibration: training batches)
 srste                  SR-STE 2:4 + distillation, AdamW
 sparsegpt_fixed        SparseGPT 2:4, then AdamW + distillation with the mask held fixed
-                       (the recipe most 2:4 models are made with: NVIDIA ModelOpt's
-                       sparsity-aware training, llm-compressor's constant pruning)
+                       (ModelOpt's sparsity-aware training, llm-compressor's constant pruning)
 dense_then_magnitude   dense_continued, then one-shot magnitude 2:4
 cast                   CAST 2:4: sparsify (weight scaling) + AdamS + distillation, finalize
 =====================  ==============================================================
@@ -578,11 +577,8 @@ def run_demo(
     srste.finalize()
     record("srste", m, cfg.steps, time.perf_counter() - t0, True, curve)
 
-    # 5. SparseGPT once, then fine-tuning with the mask held fixed (same optimizer, lr and
-    # schedule as dense_continued: the fixed-mask recipe is best at the dense lr)
-    # The SparseGPT model above is the start (pruning again would give the same weights): on an
-    # exactly N:M model the magnitude score keeps exactly its nonzeros, so FixedMask holds
-    # SparseGPT's mask.
+    # 5. SparseGPT once, then fine-tuning with the mask held fixed (at the dense lr, its best)
+    # From the SparseGPT model above: on an exact N:M model the magnitude score keeps its nonzeros.
     t0 = time.perf_counter()
     m = from_state(c, sparsegpt_state)
     fixed = baselines.FixedMask(m, cfg.pattern, score="magnitude")
