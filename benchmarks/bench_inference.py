@@ -455,13 +455,18 @@ def peak_rss() -> int:
     return rss
 
 
-def e2e_child(kind: str, dtype_name: str, compressed: bool, new_tokens: int, threads: int) -> dict:
-    """One decoding measurement (run in its own process so that peak memory is its own)."""
+def e2e_child(kind: str, dtype_name: str, compressed, new_tokens: int, threads: int) -> dict:
+    """One decoding measurement (run in its own process so that peak memory is its own).
+    ``compressed``: False (dense), True (2:4 values in the model's dtype) or ``"int8"`` (int8
+    2:4 values with per-row scales; activations stay in the model's dtype)."""
     torch.set_num_threads(threads)
     model, params, prompt = build_model(kind, dtype_name)
     weight_bytes = bytes_per_weight = None
     if compressed:
-        report = cast_rs.compress(model)
+        dtype = model.dtype
+        report = cast_rs.compress(model, dtype=torch.int8) if compressed == "int8" else cast_rs.compress(model)
+        if compressed == "int8":
+            model.to(dtype)  # the activations (and bias) in the model's dtype; the int8 values stay
         weight_bytes = (report.dense_bytes, report.compressed_bytes)
         bytes_per_weight = report.bytes_per_weight
     # Peak memory of the decoding itself: the dense weights the conversion started from are
@@ -502,23 +507,26 @@ def e2e_section(kinds, new_tokens: int, threads: int, results: dict | None = Non
     )
     print(
         "| model | dtype | dense tok/s | compressed tok/s | speed-up | dense peak RSS | compressed peak RSS "
-        "| converted layers' bytes (compressed / dense) |"
+        "| converted layers' bytes (compressed / dense) | int8 2:4 tok/s | int8 speed-up | int8 peak RSS "
+        "| int8 bytes / dense |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for kind in kinds:
         for dtype_name in ("f32", "bf16"):
             res = {}
-            for compressed in (False, True):
+            for compressed in (False, True, "int8"):
                 spec = json.dumps([kind, dtype_name, compressed, new_tokens, threads])
                 res[compressed] = run_child([__file__, "--child", spec], f"child {kind} {dtype_name} compressed={compressed}")
                 results[kind, dtype_name, compressed] = res[compressed]
-            d, c = res[False], res[True]
+            d, c, q = res[False], res[True], res["int8"]
             dense_b, comp_b = c["weight_bytes"]
             label = f"{kind} ({d['params'] / 1e6:.0f} M)"
             print(
                 f"| {label} | {dtype_name} | {d['tokens_per_s']:.1f} | {c['tokens_per_s']:.1f} "
                 f"| **{c['tokens_per_s'] / d['tokens_per_s']:.2f}x** | {d['peak_rss'] / 2**30:.2f} GiB "
-                f"| {c['peak_rss'] / 2**30:.2f} GiB | {comp_b / dense_b:.3f} |",
+                f"| {c['peak_rss'] / 2**30:.2f} GiB | {comp_b / dense_b:.3f} | {q['tokens_per_s']:.1f} "
+                f"| **{q['tokens_per_s'] / d['tokens_per_s']:.2f}x** | {q['peak_rss'] / 2**30:.2f} GiB "
+                f"| {q['weight_bytes'][1] / q['weight_bytes'][0]:.3f} |",
                 flush=True,
             )
     return results
@@ -580,12 +588,13 @@ def llamacpp_section(kind: str, new_tokens: int, threads: int, results: dict) ->
     for dtype_name, ftype in (("f32", "F32"), ("bf16", "BF16"), (None, "Q8_0")):
         ref = results[kind, dtype_name or "f32", False]["tokens"]
         if dtype_name:
-            for compressed in (False, True):
+            for compressed in (False, True, "int8"):
                 r = results[kind, dtype_name, compressed]
                 bpw = r["bytes_per_weight"] if compressed else (4.0 if dtype_name == "f32" else 2.0)
-                name = "cast_rs 2:4 (compress)" if compressed else "PyTorch dense"
+                name = {False: "PyTorch dense", True: "cast_rs 2:4 (compress)", "int8": "cast_rs int8 2:4"}[compressed]
+                weights = f"int8, {dtype_name} activations" if compressed == "int8" else dtype_name
                 print(
-                    f"| {name} | {dtype_name} | {bpw:.4g} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f}x "
+                    f"| {name} | {weights} | {bpw:.4g} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f}x "
                     f"| {r['peak_rss'] / 2**30:.2f} GiB | {same_tokens(r['tokens'], ref)} |"
                 )
         r = rows[ftype]
