@@ -535,22 +535,27 @@ def run_demo(
     record("sparsegpt", m, 0, sparsegpt_secs, True)
     sparsegpt_state = copy.deepcopy(m.state_dict())
 
+    def fit(m: nn.Module, desc: str) -> List[Tuple[int, float]]:
+        """Train ``m`` as every AdamW method here is: the dense lr, the same batches, schedule
+        and distillation."""
+        opt = torch.optim.AdamW(_no_decay_groups(m, 0.0), lr=cfg.lr, betas=(0.9, 0.95))
+        return train(
+            m,
+            opt,
+            cont_batches,
+            cfg.steps,
+            desc=desc,
+            teacher=teacher,
+            eval_fn=lambda: evaluate_full(m),
+            curve_points=cfg.curve_points,
+            show=show,
+            warmup=cfg.warmup_steps(),
+        )
+
     # 3. dense continued (also gives dense_then_magnitude)
     t0 = time.perf_counter()
     m = fresh()
-    opt = torch.optim.AdamW(_no_decay_groups(m, 0.0), lr=cfg.lr, betas=(0.9, 0.95))
-    curve = train(
-        m,
-        opt,
-        cont_batches,
-        cfg.steps,
-        desc="dense continued",
-        teacher=teacher,
-        eval_fn=lambda: evaluate_full(m),
-        curve_points=cfg.curve_points,
-        show=show,
-        warmup=cfg.warmup_steps(),
-    )
+    curve = fit(m, "dense continued")
     secs = time.perf_counter() - t0
     record("dense_continued", m, cfg.steps, secs, False, curve)
     t0 = time.perf_counter()
@@ -561,19 +566,7 @@ def run_demo(
     t0 = time.perf_counter()
     m = fresh()
     srste = baselines.SRSTE(m, cfg.pattern, decay=cfg.srste_decay)
-    opt = torch.optim.AdamW(_no_decay_groups(m, 0.0), lr=cfg.lr, betas=(0.9, 0.95))
-    curve = train(
-        m,
-        opt,
-        cont_batches,
-        cfg.steps,
-        desc="SR-STE",
-        teacher=teacher,
-        eval_fn=lambda: evaluate_full(m),
-        curve_points=cfg.curve_points,
-        show=show,
-        warmup=cfg.warmup_steps(),
-    )
+    curve = fit(m, "SR-STE")
     srste.finalize()
     record("srste", m, cfg.steps, time.perf_counter() - t0, True, curve)
 
@@ -582,19 +575,7 @@ def run_demo(
     t0 = time.perf_counter()
     m = from_state(c, sparsegpt_state)
     fixed = baselines.FixedMask(m, cfg.pattern, score="magnitude")
-    opt = torch.optim.AdamW(_no_decay_groups(m, 0.0), lr=cfg.lr, betas=(0.9, 0.95))
-    curve = train(
-        m,
-        opt,
-        cont_batches,
-        cfg.steps,
-        desc="SparseGPT + fixed mask",
-        teacher=teacher,
-        eval_fn=lambda: evaluate_full(m),
-        curve_points=cfg.curve_points,
-        show=show,
-        warmup=cfg.warmup_steps(),
-    )
+    curve = fit(m, "SparseGPT + fixed mask")
     fixed.finalize()
     fixed.release()
     record("sparsegpt_fixed", m, cfg.steps, sparsegpt_secs + time.perf_counter() - t0, True, curve)
