@@ -427,6 +427,16 @@ def test_suggest_adams_halves_the_dense_lr_for_short_runs_and_speeds_up_only_the
         sparse.suggest_adams(10, dense_lr=1e-3)
 
 
+def test_suggestions_on_a_model_that_is_already_nm():
+    """A one-shot pruned start (SparseGPT, magnitude) has its masked weights at zero: no travel
+    floor, so suggest_adams gives the whole dense lr and the paper's update, and suggest_lr
+    without dense_lr says why it has nothing to return instead of returning 0."""
+    sparse = cast_rs.sparsify(TinyLM_nm(), "2:4")
+    assert sparse.suggest_adams(10, dense_lr=1e-3) == {"lr": 1e-3, "masked_lr_scale": 1.0, "warmup": 0.05}
+    assert sparse.suggest_lr(10, dense_lr=1e-3) == 5e-4
+    with pytest.raises(cast_rs.CastError, match="^suggest_lr: the weights the N:M masks remove are already zero"):
+        sparse.suggest_lr(10)
+
 def test_finalize_refuses_non_finite_weights_and_check_nm_flags_them():
     model = nn.Sequential(nn.Linear(16, 8))
     sparse = cast_rs.sparsify(model, "2:4")

@@ -146,7 +146,10 @@ def _adams_from_floor(floor: float, dense_lr: float) -> Dict[str, float]:
     """:meth:`SparseModel.suggest_adams`'s rule from the travel floor (also used by the study's
     report, benchmarks/study_tax.py, which has the floors but not the models)."""
     # total_steps / (2 T½) = dense_lr / (4 floor): the floor falls as 1/T and is dense_lr/2 at T½.
-    lr = dense_lr * min(1.0, max(0.5, dense_lr / (4.0 * floor)))
+    # A floor of 0 (the weights the masks remove are already zero, e.g. a one-shot pruned start)
+    # is a run infinitely longer than T½: the whole dense lr.
+    ratio = dense_lr / (4.0 * floor) if floor > 0 else math.inf
+    lr = dense_lr * min(1.0, max(0.5, ratio))
     return {"lr": lr, "masked_lr_scale": max(1.0, floor / lr)}
 
 
@@ -247,6 +250,11 @@ class SparseModel:
         if dense_lr is not None and not _positive_finite(dense_lr):
             raise CastError(f"dense_lr: expected a positive number (the dense AdamW lr) or None, got {dense_lr!r}")
         floor = self._travel_floor("suggest_lr", total_steps, quantile, schedule_sum) / float(masked_lr_scale)
+        if dense_lr is None and floor == 0.0:
+            raise CastError(
+                "suggest_lr: the weights the N:M masks remove are already zero (the model is already "
+                f"{format_pattern(self.pattern)}), so there is no travel floor; pass dense_lr"
+            )
         return floor if dense_lr is None else max(floor, float(dense_lr) / 2.0)
 
     @torch.no_grad()
