@@ -29,6 +29,8 @@ A CAST method is ``cast:key=value,...``; keys (defaults = the library's AdamS as
     warm      AdamS's own warmup (a fraction of the run; default 0: none)
     suggest   1: lr and mlr from ``sparse.suggest_adams(steps, dense_lr=--lr)`` (the documented
               default; overrides lr / mlr)
+    init      dense (default) | sparsegpt: start AdamS from the SparseGPT one-shot 2:4 model
+              (pruned weights zero, kept ones OBS-corrected; ``calib`` batches as for ``fixed``)
 
 The practitioners' recipe, one-shot then fine-tuning with the mask held fixed
 (``cast_rs.baselines.FixedMask``; AdamW, same loop and distillation):
@@ -318,6 +320,12 @@ def run_method(  # noqa: C901 (one research loop, a branch per method)
         rec["ppl_one_shot"] = ev(model)
         opt = torch.optim.AdamW(_no_decay_groups(model, 0.0), lr=run_lr, betas=betas)
     elif name == "cast":
+        if kv.get("init", "dense") == "sparsegpt":
+            cb = Batches(tr, batch, c.context, seed + 7919)
+            baselines.sparsegpt_prune(model, [cb.get(i)[0] for i in range(int(kv.get("calib", 4)))], pattern)
+            rec["ppl_one_shot"] = ev(model)
+        elif kv.get("init", "dense") != "dense":
+            raise SystemExit(f"unknown init {kv['init']!r} (dense | sparsegpt)")
         handle = sparsify(model, pattern, scaling_groups=int(kv.get("scale", 2)))
         T = steps
         common = dict(l1=float(kv.get("l1", 0.1)), ramp=float(kv.get("ramp", 1.0)), interval=int(kv.get("interval", 10)))
