@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 
 import cast_rs
+from _e2e_models import PROMPT_TOKENS, build_model, greedy  # benchmarks/ is on sys.path when run
+from _rss import peak_rss, reset_peak_rss
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (768, 3072), (3072, 768)]
 UNKNOWN_LLC_ROTATION = 2**30  # bytes of weight copies when the OS does not tell the cache size
@@ -364,97 +366,6 @@ def crossover_section(rounds: int, threads_list, shape=(4096, 4096)) -> None:
         del ws, dense, layers
 
 
-def llama_1b_config():
-    """The Llama shape of the end-to-end runs: about 1.1 B parameters (TinyLlama's)."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=22,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        vocab_size=32000,
-        max_position_embeddings=2048,
-    )
-
-
-def llama_small_config():
-    """A two-layer Llama for the llama.cpp equivalence check and the quick run: width 512, the
-    1.1 B model's head layout (head size 64, 8 query heads per key/value head), its MLP ratio
-    and its 32000-token vocabulary."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1408,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=1,
-        vocab_size=32000,
-        max_position_embeddings=2048,
-    )
-
-
-PROMPT_TOKENS = 16
-
-
-def build_model(kind: str, dtype_name: str):
-    """The end-to-end model: seed 0, random weights in ``dtype_name``, pruned to 2:4 by
-    magnitude; and the prompt, drawn right after (the same ids in every process). Returns
-    (model, dense parameter count, prompt [1, PROMPT_TOKENS])."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    dtype = torch.float32 if dtype_name == "f32" else torch.bfloat16
-    if kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024))
-    else:
-        model = LlamaForCausalLM(llama_1b_config() if kind == "llama" else llama_small_config())
-    model = model.to(dtype).eval()
-    params = sum(p.numel() for p in model.parameters())
-    cast_rs.baselines.magnitude_prune(model, "2:4")  # every layer sparsify would pick
-    prompt = torch.randint(0, 1000, (1, PROMPT_TOKENS))
-    return model, params, prompt
-
-
-def greedy(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Hugging Face greedy decoding with a KV cache, exactly ``new_tokens`` tokens (the end of
-    sequence token is suppressed until then: min_new_tokens)."""
-    return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-
-
-def reset_peak_rss() -> None:
-    """Free what can be freed, return it to the OS, and reset the kernel's peak-RSS counter
-    (Linux: clear_refs 5), so that VmHWM is the peak from here on."""
-    import gc
-
-    gc.collect()
-    try:  # return the freed heap pages to the OS (glibc keeps them resident otherwise)
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss() -> int:
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    try:
-        with open("/proc/self/status") as f:
-            rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        pass
-    return rss
-
-
 def e2e_child(kind: str, dtype_name: str, compressed, new_tokens: int, threads: int) -> dict:
     """One decoding measurement (run in its own process so that peak memory is its own).
     ``compressed``: False (dense), True (2:4 values in the model's dtype) or ``"int8"`` (int8
@@ -552,7 +463,7 @@ def llamacpp_section(kind: str, new_tokens: int, threads: int, results: dict) ->
         f"(as timed), {chk['max_logit_diff_f32_kv']:.1e} with a float32 one (largest |logit| {chk['max_logit']:.2f})"
     )
     for dtype_name in ("f32", "bf16"):
-        for compressed in (False, True):
+        for compressed in (False, True, "int8"):  # every PyTorch row of the table below
             if (kind, dtype_name, compressed) not in results:
                 spec = json.dumps([kind, dtype_name, compressed, new_tokens, threads])
                 results[kind, dtype_name, compressed] = run_child(

@@ -40,7 +40,7 @@ def _rss_bytes() -> int:
 
 def write_child(directory: str, dtype_name: str) -> None:
     import torch
-    from bench_inference import llama_1b_config
+    from _e2e_models import llama_1b_config
     from transformers import LlamaForCausalLM
 
     import cast_rs

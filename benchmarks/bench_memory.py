@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cast_rs
+from _rss import peak_rss  # benchmarks/ is on sys.path when run
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1024 * 1024
@@ -40,16 +41,6 @@ MIB = 1024 * 1024
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * PAGE
-
-
-def peak_rss_bytes() -> int:
-    """VmHWM: this process's peak resident set. (getrusage's ru_maxrss would carry the parent's
-    peak over a fork + exec.)"""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def mlp(dims, seed: int = 0) -> nn.Sequential:
@@ -163,7 +154,7 @@ def child(opt_name: str, steps: int, sample_every: int, threads: int, progress: 
     info = {
         "samples": samples,
         "after_import": after_import,
-        "peak_rss": peak_rss_bytes(),
+        "peak_rss": peak_rss(),
         "kernel_calls": list(getattr(opt, "_kernel_calls", [0, 0])),
         "threads": torch.get_num_threads(),
     }

@@ -23,6 +23,8 @@ import os
 import sys
 import time
 
+from _rss import peak_rss, reset_peak_rss  # benchmarks/ is on sys.path when run; imports no torch
+
 # llama_ftype values (llama.h) and their storage per weight
 FTYPES = {"F32": 0, "BF16": 32, "Q8_0": 7}
 BYTES_PER_WEIGHT = {"F32": 4.0, "BF16": 2.0, "Q8_0": 34 / 32}  # Q8_0: 32 int8 and one fp16 scale per block
@@ -123,26 +125,20 @@ def quantize_q8_0(src: str, dst: str) -> None:
         raise SystemExit(f"llama_model_quantize({src} -> Q8_0) returned {rc}")
 
 
-def _bench_inference():
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import bench_inference
-
-    return bench_inference
-
-
 def write_all(kind: str, out_dir: str) -> dict:
     """F32 and Q8_0 files from the float32 model, BF16 from the bfloat16 one (each built as
     e2e_child builds it). Returns the paths, the prompt and the weights' count."""
     import gc
 
-    bi = _bench_inference()
+    from _e2e_models import build_model  # benchmarks/ is on sys.path when run
+
     paths = {t: os.path.join(out_dir, f"{kind}-{t}.gguf") for t in FTYPES}
-    model, params, prompt = bi.build_model(kind, "f32")
+    model, params, prompt = build_model(kind, "f32")
     write_gguf(model, paths["F32"], "F32")
     del model
     gc.collect()
     quantize_q8_0(paths["F32"], paths["Q8_0"])
-    model, _, prompt_bf16 = bi.build_model(kind, "bf16")
+    model, _, prompt_bf16 = build_model(kind, "bf16")
     assert prompt_bf16.tolist() == prompt.tolist()
     write_gguf(model, paths["BF16"], "BF16")
     return dict(paths=paths, prompt=prompt[0].tolist(), params=params, sizes={t: os.path.getsize(p) for t, p in paths.items()})
@@ -193,29 +189,17 @@ def load_llama(path: str, threads: int, n_ctx: int, **kw):
 def time_child(path: str, prompt: list, new_tokens: int, threads: int) -> dict:
     """One llama.cpp measurement, as e2e_child's: load, trim and reset the peak-RSS counter,
     a 4-token warm-up, then ``new_tokens`` timed (prompt pass included)."""
-    import ctypes
-
     import llama_cpp
 
     llm = load_llama(path, threads, n_ctx=max(256, len(prompt) + new_tokens + 16))
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    reset_peak_rss()
     llama_greedy(llm, prompt, 4)  # warm-up
     t0 = time.perf_counter()
     tokens = llama_greedy(llm, prompt, new_tokens)
     dt = time.perf_counter() - t0
-    with open("/proc/self/status") as f:
-        rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     return dict(
         tokens_per_s=new_tokens / dt,
-        peak_rss=rss,
+        peak_rss=peak_rss(),
         tokens=tokens,
         system_info=llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
         version=llama_cpp.__version__,
@@ -232,7 +216,7 @@ def last_logits(llm, prompt: list):
 
 
 def check(new_tokens: int) -> dict:
-    """The small Llama (bench_inference.llama_small_config) in float32: PyTorch's greedy tokens
+    """The small Llama (_e2e_models.llama_small_config) in float32: PyTorch's greedy tokens
     and llama.cpp's (as timed: float16 KV cache) on the F32 GGUF file of the same weights, for
     the same prompt ids; also the largest difference of the logits after the prompt, with that
     KV cache and with a float32 one."""
@@ -242,10 +226,11 @@ def check(new_tokens: int) -> dict:
     import numpy as np
     import torch
 
-    bi = _bench_inference()
-    model, _, prompt = bi.build_model("llama_small", "f32")
+    from _e2e_models import build_model, greedy
+
+    model, _, prompt = build_model("llama_small", "f32")
     with torch.no_grad():
-        want = bi.greedy(model, prompt, new_tokens)[0, prompt.shape[1] :].tolist()
+        want = greedy(model, prompt, new_tokens)[0, prompt.shape[1] :].tolist()
         ref_logits = model(prompt).logits[0, -1].numpy()
     with tempfile.TemporaryDirectory(prefix="cast_rs_gguf_check_") as tmp:
         path = os.path.join(tmp, "small-F32.gguf")
