@@ -7,7 +7,7 @@
     ./run bench inference --quick         # fewer rounds, the small model only (a smoke run)
     ./run bench inference --e2e --llamacpp  # and llama.cpp on the same weights (installs llama-cpp-python)
 
-**Host.** The CPU model, logical CPUs, the last-level cache (from sysfs, else `getconf
+**Host.** The CPU model, logical CPUs, the kernel each kind of 2:4 call runs, the last-level cache (from sysfs, else `getconf
 LEVEL3_CACHE_SIZE`, else `lscpu -B`; when none answers, the weight copies below rotate through
 1 GiB instead of a guess) and the ISA flags that matter; then the host's read bandwidth: a sum
 and a dot product over a buffer of max(4x the last-level cache, 512 MiB), on 1 thread and on
@@ -16,11 +16,14 @@ all, the medians in GB/s.
 **Layers.** For each weight shape (out, in) and dtype (float32, bfloat16), at batch 1, 4 and
 16, on 1 thread and on all threads: the compressed 2:4 layer against `F.linear` on the same
 dtype (the dense masked weight) and against `F.linear` in float32. Every contender cycles
-through its own copies of the weight, enough of them to exceed the last-level cache twice over,
-so memory, not cache, is measured; contenders are timed in interleaved rounds (the order
+through its own copies of the weight, enough of them that the copies in its own format exceed
+the last-level cache twice over (a compressed copy is half a dense one or less, so it gets more
+copies), so memory, not cache, is measured; contenders are timed in interleaved rounds (the order
 rotated each round) and the table gives medians with the interquartile range. GB/s is the
 weight bytes read per second (values and positions for the compressed layer, the dense weight
 for F.linear), and % BW that as a share of the host's read bandwidth at the row's threads.
+Then int8 2:4 (`compress(model, dtype=torch.int8)`'s layer, float32 or bfloat16 activations)
+against the bfloat16 2:4 layer and dense float32 `F.linear`, at batch 1 and 4.
 
 **End to end.** Greedy decoding with a KV cache (Hugging Face `generate`) of a GPT-2-small
 shaped model (12 layers, width 768) and a Llama-shaped model of about 1.1 B parameters (22
@@ -173,6 +176,8 @@ def print_host(info: dict) -> None:
     print(
         f"host: {info['model']}, {info['cpus']} logical CPUs, last-level cache {llc}, ISA: {' '.join(info['isa']) or 'none of ' + ' '.join(ISA_FLAGS)}"
     )
+    kernels = cast_rs._cast_rs.nm_linear_kernels()
+    print("2:4 kernels: " + "; ".join(f"{call}: {kernel}" for call, kernel in kernels.items()))
     if not info["llc"]:
         print(f"the last-level cache size is unknown: weight copies rotate through {UNKNOWN_LLC_ROTATION // 2**20} MiB instead")
 
@@ -266,19 +271,34 @@ def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def weight_copies(out_f: int, in_f: int, dtype: torch.dtype, rotation: int):
-    """Enough random 2:4 weights (float32) that even the smallest format's copies cover
-    ``rotation`` bytes (twice the last-level cache: rotation_bytes), and their compressed
-    layers in ``dtype``."""
-    copies = max(2, -(-rotation // (out_f * in_f * 4 // 2)))
-    ws = [nm_weight(out_f, in_f, s) for s in range(copies)]
-    layers = []
-    for w in ws:
-        lin = torch.nn.Linear(in_f, out_f, bias=False)
+def layer_bytes(c) -> int:
+    """Bytes a call reads of weight ``c``: a dense tensor, or a compressed layer's values,
+    positions (and int8 scales)."""
+    if isinstance(c, torch.Tensor):
+        return tensor_bytes(c)
+    return tensor_bytes(*(t for t in (c.values, c.index, c.scales) if t is not None))
+
+
+def weight_copies(out_f: int, in_f: int, rotation: int, make) -> list:
+    """``make(w)`` for enough random 2:4 weights ``w`` (float32, seeds 0, 1, ...) that the
+    copies cover ``rotation`` bytes of the format ``make`` returns (each contender counts its
+    own: a compressed int8 copy is a sixth of a dense float32 one, so it needs six times as
+    many copies to stay out of the cache)."""
+    first = make(nm_weight(out_f, in_f, 0))
+    n = max(2, -(-rotation // layer_bytes(first)))
+    return [first] + [make(nm_weight(out_f, in_f, s)) for s in range(1, n)]
+
+
+def compressed_layer(dtype: torch.dtype):
+    """``make`` for weight_copies: the NMLinear of a float32 2:4 weight, with values in ``dtype``."""
+
+    def make(w: torch.Tensor):
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
         with torch.no_grad():
             lin.weight.copy_(w)
-        layers.append(cast_rs.NMLinear.from_dense(lin, dtype=dtype))
-    return ws, layers
+        return cast_rs.NMLinear.from_dense(lin, dtype=dtype)
+
+    return make
 
 
 def layer_section(rounds: int, threads_list, shapes, bandwidth: dict) -> None:
@@ -300,13 +320,12 @@ def layer_section(rounds: int, threads_list, shapes, bandwidth: dict) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for out_f, in_f in shapes:
         for dtype in (torch.float32, torch.bfloat16):
-            ws, layers = weight_copies(out_f, in_f, dtype, rotation)
             # Every contender has copies of its own (F.linear f32 and F.linear on float32 read
             # the same values, but must not read the same memory: the second would hit cache).
-            dense_same = [w.to(dtype).clone() for w in ws]
-            dense_f32 = [w.clone() for w in ws]
-            nbytes = tensor_bytes(layers[0].values, layers[0].index)  # what a compressed call reads
-            dense_nbytes = tensor_bytes(dense_same[0])
+            layers = weight_copies(out_f, in_f, rotation, compressed_layer(dtype))
+            dense_same = weight_copies(out_f, in_f, rotation, lambda w, dtype=dtype: w.to(dtype))
+            dense_f32 = weight_copies(out_f, in_f, rotation, lambda w: w)
+            nbytes, dense_nbytes = layer_bytes(layers[0]), layer_bytes(dense_same[0])
             for batch in (1, 4, 16):
                 x32 = torch.randn(batch, in_f)
                 x = x32.to(dtype)
@@ -331,7 +350,56 @@ def layer_section(rounds: int, threads_list, shapes, bandwidth: dict) -> None:
                         f"| {dense_gbs:.1f} | {100 * dense_gbs / host:.0f} % |",
                         flush=True,
                     )
-            del ws, dense_same, dense_f32, layers
+            del dense_same, dense_f32, layers
+
+
+def int8_section(rounds: int, threads_list, shapes, bandwidth: dict) -> None:
+    """int8 2:4 (``compress(model, dtype=torch.int8)``'s layers) against the 2:4 layer with
+    bfloat16 values and against dense float32 ``F.linear``, batch 1 and 4."""
+    rotation = rotation_bytes()
+    print(
+        f"\n## Layers: int8 2:4 vs bf16 2:4 and dense f32 (medians of {rounds} interleaved rounds, ms; each "
+        f"contender cycles through {rotation_note()})\n"
+    )
+    print(
+        "int8 2:4: int8 values with a float32 scale per output row, 2-bit positions (0.625 bytes per dense weight); "
+        "activations f32 (the int8 row's own) or bf16 (both 2:4 rows get the same bf16 input).\n"
+    )
+    print(
+        "| shape (out, in) | activations | batch | threads | int8 2:4 ms | bf16 2:4 ms | F.linear f32 ms "
+        "| vs bf16 2:4 | vs F.linear f32 | int8 GB/s | int8 % BW |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for out_f, in_f in shapes:
+        q8 = weight_copies(out_f, in_f, rotation, compressed_layer(torch.int8))
+        b16 = weight_copies(out_f, in_f, rotation, compressed_layer(torch.bfloat16))
+        f32 = weight_copies(out_f, in_f, rotation, lambda w: w)
+        nbytes = layer_bytes(q8[0])
+        for act in (torch.float32, torch.bfloat16):
+            for batch in (1, 4):
+                x32 = torch.randn(batch, in_f)
+                x = x32.to(act)
+                xb = x32.to(torch.bfloat16)
+                for threads in threads_list:
+                    torch.set_num_threads(threads)
+                    with torch.no_grad():
+                        med = interleaved(
+                            {
+                                "q8": Rotating(q8, lambda layer, x=x: layer(x)),
+                                "b16": Rotating(b16, lambda layer, xb=xb: layer(xb)),
+                                "f32": Rotating(f32, lambda w, x32=x32: F.linear(x32, w)),
+                            },
+                            rounds,
+                        )
+                    q, b, d = med["q8"][0], med["b16"][0], med["f32"][0]
+                    gbs = nbytes / q / 1e9
+                    print(
+                        f"| ({out_f}, {in_f}) | {'f32' if act == torch.float32 else 'bf16'} | {batch} | {threads} "
+                        f"| {q * 1e3:.3f} | {b * 1e3:.3f} | {d * 1e3:.3f} | **{b / q:.2f}x** | **{d / q:.2f}x** "
+                        f"| {gbs:.1f} | {100 * gbs / bandwidth[threads]:.0f} % |",
+                        flush=True,
+                    )
+        del q8, b16, f32
 
 
 def crossover_section(rounds: int, threads_list, shape=(4096, 4096)) -> None:
@@ -346,8 +414,8 @@ def crossover_section(rounds: int, threads_list, shape=(4096, 4096)) -> None:
     print("| dtype | threads | batch | compressed ms | F.linear ms | compressed vs F.linear |")
     print("|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
-        ws, layers = weight_copies(out_f, in_f, dtype, rotation)
-        dense = [w.to(dtype).clone() for w in ws]
+        layers = weight_copies(out_f, in_f, rotation, compressed_layer(dtype))
+        dense = weight_copies(out_f, in_f, rotation, lambda w, dtype=dtype: w.to(dtype))
         for threads in threads_list:
             torch.set_num_threads(threads)
             for batch in (1, 4, 8, 16, 24, 32, 48, 64, 128, 256):
@@ -363,7 +431,7 @@ def crossover_section(rounds: int, threads_list, shape=(4096, 4096)) -> None:
                 k, d = med["nm"][0], med["same"][0]
                 name = "f32" if dtype == torch.float32 else "bf16"
                 print(f"| {name} | {threads} | {batch} | {k * 1e3:.3f} | {d * 1e3:.3f} | **{d / k:.2f}x** |", flush=True)
-        del ws, dense, layers
+        del dense, layers
 
 
 def e2e_child(kind: str, dtype_name: str, compressed, new_tokens: int, threads: int) -> dict:
@@ -560,6 +628,7 @@ def main() -> None:
     if a.layers or both:
         shapes = SHAPES[3:] if a.quick else SHAPES
         layer_section(a.rounds or (5 if a.quick else 30), threads_list, shapes, bandwidth)
+        int8_section(a.rounds or (5 if a.quick else 30), threads_list, shapes, bandwidth)
     if a.crossover or both:
         crossover_section(a.rounds or (3 if a.quick else 15), threads_list, (768, 3072) if a.quick else (4096, 4096))
     if a.e2e or both:

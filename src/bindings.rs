@@ -1,6 +1,6 @@
 //! The Python module `cast_rs._cast_rs`: module set-up, the exception type, the constants the
 //! Python layer reads, and the rules a caller asks without a tensor (AdamS's scalar ranges,
-//! whether a shape holds an N:M pattern). Every kernel is reached through the PyTorch operators (`torch.ops.cast_rs.*`,
+//! whether a shape holds an N:M pattern, which N:M linear kernel this CPU runs). Every kernel is reached through the PyTorch operators (`torch.ops.cast_rs.*`,
 //! `csrc/`). No numerics and no argument rules live here.
 
 use pyo3::prelude::*;
@@ -41,6 +41,20 @@ fn num_threads() -> usize {
     crate::parallel::num_threads()
 }
 
+/// The N:M linear kernel each kind of call runs on this CPU, for pattern `n:m`:
+/// `{call: kernel}` (the benchmarks print it beside their figures).
+#[pyfunction]
+#[pyo3(signature = (n = 2, m = 4))]
+fn nm_linear_kernels(
+    n: usize,
+    m: usize,
+) -> PyResult<std::collections::BTreeMap<&'static str, &'static str>> {
+    let layout = crate::nm_linear::NmLayout::new(crate::nm_linear::ROW_BLOCK, m, n, m)?;
+    Ok(crate::nm_linear::kernel_paths(&layout)
+        .into_iter()
+        .collect())
+}
+
 #[pymodule]
 fn _cast_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Importing torch first makes libtorch's Python bindings ready before any tensor is
@@ -53,6 +67,7 @@ fn _cast_rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(check_adams_hyper, m)?)?;
     m.add_function(wrap_pyfunction!(check_nm_shape, m)?)?;
+    m.add_function(wrap_pyfunction!(nm_linear_kernels, m)?)?;
     // The pattern limit, defined once (nm::MAX_M) and read by the Python layer.
     m.add("MAX_M", nm::MAX_M)?;
     // The order of the operator's `hyper` list, defined once (AdamsHyper::FIELDS).

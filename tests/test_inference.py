@@ -305,3 +305,37 @@ def test_compress_refuses_float16_and_models_that_were_never_finalized():
     assert isinstance(half[0], nn.Linear)
     with pytest.raises(ValueError, match="no layer of the model is exactly 2:4.*finalize"):
         cast_rs.compress(nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)))
+
+
+def test_nm_linear_kernels_names_the_kernel_of_each_call():
+    """What the inference benchmark prints beside its figures: the dispatched kernel per call,
+    from the CPU's flags (CAST_RS_NO_SIMD, which the generic-path tests set, forces portable)."""
+    import os
+
+    from cast_rs import _cast_rs
+
+    paths = _cast_rs.nm_linear_kernels()
+    assert set(paths) == {
+        "float32",
+        "bfloat16 values, float32 inputs",
+        "bfloat16 values, bfloat16 inputs",
+        "int8 values",
+    }
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    if os.environ.get("CAST_RS_NO_SIMD"):
+        want = "portable"
+    elif {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        want = "avx512"
+    elif {"avx2", "fma", "f16c"} <= flags:
+        want = "avx2"
+    else:
+        want = "portable"
+    assert paths["float32"].split()[0] == want
+    dot = want == "avx512" and "avx512_bf16" in flags
+    assert paths["bfloat16 values, bfloat16 inputs"].startswith("avx512_bf16") == dot
+    # An odd N pairs no slots, so never the vdpbf16ps kernel.
+    assert _cast_rs.nm_linear_kernels(3, 4)["bfloat16 values, bfloat16 inputs"] == paths["float32"]
+    with pytest.raises(ValueError, match="pattern"):
+        _cast_rs.nm_linear_kernels(4, 4)

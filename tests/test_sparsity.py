@@ -437,6 +437,7 @@ def test_suggestions_on_a_model_that_is_already_nm():
     with pytest.raises(cast_rs.CastError, match="^suggest_lr: the weights the N:M masks remove are already zero"):
         sparse.suggest_lr(10)
 
+
 def test_finalize_refuses_non_finite_weights_and_check_nm_flags_them():
     model = nn.Sequential(nn.Linear(16, 8))
     sparse = cast_rs.sparsify(model, "2:4")

@@ -5,7 +5,7 @@ holds the exception type, the constants and the rules asked without a tensor (Ad
 hyperparameters, whether a shape holds an N:M pattern)."""
 
 # pyo3 appends every name the module init adds to the module's __all__.
-from typing import Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 __all__ = [
     "OPERATORS",
@@ -13,6 +13,7 @@ __all__ = [
     "num_threads",
     "check_adams_hyper",
     "check_nm_shape",
+    "nm_linear_kernels",
     "MAX_M",
     "ADAMS_HYPER",
     "__version__",
@@ -46,3 +47,8 @@ def check_adams_hyper(values: Sequence[float]) -> None:
 
 def check_nm_shape(shape: Sequence[int], n: int, m: int, dim: int) -> None:
     """Raise (ValueError naming ``shape``) unless a tensor of ``shape`` holds ``n:m`` groups along ``dim``."""
+
+def nm_linear_kernels(n: int = 2, m: int = 4) -> Dict[str, str]:
+    """The compressed N:M linear kernel each kind of call runs on this CPU (``{call: kernel}``;
+    AVX-512, AVX2 or portable, and ``vdpbf16ps`` for bfloat16 values with bfloat16 inputs
+    where the CPU has AVX-512 BF16 and N is even)."""

@@ -230,6 +230,29 @@ pub fn bf16_dot_kernel(layout: &NmLayout) -> bool {
     }
 }
 
+/// Which kernel runs a layer of `layout` on this CPU, per kind of call: `(call, kernel)`
+/// pairs for float32 values, bfloat16 values with float32 inputs, bfloat16 values with
+/// bfloat16 inputs, and int8 values (any inputs: they are summed in f32). What benchmarks
+/// print beside their figures, since the same machine kind can land on different CPUs.
+pub fn kernel_paths(layout: &NmLayout) -> [(&'static str, &'static str); 4] {
+    let base = match level() {
+        Kernel::Avx512 => "avx512 (vpermps + FMA)",
+        Kernel::Avx2 => "avx2 (vpermps + FMA)",
+        Kernel::Portable => "portable (scalar)",
+    };
+    let bf16_inputs = if bf16_dot_kernel(layout) {
+        "avx512_bf16 (vdpbf16ps)"
+    } else {
+        base
+    };
+    [
+        ("float32", base),
+        ("bfloat16 values, float32 inputs", base),
+        ("bfloat16 values, bfloat16 inputs", bf16_inputs),
+        ("int8 values", base),
+    ]
+}
+
 /// [`nm_linear_parallel`] for bf16 weights **and bf16 inputs** (a bf16 model's activations).
 ///
 /// With [`bf16_dot_kernel`], `vdpbf16ps` multiplies each lane's two kept values of a slot pair

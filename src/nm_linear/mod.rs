@@ -68,8 +68,8 @@ mod x86;
 
 pub use check::{check_call, check_index, check_scales};
 pub use dispatch::{
-    bf16_dot_kernel, level, nm_linear, nm_linear_bf16_parallel, nm_linear_parallel, run_blocks,
-    Kernel,
+    bf16_dot_kernel, kernel_paths, level, nm_linear, nm_linear_bf16_parallel, nm_linear_parallel,
+    run_blocks, Kernel,
 };
 pub use elem::{Bf16, NmElem};
 pub use layout::{NmLayout, ROW_BLOCK};

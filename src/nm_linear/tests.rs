@@ -4,8 +4,8 @@
 
 use super::{
     bf16_dot_kernel, check_call, check_index, compress, compress_int8, decompress, decompress_into,
-    dequantize_into, level, nm_linear, nm_linear_bf16_parallel, nm_linear_parallel, row_scale,
-    run_blocks, Bf16, Kernel, NmElem, NmLayout,
+    dequantize_into, kernel_paths, level, nm_linear, nm_linear_bf16_parallel, nm_linear_parallel,
+    row_scale, run_blocks, Bf16, Kernel, NmElem, NmLayout,
 };
 
 /// xorshift64*: deterministic test data without a dependency.
@@ -514,4 +514,25 @@ fn int8_refusals_name_the_argument() {
     let mut out = vec![0f32; 24];
     let e = dequantize_into(&l, &q, &idx, &scales[..1], &mut out).unwrap_err();
     assert!(e.to_string().starts_with("scales: expected 3"), "{e}");
+}
+
+#[test]
+fn kernel_paths_name_the_dispatched_kernel_for_each_call() {
+    let even = NmLayout::new(16, 8, 2, 4).unwrap();
+    let odd = NmLayout::new(16, 8, 3, 4).unwrap();
+    let paths = kernel_paths(&even);
+    let base = paths[0].1;
+    assert_eq!(
+        base.split(' ').next().unwrap(),
+        match level() {
+            Kernel::Avx512 => "avx512",
+            Kernel::Avx2 => "avx2",
+            Kernel::Portable => "portable",
+        }
+    );
+    assert_eq!(paths[1].1, base);
+    assert_eq!(paths[3].1, base);
+    // vdpbf16ps only where bf16_dot_kernel says so (never for an odd N).
+    assert_eq!(paths[2].1 != base, bf16_dot_kernel(&even));
+    assert_eq!(kernel_paths(&odd)[2].1, base);
 }
