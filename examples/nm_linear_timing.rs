@@ -1,0 +1,178 @@
+//! Throughput of the compressed 2:4 linear kernels at batch 1, one thread, without Python or
+//! the dispatcher: `cargo run --release --example nm_linear_timing` (`RAYON_NUM_THREADS`
+//! sets the threads of the bf16 x bf16 row, 1 by default).
+//!
+//! Two sizes: a weight that fits in the L2 cache (what the kernel's instructions allow) and
+//! (4096, 4096) weights rotated through 256 MiB of copies (what memory allows). Printed as
+//! dense weights per nanosecond and as compressed bytes read per second: a kernel much slower
+//! from memory than from L2 while below the memory bandwidth is waiting on memory, not on its
+//! instructions (the case the prefetch distance in `nm_linear::x86` is for).
+use std::time::Instant;
+
+use _cast_rs::nm_linear::{
+    compress, compress_int8, level, nm_linear_bf16_parallel, run_blocks, Bf16, NmElem, NmLayout,
+};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// A random 2:4 `[rows, cols]` weight (the first two of every four kept).
+fn weight(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..rows * cols)
+        .map(|i| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let v = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+            if (i % 4) < 2 {
+                v
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// Median seconds of one call of `call(copy)` over the copies, after 5 warm-up rounds.
+fn timed<C>(copies: &[C], mut call: impl FnMut(&C)) -> f64 {
+    let mut times = Vec::new();
+    for round in 0..40 {
+        let t0 = Instant::now();
+        for c in copies {
+            call(c);
+        }
+        if round >= 5 {
+            times.push(t0.elapsed().as_secs_f64() / copies.len() as f64);
+        }
+    }
+    median(times)
+}
+
+fn report(label: &str, layout: &NmLayout, seconds: f64, bytes: usize) {
+    let dense = (layout.rows * layout.cols) as f64;
+    println!(
+        "{label:<32} {:>8.1} us  {:>6.2} dense weights/ns  {:>6.1} GB/s",
+        seconds * 1e6,
+        dense / seconds / 1e9,
+        bytes as f64 / seconds / 1e9
+    );
+}
+
+fn main() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
+    println!("kernel: {:?}", level());
+    for (rows, cols, rotate) in [(256usize, 2048usize, false), (4096, 4096, true)] {
+        let layout = NmLayout::new(rows, cols, 2, 4).unwrap();
+        let copies_of = |bytes: usize| {
+            if rotate {
+                (256 << 20) / bytes + 1
+            } else {
+                1
+            }
+        };
+        let place = if rotate { "memory" } else { "L2" };
+        let x: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
+        let xb: Vec<Bf16> = x.iter().map(|&v| Bf16::from_f32(v)).collect();
+        let mut y = vec![0f32; rows];
+
+        let one = compress::<f32>(&layout, &weight(rows, cols, 0)).unwrap();
+        let bytes = one.0.len() * 4 + one.1.len() * 4;
+        let copies: Vec<_> = (0..copies_of(bytes))
+            .map(|s| compress::<f32>(&layout, &weight(rows, cols, s as u64)).unwrap())
+            .collect();
+        let t = timed(&copies, |(v, i)| {
+            run_blocks(
+                &layout,
+                v,
+                i,
+                None,
+                None,
+                &x,
+                1,
+                &mut y,
+                0,
+                layout.blocks(),
+                level(),
+            )
+        });
+        report(&format!("f32 ({rows}, {cols}) {place}"), &layout, t, bytes);
+        drop(copies);
+
+        let bf = |s: u64| -> Vec<Bf16> {
+            weight(rows, cols, s)
+                .iter()
+                .map(|&v| Bf16::from_f32(v))
+                .collect()
+        };
+        let one = compress::<Bf16>(&layout, &bf(0)).unwrap();
+        let bytes = one.0.len() * 2 + one.1.len() * 4;
+        let copies: Vec<_> = (0..copies_of(bytes))
+            .map(|s| compress::<Bf16>(&layout, &bf(s as u64)).unwrap())
+            .collect();
+        let t = timed(&copies, |(v, i)| {
+            run_blocks(
+                &layout,
+                v,
+                i,
+                None,
+                None,
+                &x,
+                1,
+                &mut y,
+                0,
+                layout.blocks(),
+                level(),
+            )
+        });
+        report(
+            &format!("bf16 x f32 ({rows}, {cols}) {place}"),
+            &layout,
+            t,
+            bytes,
+        );
+        let t = timed(&copies, |(v, i)| {
+            nm_linear_bf16_parallel(&layout, v, i, None, &xb, 1, &mut y).unwrap()
+        });
+        report(
+            &format!("bf16 x bf16 ({rows}, {cols}) {place}"),
+            &layout,
+            t,
+            bytes,
+        );
+        drop(copies);
+
+        let one = compress_int8(&layout, &weight(rows, cols, 0)).unwrap();
+        let bytes = one.0.len() + one.1.len() * 4 + one.2.len() * 4;
+        let copies: Vec<_> = (0..copies_of(bytes))
+            .map(|s| compress_int8(&layout, &weight(rows, cols, s as u64)).unwrap())
+            .collect();
+        let t = timed(&copies, |(v, i, sc)| {
+            let blocks = layout.blocks();
+            run_blocks(
+                &layout,
+                v,
+                i,
+                Some(sc),
+                None,
+                &x,
+                1,
+                &mut y,
+                0,
+                blocks,
+                level(),
+            )
+        });
+        report(
+            &format!("int8 x f32 ({rows}, {cols}) {place}"),
+            &layout,
+            t,
+            bytes,
+        );
+        std::hint::black_box(&y);
+    }
+}
