@@ -6,11 +6,13 @@ use super::elem::{Bf16, NmElem};
 use super::layout::{NmLayout, ROW_BLOCK};
 use std::arch::x86_64::*;
 
-/// How far ahead (bytes) the bf16 and int8 kernels prefetch their value stream. At batch 1
-/// these kernels outrun the memory system's own look-ahead: a weight streamed from memory
-/// took about three times as long as one in the L2 cache, and prefetching 2-4 KiB ahead
-/// instead of 128-256 bytes made the streamed case 15-25 % faster (interleaved A/B in one
-/// process; `examples/nm_linear_timing.rs`). f32 values get no software prefetch: a pair
+/// How far ahead (bytes, at batch 1) the bf16 and int8 kernels prefetch their value stream.
+/// At batch 1 these kernels outrun the memory system's own look-ahead: a weight streamed from
+/// memory took about three times as long as one in the L2 cache, and prefetching 2-4 KiB
+/// ahead instead of 128-256 bytes made the streamed case 15-25 % faster (interleaved A/B in
+/// one process; `examples/nm_linear_timing.rs`). With NB batch rows a slot takes about NB
+/// times as long, so the distance is divided by NB, the same time ahead (undivided, it made
+/// products of 128 and more bf16 rows slower). f32 values get no software prefetch: a pair
 /// of f32 slots is two whole cache lines, a stream the hardware prefetcher follows by
 /// itself, and there a software prefetch was neutral or slower.
 const PREFETCH_AHEAD: usize = 3072;
@@ -140,11 +142,11 @@ unsafe fn block_avx512_nb<E: NmElem, const NB: usize>(
     let first = block * kept;
     // Element offset of slot t's values (of the pair, for an even t).
     let off = |t: usize| (first + t) * ROW_BLOCK;
-    // Prefetch the value stream PREFETCH_AHEAD bytes ahead (the stream that sets the
+    // Prefetch the value stream PREFETCH_AHEAD / NB bytes ahead (the stream that sets the
     // speed), except for f32 values (see PREFETCH_AHEAD).
     // (`wrapping_add`: the address may lie past the end, which a prefetch tolerates.)
     let software_prefetch = std::mem::size_of::<E>() != 4;
-    let ahead = PREFETCH_AHEAD / std::mem::size_of::<E>();
+    let ahead = PREFETCH_AHEAD / (NB * std::mem::size_of::<E>());
     let prefetch = |t: usize| {
         if software_prefetch {
             _mm_prefetch::<_MM_HINT_T0>(values.as_ptr().wrapping_add(off(t) + ahead) as *const i8)
@@ -369,7 +371,8 @@ unsafe fn block_dpbf16_nb<const NB: usize, const SHUFFLE: bool>(
         _mm_prefetch::<_MM_HINT_T0>(
             values
                 .as_ptr()
-                .wrapping_add(slot * ROW_BLOCK + PREFETCH_AHEAD / 2) as *const i8,
+                .wrapping_add(slot * ROW_BLOCK + PREFETCH_AHEAD / (2 * NB))
+                as *const i8,
         );
         let w = _mm512_loadu_si512(values.as_ptr().add(slot * ROW_BLOCK) as *const __m512i);
         let words = index.as_ptr().add(slot * wps);
