@@ -7,9 +7,10 @@
     ./run bench inference --quick         # fewer rounds, the small model only (a smoke run)
     ./run bench inference --e2e --llamacpp  # and llama.cpp on the same weights (installs llama-cpp-python)
 
-**Host.** The CPU model, logical CPUs, the kernel each kind of 2:4 call runs, the last-level cache (from sysfs, else `getconf
-LEVEL3_CACHE_SIZE`, else `lscpu -B`; when none answers, the weight copies below rotate through
-1 GiB instead of a guess) and the ISA flags that matter; then the host's read bandwidth: a sum
+**Host.** The CPU model, logical CPUs, the kernel each kind of 2:4 call runs, the last-level
+cache (from sysfs, else `getconf LEVEL3_CACHE_SIZE`, else `lscpu -B`, else `--llc-mib`; when
+none gives it, the layer, int8 and crossover tables refuse to run rather than guess, since
+their weight copies must exceed it) and the ISA flags that matter; then the host's read bandwidth: a sum
 and a dot product over a buffer of max(4x the last-level cache, 512 MiB), on 1 thread and on
 all, the medians in GB/s.
 
@@ -60,7 +61,6 @@ from _e2e_models import PROMPT_TOKENS, build_model, greedy  # benchmarks/ is on 
 from _rss import peak_rss, reset_peak_rss
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (768, 3072), (3072, 768)]
-UNKNOWN_LLC_ROTATION = 2**30  # bytes of weight copies when the OS does not tell the cache size
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
@@ -140,18 +140,32 @@ def llc_bytes() -> tuple[int | None, str]:
     return _LLC[0]
 
 
+def set_llc_mib(mib: float) -> None:
+    """The last-level cache size given on the command line (--llc-mib), used instead of the OS's."""
+    _LLC[:] = [(int(mib * 2**20), "given with --llc-mib")]
+
+
+def known_llc() -> int:
+    """The last-level cache in bytes; exits, naming --llc-mib, when neither the OS nor the
+    command line says it: any fixed rotation could fit in some CPU's cache (L3 caches reach
+    1 GiB), and then the layer tables would time the cache, not memory."""
+    llc, source = llc_bytes()
+    if not llc:
+        raise SystemExit(
+            f"the last-level cache size is {source}: the layer, int8 and crossover tables and the "
+            "bandwidth measurement need it (their weight copies must exceed it); pass --llc-mib N "
+            "(the last-level cache of the CPU, all instances, in MiB), or run --e2e alone"
+        )
+    return llc
+
+
 def rotation_bytes() -> int:
-    """Bytes of weight copies a contender cycles through: twice the last-level cache, or
-    UNKNOWN_LLC_ROTATION (1 GiB) when the cache size is unknown (never a guess of it)."""
-    llc, _ = llc_bytes()
-    return 2 * llc if llc else UNKNOWN_LLC_ROTATION
+    """Bytes of weight copies a contender cycles through: twice the last-level cache."""
+    return 2 * known_llc()
 
 
 def rotation_note() -> str:
-    llc, source = llc_bytes()
-    if llc:
-        return f"weight copies covering >= 2x the {llc / 2**20:.0f} MiB last-level cache"
-    return f"weight copies covering >= {UNKNOWN_LLC_ROTATION // 2**20} MiB (last-level cache size {source})"
+    return f"weight copies covering >= 2x the {known_llc() / 2**20:.0f} MiB last-level cache"
 
 
 def host_info() -> dict:
@@ -178,8 +192,6 @@ def print_host(info: dict) -> None:
     )
     kernels = cast_rs._cast_rs.nm_linear_kernels()
     print("2:4 kernels: " + "; ".join(f"{call}: {kernel}" for call, kernel in kernels.items()))
-    if not info["llc"]:
-        print(f"the last-level cache size is unknown: weight copies rotate through {UNKNOWN_LLC_ROTATION // 2**20} MiB instead")
 
 
 def mem_available() -> int | None:
@@ -195,8 +207,7 @@ def read_bandwidth(threads_list, runs: int = 7) -> tuple[dict, int]:
     512 MiB) (at most a quarter of the available memory), per thread count: bytes / median
     seconds of ``runs`` runs (after one warm-up) of ``buf.sum()`` and of ``torch.dot(buf, buf)``
     (one read of the buffer each). Returns ({threads: {"sum": GB/s, "dot": GB/s}}, bytes)."""
-    llc, _ = llc_bytes()
-    want = max(4 * (llc or UNKNOWN_LLC_ROTATION), 512 * 2**20)
+    want = max(4 * known_llc(), 512 * 2**20)
     avail = mem_available()
     nbytes = min(want, avail // 4) if avail else want
     buf = torch.ones(nbytes // 4)  # written once: every page is resident
@@ -611,6 +622,12 @@ def main() -> None:
         help="with the end-to-end table, llama.cpp (llama-cpp-python; ./run installs it) on the same weights "
         "as F32, BF16 and Q8_0 GGUF files",
     )
+    ap.add_argument(
+        "--llc-mib",
+        type=float,
+        default=None,
+        help="the last-level cache size in MiB, where the OS does not tell it (sysfs, getconf, lscpu)",
+    )
     ap.add_argument("--quick", action="store_true", help="a smoke run: few rounds, small shapes and model")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per layer row (default 30)")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per decoding run (default 64)")
@@ -619,12 +636,20 @@ def main() -> None:
     if a.child:
         print(json.dumps(e2e_child(*json.loads(a.child))))
         return
+    if a.llc_mib is not None:
+        if not a.llc_mib > 0:
+            raise SystemExit(f"--llc-mib: expected a size in MiB > 0, got {a.llc_mib}")
+        set_llc_mib(a.llc_mib)
     all_threads = os.cpu_count() or 1
     threads_list = sorted({1, torch.get_num_threads(), all_threads})
     print(f"torch {torch.__version__}, cast-rs {cast_rs.__version__}, {all_threads} CPUs")
     print_host(host_info())
-    bandwidth = bandwidth_section(threads_list)
     both = not (a.layers or a.e2e or a.crossover)
+    if a.layers or a.crossover or both:
+        known_llc()  # refuse before any work when the cache size is unknown
+    # The read bandwidth is the layer tables' reference, and context for the others where the
+    # cache size (its buffer's floor) is known.
+    bandwidth = bandwidth_section(threads_list) if (a.layers or both or llc_bytes()[0]) else {}
     if a.layers or both:
         shapes = SHAPES[3:] if a.quick else SHAPES
         layer_section(a.rounds or (5 if a.quick else 30), threads_list, shapes, bandwidth)
