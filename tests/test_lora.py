@@ -260,6 +260,45 @@ def test_trainer_trains_masked_adapter(tmp_path):
         assert torch.equal(merged(ids()).logits, adapted)
 
 
+def test_bfloat16_layer_gradients_against_a_float64_reference():
+    """bf16 weights, activations and output gradient, float32 adapters: G = gᵀx is a bf16 GEMM
+    (exact bf16 products, f32 accumulation, rounded once to bf16), then contracted in f32. The
+    A/B gradients against autograd in float64 on the same bf16 values, within that bound."""
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(64, 48, bias=False)
+    with torch.no_grad():
+        lin.weight.mul_(cast_rs.nm_mask(lin.weight, "2:4"))
+    model = torch.nn.Sequential(lin).to(torch.bfloat16)
+    pm = cast_rs.lora(model, r=8, lora_alpha=4)
+    layer = pm.base_model.model[0]
+    randomize_b(pm, std=0.3)
+    a, b, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    assert a.dtype == torch.float32 and layer.get_base_layer().weight.dtype == torch.bfloat16
+    x = torch.randn(5, 7, 64).to(torch.bfloat16)
+    y = pm(x)
+    assert y.dtype == torch.bfloat16
+    g = torch.randn_like(y)
+    y.backward(g)
+
+    mask = cast_rs.nm_mask(lin.weight, "2:4")
+    a_ref = a.detach().double().requires_grad_()
+    b_ref = b.detach().double().requires_grad_()
+    w_ref = lin.weight.detach().double() + s * (b_ref @ a_ref) * mask
+    F.linear(x.double(), w_ref).backward(g.double())
+    # |ΔG| <= (2^-8 + γ(35)) · |g|ᵀ|x| per element (the bf16 rounding of the f32 sum of 35
+    # exact products), then the f32 contractions with B (length 48) and A (length 64).
+    g2, x2 = g.double().reshape(-1, 48).abs(), x.double().reshape(-1, 64).abs()
+    gm_abs = (g2.t() @ x2) * mask
+    eps_g = 2.0**-8 + gamma(35)
+    tol_a = 2 * (eps_g + gamma(48) + 2 * U32) * s * (b.detach().double().abs().t() @ gm_abs)
+    tol_b = 2 * (eps_g + gamma(64) + 2 * U32) * s * (gm_abs @ a.detach().double().abs().t())
+    assert ((a.grad.double() - a_ref.grad).abs() <= tol_a).all()
+    assert ((b.grad.double() - b_ref.grad).abs() <= tol_b).all()
+    # G went through the bf16 GEMM (the fast path): its rounding shows beyond float32's bound.
+    tight = 2 * (gamma(35) + gamma(48) + 2 * U32) * s * (b.detach().double().abs().t() @ gm_abs)
+    assert ((a.grad.double() - a_ref.grad).abs() > tight).any()
+
+
 def test_bfloat16_base():
     """bf16 base, float32 adapters (peft's default upcast): the layer computes with
     bf16(W + (s·B·A)⊙M), which is what the merge stores, so merged logits are bit-identical
