@@ -61,6 +61,53 @@ fn report(label: &str, layout: &NmLayout, seconds: f64, bytes: usize) {
     );
 }
 
+/// One compressed weight: values, positions, and the int8 row scales (None for float values).
+struct Compressed<E> {
+    values: Vec<E>,
+    index: Vec<u32>,
+    scales: Option<Vec<f32>>,
+}
+
+impl<E: NmElem> Compressed<E> {
+    fn bytes(&self) -> usize {
+        std::mem::size_of_val(&self.values[..])
+            + 4 * self.index.len()
+            + self.scales.as_ref().map_or(0, |s| 4 * s.len())
+    }
+
+    /// `y = x · Wᵀ` for float32 inputs, on the calling thread.
+    fn call(&self, layout: &NmLayout, x: &[f32], y: &mut [f32]) {
+        let scales = self.scales.as_deref();
+        let (values, index) = (&self.values[..], &self.index[..]);
+        run_blocks(
+            layout,
+            values,
+            index,
+            scales,
+            None,
+            x,
+            1,
+            y,
+            0,
+            layout.blocks(),
+            level(),
+        );
+    }
+}
+
+/// `make(seed)` for seeds 0, 1, ...: one weight, or (`rotate`) enough copies to cover 256 MiB.
+fn copies<E: NmElem>(rotate: bool, make: impl Fn(u64) -> Compressed<E>) -> Vec<Compressed<E>> {
+    let first = make(0);
+    let n = if rotate {
+        (256 << 20) / first.bytes() + 1
+    } else {
+        1
+    };
+    std::iter::once(first)
+        .chain((1..n as u64).map(make))
+        .collect()
+}
+
 fn main() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         std::env::set_var("RAYON_NUM_THREADS", "1");
@@ -68,110 +115,72 @@ fn main() {
     println!("kernel: {:?}", level());
     for (rows, cols, rotate) in [(256usize, 2048usize, false), (4096, 4096, true)] {
         let layout = NmLayout::new(rows, cols, 2, 4).unwrap();
-        let copies_of = |bytes: usize| {
-            if rotate {
-                (256 << 20) / bytes + 1
-            } else {
-                1
-            }
-        };
         let place = if rotate { "memory" } else { "L2" };
         let x: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
         let xb: Vec<Bf16> = x.iter().map(|&v| Bf16::from_f32(v)).collect();
         let mut y = vec![0f32; rows];
-
-        let one = compress::<f32>(&layout, &weight(rows, cols, 0)).unwrap();
-        let bytes = one.0.len() * 4 + one.1.len() * 4;
-        let copies: Vec<_> = (0..copies_of(bytes))
-            .map(|s| compress::<f32>(&layout, &weight(rows, cols, s as u64)).unwrap())
-            .collect();
-        let t = timed(&copies, |(v, i)| {
-            run_blocks(
-                &layout,
-                v,
-                i,
-                None,
-                None,
-                &x,
-                1,
-                &mut y,
-                0,
-                layout.blocks(),
-                level(),
-            )
-        });
-        report(&format!("f32 ({rows}, {cols}) {place}"), &layout, t, bytes);
-        drop(copies);
-
-        let bf = |s: u64| -> Vec<Bf16> {
-            weight(rows, cols, s)
-                .iter()
-                .map(|&v| Bf16::from_f32(v))
-                .collect()
+        let float = |w: &[f32]| -> Compressed<f32> {
+            let (values, index) = compress(&layout, w).unwrap();
+            Compressed {
+                values,
+                index,
+                scales: None,
+            }
         };
-        let one = compress::<Bf16>(&layout, &bf(0)).unwrap();
-        let bytes = one.0.len() * 2 + one.1.len() * 4;
-        let copies: Vec<_> = (0..copies_of(bytes))
-            .map(|s| compress::<Bf16>(&layout, &bf(s as u64)).unwrap())
-            .collect();
-        let t = timed(&copies, |(v, i)| {
-            run_blocks(
-                &layout,
-                v,
-                i,
-                None,
-                None,
-                &x,
-                1,
-                &mut y,
-                0,
-                layout.blocks(),
-                level(),
-            )
-        });
+        let bf16 = |w: &[f32]| -> Compressed<Bf16> {
+            let w: Vec<Bf16> = w.iter().map(|&v| Bf16::from_f32(v)).collect();
+            let (values, index) = compress(&layout, &w).unwrap();
+            Compressed {
+                values,
+                index,
+                scales: None,
+            }
+        };
+        let int8 = |w: &[f32]| -> Compressed<i8> {
+            let (values, index, scales) = compress_int8(&layout, w).unwrap();
+            Compressed {
+                values,
+                index,
+                scales: Some(scales),
+            }
+        };
+
+        let c = copies(rotate, |s| float(&weight(rows, cols, s)));
+        let t = timed(&c, |w| w.call(&layout, &x, &mut y));
+        report(
+            &format!("f32 ({rows}, {cols}) {place}"),
+            &layout,
+            t,
+            c[0].bytes(),
+        );
+        drop(c);
+
+        let c = copies(rotate, |s| bf16(&weight(rows, cols, s)));
+        let t = timed(&c, |w| w.call(&layout, &x, &mut y));
         report(
             &format!("bf16 x f32 ({rows}, {cols}) {place}"),
             &layout,
             t,
-            bytes,
+            c[0].bytes(),
         );
-        let t = timed(&copies, |(v, i)| {
-            nm_linear_bf16_parallel(&layout, v, i, None, &xb, 1, &mut y).unwrap()
+        let t = timed(&c, |w| {
+            nm_linear_bf16_parallel(&layout, &w.values, &w.index, None, &xb, 1, &mut y).unwrap()
         });
         report(
             &format!("bf16 x bf16 ({rows}, {cols}) {place}"),
             &layout,
             t,
-            bytes,
+            c[0].bytes(),
         );
-        drop(copies);
+        drop(c);
 
-        let one = compress_int8(&layout, &weight(rows, cols, 0)).unwrap();
-        let bytes = one.0.len() + one.1.len() * 4 + one.2.len() * 4;
-        let copies: Vec<_> = (0..copies_of(bytes))
-            .map(|s| compress_int8(&layout, &weight(rows, cols, s as u64)).unwrap())
-            .collect();
-        let t = timed(&copies, |(v, i, sc)| {
-            let blocks = layout.blocks();
-            run_blocks(
-                &layout,
-                v,
-                i,
-                Some(sc),
-                None,
-                &x,
-                1,
-                &mut y,
-                0,
-                blocks,
-                level(),
-            )
-        });
+        let c = copies(rotate, |s| int8(&weight(rows, cols, s)));
+        let t = timed(&c, |w| w.call(&layout, &x, &mut y));
         report(
             &format!("int8 x f32 ({rows}, {cols}) {place}"),
             &layout,
             t,
-            bytes,
+            c[0].bytes(),
         );
         std::hint::black_box(&y);
     }
