@@ -453,10 +453,12 @@ def e2e_child(kind: str, dtype_name: str, compressed, new_tokens: int, threads: 
     model, params, prompt = build_model(kind, dtype_name)
     weight_bytes = bytes_per_weight = None
     if compressed:
-        dtype = model.dtype
-        report = cast_rs.compress(model, dtype=torch.int8) if compressed == "int8" else cast_rs.compress(model)
         if compressed == "int8":
+            dtype = model.dtype
+            report = cast_rs.compress(model, dtype=torch.int8)
             model.to(dtype)  # the activations (and bias) in the model's dtype; the int8 values stay
+        else:
+            report = cast_rs.compress(model)
         weight_bytes = (report.dense_bytes, report.compressed_bytes)
         bytes_per_weight = report.bytes_per_weight
     # Peak memory of the decoding itself: the dense weights the conversion started from are

@@ -302,6 +302,12 @@ def run_method(  # noqa: C901 (one research loop, a branch per method)
         rec["ppl"] = ev(model)
         return rec
     model = fresh()
+
+    def calibration() -> List[torch.Tensor]:
+        """``calib`` batches of the training set for Wanda / SparseGPT, drawn with their own seed."""
+        cb = Batches(tr, batch, c.context, seed + 7919)
+        return [cb.get(i)[0] for i in range(int(kv.get("calib", 4)))]
+
     eta = float(kv.get("eta", 1 / 3))
     run_lr = float(kv.get("lr", lr))
     handle = srste = fixed = None
@@ -312,17 +318,13 @@ def run_method(  # noqa: C901 (one research loop, a branch per method)
         opt = torch.optim.AdamW(_no_decay_groups(model, 0.0), lr=run_lr, betas=betas)
     elif name == "fixed":
         score = kv.get("score", "magnitude")
-        calib = None
-        if score != "magnitude":
-            cb = Batches(tr, batch, c.context, seed + 7919)
-            calib = [cb.get(i)[0] for i in range(int(kv.get("calib", 4)))]
+        calib = None if score == "magnitude" else calibration()
         fixed = baselines.FixedMask(model, pattern, score=score, calibration=calib)
         rec["ppl_one_shot"] = ev(model)
         opt = torch.optim.AdamW(_no_decay_groups(model, 0.0), lr=run_lr, betas=betas)
     elif name == "cast":
         if kv.get("init", "dense") == "sparsegpt":
-            cb = Batches(tr, batch, c.context, seed + 7919)
-            baselines.sparsegpt_prune(model, [cb.get(i)[0] for i in range(int(kv.get("calib", 4)))], pattern)
+            baselines.sparsegpt_prune(model, calibration(), pattern)
             rec["ppl_one_shot"] = ev(model)
         elif kv.get("init", "dense") != "dense":
             raise SystemExit(f"unknown init {kv['init']!r} (dense | sparsegpt)")
