@@ -17,6 +17,12 @@ use std::arch::x86_64::*;
 /// itself, and there a software prefetch was neutral or slower.
 const PREFETCH_AHEAD: usize = 3072;
 
+/// [`PREFETCH_AHEAD`] for `nb` batch rows, in elements of `E`.
+#[inline(always)]
+fn prefetch_ahead<E>(nb: usize) -> usize {
+    PREFETCH_AHEAD / (nb * std::mem::size_of::<E>())
+}
+
 /// One unpaired slot's 16 values (at element offset `off`) as f32.
 #[inline(always)]
 unsafe fn load16<E: NmElem>(values: &[E], off: usize) -> __m512 {
@@ -146,7 +152,7 @@ unsafe fn block_avx512_nb<E: NmElem, const NB: usize>(
     // speed), except for f32 values (see PREFETCH_AHEAD).
     // (`wrapping_add`: the address may lie past the end, which a prefetch tolerates.)
     let software_prefetch = std::mem::size_of::<E>() != 4;
-    let ahead = PREFETCH_AHEAD / (NB * std::mem::size_of::<E>());
+    let ahead = prefetch_ahead::<E>(NB);
     let prefetch = |t: usize| {
         if software_prefetch {
             _mm_prefetch::<_MM_HINT_T0>(values.as_ptr().wrapping_add(off(t) + ahead) as *const i8)
@@ -371,7 +377,7 @@ unsafe fn block_dpbf16_nb<const NB: usize, const SHUFFLE: bool>(
         _mm_prefetch::<_MM_HINT_T0>(
             values
                 .as_ptr()
-                .wrapping_add(slot * ROW_BLOCK + PREFETCH_AHEAD / (2 * NB))
+                .wrapping_add(slot * ROW_BLOCK + prefetch_ahead::<Bf16>(NB))
                 as *const i8,
         );
         let w = _mm512_loadu_si512(values.as_ptr().add(slot * ROW_BLOCK) as *const __m512i);
