@@ -321,9 +321,10 @@ def test_nm_linear_kernels_names_the_kernel_of_each_call():
         "bfloat16 values, bfloat16 inputs",
         "int8 values",
     }
-    flags = set()
     with open("/proc/cpuinfo") as f:
-        flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+        cpuinfo = f.read().splitlines()
+    flags = next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
+    vendor = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("vendor_id")), "")
     if os.environ.get("CAST_RS_NO_SIMD"):
         want = "portable"
     elif {"avx512f", "avx512bw", "avx512vl"} <= flags:
@@ -332,10 +333,14 @@ def test_nm_linear_kernels_names_the_kernel_of_each_call():
         want = "avx2"
     else:
         want = "portable"
-    assert paths["float32"].split()[0] == want
+    narrow = paths["bfloat16 values, float32 inputs"]
+    assert paths["float32"].split()[0] == narrow.split()[0] == want
+    assert paths["int8 values"] == narrow
+    # The AVX-512 kernel prefetches f32 values into L2 on Intel CPUs only.
+    assert ("into L2" in paths["float32"]) == (want == "avx512" and vendor == "GenuineIntel")
     dot = want == "avx512" and "avx512_bf16" in flags
     assert paths["bfloat16 values, bfloat16 inputs"].startswith("avx512_bf16") == dot
     # An odd N pairs no slots, so never the vdpbf16ps kernel.
-    assert _cast_rs.nm_linear_kernels(3, 4)["bfloat16 values, bfloat16 inputs"] == paths["float32"]
+    assert _cast_rs.nm_linear_kernels(3, 4)["bfloat16 values, bfloat16 inputs"] == narrow
     with pytest.raises(ValueError, match="pattern"):
         _cast_rs.nm_linear_kernels(4, 4)

@@ -235,21 +235,31 @@ pub fn bf16_dot_kernel(layout: &NmLayout) -> bool {
 /// bfloat16 inputs, and int8 values (any inputs: they are summed in f32). What benchmarks
 /// print beside their figures, since the same machine kind can land on different CPUs.
 pub fn kernel_paths(layout: &NmLayout) -> [(&'static str, &'static str); 4] {
-    let base = match level() {
-        Kernel::Avx512 => "avx512 (vpermps + FMA)",
-        Kernel::Avx2 => "avx2 (vpermps + FMA)",
-        Kernel::Portable => "portable (scalar)",
+    // The AVX-512 kernels prefetch the narrow values into L1, and f32 values into L2 only
+    // where `x86::f32_prefetch` says so (the AVX2 and portable ones leave it to the hardware).
+    let (float, narrow) = match level() {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 if x86::f32_prefetch() => (
+            "avx512 (vpermps + FMA; software prefetch into L2)",
+            "avx512 (vpermps + FMA; software prefetch into L1)",
+        ),
+        Kernel::Avx512 => (
+            "avx512 (vpermps + FMA; hardware prefetch only)",
+            "avx512 (vpermps + FMA; software prefetch into L1)",
+        ),
+        Kernel::Avx2 => ("avx2 (vpermps + FMA)", "avx2 (vpermps + FMA)"),
+        Kernel::Portable => ("portable (scalar)", "portable (scalar)"),
     };
     let bf16_inputs = if bf16_dot_kernel(layout) {
-        "avx512_bf16 (vdpbf16ps)"
+        "avx512_bf16 (vdpbf16ps; software prefetch into L1)"
     } else {
-        base
+        narrow
     };
     [
-        ("float32", base),
-        ("bfloat16 values, float32 inputs", base),
+        ("float32", float),
+        ("bfloat16 values, float32 inputs", narrow),
         ("bfloat16 values, bfloat16 inputs", bf16_inputs),
-        ("int8 values", base),
+        ("int8 values", narrow),
     ]
 }
 

@@ -6,21 +6,46 @@ use super::elem::{Bf16, NmElem};
 use super::layout::{NmLayout, ROW_BLOCK};
 use std::arch::x86_64::*;
 
-/// How far ahead (bytes, at batch 1) the bf16 and int8 kernels prefetch their value stream.
+/// How far ahead (bytes, at batch 1) the kernels prefetch their value stream.
 /// At batch 1 these kernels outrun the memory system's own look-ahead: a weight streamed from
 /// memory took about three times as long as one in the L2 cache, and prefetching 2-4 KiB
 /// ahead instead of 128-256 bytes made the streamed case 15-25 % faster (interleaved A/B in
 /// one process; `examples/nm_linear_timing.rs`). With NB batch rows a slot takes about NB
 /// times as long, so the distance is divided by NB, the same time ahead (undivided, it made
-/// products of 128 and more bf16 rows slower). f32 values get no software prefetch: a pair
-/// of f32 slots is two whole cache lines, a stream the hardware prefetcher follows by
-/// itself, and there a software prefetch was neutral or slower.
+/// products of 128 and more bf16 rows slower). f32 values: see [`f32_prefetch`].
 const PREFETCH_AHEAD: usize = 3072;
 
 /// [`PREFETCH_AHEAD`] for `nb` batch rows, in elements of `E`.
 #[inline(always)]
 fn prefetch_ahead<E>(nb: usize) -> usize {
     PREFETCH_AHEAD / (nb * std::mem::size_of::<E>())
+}
+
+/// Whether the f32-value kernels prefetch (both cache lines of a slot pair,
+/// [`PREFETCH_AHEAD`] / NB bytes ahead, into L2): on Intel CPUs, not on others.
+///
+/// A pair of f32 slots is two whole cache lines. On AMD EPYC the hardware prefetcher follows
+/// that stream by itself: a software prefetch was neutral or slower there, and without one a
+/// batch-1 call read at 88-99 % of `F.linear`'s rate. On an Intel Xeon (480 MiB L3) the same
+/// call read at 56-65 % of the host's read bandwidth against `F.linear`'s 87-95 %: one
+/// stream's look-ahead stops at each 4 KiB page there. Prefetching both lines 3 KiB ahead
+/// into L2 took one thread from 11.6 to 16.1 GB/s and two from 21.7 to 29.1 GB/s (into L1:
+/// 14.8; one line of the two: 14.9; 1.5 or 4 KiB ahead: 14.6-15.7). The bf16 and int8
+/// kernels, with their shorter pairs, were within 5 % either way there, so they keep one
+/// prefetch into L1 everywhere. Decided once, from the CPUID vendor string.
+pub fn f32_prefetch() -> bool {
+    static INTEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *INTEL.get_or_init(|| {
+        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU. (`__cpuid` is a safe function in
+        // newer Rust, an unsafe one in older: the block compiles with both.)
+        #[allow(unused_unsafe)]
+        let id = unsafe { __cpuid(0) };
+        let mut vendor = [0u8; 12];
+        vendor[..4].copy_from_slice(&id.ebx.to_le_bytes());
+        vendor[4..8].copy_from_slice(&id.edx.to_le_bytes());
+        vendor[8..].copy_from_slice(&id.ecx.to_le_bytes());
+        &vendor == b"GenuineIntel"
+    })
 }
 
 /// One unpaired slot's 16 values (at element offset `off`) as f32.
@@ -149,13 +174,18 @@ unsafe fn block_avx512_nb<E: NmElem, const NB: usize>(
     // Element offset of slot t's values (of the pair, for an even t).
     let off = |t: usize| (first + t) * ROW_BLOCK;
     // Prefetch the value stream PREFETCH_AHEAD / NB bytes ahead (the stream that sets the
-    // speed), except for f32 values (see PREFETCH_AHEAD).
+    // speed); f32 values only where `f32_prefetch` says, both lines of the pair, into L2.
     // (`wrapping_add`: the address may lie past the end, which a prefetch tolerates.)
-    let software_prefetch = std::mem::size_of::<E>() != 4;
+    let wide = std::mem::size_of::<E>() == 4;
+    let wide_prefetch = wide && f32_prefetch();
     let ahead = prefetch_ahead::<E>(NB);
     let prefetch = |t: usize| {
-        if software_prefetch {
-            _mm_prefetch::<_MM_HINT_T0>(values.as_ptr().wrapping_add(off(t) + ahead) as *const i8)
+        let p = values.as_ptr().wrapping_add(off(t) + ahead) as *const i8;
+        if wide_prefetch {
+            _mm_prefetch::<_MM_HINT_T1>(p);
+            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64));
+        } else if !wide {
+            _mm_prefetch::<_MM_HINT_T0>(p)
         }
     };
     let mut even = [_mm512_setzero_ps(); NB];
