@@ -558,8 +558,15 @@ def llamacpp_section(kind: str, new_tokens: int, threads: int, results: dict) ->
         if files["prompt"] != results[kind, "f32", False]["prompt"]:
             raise SystemExit("the GGUF export's prompt ids differ from the PyTorch run's")
         for ftype in ("F32", "BF16", "Q8_0"):
-            spec = json.dumps([files["paths"][ftype], files["prompt"], new_tokens, threads])
-            rows[ftype] = run_child([export, "time", spec], f"llama.cpp {ftype}")
+            spec = [files["paths"][ftype], files["prompt"], new_tokens, threads]
+            try:
+                rows[ftype] = run_child([export, "time", json.dumps(spec)], f"llama.cpp {ftype}")
+            except SystemExit as e:
+                # llama.cpp's repacked CPU-specific kernels (its AMX matrix product for Q8_0 on
+                # AMX CPUs) can crash where its plain ones run: measure those, and say so.
+                print(f"{e}; timed again with llama.cpp's extra buffer types off", file=sys.stderr, flush=True)
+                rows[ftype] = run_child([export, "time", json.dumps(spec + [False])], f"llama.cpp {ftype}")
+                rows[ftype]["fallback"] = str(e)
             os.remove(files["paths"][ftype])
     params = results[kind, "f32", False]["params"]
 
@@ -590,11 +597,19 @@ def llamacpp_section(kind: str, new_tokens: int, threads: int, results: dict) ->
                     f"| {r['peak_rss'] / 2**30:.2f} GiB | {same_tokens(r['tokens'], ref)} |"
                 )
         r = rows[ftype]
+        note = " (extra buffer types off)" if "fallback" in r else ""
         print(
-            f"| llama.cpp | {ftype} GGUF | {gguf_export.BYTES_PER_WEIGHT[ftype]:.4g} | {r['tokens_per_s']:.1f} "
+            f"| llama.cpp | {ftype} GGUF{note} | {gguf_export.BYTES_PER_WEIGHT[ftype]:.4g} | {r['tokens_per_s']:.1f} "
             f"| {r['tokens_per_s'] / base:.2f}x | {r['peak_rss'] / 2**30:.2f} GiB | {same_tokens(r['tokens'], ref)} |",
             flush=True,
         )
+    for ftype, r in rows.items():
+        if "fallback" in r:
+            print(
+                f"\n{r['fallback']} with its default settings (on AMX CPUs a crash in its AMX "
+                f"matrix product, ggml_backend_amx_mul_mat); the row is llama.cpp with use_extra_bufts=False, its "
+                f"weights as stored and its AVX-512 kernels instead of the repacked ones."
+            )
     sizes = ", ".join(f"{t} {n / 2**30:.2f} GiB" for t, n in files["sizes"].items())
     print(
         "\ngreedy tokens equal: random weights give logits with tiny margins, so a greedy path leaves the "

@@ -166,12 +166,25 @@ def llama_greedy(llm, prompt: list, new_tokens: int) -> list:
     return out
 
 
-def load_llama(path: str, threads: int, n_ctx: int, **kw):
+def load_llama(path: str, threads: int, n_ctx: int, extra_bufts: bool = True, **kw):
     """llama.cpp on all ``threads`` (prompt and generation), weights read into memory (no mmap,
     so that they count in the resident set as PyTorch's do), batches up to 32 tokens, its
-    default float16 KV cache."""
+    default float16 KV cache. ``extra_bufts=False``: llama.cpp's ``use_extra_bufts`` off, so it
+    keeps the weights as stored instead of repacking them for its CPU-specific kernels (on AMX
+    CPUs its AMX matrix product for Q8_0); llama-cpp-python's ``Llama`` takes no such argument,
+    so its default model parameters are patched for the load."""
+    import llama_cpp.llama_cpp as lib
     from llama_cpp import Llama
 
+    if not extra_bufts:
+        defaults = lib.llama_model_default_params
+
+        def without_extra_bufts():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        lib.llama_model_default_params = without_extra_bufts
     return Llama(
         model_path=path,
         n_ctx=n_ctx,
@@ -186,12 +199,12 @@ def load_llama(path: str, threads: int, n_ctx: int, **kw):
     )
 
 
-def time_child(path: str, prompt: list, new_tokens: int, threads: int) -> dict:
+def time_child(path: str, prompt: list, new_tokens: int, threads: int, extra_bufts: bool = True) -> dict:
     """One llama.cpp measurement, as e2e_child's: load, trim and reset the peak-RSS counter,
     a 4-token warm-up, then ``new_tokens`` timed (prompt pass included)."""
     import llama_cpp
 
-    llm = load_llama(path, threads, n_ctx=max(256, len(prompt) + new_tokens + 16))
+    llm = load_llama(path, threads, n_ctx=max(256, len(prompt) + new_tokens + 16), extra_bufts=extra_bufts)
     reset_peak_rss()
     llama_greedy(llm, prompt, 4)  # warm-up
     t0 = time.perf_counter()

@@ -3,7 +3,8 @@
 //! sets the threads of the bf16 x bf16 row, 1 by default).
 //!
 //! Two sizes: a weight that fits in the L2 cache (what the kernel's instructions allow) and
-//! (4096, 4096) weights rotated through 256 MiB of copies (what memory allows). Printed as
+//! (4096, 4096) weights rotated through copies covering twice the last-level cache, at least
+//! 256 MiB (what memory allows; the cache size from sysfs, or `CAST_RS_LLC_MIB`). Printed as
 //! dense weights per nanosecond and as compressed bytes read per second: a kernel much slower
 //! from memory than from L2 while below the memory bandwidth is waiting on memory, not on its
 //! instructions (the case the prefetch distance in `nm_linear::x86` is for).
@@ -95,11 +96,44 @@ impl<E: NmElem> Compressed<E> {
     }
 }
 
-/// `make(seed)` for seeds 0, 1, ...: one weight, or (`rotate`) enough copies to cover 256 MiB.
+/// The largest cache's size in bytes: `CAST_RS_LLC_MIB`, else the largest
+/// `/sys/devices/system/cpu/cpu0/cache/index*/size`; exits when neither tells it (a rotation
+/// smaller than the cache would time the cache, not memory).
+fn llc_bytes() -> usize {
+    if let Ok(mib) = std::env::var("CAST_RS_LLC_MIB") {
+        match mib.parse::<f64>() {
+            Ok(m) if m > 0.0 => return (m * (1u64 << 20) as f64) as usize,
+            _ => panic!("CAST_RS_LLC_MIB: expected a size in MiB > 0, got {mib:?}"),
+        }
+    }
+    let sizes = (0..8).filter_map(|i| {
+        let path = format!("/sys/devices/system/cpu/cpu0/cache/index{i}/size");
+        let text = std::fs::read_to_string(path).ok()?;
+        let text = text.trim();
+        let (num, unit) = text.split_at(text.trim_end_matches(char::is_alphabetic).len());
+        let scale = match unit {
+            "K" => 1 << 10,
+            "M" => 1 << 20,
+            "G" => 1 << 30,
+            _ => 1,
+        };
+        Some(num.parse::<usize>().ok()? * scale)
+    });
+    match sizes.max() {
+        Some(bytes) => bytes,
+        None => {
+            eprintln!("the cache size is unknown here: set CAST_RS_LLC_MIB");
+            std::process::exit(2)
+        }
+    }
+}
+
+/// `make(seed)` for seeds 0, 1, ...: one weight, or (`rotate`) enough copies to cover
+/// twice the last-level cache (at least 256 MiB).
 fn copies<E: NmElem>(rotate: bool, make: impl Fn(u64) -> Compressed<E>) -> Vec<Compressed<E>> {
     let first = make(0);
     let n = if rotate {
-        (256 << 20) / first.bytes() + 1
+        (2 * llc_bytes()).max(256 << 20) / first.bytes() + 1
     } else {
         1
     };
@@ -113,6 +147,11 @@ fn main() {
         std::env::set_var("RAYON_NUM_THREADS", "1");
     }
     println!("kernel: {:?}", level());
+    println!(
+        "memory rows: copies covering {} MiB (twice the {} MiB last-level cache, at least 256)",
+        (2 * llc_bytes()).max(256 << 20) >> 20,
+        llc_bytes() >> 20
+    );
     for (rows, cols, rotate) in [(256usize, 2048usize, false), (4096, 4096, true)] {
         let layout = NmLayout::new(rows, cols, 2, 4).unwrap();
         let place = if rotate { "memory" } else { "L2" };
