@@ -603,7 +603,7 @@ def llamacpp_section(kind: str, new_tokens: int, threads: int, results: dict) ->
             f"| {r['tokens_per_s'] / base:.2f}x | {r['peak_rss'] / 2**30:.2f} GiB | {same_tokens(r['tokens'], ref)} |",
             flush=True,
         )
-    for ftype, r in rows.items():
+    for r in rows.values():
         if "fallback" in r:
             print(
                 f"\n{r['fallback']} with its default settings (on AMX CPUs a crash in its AMX "
