@@ -154,13 +154,17 @@ def practitioners_table() -> None:
         "#### practitioners (the user's loop: each optimizer's default betas, no clipping, cosine to lr/10, "
         "no warmup, and one change at a time; tax against dense_continued at lr 1e-3 in the same loop)\n"
     )
+    print(
+        "A tag after the loop marks runs made elsewhere than the untagged ones (another host: its own "
+        "dense start and its own dense_continued, so its taxes compare only with each other).\n"
+    )
     print("| model | corpus | sparse steps | seed | loop | method | lr | one-shot ppl | val ppl | tax |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     rows = [r for r in _rows(seed=None, loop=None) if r.get("loop", "study").startswith("user")]
-    setting = lambda r: (r["model"], r["corpus"], r["steps"], r.get("seed", 0), r["loop"])  # noqa: E731
-    order = lambda k: (k[0], k[1], k[2], k[3], k[4] != "user", k[4])  # noqa: E731
+    setting = lambda r: (r["model"], r["corpus"], r["steps"], r.get("seed", 0), r["loop"], r.get("tag") or "")  # noqa: E731
+    order = lambda k: (k[5], k[0], k[1], k[2], k[3], k[4] != "user", k[4])  # noqa: E731
     for key in sorted({setting(r) for r in rows}, key=order):
-        model, corp, steps, seed, loop = key
+        model, corp, steps, seed, loop, tag = key
         rs = [r for r in rows if setting(r) == key]
         dc = _last(rs, "dense_continued")
         if dc is None:
@@ -171,7 +175,7 @@ def practitioners_table() -> None:
             one = f"{r['ppl_one_shot']:.4f}" if "ppl_one_shot" in r else "-"
             tax = "-" if r is dc else f"{100 * (r['ppl'] / dc['ppl'] - 1):+.2f}%"
             print(
-                f"| {model} | {corp} | {steps} | {seed} | `{loop}` | `{r['method']}` | {lr:.3g} | {one} | "
+                f"| {model} | {corp} | {steps} | {seed} | `{loop}`{f' ({tag})' if tag else ''} | `{r['method']}` | {lr:.3g} | {one} | "
                 f"{r['ppl']:.4f} | {tax} |"
             )
     print()
