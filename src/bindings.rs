@@ -41,15 +41,16 @@ fn num_threads() -> usize {
     crate::parallel::num_threads()
 }
 
-/// The N:M linear kernel each kind of call runs on this CPU, for pattern `n:m`:
-/// `{call: kernel}` (the benchmarks print it beside their figures).
+/// The N:M linear kernel each kind of call runs on this CPU, for pattern `n:m` and layers
+/// whose inputs are a multiple of 32·m (every large layer): `{call: kernel}` (the benchmarks
+/// print it beside their figures).
 #[pyfunction]
 #[pyo3(signature = (n = 2, m = 4))]
 fn nm_linear_kernels(
     n: usize,
     m: usize,
 ) -> PyResult<std::collections::BTreeMap<&'static str, &'static str>> {
-    let layout = crate::nm_linear::NmLayout::new(crate::nm_linear::ROW_BLOCK, m, n, m)?;
+    let layout = crate::nm_linear::NmLayout::new(crate::nm_linear::ROW_BLOCK, 32 * m, n, m)?;
     Ok(crate::nm_linear::kernel_paths(&layout)
         .into_iter()
         .collect())

@@ -88,7 +88,8 @@ def test_bf16_values_and_inputs():
 @pytest.mark.parametrize("batch", [1, 3, 8, 16, 24, 70])
 def test_bf16_inputs_to_bf16_values(pattern, batch):
     """bf16 × bf16 (a bf16 model decoding): the `vdpbf16ps` kernel for even N on a CPU with
-    AVX-512 BF16 (2:4: byte shuffles, 4:8 and 2:8: word permutes), else widened to float32;
+    AVX-512 BF16 (2:4: byte shuffles, 4:8 and 2:8: word permutes), for 2:4 from 5 rows the
+    AMX tiles on a CPU with AMX (160 inputs: five 32-column steps), else widened to float32;
     either way the float32 sum of exact products, rounded to bf16 once."""
     lin = nm_linear_layer(160, 72, pattern)
     layer = NMLinear.from_dense(lin, pattern, dtype=torch.bfloat16)
@@ -340,6 +341,10 @@ def test_nm_linear_kernels_names_the_kernel_of_each_call():
     assert ("into L2" in paths["float32"]) == (want == "avx512" and vendor == "GenuineIntel")
     dot = want == "avx512" and "avx512_bf16" in flags
     assert paths["bfloat16 values, bfloat16 inputs"].startswith("avx512_bf16") == dot
+    # AMX tiles only on a CPU with AMX (and only for 2:4: its expansion is the 2:4 one).
+    if "amx" in paths["bfloat16 values, bfloat16 inputs"]:
+        assert dot and {"amx_bf16", "amx_tile"} <= flags
+    assert "amx" not in _cast_rs.nm_linear_kernels(2, 6)["bfloat16 values, bfloat16 inputs"]
     # An odd N pairs no slots, so never the vdpbf16ps kernel.
     assert _cast_rs.nm_linear_kernels(3, 4)["bfloat16 values, bfloat16 inputs"] == narrow
     with pytest.raises(ValueError, match="pattern"):

@@ -49,6 +49,7 @@ def check_nm_shape(shape: Sequence[int], n: int, m: int, dim: int) -> None:
     """Raise (ValueError naming ``shape``) unless a tensor of ``shape`` holds ``n:m`` groups along ``dim``."""
 
 def nm_linear_kernels(n: int = 2, m: int = 4) -> Dict[str, str]:
-    """The compressed N:M linear kernel each kind of call runs on this CPU (``{call: kernel}``;
-    AVX-512, AVX2 or portable, and ``vdpbf16ps`` for bfloat16 values with bfloat16 inputs
-    where the CPU has AVX-512 BF16 and N is even)."""
+    """The compressed N:M linear kernel each kind of call runs on this CPU, for layers whose
+    inputs are a multiple of 32·M (``{call: kernel}``; AVX-512, AVX2 or portable, and
+    ``vdpbf16ps`` for bfloat16 values with bfloat16 inputs where the CPU has AVX-512 BF16 and
+    N is even, with AMX tiles from a few batch rows on for 2:4 where the CPU has AMX)."""

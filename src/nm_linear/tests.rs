@@ -297,6 +297,50 @@ fn bf16_inputs_against_the_dense_reference() {
     }
 }
 
+/// The AMX kernel (16-row tiles, up to four per weight tile, the rest of the batch with
+/// vdpbf16ps) against the f64 reference, with the f32 summation bound: `tdpbf16ps` multiplies
+/// bf16 exactly in f32 and rounds each addition once, like the other kernels (the additions
+/// of the expanded zeros are exact).
+#[test]
+fn amx_tiles_against_the_dense_reference() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::amx::amx_kernel;
+        let mut rng = Rng(0x5eed_a3c5);
+        let mut ran = false;
+        for &(rows, cols) in &[(16, 32), (37, 64), (64, 256), (20, 96)] {
+            let l = NmLayout::new(rows, cols, 2, 4).unwrap();
+            let w: Vec<Bf16> = nm_weight(rows, cols, 2, 4, &mut rng)
+                .iter()
+                .map(|&v| Bf16::from_f32(v))
+                .collect();
+            let wf: Vec<f32> = w.iter().map(|b| b.to_f32()).collect();
+            let (v, idx) = compress(&l, &w).unwrap();
+            let bias: Vec<f32> = (0..rows).map(|_| rng.next()).collect();
+            ran |= amx_kernel(&l);
+            for batch in [16usize, 17, 32, 48, 64, 80, 100, 131] {
+                let x: Vec<Bf16> = (0..batch * cols)
+                    .map(|_| Bf16::from_f32(rng.next()))
+                    .collect();
+                let xf: Vec<f32> = x.iter().map(|b| b.to_f32()).collect();
+                let mut y = vec![f32::NAN; batch * rows];
+                nm_linear_bf16_parallel(&l, &v, &idx, Some(&bias), &x, batch, &mut y).unwrap();
+                let what = format!("amx {rows}x{cols} b{batch}");
+                assert_within_rounding(&l, &wf, &xf, &bias, batch, &y, &what);
+            }
+        }
+        // Not the 2:4 pattern, or not whole 32-column steps: never AMX.
+        assert!(!amx_kernel(&NmLayout::new(16, 48, 2, 4).unwrap()));
+        assert!(!amx_kernel(&NmLayout::new(16, 64, 4, 8).unwrap()));
+        if !ran {
+            eprintln!(
+                "amx_tiles_against_the_dense_reference: no AMX here (CPU, OS permission, \
+                 CAST_RS_NO_AMX or CAST_RS_NO_SIMD): these batches ran on the other kernels"
+            );
+        }
+    }
+}
+
 #[test]
 fn parallel_equals_one_piece() {
     let mut rng = Rng(7);
@@ -539,6 +583,24 @@ fn kernel_paths_name_the_dispatched_kernel_for_each_call() {
         base.contains("into L2"),
         level() == Kernel::Avx512 && super::x86::f32_prefetch()
     );
+    // AMX tiles from AMX_MIN_BATCH rows, where amx_kernel says so (2:4, whole 32 columns).
+    #[cfg(target_arch = "x86_64")]
+    {
+        let amx_layout = NmLayout::new(16, 64, 2, 4).unwrap();
+        let named = kernel_paths(&amx_layout)[2].1;
+        assert_eq!(
+            named.contains(&format!(
+                "amx (tdpbf16ps) from {} batch rows",
+                super::AMX_MIN_BATCH
+            )),
+            super::amx::amx_kernel(&amx_layout),
+            "{named}"
+        );
+        assert!(
+            !paths[2].1.contains("amx"),
+            "8 columns are not a whole tile step"
+        );
+    }
     // vdpbf16ps only where bf16_dot_kernel says so (never for an odd N).
     assert_eq!(paths[2].1 != narrow, bf16_dot_kernel(&even));
     assert_eq!(kernel_paths(&odd)[2].1, narrow);

@@ -1,0 +1,273 @@
+//! The AMX kernel: 2:4 bf16 weights times bf16 inputs, 16 batch rows at a time.
+//!
+//! Beyond a few batch rows (a prompt, a batch of requests) the vector kernels are
+//! compute-bound, and on CPUs with AMX (Advanced Matrix Extensions) torch's dense bf16
+//! product uses its tile instructions and wins. This kernel uses them too: for each row block
+//! and each 32 input columns it expands the compressed weight into one dense bf16 tile in L1
+//! (16 output rows × 32 inputs, in the pair-interleaved order `tdpbf16ps` reads), then
+//! multiplies it with up to four 16-row tiles of the inputs, read in place. The weight is
+//! still read compressed from memory, once per 64 batch rows.
+//!
+//! Expansion: a slot pair of a 2:4 group holds, per output row, the group's two kept values
+//! (low and high half of one 32-bit lane) and their positions `p0 < p1`. The tile rows for
+//! inputs (4k, 4k + 1) and (4k + 2, 4k + 3) are one byte shuffle each of the pair's 64 bytes:
+//! each lane's code `p0 + 4·p1` picks its shuffle control from a 16-entry table (zero bytes
+//! where a position is not kept).
+//!
+//! `tdpbf16ps` multiplies bf16 pairs exactly in f32 and adds them into the f32 sums; the
+//! order of the additions is the hardware's (not the other kernels'), and denormal inputs
+//! and outputs are flushed to zero, as `vdpbf16ps` does: results agree with the other
+//! kernels within the f32 summation bound, not bit for bit.
+//!
+//! Linux hands out the tile state per process on request (`arch_prctl(ARCH_REQ_XCOMP_PERM,
+//! XFEATURE_XTILEDATA)`); [`amx_available`] asks once. The instructions are written as
+//! inline assembly: Rust's AMX intrinsics are not stable.
+
+use super::elem::Bf16;
+use super::layout::{NmLayout, ROW_BLOCK};
+use std::arch::asm;
+use std::arch::x86_64::*;
+
+/// Batch rows of one input tile (and of one output tile).
+pub const TILE_ROWS: usize = 16;
+/// Input columns per tile step: a tile row is 64 bytes, 32 bf16.
+const TILE_K: usize = 32;
+/// Output tiles (of 16 batch rows each) that share one expanded weight tile.
+pub const MAX_TILES: usize = 4;
+
+/// Whether this process may run [`block_amx`]: a CPU with AMX-TILE and AMX-BF16, the AVX-512
+/// level (so `CAST_RS_NO_SIMD` turns it off), `CAST_RS_NO_AMX` unset, and Linux granting the
+/// tile state. Decided once.
+pub fn amx_available() -> bool {
+    static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AMX.get_or_init(|| {
+        if std::env::var_os("CAST_RS_NO_AMX").is_some()
+            || super::dispatch::level() != super::dispatch::Kernel::Avx512
+        {
+            return false;
+        }
+        // SAFETY: CPUID leaf 7 exists on every CPU with AVX-512 (checked above).
+        #[allow(unused_unsafe)]
+        let leaf7 = unsafe { __cpuid_count(7, 0) };
+        let (bf16, tile) = (leaf7.edx & (1 << 22) != 0, leaf7.edx & (1 << 24) != 0);
+        bf16 && tile && request_tile_state()
+    })
+}
+
+/// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`: true when Linux grants the AMX
+/// tile data to this process (all its threads).
+#[cfg(target_os = "linux")]
+fn request_tile_state() -> bool {
+    const SYS_ARCH_PRCTL: i64 = 158;
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+    let ret: i64;
+    // SAFETY: a plain system call with integer arguments; it touches no memory of ours, and
+    // the registers the kernel clobbers (rcx, r11) are declared.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rax") SYS_ARCH_PRCTL => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_tile_state() -> bool {
+    false
+}
+
+/// Whether [`block_amx`] can run a layer of `layout` here: AMX ([`amx_available`]), the 2:4
+/// pattern, and whole 32-column tile steps.
+pub fn amx_kernel(layout: &NmLayout) -> bool {
+    layout.n == 2 && layout.m == 4 && layout.cols.is_multiple_of(TILE_K) && amx_available()
+}
+
+/// The tile configuration (`ldtilecfg`'s 64-byte record, palette 1): tiles 0-3 the output
+/// sums of up to four 16-row input tiles (the last one `last_rows` rows), 4 a whole input
+/// tile, 5 the expanded weight tile, 6 a last input tile of `last_rows` rows; rows of 64
+/// bytes.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+fn tile_config(tiles: usize, last_rows: usize) -> TileConfig {
+    let mut colsb = [0u16; 16];
+    let mut rows = [0u8; 16];
+    for t in 0..7 {
+        colsb[t] = 64;
+        rows[t] = TILE_ROWS as u8;
+    }
+    rows[tiles - 1] = last_rows as u8;
+    rows[6] = last_rows as u8;
+    TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb,
+        rows,
+    }
+}
+
+/// `vpshufb` controls by code `p0 + 4·p1` (a lane's two positions): the 4 bytes of the
+/// lane's 32-bit word in the tile row for inputs (`first`, `first + 1`): the bytes of the
+/// kept value at each of the two positions (bytes 0-1: the slot of `p0`, 2-3: of `p1`), or
+/// zero (`0x80`) where neither is kept.
+const fn shuffle_table(first: u32) -> [u32; 16] {
+    let mut t = [0u32; 16];
+    let mut code = 0;
+    while code < 16 {
+        let (p0, p1) = ((code % 4) as u32, (code / 4) as u32);
+        let mut word = 0u32;
+        let mut half = 0;
+        while half < 2 {
+            let c = first + half;
+            let (lo, hi) = if p0 == c {
+                (0, 1)
+            } else if p1 == c {
+                (2, 3)
+            } else {
+                (0x80, 0x80)
+            };
+            word |= (lo | (hi << 8)) << (16 * half);
+            half += 1;
+        }
+        t[code] = word;
+        code += 1;
+    }
+    t
+}
+
+const ROWS01: [u32; 16] = shuffle_table(0);
+const ROWS23: [u32; 16] = shuffle_table(2);
+
+/// `acc[(16·j + i)·16 + lane] = Σ_c x[16·j + i, c] · W[16·block + lane, c]` for `tiles` tiles
+/// of batch rows, 16 each but the last, which has `last_rows` (`x` holds
+/// `16 · (tiles - 1) + last_rows` rows of `cols` bf16, row-major).
+///
+/// # Safety
+/// [`amx_kernel`]`(layout)`; buffers as checked by `check_call`; `1 ≤ tiles ≤ MAX_TILES`,
+/// `1 ≤ last_rows ≤ 16`; `acc` holds `256 · tiles` f32.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+pub unsafe fn block_amx(
+    layout: &NmLayout,
+    values: &[Bf16],
+    index: &[u32],
+    x: &[Bf16],
+    tiles: usize,
+    last_rows: usize,
+    block: usize,
+    acc: &mut [f32],
+) {
+    debug_assert!((1..=MAX_TILES).contains(&tiles) && acc.len() >= 256 * tiles);
+    debug_assert!((1..=TILE_ROWS).contains(&last_rows));
+    debug_assert!(x.len() >= (TILE_ROWS * (tiles - 1) + last_rows) * layout.cols);
+    let config = tile_config(tiles, last_rows);
+    // The last input tile: tile 6 when it is short, else tile 4 like the others.
+    let short = last_rows < TILE_ROWS;
+    let (cols, kept) = (layout.cols, layout.kept());
+    let first = block * kept;
+    let lane_shift = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    // vpshufb works within 128-bit lanes: lane l's bytes start at 4·(l mod 4) there.
+    let lane_bytes = _mm512_set4_epi32(0x0c0c_0c0c, 0x0808_0808, 0x0404_0404, 0);
+    let rows01 = _mm512_loadu_si512(ROWS01.as_ptr() as *const __m512i);
+    let rows23 = _mm512_loadu_si512(ROWS23.as_ptr() as *const __m512i);
+    #[repr(C, align(64))]
+    struct Tile([u32; 256]);
+    let mut wt = Tile([0; 256]);
+    let stride = cols * 2; // bytes between input rows
+                           // SAFETY: the caller's contract: AMX is granted to this process; the tile registers are
+                           // used only inside this function (configured here, released before returning).
+    unsafe {
+        asm!("ldtilecfg [{0}]", in(reg) &config as *const TileConfig, options(nostack, readonly));
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+    }
+    for kc in (0..cols).step_by(TILE_K) {
+        // The weight tile of inputs kc..kc + 32: 8 groups, two tile rows each.
+        for g in 0..TILE_K / 4 {
+            let slot = first + 2 * (kc / 4 + g);
+            let w = _mm512_loadu_si512(values.as_ptr().add(slot * ROW_BLOCK) as *const __m512i);
+            let p0 = _mm512_srlv_epi32(
+                _mm512_set1_epi32(*index.get_unchecked(slot) as i32),
+                lane_shift,
+            );
+            let p1 = _mm512_srlv_epi32(
+                _mm512_set1_epi32(*index.get_unchecked(slot + 1) as i32),
+                lane_shift,
+            );
+            // (p0 & 3) | (p1 << 2); vpermd reads the code's 4 low bits.
+            let code = _mm512_ternarylogic_epi32::<0xEC>(
+                p0,
+                _mm512_slli_epi32::<2>(p1),
+                _mm512_set1_epi32(3),
+            );
+            let c01 = _mm512_add_epi8(_mm512_permutexvar_epi32(code, rows01), lane_bytes);
+            let c23 = _mm512_add_epi8(_mm512_permutexvar_epi32(code, rows23), lane_bytes);
+            let out = wt.0.as_mut_ptr().add(32 * g) as *mut __m512i;
+            _mm512_store_si512(out, _mm512_shuffle_epi8(w, c01));
+            _mm512_store_si512(out.add(1), _mm512_shuffle_epi8(w, c23));
+        }
+        let xk = x.as_ptr().add(kc) as *const u8;
+        // SAFETY: the weight tile is 16 rows of 64 bytes; each input tile is 16 rows (the last
+        // `last_rows`) of 64 bytes at `stride` apart, inside `x` (the caller's contract;
+        // kc + 32 ≤ cols).
+        unsafe {
+            asm!("tileloadd tmm5, [{0} + {1}*1]", in(reg) wt.0.as_ptr(), in(reg) 64usize, options(nostack, readonly));
+            // Tile j's inputs start 16·j rows down; the last tile uses tile 6 when short.
+            macro_rules! dot {
+                ($c:literal, $j:expr) => {
+                    if $j + 1 == tiles && short {
+                        asm!(concat!("tileloadd tmm6, [{0} + {1}*1]\n", "tdpbf16ps tmm", $c, ", tmm6, tmm5"),
+                             in(reg) xk.add($j * 16 * stride), in(reg) stride, options(nostack, readonly));
+                    } else {
+                        asm!(concat!("tileloadd tmm4, [{0} + {1}*1]\n", "tdpbf16ps tmm", $c, ", tmm4, tmm5"),
+                             in(reg) xk.add($j * 16 * stride), in(reg) stride, options(nostack, readonly));
+                    }
+                };
+            }
+            dot!("0", 0);
+            if tiles > 1 {
+                dot!("1", 1);
+            }
+            if tiles > 2 {
+                dot!("2", 2);
+            }
+            if tiles > 3 {
+                dot!("3", 3);
+            }
+        }
+    }
+    let out = acc.as_mut_ptr() as *mut u8;
+    // SAFETY: `acc` holds 256·tiles f32: tile j's 16 rows of 64 bytes at 1024·j bytes.
+    unsafe {
+        asm!("tilestored [{0} + {1}*1], tmm0", in(reg) out, in(reg) 64usize, options(nostack));
+        if tiles > 1 {
+            asm!("tilestored [{0} + {1}*1], tmm1", in(reg) out.add(1024), in(reg) 64usize, options(nostack));
+        }
+        if tiles > 2 {
+            asm!("tilestored [{0} + {1}*1], tmm2", in(reg) out.add(2048), in(reg) 64usize, options(nostack));
+        }
+        if tiles > 3 {
+            asm!("tilestored [{0} + {1}*1], tmm3", in(reg) out.add(3072), in(reg) 64usize, options(nostack));
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+}
