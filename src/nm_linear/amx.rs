@@ -6,7 +6,9 @@
 //! and each 32 input columns it expands the compressed weight into one dense bf16 tile in L1
 //! (16 output rows × 32 inputs, in the pair-interleaved order `tdpbf16ps` reads), then
 //! multiplies it with up to four 16-row tiles of the inputs, read in place. The weight is
-//! still read compressed from memory, once per 64 batch rows.
+//! still read compressed from memory, once per 64 batch rows. Each row block reads all the
+//! input rows again: beyond about 128 rows of 4096 inputs they no longer stay in L2, and the
+//! kernel falls behind torch's dense product (blocking the batch as a GEMM does is not done).
 //!
 //! Expansion: a slot pair of a 2:4 group holds, per output row, the group's two kept values
 //! (low and high half of one 32-bit lane) and their positions `p0 < p1`. The tile rows for
@@ -187,9 +189,10 @@ pub unsafe fn block_amx(
     #[repr(C, align(64))]
     struct Tile([u32; 256]);
     let mut wt = Tile([0; 256]);
-    let stride = cols * 2; // bytes between input rows
-                           // SAFETY: the caller's contract: AMX is granted to this process; the tile registers are
-                           // used only inside this function (configured here, released before returning).
+    // Bytes between input rows.
+    let stride = cols * 2;
+    // SAFETY: the caller's contract: AMX is granted to this process; the tile registers are
+    // used only inside this function (configured here, released before returning).
     unsafe {
         asm!("ldtilecfg [{0}]", in(reg) &config as *const TileConfig, options(nostack, readonly));
         asm!(
