@@ -317,41 +317,24 @@ pub fn nm_linear_bf16_parallel(
     #[cfg(target_arch = "x86_64")]
     {
         // From AMX_MIN_BATCH rows on, the whole batch on AMX where it runs.
-        let tiled = if batch >= AMX_MIN_BATCH && amx::amx_kernel(layout) {
-            batch
-        } else {
-            0
-        };
+        let on_amx = batch >= AMX_MIN_BATCH && amx::amx_kernel(layout);
         in_pieces(layout, y, |b0, b1, out| {
-            let cols = layout.cols;
-            // SAFETY: `amx_kernel` said yes; buffers checked by `check_call`; each call gets
-            // whole tiles of `x` and an accumulator of their size; `out` as below.
-            unsafe { amx_blocks(layout, values, index, bias, x, tiled, out, b0, b1) };
-            let rest = batch - tiled;
-            if rest == 0 {
+            if on_amx {
+                // SAFETY: `amx_kernel` said yes; buffers checked by `check_call`; `out` as
+                // below.
+                unsafe { amx_blocks(layout, values, index, bias, x, batch, out, b0, b1) };
                 return;
             }
-            let x_rest = &x[tiled * cols..];
+            let cols = layout.cols;
             let block_kernel = |b: usize, nb: usize, block: usize, acc: &mut [f32]| {
-                let xs = &x_rest[b * cols..(b + nb) * cols];
+                let xs = &x[b * cols..(b + nb) * cols];
                 // SAFETY: the CPU features and an even N were checked (`bf16_dot_kernel`),
                 // the buffer lengths by `check_call`.
                 unsafe { x86::block_dpbf16(layout, values, index, xs, nb, block, acc) }
             };
             // SAFETY: as in `nm_linear_parallel`: `y` is borrowed for the whole call and long
-            // enough; pieces write disjoint block ranges; the rows after the tiled ones.
-            unsafe {
-                for_chunks(
-                    layout,
-                    None,
-                    bias,
-                    rest,
-                    out.add(tiled * layout.rows),
-                    b0,
-                    b1,
-                    block_kernel,
-                )
-            }
+            // enough; pieces write disjoint block ranges.
+            unsafe { for_chunks(layout, None, bias, batch, out, b0, b1, block_kernel) }
         });
     }
     Ok(())
@@ -363,11 +346,11 @@ pub fn nm_linear_bf16_parallel(
 /// 1.7 / 2.0 / 2.8 / 3.1 ms with `vdpbf16ps` at 2 / 4 / 6 / 8 rows.
 pub const AMX_MIN_BATCH: usize = 5;
 
-/// The first `tiled` batch rows of blocks `[b0, b1)` on AMX: up to 64 rows (four tiles, the
-/// last one possibly short) per expanded weight tile.
+/// The `tiled` batch rows of blocks `[b0, b1)` on AMX: up to 64 rows (four tiles, the last
+/// one possibly short) per expanded weight tile.
 ///
 /// # Safety
-/// `tiled == 0` or `amx::amx_kernel(layout)`; buffers as checked by `check_call`; `y` as in
+/// `amx::amx_kernel(layout)`; buffers as checked by `check_call`; `y` as in
 /// [`run_blocks_raw`].
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]

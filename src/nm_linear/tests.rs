@@ -254,6 +254,13 @@ fn bf16_values_compute_in_f32() {
     }
 }
 
+/// `v` rounded to bf16, and those bf16 values back in f32 (exactly).
+fn bf16_and_f32(v: &[f32]) -> (Vec<Bf16>, Vec<f32>) {
+    let b: Vec<Bf16> = v.iter().map(|&v| Bf16::from_f32(v)).collect();
+    let f = b.iter().map(|b| b.to_f32()).collect();
+    (b, f)
+}
+
 #[test]
 fn bf16_inputs_against_the_dense_reference() {
     let mut rng = Rng(0x5eed_bf16);
@@ -261,19 +268,13 @@ fn bf16_inputs_against_the_dense_reference() {
     for &(n, m) in &[(2, 4), (2, 3), (2, 8), (4, 8), (2, 6), (1, 4), (3, 8)] {
         for &(rows, cols) in &[(16, 8 * m), (37, 4 * m), (5, m), (64, 32 * m)] {
             let l = NmLayout::new(rows, cols, n, m).unwrap();
-            let w: Vec<Bf16> = nm_weight(rows, cols, n, m, &mut rng)
-                .iter()
-                .map(|&v| Bf16::from_f32(v))
-                .collect();
-            let wf: Vec<f32> = w.iter().map(|b| b.to_f32()).collect();
+            let (w, wf) = bf16_and_f32(&nm_weight(rows, cols, n, m, &mut rng));
             let (v, idx) = compress(&l, &w).unwrap();
             let bias: Vec<f32> = (0..rows).map(|_| rng.next()).collect();
             used_dot |= bf16_dot_kernel(&l);
             for batch in [1usize, 3, 8, 11, 16] {
-                let x: Vec<Bf16> = (0..batch * cols)
-                    .map(|_| Bf16::from_f32(rng.next()))
-                    .collect();
-                let xf: Vec<f32> = x.iter().map(|b| b.to_f32()).collect();
+                let random: Vec<f32> = (0..batch * cols).map(|_| rng.next()).collect();
+                let (x, xf) = bf16_and_f32(&random);
                 let mut y = vec![f32::NAN; batch * rows];
                 nm_linear_bf16_parallel(&l, &v, &idx, Some(&bias), &x, batch, &mut y).unwrap();
                 let mut f32_path = vec![0f32; batch * rows];
@@ -297,8 +298,8 @@ fn bf16_inputs_against_the_dense_reference() {
     }
 }
 
-/// The AMX kernel (16-row tiles, up to four per weight tile, the rest of the batch with
-/// vdpbf16ps) against the f64 reference, with the f32 summation bound: `tdpbf16ps` multiplies
+/// The AMX kernel (16-row tiles, up to four per weight tile, the last one short where the
+/// batch is not a multiple of 16) against the f64 reference, with the f32 summation bound: `tdpbf16ps` multiplies
 /// bf16 exactly in f32 and rounds each addition once, like the other kernels (the additions
 /// of the expanded zeros are exact).
 #[test]
@@ -310,19 +311,13 @@ fn amx_tiles_against_the_dense_reference() {
         let mut ran = false;
         for &(rows, cols) in &[(16, 32), (37, 64), (64, 256), (20, 96)] {
             let l = NmLayout::new(rows, cols, 2, 4).unwrap();
-            let w: Vec<Bf16> = nm_weight(rows, cols, 2, 4, &mut rng)
-                .iter()
-                .map(|&v| Bf16::from_f32(v))
-                .collect();
-            let wf: Vec<f32> = w.iter().map(|b| b.to_f32()).collect();
+            let (w, wf) = bf16_and_f32(&nm_weight(rows, cols, 2, 4, &mut rng));
             let (v, idx) = compress(&l, &w).unwrap();
             let bias: Vec<f32> = (0..rows).map(|_| rng.next()).collect();
             ran |= amx_kernel(&l);
             for batch in [16usize, 17, 32, 48, 64, 80, 100, 131] {
-                let x: Vec<Bf16> = (0..batch * cols)
-                    .map(|_| Bf16::from_f32(rng.next()))
-                    .collect();
-                let xf: Vec<f32> = x.iter().map(|b| b.to_f32()).collect();
+                let random: Vec<f32> = (0..batch * cols).map(|_| rng.next()).collect();
+                let (x, xf) = bf16_and_f32(&random);
                 let mut y = vec![f32::NAN; batch * rows];
                 nm_linear_bf16_parallel(&l, &v, &idx, Some(&bias), &x, batch, &mut y).unwrap();
                 let what = format!("amx {rows}x{cols} b{batch}");
