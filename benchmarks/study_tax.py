@@ -31,6 +31,10 @@ A CAST method is ``cast:key=value,...``; keys (defaults = the library's AdamS as
               default; overrides lr / mlr)
     init      dense (default) | sparsegpt: start AdamS from the SparseGPT one-shot 2:4 model
               (pruned weights zero, kept ones OBS-corrected; ``calib`` batches as for ``fixed``)
+    score     mag (default: the mask keeps the largest |W|) | act: the mask keeps the largest
+              |W_ij|·‖x_j‖, Wanda's activation-aware score, with ‖x_j‖ the RMS of the layer's
+              j-th input over the training batches (a running average, decay ``xdecay``, 0.9);
+              runs the research optimizer (``opt=ref``)
 
 The practitioners' recipe, one-shot then fine-tuning with the mask held fixed
 (``cast_rs.baselines.FixedMask``; AdamW, same loop and distillation):
@@ -115,11 +119,47 @@ class ResearchAdamS(torch.optim.Optimizer):
         interval=10,
         vsrc="mutilde",
         mlr=1.0,
+        warm=0.0,
+        score="mag",
     ):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
         self.specs, self.l1, self.mode, self.ramp, self.T = specs, l1, mode, ramp, total_steps
         # mlr: the masked weights' step is mlr times the kept weights' (1 = AdamS as specified).
         self.interval, self.vsrc, self.mlr = interval, vsrc, mlr
+        # warm: the library's AdamS(warmup=...), a linear ramp of lr over warm·T steps.
+        # score: "act" ranks a group's weights by |W_ij|·‖x_j‖ (state "xsq": the running mean
+        # of x_j², written by the forward hooks of :meth:`track_inputs`).
+        self.warm, self.score = warm, score
+
+    def mask_score(self, p: torch.Tensor) -> torch.Tensor:
+        """What the N:M mask of ``p`` ranks: |W|, or |W|·‖x‖ along the input dimension."""
+        if self.score != "act":
+            return p
+        xsq = self.state[p].get("xsq")
+        return p if xsq is None else p.abs() * xsq.sqrt()
+
+    def track_inputs(self, handle, decay: float = 0.9) -> None:
+        """Forward pre-hooks on the sparse layers: a running mean of each input feature's x²
+        over training forwards (kept in the optimizer state, so a checkpoint carries it)."""
+        for layer in handle.layers:
+            p = layer.weight
+
+            def hook(mod, args, p=p):
+                if not mod.training:
+                    return
+                x = args[0].detach()
+                sq = x.reshape(-1, x.shape[-1]).float().square().mean(0)
+                st = self.state[p]
+                st["xsq"] = sq if "xsq" not in st else st["xsq"].mul_(decay).add_(sq, alpha=1 - decay)
+
+            layer.module.register_forward_pre_hook(hook)
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Zero every sparse weight outside the mask the optimizer's score gives now (so a
+        later magnitude projection, ``finalize``, keeps the same weights)."""
+        for p, (n, m, dim) in self.specs.items():
+            p.mul_(nm_mask(self.mask_score(p), (n, m), dim=dim))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -130,7 +170,7 @@ class ResearchAdamS(torch.optim.Optimizer):
                     continue
                 g = p.grad
                 st = self.state[p]
-                if not st:
+                if "step" not in st:
                     st["step"] = 0
                     st["mu"] = torch.zeros_like(p)
                     st["v"] = torch.zeros_like(p)
@@ -145,7 +185,7 @@ class ResearchAdamS(torch.optim.Optimizer):
                 else:
                     n, m, dim = spec
                     if (s - 1) % self.interval == 0:
-                        st["keep"] = nm_mask(p, (n, m), dim=dim)
+                        st["keep"] = nm_mask(self.mask_score(p), (n, m), dim=dim)
                         # rel: λ = κ · RMS of the bias-corrected momentum, measured at refreshes.
                         st["lam"] = self.l1 * float(mu.square().mean().sqrt()) / (1 - b1**s)
                     keep = st["keep"]
@@ -157,7 +197,8 @@ class ResearchAdamS(torch.optim.Optimizer):
                     if self.mlr != 1.0:
                         mt = torch.where(keep, mt, self.mlr * mt)
                 denom = (v / (1 - b2**s)).sqrt().add_(eps)
-                p.addcdiv_(mt, denom, value=-lr / (1 - b1**s))
+                lr_s = lr * min(1.0, s / (self.warm * self.T)) if self.warm > 0 else lr
+                p.addcdiv_(mt, denom, value=-lr_s / (1 - b1**s))
 
 
 # ------------------------------------------------------------------ runs
@@ -338,7 +379,10 @@ def run_method(  # noqa: C901 (one research loop, a branch per method)
             rec["suggested"] = sug
         # mlr = the library's masked_lr_scale (the mlr runs recorded before it existed used
         # ResearchAdamS's equivalent knob, docs/sparsity_tax.md says which).
-        if kv.get("opt", "lib") == "lib" and kv.get("vsrc", "mutilde") == "mutilde":
+        score = kv.get("score", "mag")
+        if score not in ("mag", "act"):
+            raise SystemExit(f"unknown score {score!r} (mag | act)")
+        if kv.get("opt", "lib") == "lib" and kv.get("vsrc", "mutilde") == "mutilde" and score == "mag":
             opt = cast_rs.AdamS(
                 model.parameters(),
                 lr=run_lr,
@@ -362,8 +406,12 @@ def run_method(  # noqa: C901 (one research loop, a branch per method)
                 mode=kv.get("mode", "abs"),
                 vsrc=kv.get("vsrc", "mutilde"),
                 mlr=mlr,
+                warm=float(kv.get("warm", 0.0)),
+                score=score,
                 **common,
             )
+            if score == "act":
+                opt.track_inputs(handle, decay=float(kv.get("xdecay", 0.9)))
     else:
         raise SystemExit(f"unknown method {name!r}")
     warmup = int(kv["warmup"]) if "warmup" in kv else round(lp["warmup"] * steps)
@@ -420,6 +468,8 @@ def run_method(  # noqa: C901 (one research loop, a branch per method)
     if handle is not None:
         rec["sparse_ratio"] = handle.stats(None).overall
         rec["ppl_dense_forward"] = ev(model)
+        if isinstance(opt, ResearchAdamS) and opt.score == "act":
+            opt.project()  # finalize's magnitude projection then keeps the score's weights
         fin = handle.finalize()
         rec["l1_cut"] = fin.total_l1_removed_fraction
     if srste is not None:
