@@ -145,9 +145,26 @@ pub fn nm_mask(
 }
 
 /// A packed mask unpacked into a boolean tensor of `shape`.
+///
+/// Contiguous CPU bits take a table lookup per byte (`nm::unpack_flags`); any other tensor
+/// the generic tensor ops. The masked LoRA layer unpacks its mask in every forward and
+/// backward pass, where three elementwise tensor passes cost several percent of a step.
 pub fn unpack_mask(bits: &Tensor, shape: &[i64]) -> Result<Tensor> {
-    checks::unpack_args(&meta(bits), shape)?;
-    guarded(|| generic::unpack_mask(bits, shape))
+    let bm = meta(bits);
+    checks::unpack_args(&bm, shape)?;
+    guarded(|| {
+        if !checks::fast_eligible(&[&bm], Dtype::U8) {
+            return generic::unpack_mask(bits, shape);
+        }
+        let out =
+            Tensor::f_empty(shape, (Kind::Bool, Device::Cpu)).map_err(torch_err("unpack_mask"))?;
+        // SAFETY: `bits` is a contiguous CPU uint8 tensor (checked), `out` a fresh contiguous
+        // bool tensor written with 0/1 bytes only; distinct.
+        let (bs, os) = unsafe { (slice_mut::<u8>(bits), slice_mut::<u8>(&out)) };
+        // `unpack_args` checked that `bits` holds packed_len(numel) bytes.
+        nm::unpack_flags(bs, os);
+        Ok(out)
+    })
 }
 
 /// Fast-path scaling forward on element type `T`.

@@ -31,6 +31,26 @@ def test_large_tensor_and_packed_form(kernel_path):
     assert torch.equal(cast_rs.unpack_mask(bits, x.shape), keep)
 
 
+@pytest.mark.parametrize("numel", [1, 7, 8, 13, 64, 1000, 4099])
+def test_unpack_mask_matches_reference_on_both_paths(numel):
+    # A contiguous CPU byte tensor takes the table-lookup path, a strided view the generic
+    # tensor ops; both must give the reference's bits (LSB first), tail byte included. (One
+    # byte is contiguous whatever its stride: those sizes check the fast path only.)
+    g = torch.Generator().manual_seed(numel)
+    nbytes = (numel + 7) // 8
+    raw = torch.randint(0, 256, (2 * nbytes,), dtype=torch.uint8, generator=g)
+    bits_strided = raw[::2]
+    bits = bits_strided.contiguous()
+    shifts = torch.arange(8, dtype=torch.uint8)
+    want = ((bits.unsqueeze(-1) >> shifts) & 1).reshape(-1)[:numel].bool()
+    assert bits_strided.is_contiguous() == (nbytes == 1)
+    for b in (bits, bits_strided):
+        got = cast_rs.unpack_mask(b, (numel,))
+        assert got.dtype == torch.bool and got.shape == (numel,)
+        assert torch.equal(got, want)
+    assert torch.equal(cast_rs.unpack_mask(bits, (1, numel)), want.reshape(1, numel))
+
+
 def test_packed_bit_order_is_row_major_lsb_first(kernel_path):
     x = torch.tensor([[0.0, 3.0, 0.0, 2.0, 9.0, 0.0, 1.0, 0.0, 5.0, 6.0, 0.0, 0.0]])
     bits = cast_rs.nm_mask_packed(x, "2:4")
