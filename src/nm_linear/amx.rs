@@ -5,10 +5,11 @@
 //! product uses its tile instructions and wins. This kernel uses them too: for each row block
 //! and each 32 input columns it expands the compressed weight into one dense bf16 tile in L1
 //! (16 output rows × 32 inputs, in the pair-interleaved order `tdpbf16ps` reads), then
-//! multiplies it with up to four 16-row tiles of the inputs, read in place. The weight is
-//! still read compressed from memory, once per 64 batch rows. Each row block reads all the
-//! input rows again: beyond about 128 rows of 4096 inputs they no longer stay in L2, and the
-//! kernel falls behind torch's dense product (blocking the batch as a GEMM does is not done).
+//! multiplies it with up to four 16-row tiles of the inputs. The weight is read compressed
+//! from memory and expanded once per 64 batch rows. Every row block reads the inputs again,
+//! so they have to stay in L2: a larger batch runs in slices of rows that do
+//! ([`batch_slice`]), each slice over every row block (the weight read from memory once per
+//! slice), with its inputs in tile order ([`pack_tiles`]).
 //!
 //! Expansion: a slot pair of a 2:4 group holds, per output row, the group's two kept values
 //! (low and high half of one 32-bit lane) and their positions `p0 < p1`. The tile rows for
@@ -36,6 +37,18 @@ pub const TILE_ROWS: usize = 16;
 const TILE_K: usize = 32;
 /// Output tiles (of 16 batch rows each) that share one expanded weight tile.
 pub const MAX_TILES: usize = 4;
+
+/// The bytes of bf16 inputs a slice of the batch may span: half of a 2 MiB L2, so that the
+/// slice's inputs stay there while every row block reads them (the weights streaming
+/// through beside them).
+pub const SLICE_BYTES: usize = 1 << 20;
+
+/// Batch rows per slice for rows of `cols` inputs: the multiple of 64 (one weight tile's
+/// four input tiles) whose inputs fit in [`SLICE_BYTES`], at least 64.
+pub fn batch_slice(cols: usize) -> usize {
+    let group = TILE_ROWS * MAX_TILES;
+    (SLICE_BYTES / (2 * cols.max(1)) / group * group).max(group)
+}
 
 /// Whether this process may run [`block_amx`]: a CPU with AMX-TILE and AMX-BF16, the AVX-512
 /// level (so `CAST_RS_NO_SIMD` turns it off), `CAST_RS_NO_AMX` unset, and Linux granting the
@@ -154,28 +167,88 @@ const fn shuffle_table(first: u32) -> [u32; 16] {
 const ROWS01: [u32; 16] = shuffle_table(0);
 const ROWS23: [u32; 16] = shuffle_table(2);
 
-/// `acc[(16·j + i)·16 + lane] = Σ_c x[16·j + i, c] · W[16·block + lane, c]` for `tiles` tiles
-/// of batch rows, 16 each but the last, which has `last_rows` (`x` holds
-/// `16 · (tiles - 1) + last_rows` rows of `cols` bf16, row-major).
+/// Where [`block_amx`] finds its input tiles: the tile of batch rows `16·j..16·j + 16` and
+/// input columns `kc..kc + 32` starts at byte `ptr + j·tile_bytes + (kc / 32)·step_bytes`,
+/// its rows `row_stride` bytes apart.
+#[derive(Clone, Copy)]
+pub struct TileInputs {
+    ptr: *const u8,
+    tile_bytes: usize,
+    step_bytes: usize,
+    row_stride: usize,
+}
+
+impl TileInputs {
+    /// Row-major inputs of `cols` bf16 per row, from `x`'s first row.
+    pub fn row_major(x: &[Bf16], cols: usize) -> Self {
+        Self {
+            ptr: x.as_ptr() as *const u8,
+            tile_bytes: TILE_ROWS * cols * 2,
+            step_bytes: TILE_K * 2,
+            row_stride: cols * 2,
+        }
+    }
+
+    /// Inputs packed by [`pack_tiles`] for rows of `cols`, from tile `first_tile` on.
+    pub fn packed(xp: &[Bf16], cols: usize, first_tile: usize) -> Self {
+        let tile_bytes = cols / TILE_K * TILE_BYTES;
+        Self {
+            ptr: (xp.as_ptr() as *const u8).wrapping_add(first_tile * tile_bytes),
+            tile_bytes,
+            step_bytes: TILE_BYTES,
+            row_stride: TILE_K * 2,
+        }
+    }
+}
+
+/// Bytes of one input tile: 16 rows of 32 bf16.
+const TILE_BYTES: usize = TILE_ROWS * TILE_K * 2;
+
+/// `batch` rows of `cols` bf16 (`cols` a multiple of 32) in tile order: for each 16-row tile
+/// and each 32 columns, the tile's 1 KiB contiguous (rows past `batch` zero).
+///
+/// Why: row-major rows of a power-of-two size (8 KiB for 4096 inputs) all fall in the same
+/// few cache sets, so the 16 rows of a tile compete for the ways of one L1 set and, beyond
+/// 128 batch rows, of a few L2 sets, and every row block's tile loads miss. Packed, a
+/// tile load reads one contiguous KiB. Worth its copy when several 64-row groups re-read the
+/// inputs for every row block.
+pub fn pack_tiles(x: &[Bf16], batch: usize, cols: usize) -> Vec<Bf16> {
+    debug_assert!(cols.is_multiple_of(TILE_K) && x.len() >= batch * cols);
+    let steps = cols / TILE_K;
+    let mut xp = vec![Bf16(0); batch.div_ceil(TILE_ROWS) * steps * TILE_ROWS * TILE_K];
+    for (r, row) in x[..batch * cols].chunks_exact(cols).enumerate() {
+        let (tile, i) = (r / TILE_ROWS, r % TILE_ROWS);
+        for (s, piece) in row.chunks_exact(TILE_K).enumerate() {
+            let at = ((tile * steps + s) * TILE_ROWS + i) * TILE_K;
+            xp[at..at + TILE_K].copy_from_slice(piece);
+        }
+    }
+    xp
+}
+
+/// `acc[(16·j + i)·16 + lane] = Σ_c x[16·j + i, c] · W[16·block + lane, c]` for `tiles`
+/// tiles of batch rows, 16 each but the last, which has `last_rows`, read where `inputs`
+/// says.
 ///
 /// # Safety
-/// [`amx_kernel`]`(layout)`; buffers as checked by `check_call`; `1 ≤ tiles ≤ MAX_TILES`,
-/// `1 ≤ last_rows ≤ 16`; `acc` holds `256 · tiles` f32.
+/// [`amx_kernel`]`(layout)`; `values` and `index` as checked by `check_call`; `inputs`
+/// addresses readable tiles of these rows over all `cols` inputs; `1 ≤ tiles ≤ MAX_TILES`,
+/// `1 ≤ last_rows ≤ 16`; `acc` holds `16 · (16 · (tiles - 1) + last_rows)` f32.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 pub unsafe fn block_amx(
     layout: &NmLayout,
     values: &[Bf16],
     index: &[u32],
-    x: &[Bf16],
+    inputs: TileInputs,
     tiles: usize,
     last_rows: usize,
     block: usize,
     acc: &mut [f32],
 ) {
-    debug_assert!((1..=MAX_TILES).contains(&tiles) && acc.len() >= 256 * tiles);
+    debug_assert!((1..=MAX_TILES).contains(&tiles));
+    debug_assert!(acc.len() >= 16 * (TILE_ROWS * (tiles - 1) + last_rows));
     debug_assert!((1..=TILE_ROWS).contains(&last_rows));
-    debug_assert!(x.len() >= (TILE_ROWS * (tiles - 1) + last_rows) * layout.cols);
     let config = tile_config(tiles, last_rows);
     // The last input tile: tile 6 when it is short, else tile 4 like the others.
     let short = last_rows < TILE_ROWS;
@@ -189,8 +262,7 @@ pub unsafe fn block_amx(
     #[repr(C, align(64))]
     struct Tile([u32; 256]);
     let mut wt = Tile([0; 256]);
-    // Bytes between input rows.
-    let stride = cols * 2;
+    let stride = inputs.row_stride;
     // SAFETY: the caller's contract: AMX is granted to this process; the tile registers are
     // used only inside this function (configured here, released before returning).
     unsafe {
@@ -228,10 +300,11 @@ pub unsafe fn block_amx(
             _mm512_store_si512(out, _mm512_shuffle_epi8(w, c01));
             _mm512_store_si512(out.add(1), _mm512_shuffle_epi8(w, c23));
         }
-        let xk = x.as_ptr().add(kc) as *const u8;
+        let xk = inputs.ptr.wrapping_add(kc / TILE_K * inputs.step_bytes);
+        let tile_bytes = inputs.tile_bytes;
         // SAFETY: the weight tile is 16 rows of 64 bytes; each input tile is 16 rows (the last
-        // `last_rows`) of 64 bytes at `stride` apart, inside `x` (the caller's contract;
-        // kc + 32 ≤ cols).
+        // `last_rows`) of 64 bytes at `stride` apart, where `inputs` says (the caller's
+        // contract; kc + 32 ≤ cols).
         unsafe {
             asm!("tileloadd tmm5, [{0} + {1}*1]", in(reg) wt.0.as_ptr(), in(reg) 64usize, options(nostack, readonly));
             // Tile j's inputs start 16·j rows down; the last tile uses tile 6 when short.
@@ -239,10 +312,10 @@ pub unsafe fn block_amx(
                 ($c:literal, $j:expr) => {
                     if $j + 1 == tiles && short {
                         asm!(concat!("tileloadd tmm6, [{0} + {1}*1]\n", "tdpbf16ps tmm", $c, ", tmm6, tmm5"),
-                             in(reg) xk.add($j * 16 * stride), in(reg) stride, options(nostack, readonly));
+                             in(reg) xk.wrapping_add($j * tile_bytes), in(reg) stride, options(nostack, readonly));
                     } else {
                         asm!(concat!("tileloadd tmm4, [{0} + {1}*1]\n", "tdpbf16ps tmm", $c, ", tmm4, tmm5"),
-                             in(reg) xk.add($j * 16 * stride), in(reg) stride, options(nostack, readonly));
+                             in(reg) xk.wrapping_add($j * tile_bytes), in(reg) stride, options(nostack, readonly));
                     }
                 };
             }
@@ -259,7 +332,8 @@ pub unsafe fn block_amx(
         }
     }
     let out = acc.as_mut_ptr() as *mut u8;
-    // SAFETY: `acc` holds 256·tiles f32: tile j's 16 rows of 64 bytes at 1024·j bytes.
+    // SAFETY: `acc` holds each tile's rows (the last one's `last_rows`) of 64 bytes, tile j
+    // at 1024·j bytes.
     unsafe {
         asm!("tilestored [{0} + {1}*1], tmm0", in(reg) out, in(reg) 64usize, options(nostack));
         if tiles > 1 {

@@ -318,11 +318,27 @@ pub fn nm_linear_bf16_parallel(
     {
         // From AMX_MIN_BATCH rows on, the whole batch on AMX where it runs.
         let on_amx = batch >= AMX_MIN_BATCH && amx::amx_kernel(layout);
+        // Beyond one 64-row group every row block re-reads the inputs: in tile order then.
+        let packed = (on_amx && batch > amx::TILE_ROWS * amx::MAX_TILES)
+            .then(|| amx::pack_tiles(x, batch, layout.cols));
         in_pieces(layout, y, |b0, b1, out| {
             if on_amx {
                 // SAFETY: `amx_kernel` said yes; buffers checked by `check_call`; `out` as
                 // below.
-                unsafe { amx_blocks(layout, values, index, bias, x, batch, out, b0, b1) };
+                unsafe {
+                    amx_blocks(
+                        layout,
+                        values,
+                        index,
+                        bias,
+                        x,
+                        packed.as_deref(),
+                        batch,
+                        out,
+                        b0,
+                        b1,
+                    )
+                };
                 return;
             }
             let cols = layout.cols;
@@ -347,7 +363,9 @@ pub fn nm_linear_bf16_parallel(
 pub const AMX_MIN_BATCH: usize = 5;
 
 /// The `tiled` batch rows of blocks `[b0, b1)` on AMX: up to 64 rows (four tiles, the last
-/// one possibly short) per expanded weight tile.
+/// one possibly short) per expanded weight tile; a batch whose inputs do not stay in L2 in
+/// slices of `amx::batch_slice` rows, each over every block. `packed`: the same inputs in
+/// tile order (`amx::pack_tiles`), read instead of `x`.
 ///
 /// # Safety
 /// `amx::amx_kernel(layout)`; buffers as checked by `check_call`; `y` as in
@@ -360,25 +378,35 @@ unsafe fn amx_blocks(
     index: &[u32],
     bias: Option<&[f32]>,
     x: &[Bf16],
+    packed: Option<&[Bf16]>,
     tiled: usize,
     y: *mut f32,
     b0: usize,
     b1: usize,
 ) {
+    let cols = layout.cols;
+    let group = amx::TILE_ROWS * amx::MAX_TILES;
     let mut acc = [0f32; ROW_BLOCK * amx::TILE_ROWS * amx::MAX_TILES];
-    for block in b0..b1 {
-        let mut b = 0;
-        while b < tiled {
-            let rows = (tiled - b).min(amx::TILE_ROWS * amx::MAX_TILES);
-            let tiles = rows.div_ceil(amx::TILE_ROWS);
-            let last_rows = rows - (tiles - 1) * amx::TILE_ROWS;
-            let xs = &x[b * layout.cols..(b + rows) * layout.cols];
-            // SAFETY: the caller's contract; `xs` holds these rows, `acc` room for their tiles.
-            unsafe {
-                amx::block_amx(layout, values, index, xs, tiles, last_rows, block, &mut acc);
-                store_sums(layout, None, bias, y, b, block, &acc[..ROW_BLOCK * rows]);
+    for s0 in (0..tiled).step_by(amx::batch_slice(cols)) {
+        let s1 = (s0 + amx::batch_slice(cols)).min(tiled);
+        for block in b0..b1 {
+            for b in (s0..s1).step_by(group) {
+                let rows = (s1 - b).min(group);
+                let tiles = rows.div_ceil(amx::TILE_ROWS);
+                let last_rows = rows - (tiles - 1) * amx::TILE_ROWS;
+                let inputs = match packed {
+                    Some(xp) => amx::TileInputs::packed(xp, cols, b / amx::TILE_ROWS),
+                    None => amx::TileInputs::row_major(&x[b * cols..(b + rows) * cols], cols),
+                };
+                // SAFETY: the caller's contract; `inputs` addresses these rows (`x` or its
+                // packed copy, `b` a multiple of 16), `acc` has room for their tiles.
+                unsafe {
+                    amx::block_amx(
+                        layout, values, index, inputs, tiles, last_rows, block, &mut acc,
+                    );
+                    store_sums(layout, None, bias, y, b, block, &acc[..ROW_BLOCK * rows]);
+                }
             }
-            b += rows;
         }
     }
 }

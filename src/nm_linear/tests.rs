@@ -299,9 +299,10 @@ fn bf16_inputs_against_the_dense_reference() {
 }
 
 /// The AMX kernel (16-row tiles, up to four per weight tile, the last one short where the
-/// batch is not a multiple of 16) against the f64 reference, with the f32 summation bound: `tdpbf16ps` multiplies
-/// bf16 exactly in f32 and rounds each addition once, like the other kernels (the additions
-/// of the expanded zeros are exact).
+/// batch is not a multiple of 16; beyond 64 rows from inputs in tile order; batches whose
+/// inputs exceed `SLICE_BYTES` in slices) against the f64 reference, with the f32
+/// summation bound: `tdpbf16ps` multiplies bf16 exactly in f32 and rounds each addition
+/// once, like the other kernels (the additions of the expanded zeros are exact).
 #[test]
 fn amx_tiles_against_the_dense_reference() {
     #[cfg(target_arch = "x86_64")]
@@ -323,6 +324,33 @@ fn amx_tiles_against_the_dense_reference() {
                 let what = format!("amx {rows}x{cols} b{batch}");
                 assert_within_rounding(&l, &wf, &xf, &bias, batch, &y, &what);
             }
+        }
+        // Batch slices: rows of 8192 inputs take slices of 64 rows, of 1024 inputs 512
+        // rows: 520 and 600 rows are a slice of 512 and one of 8 or 88 (a short last tile).
+        use super::amx::batch_slice;
+        assert_eq!(
+            (batch_slice(8192), batch_slice(4096), batch_slice(1024)),
+            (64, 128, 512)
+        );
+        let (rows, cols) = (40, 1024);
+        let l = NmLayout::new(rows, cols, 2, 4).unwrap();
+        let (w, wf) = bf16_and_f32(&nm_weight(rows, cols, 2, 4, &mut rng));
+        let (v, idx) = compress(&l, &w).unwrap();
+        let bias: Vec<f32> = (0..rows).map(|_| rng.next()).collect();
+        for batch in [520usize, 600] {
+            let random: Vec<f32> = (0..batch * cols).map(|_| rng.next()).collect();
+            let (x, xf) = bf16_and_f32(&random);
+            let mut y = vec![f32::NAN; batch * rows];
+            nm_linear_bf16_parallel(&l, &v, &idx, Some(&bias), &x, batch, &mut y).unwrap();
+            assert_within_rounding(
+                &l,
+                &wf,
+                &xf,
+                &bias,
+                batch,
+                &y,
+                &format!("amx slices b{batch}"),
+            );
         }
         // Not the 2:4 pattern, or not whole 32-column steps: never AMX.
         assert!(!amx_kernel(&NmLayout::new(16, 48, 2, 4).unwrap()));
