@@ -3,7 +3,7 @@
     ./run bench inference                 # layers, then end-to-end decoding
     ./run bench inference --layers        # the layer table only
     ./run bench inference --e2e           # the decoding table only
-    ./run bench inference --crossover     # batches 1-256 on one shape: where 2:4 stops paying
+    ./run bench inference --crossover     # batches 1-512 on one shape: where 2:4 stops paying
     ./run bench inference --quick         # fewer rounds, the small model only (a smoke run)
     ./run bench inference --e2e --llamacpp  # and llama.cpp on the same weights (installs llama-cpp-python)
 
@@ -415,7 +415,7 @@ def int8_section(rounds: int, threads_list, shapes, bandwidth: dict) -> None:
 
 def crossover_section(rounds: int, threads_list, shape=(4096, 4096)) -> None:
     """Where 2:4 stops paying: the compressed layer against ``F.linear`` on the same dtype at
-    batches 1 to 256 on one shape (the operator runs its kernels at every batch)."""
+    batches 1 to 512 on one shape (the operator runs its kernels at every batch)."""
     rotation = rotation_bytes()
     out_f, in_f = shape
     print(
@@ -429,7 +429,7 @@ def crossover_section(rounds: int, threads_list, shape=(4096, 4096)) -> None:
         dense = weight_copies(out_f, in_f, rotation, lambda w, dtype=dtype: w.to(dtype))
         for threads in threads_list:
             torch.set_num_threads(threads)
-            for batch in (1, 4, 8, 16, 24, 32, 48, 64, 128, 256):
+            for batch in (1, 4, 8, 16, 24, 32, 48, 64, 128, 256, 512):
                 x = torch.randn(batch, in_f).to(dtype)
                 with torch.no_grad():
                     med = interleaved(
@@ -631,7 +631,7 @@ def main() -> None:
     ap.add_argument(
         "--crossover",
         action="store_true",
-        help="only the crossover table (batches 1-256 on (4096, 4096): where the kernel stops paying)",
+        help="only the crossover table (batches 1-512 on (4096, 4096): where the kernel stops paying)",
     )
     ap.add_argument(
         "--llamacpp",
