@@ -109,6 +109,52 @@ def test_no_bias_and_a_strided_input():
         assert_matches_dense(layer(x), x, lin.weight.detach(), None)
 
 
+def test_large_buffers_start_on_a_huge_page_and_behave_as_tensors(tmp_path, monkeypatch):
+    """NMLinear's values and index of 2 MiB or more sit in their own mapping, advised for
+    transparent huge pages, from a 2 MiB boundary (where Linux offers THP); the layer fills,
+    computes, copies, converts, saves and loads as any other; CAST_RS_NO_HUGEPAGES=1 and small
+    buffers get ordinary tensors."""
+    from cast_rs import _memory
+
+    huge = _memory.HUGE_PAGE
+    lin = nm_linear_layer(2048, 1024)  # float32 values: 1024 · 1024 · 4 bytes = 4 MiB
+    layer = NMLinear.from_dense(lin)
+    if _memory.huge_pages_available():
+        assert layer.values.data_ptr() % huge == 0
+    else:
+        print("no transparent huge pages here (not Linux, THP 'never', or CAST_RS_NO_HUGEPAGES): ordinary buffers")
+    x = torch.randn(3, 2048)
+    with torch.no_grad():
+        assert_matches_dense(layer(x), x, lin.weight, lin.bias)
+        copy = __import__("copy").deepcopy(layer)
+        assert torch.equal(copy(x), layer(x))
+        path = tmp_path / "layer.pt"
+        torch.save(layer.state_dict(), path)
+        again = NMLinear(2048, 1024)
+        again.load_state_dict(torch.load(path))
+        assert torch.equal(again(x), layer(x))
+        if _memory.huge_pages_available():
+            assert again.values.data_ptr() % huge == 0  # loading copies into the layer's buffers
+        # A dtype change re-lays the values out into a new buffer (2 MiB of bfloat16).
+        as_bf16 = again.to(torch.bfloat16)
+        # (model.to(bfloat16) rounds the bias to bfloat16 as well, then keeps it in float32.)
+        xb, wb = x.bfloat16(), lin.weight.detach().bfloat16().float()
+        assert_matches_dense(as_bf16(xb), xb.float(), wb, as_bf16.bias.detach(), out_rounding=2.0**-8)
+        if _memory.huge_pages_available():
+            assert as_bf16.values.data_ptr() % huge == 0
+    small = _memory.zeros(1000, torch.float32)
+    assert small.shape == (1000,) and not small.any()
+    monkeypatch.setenv("CAST_RS_NO_HUGEPAGES", "1")
+    _memory.huge_pages_available.cache_clear()
+    try:
+        assert not _memory.huge_pages_available()
+        plain = _memory.zeros(huge, torch.float32)
+        assert plain.shape == (huge,) and not plain.any()
+    finally:
+        monkeypatch.delenv("CAST_RS_NO_HUGEPAGES")
+        _memory.huge_pages_available.cache_clear()
+
+
 def test_compress_a_finalized_model_and_reload_it_without_dense_weights(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 10))

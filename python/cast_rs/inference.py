@@ -36,6 +36,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from . import _memory
 from ._record import dtype_name, is_hf_model, make_record, set_record
 from ._registrations import layout_sizes
 from .checking import count_violations
@@ -88,8 +89,11 @@ class NMLinear(nn.Module):
         n, m = parse_pattern(pattern)
         values_len, index_len = layout_sizes(out_features, in_features, n, m)
         self.in_features, self.out_features, self.n, self.m = in_features, out_features, n, m
-        self.register_buffer("values", torch.zeros(values_len, dtype=dtype))
-        self.register_buffer("index", torch.zeros(index_len, dtype=torch.int32))
+        # In 2 MiB pages where Linux allows (_memory: decoding streams these buffers, and 4 KiB
+        # pages cost a TLB miss every 4 KiB of that stream); every way of filling a layer
+        # (from_dense, load_state_dict, from_pretrained) copies into them.
+        self.register_buffer("values", _memory.zeros(values_len, dtype))
+        self.register_buffer("index", _memory.zeros(index_len, torch.int32))
         # int8 only (float values hold their scale): float32 whatever the default dtype, as the
         # bias below.
         self.scales: Optional[torch.Tensor]
@@ -189,6 +193,8 @@ class NMLinear(nn.Module):
         dense = self.dense_weight()
         super()._apply(fn, recurse)
         values, index = torch.ops.cast_rs.nm_compress(fn(dense).contiguous(), self.n, self.m)
+        if values.device.type == "cpu":
+            values = _memory.zeros(values.numel(), values.dtype).copy_(values)
         self._buffers["values"], self._buffers["index"] = values, index.to(self.index.device)
         if self.bias is not None and self.bias.dtype != torch.float32:
             self.bias = nn.Parameter(self.bias.detach().float(), requires_grad=False)
