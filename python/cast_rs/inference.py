@@ -45,6 +45,8 @@ from .layers import layer_kind
 
 __all__ = ["NMLinear", "CompressReport", "compress"]
 
+_nm_linear_op = torch.ops.cast_rs.nm_linear
+
 
 class NMLinear(nn.Module):
     r"""``y = x Wᵀ + b`` with an N:M weight ``W`` (``[out_features, in_features]``) stored
@@ -221,8 +223,20 @@ class NMLinear(nn.Module):
         return self
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return torch.ops.cast_rs.nm_linear(
-            input, self.values, self.index, self.bias, self.out_features, self.in_features, self.n, self.m, self.scales
+        # The buffers straight from their dicts: through nn.Module.__getattr__ the four
+        # lookups cost about as much as the operator's own dispatch (a decoding step calls
+        # every layer once per token).
+        buffers = self._buffers
+        return _nm_linear_op(
+            input,
+            buffers["values"],
+            buffers["index"],
+            self._parameters["bias"],
+            self.out_features,
+            self.in_features,
+            self.n,
+            self.m,
+            buffers["scales"],
         )
 
     def dense_weight(self) -> torch.Tensor:
