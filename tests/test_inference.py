@@ -6,6 +6,7 @@ replaces, through the PyTorch operator, with a rounding bound: both sides sum in
 different orders, so each output may differ from the exact sum by at most about
 (terms + 1) · 2^-24 · Σ|w·x| (+ the bias)."""
 
+import copy
 import io
 import os
 import subprocess
@@ -126,8 +127,7 @@ def test_large_buffers_start_on_a_huge_page_and_behave_as_tensors(tmp_path, monk
     x = torch.randn(3, 2048)
     with torch.no_grad():
         assert_matches_dense(layer(x), x, lin.weight, lin.bias)
-        copy = __import__("copy").deepcopy(layer)
-        assert torch.equal(copy(x), layer(x))
+        assert torch.equal(copy.deepcopy(layer)(x), layer(x))
         path = tmp_path / "layer.pt"
         torch.save(layer.state_dict(), path)
         again = NMLinear(2048, 1024)

@@ -56,9 +56,8 @@ def zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """A 1-d tensor of ``numel`` zeros of ``dtype``: for at least 2 MiB on the CPU where
     :func:`huge_pages_available`, in its own mapping advised for huge pages, starting on a
     2 MiB boundary; otherwise ``torch.zeros``."""
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    nbytes = numel * itemsize
-    if nbytes < HUGE_PAGE or not huge_pages_available() or torch.empty(0).device.type != "cpu":
+    nbytes = numel * dtype.itemsize
+    if nbytes < HUGE_PAGE or not huge_pages_available() or torch.get_default_device().type != "cpu":
         return torch.zeros(numel, dtype=dtype)
     size = nbytes + HUGE_PAGE
     buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -72,3 +71,10 @@ def zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
         pass
     # Anonymous pages read as zeros: nothing to fill.
     return torch.frombuffer(buf, dtype=dtype, count=numel, offset=offset)
+
+
+def copy_of(t: torch.Tensor) -> torch.Tensor:
+    """A 1-d CPU tensor ``t`` copied into :func:`zeros`' memory; ``t`` itself elsewhere."""
+    if t.device.type != "cpu":
+        return t
+    return zeros(t.numel(), t.dtype).copy_(t.reshape(-1))

@@ -195,9 +195,9 @@ class NMLinear(nn.Module):
         dense = self.dense_weight()
         super()._apply(fn, recurse)
         values, index = torch.ops.cast_rs.nm_compress(fn(dense).contiguous(), self.n, self.m)
-        if values.device.type == "cpu":
-            values = _memory.zeros(values.numel(), values.dtype).copy_(values)
-        self._buffers["values"], self._buffers["index"] = values, index.to(self.index.device)
+        # The new buffers in the pages __init__ gives them.
+        self._buffers["values"] = _memory.copy_of(values)
+        self._buffers["index"] = _memory.copy_of(index.to(self.index.device))
         if self.bias is not None and self.bias.dtype != torch.float32:
             self.bias = nn.Parameter(self.bias.detach().float(), requires_grad=False)
         return self

@@ -233,7 +233,7 @@ pub fn pack_tiles(x: &[Bf16], batch: usize, cols: usize) -> Vec<Bf16> {
 /// # Safety
 /// [`amx_kernel`]`(layout)`; `values` and `index` as checked by `check_call`; `inputs`
 /// addresses readable tiles of these rows over all `cols` inputs; `1 ≤ tiles ≤ MAX_TILES`,
-/// `1 ≤ last_rows ≤ 16`; `acc` holds `16 · (16 · (tiles - 1) + last_rows)` f32.
+/// `1 ≤ last_rows ≤ 16`; `acc` holds `256 · tiles` f32.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 pub unsafe fn block_amx(
@@ -246,8 +246,7 @@ pub unsafe fn block_amx(
     block: usize,
     acc: &mut [f32],
 ) {
-    debug_assert!((1..=MAX_TILES).contains(&tiles));
-    debug_assert!(acc.len() >= 16 * (TILE_ROWS * (tiles - 1) + last_rows));
+    debug_assert!((1..=MAX_TILES).contains(&tiles) && acc.len() >= 256 * tiles);
     debug_assert!((1..=TILE_ROWS).contains(&last_rows));
     let config = tile_config(tiles, last_rows);
     // The last input tile: tile 6 when it is short, else tile 4 like the others.
@@ -332,8 +331,7 @@ pub unsafe fn block_amx(
         }
     }
     let out = acc.as_mut_ptr() as *mut u8;
-    // SAFETY: `acc` holds each tile's rows (the last one's `last_rows`) of 64 bytes, tile j
-    // at 1024·j bytes.
+    // SAFETY: `acc` holds 256·tiles f32: tile j's 16 rows of 64 bytes at 1024·j bytes.
     unsafe {
         asm!("tilestored [{0} + {1}*1], tmm0", in(reg) out, in(reg) 64usize, options(nostack));
         if tiles > 1 {

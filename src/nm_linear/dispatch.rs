@@ -387,8 +387,9 @@ unsafe fn amx_blocks(
     let cols = layout.cols;
     let group = amx::TILE_ROWS * amx::MAX_TILES;
     let mut acc = [0f32; ROW_BLOCK * amx::TILE_ROWS * amx::MAX_TILES];
-    for s0 in (0..tiled).step_by(amx::batch_slice(cols)) {
-        let s1 = (s0 + amx::batch_slice(cols)).min(tiled);
+    let slice = amx::batch_slice(cols);
+    for s0 in (0..tiled).step_by(slice) {
+        let s1 = (s0 + slice).min(tiled);
         for block in b0..b1 {
             for b in (s0..s1).step_by(group) {
                 let rows = (s1 - b).min(group);
