@@ -414,8 +414,10 @@ def int8_section(rounds: int, threads_list, shapes, bandwidth: dict) -> None:
 
 
 def crossover_section(rounds: int, threads_list, shape=(4096, 4096)) -> None:
-    """Where 2:4 stops paying: the compressed layer against ``F.linear`` on the same dtype at
-    batches 1 to 512 on one shape (the operator runs its kernels at every batch)."""
+    """Where 2:4 stops paying: the compressed layer against ``F.linear`` on the activations'
+    dtype at batches 1 to 512 on one shape (the operator runs its kernels at every batch):
+    float32 and bfloat16 2:4 layers, and int8 2:4 with bfloat16 activations against dense
+    bfloat16 (a prompt's prefill in an int8 model)."""
     rotation = rotation_bytes()
     out_f, in_f = shape
     print(
@@ -424,8 +426,13 @@ def crossover_section(rounds: int, threads_list, shape=(4096, 4096)) -> None:
     )
     print("| dtype | threads | batch | compressed ms | F.linear ms | compressed vs F.linear |")
     print("|---|---|---|---|---|---|")
-    for dtype in (torch.float32, torch.bfloat16):
-        layers = weight_copies(out_f, in_f, rotation, compressed_layer(dtype))
+    runs = (
+        ("f32", torch.float32, torch.float32),
+        ("bf16", torch.bfloat16, torch.bfloat16),
+        ("int8 (bf16 act.)", torch.int8, torch.bfloat16),
+    )
+    for name, values, dtype in runs:
+        layers = weight_copies(out_f, in_f, rotation, compressed_layer(values))
         dense = weight_copies(out_f, in_f, rotation, lambda w, dtype=dtype: w.to(dtype))
         for threads in threads_list:
             torch.set_num_threads(threads)
@@ -440,7 +447,6 @@ def crossover_section(rounds: int, threads_list, shape=(4096, 4096)) -> None:
                         rounds,
                     )
                 k, d = med["nm"][0], med["same"][0]
-                name = "f32" if dtype == torch.float32 else "bf16"
                 print(f"| {name} | {threads} | {batch} | {k * 1e3:.3f} | {d * 1e3:.3f} | **{d / k:.2f}x** |", flush=True)
         del dense, layers
 

@@ -9,7 +9,7 @@ use crate::error::{CastError, Result};
 use crate::generic::torch_err;
 use crate::nm_linear::{
     check_scales, compress, compress_int8, decompress_into, dequantize_into,
-    nm_linear_bf16_parallel, nm_linear_parallel, Bf16, NmLayout,
+    nm_linear_bf16_parallel, nm_linear_int8_bf16_parallel, nm_linear_parallel, Bf16, NmLayout,
 };
 use crate::ops::{guarded, slice_mut};
 
@@ -311,9 +311,12 @@ pub fn nm_linear(
             input.numel() as i64 / cols
         };
         // bf16 inputs to bf16 weights stay bf16 (`vdpbf16ps` multiplies them as they are;
-        // widening would double the bytes read); anything else is computed in f32 (bf16
-        // inputs to int8 weights are widened: no quantized activations).
-        let bf16_inputs = input.kind() == Kind::BFloat16 && values.kind() == Kind::BFloat16;
+        // widening would double the bytes read), and so do bf16 inputs to int8 weights (AMX
+        // multiplies them with the int8 values widened to bf16 from a few rows on; below,
+        // `nm_linear_int8_bf16_parallel` widens them to f32); anything else is computed in
+        // f32. Never quantized activations.
+        let bf16_inputs =
+            input.kind() == Kind::BFloat16 && matches!(values.kind(), Kind::BFloat16 | Kind::Int8);
         let x = input
             .f_reshape([batch, cols])
             .map_err(&e)?
@@ -353,7 +356,22 @@ pub fn nm_linear(
             let batch = batch as usize;
             if bf16_inputs {
                 let xs = slice_mut::<Bf16>(&x);
-                nm_linear_bf16_parallel(&layout, slice_mut(values), idx, bs, xs, batch, ys)?;
+                match (values.kind(), ss) {
+                    // (`scales_rule`: int8 values come with their scales, float ones without.)
+                    (Kind::Int8, Some(ss)) => nm_linear_int8_bf16_parallel(
+                        &layout,
+                        slice_mut(values),
+                        idx,
+                        ss,
+                        bs,
+                        xs,
+                        batch,
+                        ys,
+                    )?,
+                    _ => {
+                        nm_linear_bf16_parallel(&layout, slice_mut(values), idx, bs, xs, batch, ys)?
+                    }
+                }
             } else {
                 let xs = slice_mut::<f32>(&x);
                 match values.kind() {

@@ -1,4 +1,4 @@
-//! The AMX kernel: 2:4 bf16 weights times bf16 inputs, 16 batch rows at a time.
+//! The AMX kernel: 2:4 bf16 (or int8) weights times bf16 inputs, 16 batch rows at a time.
 //!
 //! Beyond a few batch rows (a prompt, a batch of requests) the vector kernels are
 //! compute-bound, and on CPUs with AMX (Advanced Matrix Extensions) torch's dense bf16
@@ -226,6 +226,48 @@ pub fn pack_tiles(x: &[Bf16], batch: usize, cols: usize) -> Vec<Bf16> {
     xp
 }
 
+/// The weight values [`block_amx`] expands into bf16 tiles: bf16, or int8 widened exactly
+/// (an int8 times an f32 scale is the weight; the scale is applied to the sums, as the other
+/// int8 kernels do).
+pub trait AmxValues: Copy {
+    /// The 32 values of the slot pair starting at global slot `slot` (even) as bf16, in the
+    /// pair-interleaved order of bf16 values (lane l: the first slot's value in the low half
+    /// of 32-bit word l, the second's in the high half).
+    ///
+    /// # Safety
+    /// AVX-512F available; `values` holds the pair (`check_call`).
+    unsafe fn pair_bf16(values: &[Self], slot: usize) -> __m512i;
+}
+
+impl AmxValues for Bf16 {
+    #[inline(always)]
+    unsafe fn pair_bf16(values: &[Self], slot: usize) -> __m512i {
+        // bf16 pairs are stored interleaved (`NmLayout::value_offset`): one load.
+        _mm512_loadu_si512(values.as_ptr().add(slot * ROW_BLOCK) as *const __m512i)
+    }
+}
+
+impl AmxValues for i8 {
+    #[inline(always)]
+    unsafe fn pair_bf16(values: &[Self], slot: usize) -> __m512i {
+        // int8 slots are stored one after the other. Each is widened to f32 (exact), and
+        // an f32 of at most 7 significant bits has a zero low half: its high half is the
+        // same number in bf16. Ternary-logic table 0xF8 is A | (B & C).
+        let p = values.as_ptr().add(slot * ROW_BLOCK);
+        let widen = |q: *const i8| {
+            _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                q as *const __m128i,
+            ))))
+        };
+        let (first, second) = (widen(p), widen(p.add(ROW_BLOCK)));
+        _mm512_ternarylogic_epi32::<0xF8>(
+            _mm512_srli_epi32::<16>(first),
+            second,
+            _mm512_set1_epi32(0xffff_0000_u32 as i32),
+        )
+    }
+}
+
 /// `acc[(16·j + i)·16 + lane] = Σ_c x[16·j + i, c] · W[16·block + lane, c]` for `tiles`
 /// tiles of batch rows, 16 each but the last, which has `last_rows`, read where `inputs`
 /// says.
@@ -236,9 +278,9 @@ pub fn pack_tiles(x: &[Bf16], batch: usize, cols: usize) -> Vec<Bf16> {
 /// `1 ≤ last_rows ≤ 16`; `acc` holds `256 · tiles` f32.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-pub unsafe fn block_amx(
+pub unsafe fn block_amx<E: AmxValues>(
     layout: &NmLayout,
-    values: &[Bf16],
+    values: &[E],
     index: &[u32],
     inputs: TileInputs,
     tiles: usize,
@@ -278,7 +320,7 @@ pub unsafe fn block_amx(
         // The weight tile of inputs kc..kc + 32: 8 groups, two tile rows each.
         for g in 0..TILE_K / 4 {
             let slot = first + 2 * (kc / 4 + g);
-            let w = _mm512_loadu_si512(values.as_ptr().add(slot * ROW_BLOCK) as *const __m512i);
+            let w = E::pair_bf16(values, slot);
             let p0 = _mm512_srlv_epi32(
                 _mm512_set1_epi32(*index.get_unchecked(slot) as i32),
                 lane_shift,

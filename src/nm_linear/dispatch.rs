@@ -250,9 +250,12 @@ pub fn bf16_dot_kernel(layout: &NmLayout) -> bool {
     }
 }
 
+/// What [`kernel_paths`] names the AVX-512 kernels of narrow (bf16, int8) values.
+const NARROW_AVX512: &str = "avx512 (vpermps + FMA; software prefetch into L1)";
+
 /// Which kernel runs a layer of `layout` on this CPU, per kind of call: `(call, kernel)`
 /// pairs for float32 values, bfloat16 values with float32 inputs, bfloat16 values with
-/// bfloat16 inputs, and int8 values (any inputs: they are summed in f32). What benchmarks
+/// bfloat16 inputs, and int8 values (any inputs; sums in f32). What benchmarks
 /// print beside their figures, since the same machine kind can land on different CPUs.
 pub fn kernel_paths(layout: &NmLayout) -> [(&'static str, &'static str); 4] {
     // The AVX-512 kernels prefetch the narrow values into L1, and f32 values into L2 only
@@ -261,11 +264,11 @@ pub fn kernel_paths(layout: &NmLayout) -> [(&'static str, &'static str); 4] {
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512 if x86::f32_prefetch() => (
             "avx512 (vpermps + FMA; software prefetch into L2)",
-            "avx512 (vpermps + FMA; software prefetch into L1)",
+            NARROW_AVX512,
         ),
         Kernel::Avx512 => (
             "avx512 (vpermps + FMA; hardware prefetch only)",
-            "avx512 (vpermps + FMA; software prefetch into L1)",
+            NARROW_AVX512,
         ),
         Kernel::Avx2 => ("avx2 (vpermps + FMA)", "avx2 (vpermps + FMA)"),
         Kernel::Portable => ("portable (scalar)", "portable (scalar)"),
@@ -275,6 +278,15 @@ pub fn kernel_paths(layout: &NmLayout) -> [(&'static str, &'static str); 4] {
     #[cfg(not(target_arch = "x86_64"))]
     let amx = false;
     // (The row count is AMX_MIN_BATCH; a test keeps the two equal.)
+    let int8 = if amx {
+        // (AMX runs only where the AVX-512 kernels do.)
+        concat!(
+            "avx512 (vpermps + FMA; software prefetch into L1)",
+            "; amx (tdpbf16ps, bfloat16 inputs) from 5 batch rows"
+        )
+    } else {
+        narrow
+    };
     let bf16_inputs = match (bf16_dot_kernel(layout), amx) {
         (true, true) => {
             "avx512_bf16 (vdpbf16ps; software prefetch into L1); amx (tdpbf16ps) from 5 batch rows"
@@ -286,7 +298,7 @@ pub fn kernel_paths(layout: &NmLayout) -> [(&'static str, &'static str); 4] {
         ("float32", float),
         ("bfloat16 values, float32 inputs", narrow),
         ("bfloat16 values, bfloat16 inputs", bf16_inputs),
-        ("int8 values", narrow),
+        ("int8 values", int8),
     ]
 }
 
@@ -317,30 +329,12 @@ pub fn nm_linear_bf16_parallel(
     #[cfg(target_arch = "x86_64")]
     {
         // From AMX_MIN_BATCH rows on, the whole batch on AMX where it runs.
-        let on_amx = batch >= AMX_MIN_BATCH && amx::amx_kernel(layout);
-        // Beyond one 64-row group every row block re-reads the inputs: in tile order then.
-        let packed = (on_amx && batch > amx::TILE_ROWS * amx::MAX_TILES)
-            .then(|| amx::pack_tiles(x, batch, layout.cols));
+        if on_amx(layout, batch) {
+            // SAFETY: `on_amx` said yes; buffers checked by `check_call`.
+            unsafe { amx_parallel(layout, values, index, None, bias, x, batch, y) };
+            return Ok(());
+        }
         in_pieces(layout, y, |b0, b1, out| {
-            if on_amx {
-                // SAFETY: `amx_kernel` said yes; buffers checked by `check_call`; `out` as
-                // below.
-                unsafe {
-                    amx_blocks(
-                        layout,
-                        values,
-                        index,
-                        bias,
-                        x,
-                        packed.as_deref(),
-                        batch,
-                        out,
-                        b0,
-                        b1,
-                    )
-                };
-                return;
-            }
             let cols = layout.cols;
             let block_kernel = |b: usize, nb: usize, block: usize, acc: &mut [f32]| {
                 let xs = &x[b * cols..(b + nb) * cols];
@@ -354,6 +348,83 @@ pub fn nm_linear_bf16_parallel(
         });
     }
     Ok(())
+}
+
+/// [`nm_linear_parallel`] for int8 weights (`scales` one per row) and **bf16 inputs**: from
+/// [`AMX_MIN_BATCH`] rows on AMX where the CPU has it, the int8 values widened to bf16 in the
+/// weight tiles (exact: |q| ≤ 127), so every product is exact in f32 as in the other
+/// kernels and the sums keep the f32 summation bound; the row's scale is applied to each sum
+/// as the other int8 kernels do. Fewer rows, or no AMX: the inputs are widened to f32 and
+/// [`nm_linear_parallel`] runs (its bits).
+#[allow(clippy::too_many_arguments)]
+pub fn nm_linear_int8_bf16_parallel(
+    layout: &NmLayout,
+    values: &[i8],
+    index: &[u32],
+    scales: &[f32],
+    bias: Option<&[f32]>,
+    x: &[Bf16],
+    batch: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    check_call(layout, values, index, Some(scales), bias, x, batch, y)?;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if on_amx(layout, batch) {
+            // SAFETY: `on_amx` said yes; buffers checked by `check_call`.
+            unsafe { amx_parallel(layout, values, index, Some(scales), bias, x, batch, y) };
+            return Ok(());
+        }
+    }
+    let x32: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    nm_linear_parallel(layout, values, index, Some(scales), bias, &x32, batch, y)
+}
+
+/// Whether a call of `batch` rows with bf16 inputs runs on AMX: from [`AMX_MIN_BATCH`] rows,
+/// where `amx::amx_kernel` says the CPU and the layout allow it.
+#[cfg(target_arch = "x86_64")]
+fn on_amx(layout: &NmLayout, batch: usize) -> bool {
+    batch >= AMX_MIN_BATCH && amx::amx_kernel(layout)
+}
+
+/// The whole call on AMX, its row blocks on the thread pool ([`in_pieces`]).
+///
+/// # Safety
+/// [`on_amx`]`(layout, batch)`; buffers as checked by `check_call`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn amx_parallel<E: amx::AmxValues + Sync>(
+    layout: &NmLayout,
+    values: &[E],
+    index: &[u32],
+    scales: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    x: &[Bf16],
+    batch: usize,
+    y: &mut [f32],
+) {
+    // Beyond one 64-row group every row block re-reads the inputs: in tile order then.
+    let packed =
+        (batch > amx::TILE_ROWS * amx::MAX_TILES).then(|| amx::pack_tiles(x, batch, layout.cols));
+    in_pieces(layout, y, |b0, b1, out| {
+        // SAFETY: the caller's contract; `out` is `y`, borrowed for the whole call, and the
+        // pieces write disjoint block ranges.
+        unsafe {
+            amx_blocks(
+                layout,
+                values,
+                index,
+                scales,
+                bias,
+                x,
+                packed.as_deref(),
+                batch,
+                out,
+                b0,
+                b1,
+            )
+        }
+    });
 }
 
 /// Batch rows from which [`nm_linear_bf16_parallel`] runs on AMX (`amx::block_amx`) where the
@@ -372,10 +443,11 @@ pub const AMX_MIN_BATCH: usize = 5;
 /// [`run_blocks_raw`].
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn amx_blocks(
+unsafe fn amx_blocks<E: amx::AmxValues>(
     layout: &NmLayout,
-    values: &[Bf16],
+    values: &[E],
     index: &[u32],
+    scales: Option<&[f32]>,
     bias: Option<&[f32]>,
     x: &[Bf16],
     packed: Option<&[Bf16]>,
@@ -405,7 +477,7 @@ unsafe fn amx_blocks(
                     amx::block_amx(
                         layout, values, index, inputs, tiles, last_rows, block, &mut acc,
                     );
-                    store_sums(layout, None, bias, y, b, block, &acc[..ROW_BLOCK * rows]);
+                    store_sums(layout, scales, bias, y, b, block, &acc[..ROW_BLOCK * rows]);
                 }
             }
         }

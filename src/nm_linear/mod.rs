@@ -54,8 +54,8 @@
 //!   [`nm_linear_bf16_parallel`]): pick the kernel this CPU runs, drive it block by block.
 //! * `portable`: the kernel in plain Rust (any CPU, and the reference the others equal).
 //! * `x86`: the AVX-512, AVX-512 BF16 and AVX2 kernels (x86-64 only).
-//! * `amx`: the AMX kernel for bf16 weights and inputs at 16 and more batch rows (x86-64
-//!   CPUs with AMX, on Linux).
+//! * `amx`: the AMX kernel for bf16 inputs to bf16 or int8 2:4 weights from a few batch rows
+//!   on (x86-64 CPUs with AMX, on Linux).
 
 #[cfg(target_arch = "x86_64")]
 pub mod amx;
@@ -72,8 +72,8 @@ mod x86;
 
 pub use check::{check_call, check_index, check_scales};
 pub use dispatch::{
-    bf16_dot_kernel, kernel_paths, level, nm_linear, nm_linear_bf16_parallel, nm_linear_parallel,
-    run_blocks, Kernel, AMX_MIN_BATCH,
+    bf16_dot_kernel, kernel_paths, level, nm_linear, nm_linear_bf16_parallel,
+    nm_linear_int8_bf16_parallel, nm_linear_parallel, run_blocks, Kernel, AMX_MIN_BATCH,
 };
 pub use elem::{Bf16, NmElem};
 pub use layout::{NmLayout, ROW_BLOCK};

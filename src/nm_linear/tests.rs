@@ -4,8 +4,9 @@
 
 use super::{
     bf16_dot_kernel, check_call, check_index, compress, compress_int8, decompress, decompress_into,
-    dequantize_into, kernel_paths, level, nm_linear, nm_linear_bf16_parallel, nm_linear_parallel,
-    row_scale, run_blocks, Bf16, Kernel, NmElem, NmLayout,
+    dequantize_into, kernel_paths, level, nm_linear, nm_linear_bf16_parallel,
+    nm_linear_int8_bf16_parallel, nm_linear_parallel, row_scale, run_blocks, Bf16, Kernel, NmElem,
+    NmLayout,
 };
 
 /// xorshift64*: deterministic test data without a dependency.
@@ -352,6 +353,46 @@ fn amx_tiles_against_the_dense_reference() {
                 &format!("amx slices b{batch}"),
             );
         }
+        // int8 values with bf16 inputs: on AMX from AMX_MIN_BATCH rows, the integers widened
+        // to bf16 exactly, so the same bound holds against the exact weight q · s (the
+        // scale's FMA is one more rounding, inside the bound's + 2). Below AMX_MIN_BATCH
+        // rows, or without AMX: the inputs widened to f32, the f32-input kernels' bits.
+        for &(rows, cols) in &[(16, 32), (37, 64), (20, 96)] {
+            let l = NmLayout::new(rows, cols, 2, 4).unwrap();
+            let w = nm_weight(rows, cols, 2, 4, &mut rng);
+            let (q, idx, scales) = compress_int8(&l, &w).unwrap();
+            let dq = decompress(&l, &q, &idx).unwrap();
+            let exact: Vec<f64> = dq
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| v as f64 * scales[i / cols] as f64)
+                .collect();
+            let bias: Vec<f32> = (0..rows).map(|_| rng.next()).collect();
+            for batch in [1usize, 4, 5, 16, 33, 64, 100] {
+                let random: Vec<f32> = (0..batch * cols).map(|_| rng.next()).collect();
+                let (x, xf) = bf16_and_f32(&random);
+                let mut y = vec![f32::NAN; batch * rows];
+                nm_linear_int8_bf16_parallel(&l, &q, &idx, &scales, Some(&bias), &x, batch, &mut y)
+                    .unwrap();
+                let what = format!("int8 amx {rows}x{cols} b{batch}");
+                assert_within_rounding(&l, &exact, &xf, &bias, batch, &y, &what);
+                if batch < super::AMX_MIN_BATCH || !amx_kernel(&l) {
+                    let mut widened = vec![f32::NAN; batch * rows];
+                    nm_linear_parallel(
+                        &l,
+                        &q,
+                        &idx,
+                        Some(&scales),
+                        Some(&bias),
+                        &xf,
+                        batch,
+                        &mut widened,
+                    )
+                    .unwrap();
+                    assert_eq!(y, widened, "{what}: not the f32-input kernels' bits");
+                }
+            }
+        }
         // Not the 2:4 pattern, or not whole 32-column steps: never AMX.
         assert!(!amx_kernel(&NmLayout::new(16, 48, 2, 4).unwrap()));
         assert!(!amx_kernel(&NmLayout::new(16, 64, 4, 8).unwrap()));
@@ -619,8 +660,19 @@ fn kernel_paths_name_the_dispatched_kernel_for_each_call() {
             super::amx::amx_kernel(&amx_layout),
             "{named}"
         );
+        // int8 values: AMX for bf16 inputs from the same row count, beside the vector kernel.
+        let int8 = kernel_paths(&amx_layout)[3].1;
+        assert!(int8.starts_with(kernel_paths(&amx_layout)[1].1), "{int8}");
+        assert_eq!(
+            int8.contains(&format!(
+                "amx (tdpbf16ps, bfloat16 inputs) from {} batch rows",
+                super::AMX_MIN_BATCH
+            )),
+            super::amx::amx_kernel(&amx_layout),
+            "{int8}"
+        );
         assert!(
-            !paths[2].1.contains("amx"),
+            !paths[2].1.contains("amx") && !paths[3].1.contains("amx"),
             "8 columns are not a whole tile step"
         );
     }
