@@ -27,6 +27,8 @@ A CAST method is ``cast:key=value,...``; keys (defaults = the library's AdamS as
               the extra knobs; with default knobs it takes the same steps as lib)
     vsrc      mutilde (paper: v from μ̃ for every element) | grad (v from g² where m = 1)
     warm      AdamS's own warmup (a fraction of the run; default 0: none)
+    cool      a cooldown of AdamS's own: its lr falls linearly to 0 over the last ``cool`` of the
+              run, on top of the loop's schedule (default 0: none); runs the research optimizer
     suggest   1: lr and mlr from ``sparse.suggest_adams(steps, dense_lr=--lr)`` (the documented
               default; overrides lr / mlr)
     init      dense (default) | sparsegpt: start AdamS from the SparseGPT one-shot 2:4 model
@@ -121,6 +123,7 @@ class ResearchAdamS(torch.optim.Optimizer):
         mlr=1.0,
         warm=0.0,
         score="mag",
+        cool=0.0,
     ):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
         self.specs, self.l1, self.mode, self.ramp, self.T = specs, l1, mode, ramp, total_steps
@@ -130,6 +133,8 @@ class ResearchAdamS(torch.optim.Optimizer):
         # score: "act" ranks a group's weights by |W_ij|·‖x_j‖ (state "xsq": the running mean
         # of x_j², written by the forward hooks of :meth:`track_inputs`).
         self.warm, self.score = warm, score
+        # cool: lr times min(1, (T - s + 1) / (cool·T)) over the run's last cool·T steps.
+        self.cool = cool
 
     def mask_score(self, p: torch.Tensor) -> torch.Tensor:
         """What the N:M mask of ``p`` ranks: |W|, or |W|·‖x‖ along the input dimension."""
@@ -198,6 +203,8 @@ class ResearchAdamS(torch.optim.Optimizer):
                         mt = torch.where(keep, mt, self.mlr * mt)
                 denom = (v / (1 - b2**s)).sqrt().add_(eps)
                 lr_s = lr * min(1.0, s / (self.warm * self.T)) if self.warm > 0 else lr
+                if self.cool > 0:
+                    lr_s *= max(0.0, min(1.0, (self.T - s + 1) / (self.cool * self.T)))
                 p.addcdiv_(mt, denom, value=-lr_s / (1 - b1**s))
 
 
@@ -382,7 +389,8 @@ def run_method(  # noqa: C901 (one research loop, a branch per method)
         score = kv.get("score", "mag")
         if score not in ("mag", "act"):
             raise SystemExit(f"unknown score {score!r} (mag | act)")
-        if kv.get("opt", "lib") == "lib" and kv.get("vsrc", "mutilde") == "mutilde" and score == "mag":
+        cool = float(kv.get("cool", 0.0))
+        if kv.get("opt", "lib") == "lib" and kv.get("vsrc", "mutilde") == "mutilde" and score == "mag" and cool == 0:
             opt = cast_rs.AdamS(
                 model.parameters(),
                 lr=run_lr,
@@ -408,6 +416,7 @@ def run_method(  # noqa: C901 (one research loop, a branch per method)
                 mlr=mlr,
                 warm=float(kv.get("warm", 0.0)),
                 score=score,
+                cool=cool,
                 **common,
             )
             if score == "act":
