@@ -27,8 +27,9 @@ A CAST method is ``cast:key=value,...``; keys (defaults = the library's AdamS as
               the extra knobs; with default knobs it takes the same steps as lib)
     vsrc      mutilde (paper: v from μ̃ for every element) | grad (v from g² where m = 1)
     warm      AdamS's own warmup (a fraction of the run; default 0: none)
-    cool      a cooldown of AdamS's own: its lr falls linearly to 0 over the last ``cool`` of the
-              run, on top of the loop's schedule (default 0: none); runs the research optimizer
+    cool      AdamS's own cooldown (``AdamS(cooldown=...)``): its lr falls linearly toward 0 over
+              the last ``cool`` of the run, on top of the loop's schedule (default 0: none; the
+              first cool runs used the research optimizer's copy of it, the same update)
     suggest   1: lr and mlr from ``sparse.suggest_adams(steps, dense_lr=--lr)`` (the documented
               default; overrides lr / mlr)
     init      dense (default) | sparsegpt: start AdamS from the SparseGPT one-shot 2:4 model
@@ -390,7 +391,7 @@ def run_method(  # noqa: C901 (one research loop, a branch per method)
         if score not in ("mag", "act"):
             raise SystemExit(f"unknown score {score!r} (mag | act)")
         cool = float(kv.get("cool", 0.0))
-        if kv.get("opt", "lib") == "lib" and kv.get("vsrc", "mutilde") == "mutilde" and score == "mag" and cool == 0:
+        if kv.get("opt", "lib") == "lib" and kv.get("vsrc", "mutilde") == "mutilde" and score == "mag":
             opt = cast_rs.AdamS(
                 model.parameters(),
                 lr=run_lr,
@@ -402,6 +403,7 @@ def run_method(  # noqa: C901 (one research loop, a branch per method)
                 l1_mode="relative" if kv.get("mode", "abs") == "rel" else "absolute",
                 masked_lr_scale=mlr,
                 warmup=float(kv.get("warm", 0.0)),
+                cooldown=cool,
             )
         else:
             specs = {l.weight: (n, m_, l.dim) for l in handle.layers}

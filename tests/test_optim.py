@@ -462,3 +462,41 @@ def test_warmup_is_the_same_update_as_a_scaled_lr(kernel_path):
     for bad in (-0.1, 1.0, "0.1"):
         with pytest.raises(ValueError, match=r"warmup: expected a number in \[0, 1\)"):
             cast_rs.AdamS([torch.nn.Parameter(torch.zeros(4))], total_steps=10, warmup=bad)
+
+
+def test_cooldown_is_the_same_update_as_a_scaled_lr(kernel_path):
+    # AdamS(cooldown=c) with a warmup must step exactly as AdamS whose lr a scheduler sets to
+    # lr·min(1, s/(wT))·min(1, max(T - s + 1, 1)/(cT)): the same scalar into the same kernel,
+    # so the parameters agree bit for bit, past T too (where the cooldown holds its last value
+    # instead of stopping training).
+    torch.manual_seed(0)
+    w0 = torch.randn(8, 16)
+    total, lr, warmup, cooldown = 12, 1e-2, 0.25, 0.5  # up over steps 1-3, down over 7-12
+    steps = total + 3
+    grads = [torch.randn(8, 16) for _ in range(steps)]
+    a = torch.nn.Parameter(w0.clone())
+    b = torch.nn.Parameter(w0.clone())
+    opt_a = cast_rs.AdamS([a], lr=lr, pattern="2:4", total_steps=total, warmup=warmup, cooldown=cooldown)
+    opt_b = cast_rs.AdamS([b], lr=lr, pattern="2:4", total_steps=total)
+    factors = []
+    for s, g in enumerate(grads, start=1):
+        factor = min(1.0, s / (warmup * total)) * min(1.0, max(total - s + 1, 1) / (cooldown * total))
+        factors.append(factor)
+        opt_b.param_groups[0]["lr"] = lr * factor
+        a.grad, b.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+        assert torch.equal(a, b), s
+    # The ramp did what it says: full lr in the middle, 1/6 of it at T and after.
+    assert factors[3:6] == [1.0] * 3 and factors[total - 1] == factors[-1] == 1 / 6
+    # It is state-free: a group saved without it (older checkpoints) steps as cooldown 0.
+    sd = opt_a.state_dict()
+    del sd["param_groups"][0]["cooldown"]
+    opt_c = cast_rs.AdamS([torch.nn.Parameter(a.detach().clone())], lr=lr, pattern="2:4", total_steps=total)
+    opt_c.load_state_dict(sd)
+    assert "cooldown" not in opt_c.param_groups[0] or opt_c.param_groups[0]["cooldown"] == 0.0
+    with pytest.raises(ValueError, match="cooldown: 0.1 is a fraction of total_steps"):
+        cast_rs.AdamS([torch.nn.Parameter(torch.zeros(4))], cooldown=0.1)
+    for bad in (-0.1, 1.0, "0.1"):
+        with pytest.raises(ValueError, match=r"cooldown: expected a number in \[0, 1\)"):
+            cast_rs.AdamS([torch.nn.Parameter(torch.zeros(4))], total_steps=10, cooldown=bad)

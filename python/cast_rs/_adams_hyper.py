@@ -48,6 +48,9 @@ DEFAULT_MASKED_LR_SCALE = 1.0
 #: ``warmup``: AdamS's own linear learning-rate warmup over ``warmup · total_steps`` steps, on
 #: top of any scheduler. 0 (off) is the paper's AdamS; opt-in while it is being measured.
 DEFAULT_WARMUP = 0.0
+#: ``cooldown``: AdamS's own linear learning-rate cooldown to zero over the last
+#: ``cooldown · total_steps`` steps, on top of any scheduler. 0 (off) is the paper's AdamS.
+DEFAULT_COOLDOWN = 0.0
 
 
 def real(x: Any) -> Optional[float]:
@@ -181,12 +184,27 @@ def _warmup(group: Dict[str, Any], where: str) -> None:
     group["warmup"] = value
 
 
+def _cooldown(group: Dict[str, Any], where: str) -> None:
+    # Absent from groups saved before it existed: those have none (0).
+    if "cooldown" not in group:
+        return
+    value = real(group["cooldown"])
+    if value is None or not 0.0 <= value < 1.0:
+        raise ValueError(
+            f"{where}cooldown: expected a number in [0, 1) (the fraction of total_steps at the end of the run over "
+            f"which AdamS ramps its learning rate down), got {group['cooldown']!r}"
+        )
+    if value > 0.0 and group.get("total_steps") is None:
+        raise ValueError(f"{where}cooldown: {value} is a fraction of total_steps, so total_steps must be given")
+    group["cooldown"] = value
+
+
 def _pattern(group: Dict[str, Any], where: str) -> None:
     if group["pattern"] is not None:
         parse_pattern(group["pattern"], param=f"{where}pattern")
 
 
-_CHECKS = (_kernel_scalars, _total_steps, _l1_mode, _ramp_end, _warmup, _mask_interval, _pattern)
+_CHECKS = (_kernel_scalars, _total_steps, _l1_mode, _ramp_end, _warmup, _cooldown, _mask_interval, _pattern)
 
 
 _PLAIN = (float, int, str, bool, type(None))

@@ -15,7 +15,7 @@ import torch
 
 from . import _dtensor
 from ._cast_rs import CastError
-from ._adams_hyper import DEFAULT_RAMP_END, DEFAULT_WARMUP, kernel_hyper
+from ._adams_hyper import DEFAULT_COOLDOWN, DEFAULT_RAMP_END, DEFAULT_WARMUP, kernel_hyper
 from ._adams_state import Spec, param_name
 
 
@@ -51,7 +51,7 @@ def kernel_args(
         [st["step"] for st in states],  # incremented by the kernel on success
     )
     kwargs = dict(
-        hyper=kernel_hyper(group, lr=float(group["lr"]) * warmup_factor(group, states)),
+        hyper=kernel_hyper(group, lr=float(group["lr"]) * lr_factor(group, states)),
         # α = min(1, s / (ramp_end·T)): the kernel ramps over ramp_end·T steps.
         total_steps=None if total is None else max(1.0, ramp * float(total)),
         mask_interval=int(group["mask_interval"]),
@@ -60,14 +60,21 @@ def kernel_args(
     return args, kwargs
 
 
-def warmup_factor(group: Dict[str, Any], states: List[Dict[str, Any]]) -> float:
-    """min(1, s / (warmup · T)) for this step s (1 without a warmup): AdamS's own ramp of the
-    learning rate, on top of the group's lr as a scheduler set it."""
+def lr_factor(group: Dict[str, Any], states: List[Dict[str, Any]]) -> float:
+    """AdamS's own ramps of the learning rate for this step s, on top of the group's lr as a
+    scheduler set it: the warmup min(1, s / (warmup · T)) times the cooldown
+    clamp((T − s + 1) / (cooldown · T), 1 / (cooldown · T), 1) (each 1 when off; past T the
+    cooldown stays at its last step's value rather than stop training)."""
     warmup = float(group.get("warmup", DEFAULT_WARMUP))
-    if warmup <= 0.0 or not states:
+    cooldown = float(group.get("cooldown", DEFAULT_COOLDOWN))
+    if (warmup <= 0.0 and cooldown <= 0.0) or not states:
         return 1.0
-    s = float(states[0]["step"]) + 1.0
-    return min(1.0, s / (warmup * float(group["total_steps"])))
+    s, total = float(states[0]["step"]) + 1.0, float(group["total_steps"])
+    factor = min(1.0, s / (warmup * total)) if warmup > 0.0 else 1.0
+    if cooldown > 0.0:
+        span = cooldown * total
+        factor *= min(1.0, max(total - s + 1.0, 1.0) / span)
+    return factor
 
 
 def relative_l1(

@@ -10,6 +10,7 @@ from torch.optim import Optimizer
 
 from . import _adams_kernel, _adams_state, _dtensor
 from ._adams_hyper import (
+    DEFAULT_COOLDOWN,
     DEFAULT_L1_DECAY,
     DEFAULT_L1_MODE,
     DEFAULT_MASKED_LR_SCALE,
@@ -101,6 +102,14 @@ class AdamS(Optimizer):
             every kept weight of a well-trained model moves by about γ, which a loop without
             a warmup feels as a jump of the loss in the first tens of steps. Needs
             ``total_steps``.
+        cooldown: c in [0, 1): AdamS ramps its learning rate linearly down over the last
+            ``c · total_steps`` steps, γ_s = γ · (T − s + 1) / (c · T) there, on top of
+            whatever a scheduler sets and of ``warmup`` (default 0: none, the paper's AdamS;
+            not in the paper). Past T it stays at its last step's value. Why: near-sign steps
+            keep every kept weight moving by about γ until the end, so a schedule that ends
+            on a floor (cosine to lr/10, constant) leaves the sparse model that much noise
+            when :meth:`~cast_rs.SparseModel.finalize` takes it; AdamW's smaller steps feel
+            the floor less. Needs ``total_steps``.
         pattern: ``"N:M"`` / ``(N, M)`` to make every parameter of the group N:M along its
             last dimension, or None (dense). A parameter marked by :func:`cast_rs.sparsify`
             is sparse along its marked dimension whatever the group says.
@@ -154,6 +163,7 @@ class AdamS(Optimizer):
         ramp_end: float = DEFAULT_RAMP_END,
         masked_lr_scale: float = DEFAULT_MASKED_LR_SCALE,
         warmup: float = DEFAULT_WARMUP,
+        cooldown: float = DEFAULT_COOLDOWN,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -168,6 +178,7 @@ class AdamS(Optimizer):
             ramp_end=ramp_end,
             masked_lr_scale=masked_lr_scale,
             warmup=warmup,
+            cooldown=cooldown,
         )
         check_group(defaults, where="")
         # Tensors stepped on the (fast, generic) kernel path so far: for tests and diagnostics.
