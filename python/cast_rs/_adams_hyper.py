@@ -169,34 +169,26 @@ def _ramp_end(group: Dict[str, Any], where: str) -> None:
     group["ramp_end"] = value
 
 
-def _warmup(group: Dict[str, Any], where: str) -> None:
+def _run_fraction(group: Dict[str, Any], where: str, key: str, what: str) -> None:
+    """Checks a ramp given as a fraction of total_steps (``warmup``, ``cooldown``)."""
     # Absent from groups saved before it existed: those have none (0).
-    if "warmup" not in group:
+    if key not in group:
         return
-    value = real(group["warmup"])
+    value = real(group[key])
     if value is None or not 0.0 <= value < 1.0:
-        raise ValueError(
-            f"{where}warmup: expected a number in [0, 1) (the fraction of total_steps over which AdamS ramps its "
-            f"learning rate up), got {group['warmup']!r}"
-        )
+        raise ValueError(f"{where}{key}: expected a number in [0, 1) ({what}), got {group[key]!r}")
     if value > 0.0 and group.get("total_steps") is None:
-        raise ValueError(f"{where}warmup: {value} is a fraction of total_steps, so total_steps must be given")
-    group["warmup"] = value
+        raise ValueError(f"{where}{key}: {value} is a fraction of total_steps, so total_steps must be given")
+    group[key] = value
+
+
+def _warmup(group: Dict[str, Any], where: str) -> None:
+    _run_fraction(group, where, "warmup", "the fraction of total_steps over which AdamS ramps its learning rate up")
 
 
 def _cooldown(group: Dict[str, Any], where: str) -> None:
-    # Absent from groups saved before it existed: those have none (0).
-    if "cooldown" not in group:
-        return
-    value = real(group["cooldown"])
-    if value is None or not 0.0 <= value < 1.0:
-        raise ValueError(
-            f"{where}cooldown: expected a number in [0, 1) (the fraction of total_steps at the end of the run over "
-            f"which AdamS ramps its learning rate down), got {group['cooldown']!r}"
-        )
-    if value > 0.0 and group.get("total_steps") is None:
-        raise ValueError(f"{where}cooldown: {value} is a fraction of total_steps, so total_steps must be given")
-    group["cooldown"] = value
+    what = "the fraction of total_steps at the end of the run over which AdamS ramps its learning rate down"
+    _run_fraction(group, where, "cooldown", what)
 
 
 def _pattern(group: Dict[str, Any], where: str) -> None:
