@@ -387,7 +387,8 @@ def test_suggest_adams_halves_the_dense_lr_for_short_runs_and_speeds_up_only_the
     # Short run: suggest_lr would raise every weight's lr to the floor; suggest_adams keeps the
     # kept weights at dense_lr / 2 and gives the masked ones exactly the floor (lr · r).
     hp = sparse.suggest_adams(short, dense_lr=dense_lr)
-    assert set(hp) == {"lr", "masked_lr_scale", "warmup"} and hp["warmup"] == cast_rs.sparsity.SUGGESTED_WARMUP
+    assert set(hp) == {"lr", "masked_lr_scale", "warmup", "cooldown"} and hp["warmup"] == cast_rs.sparsity.SUGGESTED_WARMUP
+    assert hp["cooldown"] == 0.0  # half the dense lr: no cooldown
     assert hp["lr"] == dense_lr / 2 and hp["masked_lr_scale"] > 1
     assert hp["lr"] * hp["masked_lr_scale"] == pytest.approx(floor_short, rel=1e-12)
     assert sparse.suggest_lr(short, dense_lr=dense_lr) == floor_short
@@ -399,17 +400,25 @@ def test_suggest_adams_halves_the_dense_lr_for_short_runs_and_speeds_up_only_the
         expected = min(1.0, max(0.5, round(t) / (2 * half)))  # round: total_steps is an integer
         assert expected == pytest.approx(share, abs=1e-3)
         assert hp_t["lr"] == pytest.approx(dense_lr * expected, rel=1e-9)
+        # The cooldown goes with the kept weights' lr: none at half the dense lr, 10 % at all of it.
+        assert hp_t["cooldown"] == pytest.approx(cast_rs.sparsity.SUGGESTED_COOLDOWN * (2 * expected - 1), abs=1e-9)
         # r = 1 from T½ on (at round(T½) itself the floor may exceed dense_lr / 2 by rounding).
         assert hp_t["masked_lr_scale"] == max(1.0, sparse.suggest_lr(round(t)) / hp_t["lr"])
         assert hp_t["masked_lr_scale"] == 1.0 or t == half
-    assert sparse.suggest_adams(long_, dense_lr=dense_lr) == {"lr": dense_lr, "masked_lr_scale": 1.0, "warmup": 0.05}
+    assert sparse.suggest_adams(long_, dense_lr=dense_lr) == {
+        "lr": dense_lr,
+        "masked_lr_scale": 1.0,
+        "warmup": 0.05,
+        "cooldown": 0.1,
+    }
     # schedule_sum / quantile reach the floor as in suggest_lr.
     hp_const = sparse.suggest_adams(short, dense_lr=dense_lr, schedule_sum=1.0, quantile=0.5)
     assert hp_const["lr"] * hp_const["masked_lr_scale"] == pytest.approx(
         max(dense_lr / 2, sparse.suggest_lr(short, schedule_sum=1.0, quantile=0.5)), rel=1e-12
     )
     opt = cast_rs.AdamS(model.parameters(), total_steps=short, **hp)  # what it is for
-    assert opt.param_groups[0]["masked_lr_scale"] == hp["masked_lr_scale"] and opt.param_groups[0]["warmup"] == 0.05
+    group = opt.param_groups[0]
+    assert group["masked_lr_scale"] == hp["masked_lr_scale"] and group["warmup"] == 0.05 and group["cooldown"] == 0.0
     for kwargs, param in (
         ({"total_steps": 0, "dense_lr": 1e-3}, "total_steps"),
         ({"total_steps": 10, "dense_lr": 0.0}, "dense_lr"),
@@ -432,7 +441,7 @@ def test_suggestions_on_a_model_that_is_already_nm():
     floor, so suggest_adams gives the whole dense lr and the paper's update, and suggest_lr
     without dense_lr says why it has nothing to return instead of returning 0."""
     sparse = cast_rs.sparsify(TinyLM_nm(), "2:4")
-    assert sparse.suggest_adams(10, dense_lr=1e-3) == {"lr": 1e-3, "masked_lr_scale": 1.0, "warmup": 0.05}
+    assert sparse.suggest_adams(10, dense_lr=1e-3) == {"lr": 1e-3, "masked_lr_scale": 1.0, "warmup": 0.05, "cooldown": 0.1}
     assert sparse.suggest_lr(10, dense_lr=1e-3) == 5e-4
     with pytest.raises(cast_rs.CastError, match="^suggest_lr: the weights the N:M masks remove are already zero"):
         sparse.suggest_lr(10)

@@ -405,8 +405,8 @@ def train_cast(
     log: Callable[[str], None] = print,
 ):
     """CAST on ``m`` in place: sparsify, AdamS with distillation. ``lr=None`` takes ``lr``,
-    ``masked_lr_scale`` and ``warmup`` from ``suggest_adams(cfg.steps, dense_lr=cfg.lr)``; a
-    given ``lr`` runs the paper's update (``masked_lr_scale`` 1, no AdamS warmup). Returns (handle, optimizer, curve, lr used);
+    ``masked_lr_scale``, ``warmup`` and ``cooldown`` from ``suggest_adams(cfg.steps, dense_lr=cfg.lr)``; a
+    given ``lr`` runs the paper's update (``masked_lr_scale`` 1, no AdamS warmup or cooldown). Returns (handle, optimizer, curve, lr used);
     the caller finalizes."""
     handle = sparsify(m, cfg.pattern, scaling_groups=cfg.scaling_groups)
     hp = {"lr": lr, "masked_lr_scale": 1.0}
@@ -414,7 +414,8 @@ def train_cast(
         hp = handle.suggest_adams(cfg.steps, dense_lr=cfg.lr)
         lr = hp["lr"]
         log(
-            f"CAST: AdamS lr {lr:.3g}, masked_lr_scale {hp['masked_lr_scale']:.3g}, warmup {hp['warmup']:g} "
+            f"CAST: AdamS lr {lr:.3g}, masked_lr_scale {hp['masked_lr_scale']:.3g}, warmup {hp['warmup']:g}, "
+            f"cooldown {hp['cooldown']:.3g} "
             f"= suggest_adams({cfg.steps}, dense_lr={cfg.lr:g})"
         )
     opt = AdamS(

@@ -141,6 +141,11 @@ def _positive_finite(x) -> bool:
 #: docs/sparsity_tax.md, "Against the recipe practitioners use").
 SUGGESTED_WARMUP = 0.05
 
+#: AdamS's ``cooldown`` in :meth:`SparseModel.suggest_adams` for a run at the whole dense lr: a
+#: linear learning-rate ramp down over the last 10 % of ``total_steps`` (less in shorter runs,
+#: none at half the dense lr; measured: docs/sparsity_tax.md, "A cooldown").
+SUGGESTED_COOLDOWN = 0.1
+
 
 def _adams_from_floor(floor: float, dense_lr: float) -> Dict[str, float]:
     """:meth:`SparseModel.suggest_adams`'s rule from the travel floor (also used by the study's
@@ -261,10 +266,11 @@ class SparseModel:
     def suggest_adams(
         self, total_steps: int, *, dense_lr: float, quantile: float = 0.99, schedule_sum: float = 0.5
     ) -> Dict[str, float]:
-        """``lr``, ``masked_lr_scale`` and ``warmup`` for :class:`AdamS`: the kept weights at
-        half the dense learning rate for short runs and at the whole of it for long ones, the
-        masked weights as fast as they must go to reach zero within the run, and AdamS's own
-        learning-rate warmup over the first 5 % of the run.
+        """``lr``, ``masked_lr_scale``, ``warmup`` and ``cooldown`` for :class:`AdamS`: the kept
+        weights at half the dense learning rate for short runs and at the whole of it for long
+        ones, the masked weights as fast as they must go to reach zero within the run, AdamS's
+        own learning-rate warmup over the first 5 % of the run, and in long runs its own
+        cooldown over the last 10 %.
 
         With ``floor`` :meth:`suggest_lr`'s travel floor (``suggest_lr(total_steps)``: the lr at
         which the masked weights can reach zero in ``total_steps``) and ``T½`` the run length at
@@ -274,10 +280,13 @@ class SparseModel:
             lr = dense_lr · clip(total_steps / (2 · T½), 1/2, 1)
             masked_lr_scale = max(1, floor / lr)
             warmup = 0.05                      (SUGGESTED_WARMUP)
+            cooldown = 0.1 · (2 · lr / dense_lr − 1)   (SUGGESTED_COOLDOWN)
 
         that is half the dense lr up to ``T½``, the dense lr from ``2 · T½`` on, linear in the
         run length between; ``masked_lr_scale`` is 1 (the paper's update) except in runs
-        shorter than ``T½``, where only the masked weights get the floor. Use it as::
+        shorter than ``T½``, where only the masked weights get the floor; the cooldown goes
+        with the kept weights' lr, none at half the dense lr, 10 % of the run at the whole of
+        it. Use it as::
 
             optimizer = cast_rs.AdamS(model.parameters(), total_steps=T,
                                       **sparse.suggest_adams(T, dense_lr=1e-3))
@@ -287,7 +296,10 @@ class SparseModel:
         short run cannot repair that shake, a long one can and then needs the dense lr to
         re-fit. The warmup removes the first-step shake, which is what kept the whole dense lr
         from paying in training loops without a warmup of their own; it ramps on top of the
-        loop's schedule, so a loop that warms up already ramps a little longer. The evidence
+        loop's schedule, so a loop that warms up already ramps a little longer. The cooldown
+        is the same cure at the other end: near-sign steps keep every kept weight moving by
+        about the lr until the last step, so a schedule that ends on a floor hands that noise
+        to ``finalize``; it paid at the whole dense lr and not at half of it. The evidence
         (both study models and corpora, 100 to 3000 steps, the study's loop and a plain user's
         loop, against SR-STE and SparseGPT + fixed-mask fine-tuning) is in the sparsity-tax
         report, docs/sparsity_tax.md. Call it after :func:`sparsify` and before training.
@@ -295,7 +307,8 @@ class SparseModel:
         if not _positive_finite(dense_lr):
             raise CastError(f"dense_lr: expected a positive number (the dense AdamW lr), got {dense_lr!r}")
         hp = _adams_from_floor(self._travel_floor("suggest_adams", total_steps, quantile, schedule_sum), float(dense_lr))
-        return {**hp, "warmup": SUGGESTED_WARMUP}
+        share = hp["lr"] / float(dense_lr)  # 1/2 to 1
+        return {**hp, "warmup": SUGGESTED_WARMUP, "cooldown": SUGGESTED_COOLDOWN * (2.0 * share - 1.0)}
 
     def _travel_floor(self, caller: str, total_steps: int, quantile: float, schedule_sum: float) -> float:
         """q / (schedule_sum · total_steps), q = the ``quantile`` of |w| over the weights the
