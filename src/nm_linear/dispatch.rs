@@ -323,8 +323,7 @@ pub fn nm_linear_bf16_parallel(
 ) -> Result<()> {
     check_call(layout, values, index, None, bias, x, batch, y)?;
     if !bf16_dot_kernel(layout) {
-        let x32: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
-        return nm_linear_parallel(layout, values, index, None, bias, &x32, batch, y);
+        return widened_parallel(layout, values, index, None, bias, x, batch, y);
     }
     #[cfg(target_arch = "x86_64")]
     {
@@ -376,8 +375,24 @@ pub fn nm_linear_int8_bf16_parallel(
             return Ok(());
         }
     }
+    widened_parallel(layout, values, index, Some(scales), bias, x, batch, y)
+}
+
+/// [`nm_linear_parallel`] on bf16 inputs widened to f32 (exactly): the fallback of the
+/// bf16-input entry points, with the f32-input kernels' bits.
+#[allow(clippy::too_many_arguments)]
+fn widened_parallel<E: NmElem>(
+    layout: &NmLayout,
+    values: &[E],
+    index: &[u32],
+    scales: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    x: &[Bf16],
+    batch: usize,
+    y: &mut [f32],
+) -> Result<()> {
     let x32: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
-    nm_linear_parallel(layout, values, index, Some(scales), bias, &x32, batch, y)
+    nm_linear_parallel(layout, values, index, scales, bias, &x32, batch, y)
 }
 
 /// Whether a call of `batch` rows with bf16 inputs runs on AMX: from [`AMX_MIN_BATCH`] rows,

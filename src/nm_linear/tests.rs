@@ -361,12 +361,7 @@ fn amx_tiles_against_the_dense_reference() {
             let l = NmLayout::new(rows, cols, 2, 4).unwrap();
             let w = nm_weight(rows, cols, 2, 4, &mut rng);
             let (q, idx, scales) = compress_int8(&l, &w).unwrap();
-            let dq = decompress(&l, &q, &idx).unwrap();
-            let exact: Vec<f64> = dq
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| v as f64 * scales[i / cols] as f64)
-                .collect();
+            let (_, exact) = int8_dense(&l, &q, &idx, &scales);
             let bias: Vec<f32> = (0..rows).map(|_| rng.next()).collect();
             for batch in [1usize, 4, 5, 16, 33, 64, 100] {
                 let random: Vec<f32> = (0..batch * cols).map(|_| rng.next()).collect();
@@ -520,6 +515,18 @@ fn int8_quantization_is_symmetric_per_row() {
     assert_eq!(i8::from_f32(-300.0), -127);
 }
 
+/// The dense integers of a compressed int8 weight, and the exact weight the layer holds:
+/// q · s in f64 (7 + 24 bits, exact).
+fn int8_dense(l: &NmLayout, q: &[i8], idx: &[u32], scales: &[f32]) -> (Vec<i8>, Vec<f64>) {
+    let dq = decompress(l, q, idx).unwrap();
+    let exact = dq
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| v as f64 * scales[i / l.cols] as f64)
+        .collect();
+    (dq, exact)
+}
+
 #[test]
 fn int8_every_kernel_against_the_dense_reference() {
     let mut rng = Rng(0x8b17_5eed);
@@ -528,13 +535,7 @@ fn int8_every_kernel_against_the_dense_reference() {
             let l = NmLayout::new(rows, cols, n, m).unwrap();
             let w = nm_weight(rows, cols, n, m, &mut rng);
             let (q, idx, scales) = compress_int8(&l, &w).unwrap();
-            let dq = decompress(&l, &q, &idx).unwrap();
-            // The exact weight the int8 layer holds: q · s in f64 (7 + 24 bits, exact).
-            let exact: Vec<f64> = dq
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| v as f64 * scales[i / cols] as f64)
-                .collect();
+            let (dq, exact) = int8_dense(&l, &q, &idx, &scales);
             // The integers as f32 values with unit scales: the f32 kernel's bits, since the
             // int8 kernels widen exactly and fma(S, 1, b) rounds as S + b.
             let qf: Vec<f32> = dq.iter().map(|&v| v as f32).collect();
