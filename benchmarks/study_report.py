@@ -116,9 +116,13 @@ Q99 = {("small", "stdlib"): 0.10318, ("small", "prose"): 0.10420, ("large", "std
 
 
 def _suggested_adams_run(rows: List[Dict], model: str, corp: str, steps: int, dense_lr: float = 1e-3):
-    """The CAST run (λ 0.1, no warmup) nearest to what ``suggest_adams(steps, dense_lr)`` gives
-    on this setting, with that suggestion: (run or None, {"lr", "masked_lr_scale"})."""
-    want = _adams_from_floor(Q99[(model, corp)] / (0.5 * steps), dense_lr)
+    """The CAST run (λ 0.1, no warmup) nearest to ``suggest_adams(steps, dense_lr)``'s lr on this
+    setting with the masked weights at max(lr, travel floor), what it suggested when the study's
+    own loop was run (it now gives them at least the dense lr): (run or None, {"lr",
+    "masked_lr_scale"})."""
+    floor = Q99[(model, corp)] / (0.5 * steps)
+    lr = _adams_from_floor(floor, dense_lr)["lr"]
+    want = {"lr": lr, "masked_lr_scale": max(1.0, floor / lr)}
     best, dist = None, 0.1  # within 10 % in lr and in masked_lr_scale (log distance)
     for r in rows:
         name, kv = parse_method(r["method"])

@@ -376,7 +376,7 @@ def test_suggest_lr_is_the_removed_weights_quantile_over_the_schedule_sum():
         sparse.suggest_lr(400)
 
 
-def test_suggest_adams_halves_the_dense_lr_for_short_runs_and_speeds_up_only_the_masked_weights():
+def test_suggest_adams_halves_only_the_kept_weights_lr_for_short_runs():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
     sparse = cast_rs.sparsify(model, "2:4")
@@ -384,16 +384,19 @@ def test_suggest_adams_halves_the_dense_lr_for_short_runs_and_speeds_up_only_the
     floor_short, floor_long = sparse.suggest_lr(short), sparse.suggest_lr(long_)
     dense_lr = 2 * (floor_short * floor_long) ** 0.5  # half of it lies between the two floors
     assert floor_long < dense_lr / 2 < floor_short
-    # Short run: suggest_lr would raise every weight's lr to the floor; suggest_adams keeps the
-    # kept weights at dense_lr / 2 and gives the masked ones exactly the floor (lr · r).
+    # Short run (floor above the dense lr): suggest_lr would raise every weight's lr to the
+    # floor; suggest_adams keeps the kept weights at dense_lr / 2 and gives the masked ones
+    # exactly the floor (lr · r).
+    assert floor_short > dense_lr
     hp = sparse.suggest_adams(short, dense_lr=dense_lr)
     assert set(hp) == {"lr", "masked_lr_scale", "warmup", "cooldown"} and hp["warmup"] == cast_rs.sparsity.SUGGESTED_WARMUP
     assert hp["cooldown"] == 0.0  # half the dense lr: no cooldown
     assert hp["lr"] == dense_lr / 2 and hp["masked_lr_scale"] > 1
     assert hp["lr"] * hp["masked_lr_scale"] == pytest.approx(floor_short, rel=1e-12)
     assert sparse.suggest_lr(short, dense_lr=dense_lr) == floor_short
-    # Long runs: the paper's update (r = 1); the kept weights' lr rises from dense_lr / 2 at
-    # T½ (where the floor is dense_lr / 2) to dense_lr at 2 T½, linearly in the run length.
+    # Longer runs: the kept weights' lr rises from dense_lr / 2 at T½ (where the floor is
+    # dense_lr / 2) to dense_lr at 2 T½, linearly in the run length; the masked weights step at
+    # the dense lr throughout (r = 2 at T½), and from 2 T½ on the update is the paper's (r = 1).
     half = short * floor_short / (dense_lr / 2)  # T½: the floor falls as 1/T
     for t, share in ((half, 0.5), (1.5 * half, 0.75), (1.9 * half, 0.95), (2 * half, 1.0), (long_, 1.0)):
         hp_t = sparse.suggest_adams(round(t), dense_lr=dense_lr)
@@ -402,9 +405,9 @@ def test_suggest_adams_halves_the_dense_lr_for_short_runs_and_speeds_up_only_the
         assert hp_t["lr"] == pytest.approx(dense_lr * expected, rel=1e-9)
         # The cooldown goes with the kept weights' lr: none at half the dense lr, 10 % at all of it.
         assert hp_t["cooldown"] == pytest.approx(cast_rs.sparsity.SUGGESTED_COOLDOWN * (2 * expected - 1), abs=1e-9)
-        # r = 1 from T½ on (at round(T½) itself the floor may exceed dense_lr / 2 by rounding).
-        assert hp_t["masked_lr_scale"] == max(1.0, sparse.suggest_lr(round(t)) / hp_t["lr"])
-        assert hp_t["masked_lr_scale"] == 1.0 or t == half
+        assert sparse.suggest_lr(round(t)) < dense_lr
+        assert hp_t["masked_lr_scale"] == pytest.approx(1 / expected, rel=1e-9)
+        assert hp_t["lr"] * hp_t["masked_lr_scale"] == pytest.approx(dense_lr, rel=1e-12)
     assert sparse.suggest_adams(long_, dense_lr=dense_lr) == {
         "lr": dense_lr,
         "masked_lr_scale": 1.0,
@@ -414,7 +417,7 @@ def test_suggest_adams_halves_the_dense_lr_for_short_runs_and_speeds_up_only_the
     # schedule_sum / quantile reach the floor as in suggest_lr.
     hp_const = sparse.suggest_adams(short, dense_lr=dense_lr, schedule_sum=1.0, quantile=0.5)
     assert hp_const["lr"] * hp_const["masked_lr_scale"] == pytest.approx(
-        max(dense_lr / 2, sparse.suggest_lr(short, schedule_sum=1.0, quantile=0.5)), rel=1e-12
+        max(dense_lr, sparse.suggest_lr(short, schedule_sum=1.0, quantile=0.5)), rel=1e-12
     )
     opt = cast_rs.AdamS(model.parameters(), total_steps=short, **hp)  # what it is for
     group = opt.param_groups[0]

@@ -116,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         type=float,
         help="AdamS learning rate for CAST, masked_lr_scale 1 (default: sparse.suggest_adams(steps, "
         "dense_lr=--lr): half the dense lr at the default 400 steps, the whole of it from about 800, "
-        "masked weights as fast as they need to reach zero)",
+        "masked weights at the dense lr)",
     )
     demo.add_argument("--l1-decay", dest="l1_decay", type=float, help="AdamS l1_decay (lambda)")
     demo.add_argument(

@@ -213,9 +213,8 @@ class DemoConfig:
     # AdamS's learning rate; None: ``sparse.suggest_adams(steps, dense_lr=lr)``, what the docs
     # tell users to do; at the demo's 400 steps that is half the dense lr (which beat the full
     # one at 400 steps on every study setting, docs/sparsity_tax.md, "Half the dense learning
-    # rate") with
-    # masked_lr_scale 1.03, masked weights just fast enough to reach zero. A given lr runs the
-    # paper's update (masked_lr_scale 1).
+    # rate"), with masked_lr_scale 2: the masked weights step at the dense lr. A given lr runs
+    # the paper's update (masked_lr_scale 1).
     cast_lr: Optional[float] = None
     # Linear learning-rate warmup over this fraction of `steps`, then cosine to 0, for every
     # trained method (dense continued, SR-STE, CAST): it tempers AdamS's near-sign first

@@ -155,7 +155,9 @@ def _adams_from_floor(floor: float, dense_lr: float) -> Dict[str, float]:
     # is a run infinitely longer than T½: the whole dense lr.
     ratio = dense_lr / (4.0 * floor) if floor > 0 else math.inf
     lr = dense_lr * min(1.0, max(0.5, ratio))
-    return {"lr": lr, "masked_lr_scale": max(1.0, floor / lr)}
+    # Only the kept weights are slowed to spare a well-trained model the shake of near-sign
+    # steps; the masked ones are on their way to zero and keep at least the dense lr.
+    return {"lr": lr, "masked_lr_scale": max(floor, dense_lr) / lr}
 
 
 class SparseModel:
@@ -268,7 +270,8 @@ class SparseModel:
     ) -> Dict[str, float]:
         """``lr``, ``masked_lr_scale``, ``warmup`` and ``cooldown`` for :class:`AdamS`: the kept
         weights at half the dense learning rate for short runs and at the whole of it for long
-        ones, the masked weights as fast as they must go to reach zero within the run, AdamS's
+        ones, the masked weights at the dense lr (faster if that cannot take them to zero
+        within the run), AdamS's
         own learning-rate warmup over the first 5 % of the run, and in long runs its own
         cooldown over the last 10 %.
 
@@ -278,15 +281,16 @@ class SparseModel:
         ``total_steps / T½ = dense_lr / (2 · floor)``)::
 
             lr = dense_lr · clip(total_steps / (2 · T½), 1/2, 1)
-            masked_lr_scale = max(1, floor / lr)
+            masked_lr_scale = max(floor, dense_lr) / lr
             warmup = 0.05                      (SUGGESTED_WARMUP)
             cooldown = 0.1 · (2 · lr / dense_lr − 1)   (SUGGESTED_COOLDOWN)
 
         that is half the dense lr up to ``T½``, the dense lr from ``2 · T½`` on, linear in the
-        run length between; ``masked_lr_scale`` is 1 (the paper's update) except in runs
-        shorter than ``T½``, where only the masked weights get the floor; the cooldown goes
-        with the kept weights' lr, none at half the dense lr, 10 % of the run at the whole of
-        it. Use it as::
+        run length between; the masked weights step at the dense lr, or at the floor in runs
+        too short for the dense lr to take them to zero, so ``masked_lr_scale`` is 2 at half
+        the dense lr and 1 (the paper's update) from ``2 · T½`` on; the cooldown goes with the
+        kept weights' lr, none at half the dense lr, 10 % of the run at the whole of it. Use
+        it as::
 
             optimizer = cast_rs.AdamS(model.parameters(), total_steps=T,
                                       **sparse.suggest_adams(T, dense_lr=1e-3))
@@ -294,7 +298,9 @@ class SparseModel:
         Why: AdamS's steps are near-sign (v averages the blended momentum's square, not g²), so
         from the first step every kept weight of a well-trained model moves by about ``lr``; a
         short run cannot repair that shake, a long one can and then needs the dense lr to
-        re-fit. The warmup removes the first-step shake, which is what kept the whole dense lr
+        re-fit. The masked weights need no such care (they are on their way to zero, and the
+        sooner they get there the longer the sparse model has to recover), so only the kept
+        weights' lr is lowered. The warmup removes the first-step shake, which is what kept the whole dense lr
         from paying in training loops without a warmup of their own; it ramps on top of the
         loop's schedule, so a loop that warms up already ramps a little longer. The cooldown
         is the same cure at the other end: near-sign steps keep every kept weight moving by
