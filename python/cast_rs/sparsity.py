@@ -271,9 +271,8 @@ class SparseModel:
         """``lr``, ``masked_lr_scale``, ``warmup`` and ``cooldown`` for :class:`AdamS`: the kept
         weights at half the dense learning rate for short runs and at the whole of it for long
         ones, the masked weights at the dense lr (faster if that cannot take them to zero
-        within the run), AdamS's
-        own learning-rate warmup over the first 5 % of the run, and in long runs its own
-        cooldown over the last 10 %.
+        within the run), AdamS's own learning-rate warmup over the first 5 % of the run, and in
+        long runs its own cooldown over the last 10 %.
 
         With ``floor`` :meth:`suggest_lr`'s travel floor (``suggest_lr(total_steps)``: the lr at
         which the masked weights can reach zero in ``total_steps``) and ``T½`` the run length at
@@ -300,15 +299,16 @@ class SparseModel:
         short run cannot repair that shake, a long one can and then needs the dense lr to
         re-fit. The masked weights need no such care (they are on their way to zero, and the
         sooner they get there the longer the sparse model has to recover), so only the kept
-        weights' lr is lowered. The warmup removes the first-step shake, which is what kept the whole dense lr
-        from paying in training loops without a warmup of their own; it ramps on top of the
-        loop's schedule, so a loop that warms up already ramps a little longer. The cooldown
-        is the same cure at the other end: near-sign steps keep every kept weight moving by
-        about the lr until the last step, so a schedule that ends on a floor hands that noise
-        to ``finalize``; it paid at the whole dense lr and not at half of it. The evidence
-        (both study models and corpora, 100 to 3000 steps, the study's loop and a plain user's
-        loop, against SR-STE and SparseGPT + fixed-mask fine-tuning) is in the sparsity-tax
-        report, docs/sparsity_tax.md. Call it after :func:`sparsify` and before training.
+        weights' lr is lowered. The warmup removes the first-step shake, which is what kept the
+        whole dense lr from paying in training loops without a warmup of their own; it ramps on
+        top of the loop's schedule, so a loop that warms up already ramps a little longer. The
+        cooldown is the same cure at the other end: near-sign steps keep every kept weight
+        moving by about the lr until the last step, so a schedule that ends on a floor hands
+        that noise to ``finalize``; it paid at the whole dense lr and not at half of it. The
+        evidence (both study models and corpora, 100 to 3000 steps, the study's loop and a plain
+        user's loop, against SR-STE and SparseGPT + fixed-mask fine-tuning) is in the
+        sparsity-tax report, docs/sparsity_tax.md. Call it after :func:`sparsify` and before
+        training.
         """
         if not _positive_finite(dense_lr):
             raise CastError(f"dense_lr: expected a positive number (the dense AdamW lr), got {dense_lr!r}")
