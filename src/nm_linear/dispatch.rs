@@ -121,6 +121,23 @@ unsafe fn run_blocks_raw<E: NmElem>(
     kernel: Kernel,
 ) {
     let cols = layout.cols;
+    let mut b0 = b0;
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx2 && batch == 1 && layout.n == 2 && layout.m == 4 {
+        // Batch 1 on AVX2: two row blocks per pass (two memory streams, `block_pair_avx2_24`);
+        // an odd last block goes through the one-block loop below.
+        let mut acc = [0f32; 2 * ROW_BLOCK];
+        while b0 + 2 <= b1 {
+            // SAFETY: AVX2 + FMA (the caller picks Avx2 only where the CPU has them), a 2:4
+            // layout, blocks b0 and b0 + 1 in range, buffers checked by `check_call`.
+            unsafe {
+                x86::block_pair_avx2_24(layout, values, index, x, b0, &mut acc);
+                store_sums(layout, scales, bias, y, 0, b0, &acc[..ROW_BLOCK]);
+                store_sums(layout, scales, bias, y, 0, b0 + 1, &acc[ROW_BLOCK..]);
+            }
+            b0 += 2;
+        }
+    }
     let block_kernel = |b: usize, nb: usize, block: usize, acc: &mut [f32]| {
         let xs = &x[b * cols..(b + nb) * cols];
         match kernel {

@@ -158,7 +158,7 @@ fn round_trip_and_every_kernel_against_the_dense_reference() {
             );
             check_index(&l, &idx).unwrap();
             let bias: Vec<f32> = (0..rows).map(|_| rng.next()).collect();
-            for batch in [1usize, 3, 8, 11, 16] {
+            for batch in [1usize, 2, 3, 6, 8, 11, 16] {
                 let x: Vec<f32> = (0..batch * cols).map(|_| rng.next()).collect();
                 let mut first: Option<Vec<f32>> = None;
                 for k in kernels() {
@@ -273,7 +273,7 @@ fn bf16_inputs_against_the_dense_reference() {
             let (v, idx) = compress(&l, &w).unwrap();
             let bias: Vec<f32> = (0..rows).map(|_| rng.next()).collect();
             used_dot |= bf16_dot_kernel(&l);
-            for batch in [1usize, 3, 8, 11, 16] {
+            for batch in [1usize, 2, 3, 6, 8, 11, 16] {
                 let random: Vec<f32> = (0..batch * cols).map(|_| rng.next()).collect();
                 let (x, xf) = bf16_and_f32(&random);
                 let mut y = vec![f32::NAN; batch * rows];
@@ -542,7 +542,7 @@ fn int8_every_kernel_against_the_dense_reference() {
             let (vq, idxq) = compress(&l, &qf).unwrap();
             let ones = vec![1f32; rows];
             let bias: Vec<f32> = (0..rows).map(|_| rng.next()).collect();
-            for batch in [1usize, 3, 8, 9, 17] {
+            for batch in [1usize, 2, 3, 6, 8, 9, 17] {
                 let x: Vec<f32> = (0..batch * cols).map(|_| rng.next()).collect();
                 let what = format!("{n}:{m} {rows}x{cols} b{batch}");
                 let want = run_scaled(
