@@ -10,9 +10,9 @@
 **Host.** The CPU model, logical CPUs, the kernel each kind of 2:4 call runs, the last-level
 cache (from sysfs, else `getconf LEVEL3_CACHE_SIZE`, else `lscpu -B`, else `--llc-mib`; when
 none gives it, the layer, int8 and crossover tables refuse to run rather than guess, since
-their weight copies must exceed it) and the ISA flags that matter; then the host's read bandwidth: a sum
-and a dot product over a buffer of max(4x the last-level cache, 512 MiB), on 1 thread and on
-all, the medians in GB/s.
+their weight copies must exceed it) and the ISA flags that matter; then the host's read bandwidth: a sum,
+a dot product and a matrix-vector product over a buffer of max(4x the last-level cache, 512 MiB),
+on 1 thread and on all, the medians in GB/s (the fastest is the reference).
 
 **Layers.** For each weight shape (out, in) and dtype (float32, bfloat16), at batch 1, 4 and
 16, on 1 thread and on all threads: the compressed 2:4 layer against `F.linear` on the same
@@ -205,14 +205,18 @@ def mem_available() -> int | None:
 def read_bandwidth(threads_list, runs: int = 7) -> tuple[dict, int]:
     """STREAM-style read bandwidth over a float32 buffer of max(4x the last-level cache,
     512 MiB) (at most a quarter of the available memory), per thread count: bytes / median
-    seconds of ``runs`` runs (after one warm-up) of ``buf.sum()`` and of ``torch.dot(buf, buf)``
-    (one read of the buffer each). Returns ({threads: {"sum": GB/s, "dot": GB/s}}, bytes)."""
+    seconds of ``runs`` runs (after one warm-up) of ``buf.sum()``, ``torch.dot(buf, buf)`` and
+    ``torch.mv`` of the buffer as a [rows, 4096] matrix (one read of the buffer each; the
+    matrix-vector product reads several rows side by side, which on some hosts one sequential
+    stream does not match). Returns ({threads: {"sum": GB/s, "dot": GB/s, "mv": GB/s}}, bytes)."""
     want = max(4 * known_llc(), 512 * 2**20)
     avail = mem_available()
     nbytes = min(want, avail // 4) if avail else want
     buf = torch.ones(nbytes // 4)  # written once: every page is resident
+    buf = buf[: buf.numel() // 4096 * 4096]
     nbytes = buf.numel() * 4
-    kernels = {"sum": buf.sum, "dot": lambda: torch.dot(buf, buf)}
+    mat, vec = buf.view(-1, 4096), torch.ones(4096)
+    kernels = {"sum": buf.sum, "dot": lambda: torch.dot(buf, buf), "mv": lambda: torch.mv(mat, vec)}
     out = {}
     for threads in threads_list:
         torch.set_num_threads(threads)
@@ -229,16 +233,19 @@ def read_bandwidth(threads_list, runs: int = 7) -> tuple[dict, int]:
 
 
 def bandwidth_section(threads_list) -> dict:
-    """The host's read bandwidth table; returns {threads: GB/s} (the faster of the two kernels)."""
+    """The host's read bandwidth table; returns {threads: GB/s} (the fastest of the kernels)."""
     bw, nbytes = read_bandwidth(threads_list)
     print(
         f"\n## Host read bandwidth ({nbytes / 2**20:.0f} MiB of float32, median of 7 runs; "
-        f"the faster kernel is the reference for the layer table's % BW)\n"
+        f"the fastest kernel is the reference for the layer tables' % BW)\n"
     )
-    print("| threads | torch.sum GB/s | torch.dot(x, x) GB/s | read GB/s |")
-    print("|---|---|---|---|")
+    print("| threads | torch.sum GB/s | torch.dot(x, x) GB/s | torch.mv GB/s | read GB/s |")
+    print("|---|---|---|---|---|")
     for threads, r in bw.items():
-        print(f"| {threads} | {r['sum']:.1f} | {r['dot']:.1f} | **{max(r.values()):.1f}** |", flush=True)
+        print(
+            f"| {threads} | {r['sum']:.1f} | {r['dot']:.1f} | {r['mv']:.1f} | **{max(r.values()):.1f}** |",
+            flush=True,
+        )
     return {threads: max(r.values()) for threads, r in bw.items()}
 
 
