@@ -287,6 +287,10 @@ pub fn kernel_paths(layout: &NmLayout) -> [(&'static str, &'static str); 4] {
             "avx512 (vpermps + FMA; hardware prefetch only)",
             NARROW_AVX512,
         ),
+        Kernel::Avx2 if layout.n == 2 && layout.m == 4 => {
+            let avx2_24 = "avx2 (vpermilps + FMA; two row blocks per pass at batch 1)";
+            (avx2_24, avx2_24)
+        }
         Kernel::Avx2 => ("avx2 (vpermps + FMA)", "avx2 (vpermps + FMA)"),
         Kernel::Portable => ("portable (scalar)", "portable (scalar)"),
     };

@@ -641,6 +641,15 @@ fn kernel_paths_name_the_dispatched_kernel_for_each_call() {
     );
     let narrow = paths[1].1;
     assert_eq!(narrow.split(' ').next(), base.split(' ').next());
+    // AVX2: 2:4 has its own kernel (in-lane input selection, two row blocks at batch 1).
+    assert_eq!(
+        base.contains("two row blocks"),
+        level() == Kernel::Avx2,
+        "{base}"
+    );
+    if level() == Kernel::Avx2 {
+        assert_eq!(kernel_paths(&odd)[0].1, "avx2 (vpermps + FMA)");
+    }
     assert_eq!(paths[3].1, narrow);
     // f32 values are prefetched into L2 exactly where the kernel does it.
     #[cfg(target_arch = "x86_64")]
@@ -679,5 +688,6 @@ fn kernel_paths_name_the_dispatched_kernel_for_each_call() {
     }
     // vdpbf16ps only where bf16_dot_kernel says so (never for an odd N).
     assert_eq!(paths[2].1 != narrow, bf16_dot_kernel(&even));
-    assert_eq!(kernel_paths(&odd)[2].1, narrow);
+    let odd_paths = kernel_paths(&odd);
+    assert_eq!(odd_paths[2].1, odd_paths[1].1);
 }
