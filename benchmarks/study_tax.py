@@ -8,7 +8,8 @@ dense models (docs/sparsity_tax.md is its report).
 
 Every run starts from a cached dense checkpoint (``results/study/dense_<model>_<corpus>_<P>.pt``,
 made by ``pretrain``; resumable) and appends one JSON line per method to
-``results/study/runs.jsonl``: final validation perplexity (after ``finalize`` for sparse
+``results/study/runs.jsonl`` (a method already recorded there with the same arguments is
+skipped unless ``--rerun``): final validation perplexity (after ``finalize`` for sparse
 methods, checked exact N:M), and a validation curve along training (for CAST both the dense
 forward and the hard-projected model at each point). A run saves its state every 50 steps
 (``results/study/run_<key>.ckpt``) and the same command resumes it, bit-identically, after an
@@ -518,6 +519,33 @@ def _load(c: GPTConfig, state) -> TinyGPT:
     return m
 
 
+def recorded_run(a, spec: str, runs: Path) -> Dict | None:
+    """The record in ``runs`` (a runs.jsonl) of the run ``run`` would make for ``spec`` with
+    arguments ``a``: same model, corpus, dense start, steps, method, pattern, lr, batch, seed,
+    tag and loop (``--points`` and ``--threads`` only change how it is measured). None when
+    there is none."""
+    if not runs.exists():
+        return None
+    want = {
+        "model": a.model,
+        "corpus": a.corpus,
+        "pretrain_steps": a.pretrain_steps,
+        "steps": a.steps,
+        "method": spec,
+        "pattern": a.pattern,
+        "lr_default": a.lr,
+        "batch": a.batch,
+        "seed": a.seed,
+        "tag": a.tag,
+    }
+    with open(runs) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("loop", "study") == a.loop and all(rec.get(k) == v for k, v in want.items()):
+                return rec
+    return None
+
+
 def cmd_run(a) -> None:
     c = MODELS[a.model]
     path = dense_path(a.model, a.corpus, a.pretrain_steps)
@@ -527,6 +555,10 @@ def cmd_run(a) -> None:
     tr, va, _ = corpus(a.corpus)
     dense = evaluate(_load(c, state), va, 192, c.context)
     for spec in a.method:
+        done = None if a.rerun else recorded_run(a, spec, OUT / "runs.jsonl")
+        if done is not None:
+            print(f"{spec}: already recorded (ppl {done['ppl']:.4f}), skipped; --rerun runs it again", flush=True)
+            continue
         torch.manual_seed(a.seed)
         rec = run_method(
             spec, state, c, tr, va, a.steps, a.batch, a.lr, a.pattern, a.points, a.seed, state_key=path.name, loop=a.loop
@@ -573,6 +605,7 @@ def main() -> None:
     r.add_argument("--tag", default="")
     r.add_argument("--method", action="append", required=True)
     r.add_argument("--loop", default="study", help="study | user, then ,key=value overrides (module docstring)")
+    r.add_argument("--rerun", action="store_true", help="run methods already recorded in runs.jsonl again (default: skip them)")
     t = sub.add_parser("table")
     t.add_argument("--model")
     t.add_argument("--corpus")

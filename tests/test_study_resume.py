@@ -76,3 +76,36 @@ def test_an_interrupted_study_run_resumes_bit_identically(spec, tmp_path, monkey
     assert study_tax._run_ckpt_path(whole, "tiny", 1e-3, 4, 0, 1 / 3) != study_tax._run_ckpt_path(
         dict(whole, method=spec + ",eta=1"), "tiny", 1e-3, 4, 0, 1 / 3
     )
+
+
+def test_run_skips_a_method_already_recorded_with_the_same_arguments(tmp_path):
+    import argparse
+    import json
+
+    args = dict(
+        model="small",
+        corpus="stdlib",
+        pretrain_steps=3000,
+        steps=400,
+        pattern="2:4",
+        lr=1e-3,
+        batch=32,
+        seed=0,
+        tag="x",
+        loop="user",
+    )
+    runs = tmp_path / "runs.jsonl"
+    assert study_tax.recorded_run(argparse.Namespace(**args), "srste", runs) is None  # no file yet
+    rec = {k: v for k, v in args.items() if k not in ("lr", "loop")}
+    rec.update(method="srste", lr_default=1e-3, loop="user", ppl=3.5)
+    runs.write_text(json.dumps(rec) + "\n" + json.dumps({**rec, "method": "dense_continued", "loop": None}) + "\n")
+    assert study_tax.recorded_run(argparse.Namespace(**args), "srste", runs)["ppl"] == 3.5
+    # Any argument that changes the run makes it a different one.
+    for key, other in [("steps", 1000), ("seed", 1), ("loop", "study"), ("tag", ""), ("lr", 5e-4), ("model", "large")]:
+        assert study_tax.recorded_run(argparse.Namespace(**{**args, key: other}), "srste", runs) is None, key
+    assert study_tax.recorded_run(argparse.Namespace(**args), "cast:suggest=1", runs) is None
+    # A record without a loop (made before --loop existed) is a study-loop run.
+    rec_old = {k: v for k, v in rec.items() if k != "loop"}
+    runs.write_text(json.dumps(rec_old) + "\n")
+    assert study_tax.recorded_run(argparse.Namespace(**{**args, "loop": "study"}), "srste", runs) is not None
+    assert study_tax.recorded_run(argparse.Namespace(**args), "srste", runs) is None
