@@ -394,6 +394,11 @@ def test_nm_linear_kernels_names_the_kernel_of_each_call():
         assert dot and {"amx_bf16", "amx_tile"} <= flags
     assert "amx" not in _cast_rs.nm_linear_kernels(2, 6)["bfloat16 values, bfloat16 inputs"]
     # An odd N pairs no slots, so never the vdpbf16ps kernel.
-    assert _cast_rs.nm_linear_kernels(3, 4)["bfloat16 values, bfloat16 inputs"] == narrow
+    odd = _cast_rs.nm_linear_kernels(3, 4)
+    assert odd["bfloat16 values, bfloat16 inputs"] == odd["bfloat16 values, float32 inputs"]
+    # AVX2: 2:4 has its own kernel (in-lane input selection, two row blocks at batch 1).
+    assert ("two row blocks" in paths["float32"]) == (want == "avx2")
+    if want == "avx2":
+        assert odd["float32"] == "avx2 (vpermps + FMA)"
     with pytest.raises(ValueError, match="pattern"):
         _cast_rs.nm_linear_kernels(4, 4)
