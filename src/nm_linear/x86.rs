@@ -595,9 +595,14 @@ unsafe fn block_avx2_24<E: NmElem, const NB: usize, const H0: usize, const NH: u
         let b = 16 * (H0 + h) as i32;
         shifts[h] = _mm256_setr_epi32(b, b + 2, b + 4, b + 6, b + 8, b + 10, b + 12, b + 14);
     }
+    let ahead = prefetch_ahead::<E>(NB);
     for k in 0..kept / 2 {
         let t = 2 * k;
         let off = (first + t) * ROW_BLOCK;
+        if E::PAIRED && H0 == 0 {
+            // bf16 values: as in `block_pair_avx2_24` (a second pass reads them from cache).
+            _mm_prefetch::<_MM_HINT_T0>(values.as_ptr().wrapping_add(off + ahead) as *const i8);
+        }
         let mut xg = [_mm256_setzero_ps(); NB];
         for bb in 0..NB {
             xg[bb] = _mm256_broadcast_ps(&*(xs.as_ptr().add(bb * cols + 4 * k) as *const __m128));
@@ -629,8 +634,11 @@ unsafe fn block_avx2_24<E: NmElem, const NB: usize, const H0: usize, const NH: u
 /// `acc[..16]` and `acc[16..32]`: the two blocks' values are read as two streams side by
 /// side. A single sequential stream kept an AMD EPYC (AVX2) at about 15 GB/s, where
 /// `F.linear` read its dense weight at 19-22; two streams read at 19, and the input group
-/// and the loop are shared. Per lane the sums are those of [`block_avx2_24`] (same bits); its
-/// input selection too (`vpermilps`).
+/// and the loop are shared. bf16 values are also prefetched [`PREFETCH_AHEAD`] bytes ahead
+/// into L1 (17.6 to 19.1-19.7 GB/s there, in interleaved in-process A/Bs); f32 values are
+/// not (one line of the pair 3 KiB ahead: 19.4 to 12.6 GB/s; both lines: 18.3), nor int8
+/// ones (within noise: that kernel is bound by its instructions). Per lane the sums are those
+/// of [`block_avx2_24`] (same bits); its input selection too (`vpermilps`).
 ///
 /// # Safety
 /// AVX2 and FMA available; a 2:4 layout; buffers as checked by `check_call`, `xs` one row;
@@ -653,11 +661,19 @@ pub unsafe fn block_pair_avx2_24<E: NmElem>(
         _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14),
         _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30),
     ];
+    let ahead = prefetch_ahead::<E>(1);
     for k in 0..kept / 2 {
         let t = 2 * k;
         let xg = _mm256_broadcast_ps(&*(xs.as_ptr().add(4 * k) as *const __m128));
         for q in 0..2 {
             let first = firsts[q];
+            if E::PAIRED {
+                // (`wrapping_add`: the address may lie past the end, which a prefetch tolerates.)
+                let p = values
+                    .as_ptr()
+                    .wrapping_add((first + t) * ROW_BLOCK + ahead);
+                _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+            }
             let i0 = _mm256_set1_epi32(*index.get_unchecked(first + t) as i32);
             let i1 = _mm256_set1_epi32(*index.get_unchecked(first + t + 1) as i32);
             for h in 0..2 {
