@@ -124,14 +124,14 @@ unsafe fn run_blocks_raw<E: NmElem>(
     let mut b0 = b0;
     #[cfg(target_arch = "x86_64")]
     if kernel == Kernel::Avx2 && batch == 1 && layout.n == 2 && layout.m == 4 {
-        // Batch 1 on AVX2: two row blocks per pass (two memory streams, `block_pair_avx2_24`);
+        // Batch 1 on AVX2: two row blocks per pass (two memory streams, `block_avx2_24`);
         // an odd last block goes through the one-block loop below.
         let mut acc = [0f32; 2 * ROW_BLOCK];
         while b0 + 2 <= b1 {
             // SAFETY: AVX2 + FMA (the caller picks Avx2 only where the CPU has them), a 2:4
             // layout, blocks b0 and b0 + 1 in range, buffers checked by `check_call`.
             unsafe {
-                x86::block_pair_avx2_24(layout, values, index, x, b0, &mut acc);
+                x86::block_avx2_24::<E, 2, 1, 0, 2>(layout, values, index, x, b0, &mut acc);
                 store_sums(layout, scales, bias, y, 0, b0, &acc[..ROW_BLOCK]);
                 store_sums(layout, scales, bias, y, 0, b0 + 1, &acc[ROW_BLOCK..]);
             }

@@ -494,14 +494,20 @@ pub unsafe fn block_avx2<E: NmElem>(
             let rows = (nb - b).min(4);
             let (xs_b, acc_b) = (&xs[b * layout.cols..], &mut acc[b * ROW_BLOCK..]);
             match rows {
-                1 => block_avx2_24::<E, 1, 0, 2>(layout, values, index, xs_b, block, acc_b),
-                2 => block_avx2_24::<E, 2, 0, 2>(layout, values, index, xs_b, block, acc_b),
+                1 => block_avx2_24::<E, 1, 1, 0, 2>(layout, values, index, xs_b, block, acc_b),
+                2 => block_avx2_24::<E, 1, 2, 0, 2>(layout, values, index, xs_b, block, acc_b),
                 _ => {
                     type Pass<E> = unsafe fn(&NmLayout, &[E], &[u32], &[f32], usize, &mut [f32]);
                     let (lo, hi): (Pass<E>, Pass<E>) = if rows == 3 {
-                        (block_avx2_24::<E, 3, 0, 1>, block_avx2_24::<E, 3, 1, 1>)
+                        (
+                            block_avx2_24::<E, 1, 3, 0, 1>,
+                            block_avx2_24::<E, 1, 3, 1, 1>,
+                        )
                     } else {
-                        (block_avx2_24::<E, 4, 0, 1>, block_avx2_24::<E, 4, 1, 1>)
+                        (
+                            block_avx2_24::<E, 1, 4, 0, 1>,
+                            block_avx2_24::<E, 1, 4, 1, 1>,
+                        )
                     };
                     lo(layout, values, index, xs_b, block, acc_b);
                     hi(layout, values, index, xs_b, block, acc_b);
@@ -563,16 +569,32 @@ unsafe fn load_half_pair<E: NmElem>(values: &[E], off: usize, half: usize) -> (_
     }
 }
 
-/// [`block_avx2`] for 2:4 and `NB ≤ 4` batch rows, halves `H0..H0 + NH` of the block's
-/// 16 lanes in one pass. A pair of slots is one group of 4 inputs; per lane, slot `t` of the
-/// pair sums into the even chain and slot `t + 1` into the odd one, as in every other kernel
-/// (same bits).
+/// [`block_avx2`] for 2:4: `NQ` row blocks from `block` on, `NB ≤ 4` batch rows, halves
+/// `H0..H0 + NH` of each block's 16 lanes, in one pass. Sums of block `block + q`, batch row
+/// `bb`, go to `acc[(q · NB + bb) · 16 + lane]`. A pair of slots is one group of 4 inputs; per
+/// lane, slot `t` of the pair sums into the even chain and slot `t + 1` into the odd one, as in
+/// every other kernel (same bits).
+///
+/// Two blocks (`NQ = 2`, at batch 1) read their values as two streams side by side: a single
+/// sequential stream kept an AMD EPYC (AVX2) at about 15 GB/s, where `F.linear` read its dense
+/// weight at 19-22; two streams read at 19, and the input group and the loop are shared. bf16
+/// values are also prefetched [`PREFETCH_AHEAD`] / NB bytes ahead into L1 (on two streams,
+/// 17.6 to 19.1-19.7 GB/s there, in interleaved in-process A/Bs); f32 values are not (one line
+/// of the pair 3 KiB ahead: 19.4 to 12.6 GB/s; both lines: 18.3), nor int8 ones (within noise:
+/// that kernel is bound by its instructions).
 ///
 /// # Safety
-/// As `block_avx2`, with a 2:4 layout; `H0 + NH ≤ 2`.
+/// AVX2 and FMA available; a 2:4 layout; buffers as checked by `check_call`, `xs` holding `NB`
+/// rows; `block + NQ ≤ layout.blocks()`; `acc.len() ≥ NQ · NB · 16`; `H0 + NH ≤ 2`.
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn block_avx2_24<E: NmElem, const NB: usize, const H0: usize, const NH: usize>(
+pub unsafe fn block_avx2_24<
+    E: NmElem,
+    const NQ: usize,
+    const NB: usize,
+    const H0: usize,
+    const NH: usize,
+>(
     layout: &NmLayout,
     values: &[E],
     index: &[u32],
@@ -581,9 +603,9 @@ unsafe fn block_avx2_24<E: NmElem, const NB: usize, const H0: usize, const NH: u
     acc: &mut [f32],
 ) {
     let (cols, kept) = (layout.cols, layout.kept());
-    let first = block * kept;
-    let mut even = [[_mm256_setzero_ps(); NH]; NB];
-    let mut odd = [[_mm256_setzero_ps(); NH]; NB];
+    let firsts: [usize; NQ] = std::array::from_fn(|q| (block + q) * kept);
+    let mut even = [[[_mm256_setzero_ps(); NH]; NB]; NQ];
+    let mut odd = [[[_mm256_setzero_ps(); NH]; NB]; NQ];
     // Lane l of half h takes bits [2(8h + l), 2(8h + l) + 2) of the slot's word (not masked:
     // `vpermilps` reads the 2 low bits). The group fills both 128-bit halves, so the in-lane
     // permute picks the input: cheaper than the lane-crossing `vpermps` (about a quarter
@@ -598,99 +620,41 @@ unsafe fn block_avx2_24<E: NmElem, const NB: usize, const H0: usize, const NH: u
     let ahead = prefetch_ahead::<E>(NB);
     for k in 0..kept / 2 {
         let t = 2 * k;
-        let off = (first + t) * ROW_BLOCK;
-        if E::PAIRED && H0 == 0 {
-            // bf16 values: as in `block_pair_avx2_24` (a second pass reads them from cache).
-            _mm_prefetch::<_MM_HINT_T0>(values.as_ptr().wrapping_add(off + ahead) as *const i8);
-        }
         let mut xg = [_mm256_setzero_ps(); NB];
         for bb in 0..NB {
             xg[bb] = _mm256_broadcast_ps(&*(xs.as_ptr().add(bb * cols + 4 * k) as *const __m128));
         }
-        let i0 = _mm256_set1_epi32(*index.get_unchecked(first + t) as i32);
-        let i1 = _mm256_set1_epi32(*index.get_unchecked(first + t + 1) as i32);
-        for h in 0..NH {
-            let (w0, w1) = load_half_pair(values, off, H0 + h);
-            let p0 = _mm256_srlv_epi32(i0, shifts[h]);
-            let p1 = _mm256_srlv_epi32(i1, shifts[h]);
-            for bb in 0..NB {
-                let (a, c) = (&mut even[bb][h], &mut odd[bb][h]);
-                *a = _mm256_fmadd_ps(w0, _mm256_permutevar_ps(xg[bb], p0), *a);
-                *c = _mm256_fmadd_ps(w1, _mm256_permutevar_ps(xg[bb], p1), *c);
-            }
-        }
-    }
-    for bb in 0..NB {
-        for h in 0..NH {
-            _mm256_storeu_ps(
-                acc.as_mut_ptr().add(bb * ROW_BLOCK + 8 * (H0 + h)),
-                _mm256_add_ps(even[bb][h], odd[bb][h]),
-            );
-        }
-    }
-}
-
-/// Two row blocks, `block` and `block + 1`, of a 2:4 weight at batch 1 in one pass, into
-/// `acc[..16]` and `acc[16..32]`: the two blocks' values are read as two streams side by
-/// side. A single sequential stream kept an AMD EPYC (AVX2) at about 15 GB/s, where
-/// `F.linear` read its dense weight at 19-22; two streams read at 19, and the input group
-/// and the loop are shared. bf16 values are also prefetched [`PREFETCH_AHEAD`] bytes ahead
-/// into L1 (17.6 to 19.1-19.7 GB/s there, in interleaved in-process A/Bs); f32 values are
-/// not (one line of the pair 3 KiB ahead: 19.4 to 12.6 GB/s; both lines: 18.3), nor int8
-/// ones (within noise: that kernel is bound by its instructions). Per lane the sums are those
-/// of [`block_avx2_24`] (same bits); its input selection too (`vpermilps`).
-///
-/// # Safety
-/// AVX2 and FMA available; a 2:4 layout; buffers as checked by `check_call`, `xs` one row;
-/// `block + 1 < layout.blocks()`; `acc.len() ≥ 32`.
-#[allow(clippy::needless_range_loop)]
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn block_pair_avx2_24<E: NmElem>(
-    layout: &NmLayout,
-    values: &[E],
-    index: &[u32],
-    xs: &[f32],
-    block: usize,
-    acc: &mut [f32],
-) {
-    let kept = layout.kept();
-    let firsts = [block * kept, (block + 1) * kept];
-    let mut even = [[_mm256_setzero_ps(); 2]; 2];
-    let mut odd = [[_mm256_setzero_ps(); 2]; 2];
-    let shifts = [
-        _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14),
-        _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30),
-    ];
-    let ahead = prefetch_ahead::<E>(1);
-    for k in 0..kept / 2 {
-        let t = 2 * k;
-        let xg = _mm256_broadcast_ps(&*(xs.as_ptr().add(4 * k) as *const __m128));
-        for q in 0..2 {
-            let first = firsts[q];
-            if E::PAIRED {
-                // (`wrapping_add`: the address may lie past the end, which a prefetch tolerates.)
-                let p = values
-                    .as_ptr()
-                    .wrapping_add((first + t) * ROW_BLOCK + ahead);
+        for q in 0..NQ {
+            let off = (firsts[q] + t) * ROW_BLOCK;
+            if E::PAIRED && H0 == 0 {
+                // bf16 values (a second pass, H0 = 1, reads them from cache). (`wrapping_add`:
+                // the address may lie past the end, which a prefetch tolerates.)
+                let p = values.as_ptr().wrapping_add(off + ahead);
                 _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
             }
-            let i0 = _mm256_set1_epi32(*index.get_unchecked(first + t) as i32);
-            let i1 = _mm256_set1_epi32(*index.get_unchecked(first + t + 1) as i32);
-            for h in 0..2 {
-                let (w0, w1) = load_half_pair(values, (first + t) * ROW_BLOCK, h);
+            let i0 = _mm256_set1_epi32(*index.get_unchecked(firsts[q] + t) as i32);
+            let i1 = _mm256_set1_epi32(*index.get_unchecked(firsts[q] + t + 1) as i32);
+            for h in 0..NH {
+                let (w0, w1) = load_half_pair(values, off, H0 + h);
                 let p0 = _mm256_srlv_epi32(i0, shifts[h]);
                 let p1 = _mm256_srlv_epi32(i1, shifts[h]);
-                even[q][h] = _mm256_fmadd_ps(w0, _mm256_permutevar_ps(xg, p0), even[q][h]);
-                odd[q][h] = _mm256_fmadd_ps(w1, _mm256_permutevar_ps(xg, p1), odd[q][h]);
+                for bb in 0..NB {
+                    let (a, c) = (&mut even[q][bb][h], &mut odd[q][bb][h]);
+                    *a = _mm256_fmadd_ps(w0, _mm256_permutevar_ps(xg[bb], p0), *a);
+                    *c = _mm256_fmadd_ps(w1, _mm256_permutevar_ps(xg[bb], p1), *c);
+                }
             }
         }
     }
-    for q in 0..2 {
-        for h in 0..2 {
-            _mm256_storeu_ps(
-                acc.as_mut_ptr().add(q * ROW_BLOCK + 8 * h),
-                _mm256_add_ps(even[q][h], odd[q][h]),
-            );
+    for q in 0..NQ {
+        for bb in 0..NB {
+            for h in 0..NH {
+                _mm256_storeu_ps(
+                    acc.as_mut_ptr()
+                        .add((q * NB + bb) * ROW_BLOCK + 8 * (H0 + h)),
+                    _mm256_add_ps(even[q][bb][h], odd[q][bb][h]),
+                );
+            }
         }
     }
 }
