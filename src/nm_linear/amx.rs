@@ -101,7 +101,7 @@ fn request_tile_state() -> bool {
 /// Whether [`block_amx`] can run a layer of `layout` here: AMX ([`amx_available`]), the 2:4
 /// pattern, and whole 32-column tile steps.
 pub fn amx_kernel(layout: &NmLayout) -> bool {
-    layout.n == 2 && layout.m == 4 && layout.cols.is_multiple_of(TILE_K) && amx_available()
+    layout.is_2_4() && layout.cols.is_multiple_of(TILE_K) && amx_available()
 }
 
 /// The tile configuration (`ldtilecfg`'s 64-byte record, palette 1): tiles 0-3 the output

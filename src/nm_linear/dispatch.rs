@@ -123,7 +123,7 @@ unsafe fn run_blocks_raw<E: NmElem>(
     let cols = layout.cols;
     let mut b0 = b0;
     #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Avx2 && batch == 1 && layout.n == 2 && layout.m == 4 {
+    if kernel == Kernel::Avx2 && batch == 1 && layout.is_2_4() {
         // Batch 1 on AVX2: two row blocks per pass (two memory streams, `block_avx2_24`);
         // an odd last block goes through the one-block loop below.
         let mut acc = [0f32; 2 * ROW_BLOCK];
@@ -287,7 +287,7 @@ pub fn kernel_paths(layout: &NmLayout) -> [(&'static str, &'static str); 4] {
             "avx512 (vpermps + FMA; hardware prefetch only)",
             NARROW_AVX512,
         ),
-        Kernel::Avx2 if layout.n == 2 && layout.m == 4 => {
+        Kernel::Avx2 if layout.is_2_4() => {
             let avx2_24 = "avx2 (vpermilps + FMA; two row blocks per pass at batch 1)";
             (avx2_24, avx2_24)
         }

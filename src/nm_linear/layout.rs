@@ -34,6 +34,11 @@ impl NmLayout {
         Ok(NmLayout { rows, cols, n, m })
     }
 
+    /// Whether the pattern is 2:4, the one the kernels specialise for (a slot pair is a group).
+    pub fn is_2_4(&self) -> bool {
+        self.n == 2 && self.m == 4
+    }
+
     /// Bits of one position index: 2 for M ≤ 4, 4 for M ≤ 8.
     pub fn idx_bits(&self) -> usize {
         if self.m <= 4 {

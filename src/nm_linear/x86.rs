@@ -191,7 +191,7 @@ unsafe fn block_avx512_nb<E: NmElem, const NB: usize>(
     let mut even = [_mm512_setzero_ps(); NB];
     let mut odd = [_mm512_setzero_ps(); NB];
     let mut xg = [_mm512_setzero_ps(); NB];
-    if n == 2 && m == 4 {
+    if layout.is_2_4() {
         // 2:4: a pair of slots is one group.
         for k in 0..kept / 2 {
             let t = 2 * k;
@@ -485,7 +485,7 @@ pub unsafe fn block_avx2<E: NmElem>(
 ) {
     // One instance per batch width (registers, as in `block_avx512`); AVX2's 16 vector
     // registers hold the chains of at most 4 rows, so wider chunks run as two.
-    if layout.n == 2 && layout.m == 4 {
+    if layout.is_2_4() {
         // 2:4, the pattern that matters: a kernel without the general loop's bookkeeping.
         // Up to 2 rows, both halves of the block in one pass (four chains per row); 3 or 4
         // rows, one half per pass (the second reads the block's values from cache).
