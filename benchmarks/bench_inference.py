@@ -169,18 +169,25 @@ def rotation_note() -> str:
 
 
 def host_info() -> dict:
-    """CPU model, logical CPUs, last-level cache and the ISA flags that matter here."""
-    model, flags = "unknown", set()
+    """CPU model, logical CPUs, last-level cache and the ISA flags that matter here. A VM may
+    report only "AMD EPYC" as its model name, so the CPU family and model numbers follow it
+    (they tell the core generation: the same machine kind has been Zen 3, 4 and 5)."""
+    model, flags, numbers = "unknown", set(), {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name" and model == "unknown":
+                key = key.strip()
+                if key == "model name" and model == "unknown":
                     model = value.strip()
-                elif key.strip() == "flags" and not flags:
+                elif key in ("cpu family", "model") and key not in numbers:
+                    numbers[key] = value.strip()
+                elif key == "flags" and not flags:
                     flags = set(value.split())
     except OSError:
         pass
+    if numbers:
+        model += f" (family {numbers.get('cpu family', '?')}, model {numbers.get('model', '?')})"
     llc, source = llc_bytes()
     return dict(model=model, cpus=os.cpu_count() or 1, llc=llc, llc_source=source, isa=[f for f in ISA_FLAGS if f in flags])
 
