@@ -174,6 +174,8 @@ def practitioners_table() -> None:
         if dc is None:
             continue
         for r in sorted(rs, key=lambda r: r["ppl"]):
+            if r["method"] == "dense_continued" and r is not dc:
+                continue  # a repeat of the reference (a resumed run recorded twice): one row
             name, kv = parse_method(r["method"])
             lr = r.get("suggested", {}).get("lr") or float(kv.get("lr", r.get("lr_default", 1e-3)))
             one = f"{r['ppl_one_shot']:.4f}" if "ppl_one_shot" in r else "-"
